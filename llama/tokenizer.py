@@ -1,0 +1,40 @@
+"""SentencePiece tokenizer wrapper: text <-> ids with explicit BOS/EOS handling."""
+import os
+
+from sentencepiece import SentencePieceProcessor
+
+from llama.errors import BadInput
+
+
+class Tokenizer:
+    def __init__(self, model_path: str):
+        if not os.path.isfile(model_path):
+            raise BadInput(f"tokenizer {model_path} does not exist: pass --tokenizer_path to a "
+                           "sentencepiece tokenizer.model")
+        self.sp = SentencePieceProcessor()
+        try:
+            self.sp.Load(model_path)
+        except (RuntimeError, OSError) as error:
+            raise BadInput(f"tokenizer {model_path} is not a sentencepiece model ({error}); "
+                           "pass the tokenizer.model that came with the checkpoint") from None
+        self.path = model_path
+        self.n_words = self.sp.vocab_size()
+        self.bos_id = self.sp.bos_id()
+        self.eos_id = self.sp.eos_id()
+        # LLaMA's tokenizer has no pad piece (pad_id() is -1); padding uses a value the loss and
+        # attention never read, so any id works; EOS keeps embeddings lookups in range.
+        self.pad_id = self.eos_id
+
+    def encode(self, text: str, bos: bool, eos: bool) -> list:
+        ids = self.sp.EncodeAsIds(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids) -> str:
+        return self.sp.DecodeIds([int(i) for i in ids])
+
+    def check_matches(self, vocab_size: int):
+        """Refuse a tokenizer whose vocabulary differs from the model's embedding table."""
+        if self.n_words != vocab_size:
+            raise BadInput(f"tokenizer {self.path} has {self.n_words} pieces but the model's "
+                           f"vocabulary has {vocab_size}: pass the tokenizer that matches the "
+                           "checkpoint (--tokenizer_path)")
