@@ -1,0 +1,241 @@
+"""Tracer spans, the Chrome trace file, bubble fractions, and the hand-written SVG pictures."""
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import pytest
+
+from llama import plot, trace
+from llama.errors import BadInput
+from llama.trace import Tracer, bubble_fraction, ideal_bubble_fraction, write_chrome_trace
+
+REPO = Path(__file__).resolve().parents[1]
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def span(stage, name, category, start, end, **args):
+    return {"name": name, "cat": category, "ph": "X", "ts": float(start),
+            "dur": float(end - start), "pid": stage, "tid": 0, "args": args}
+
+
+def gpipe_two_stages(step=0, offset=0.0, optimizer=False):
+    """GPipe, p=2, m=2: forwards take 10 us, backwards 20 us, transfers are free.
+
+    Each stage computes 60 us of a 90 us step, so the bubble is 1/3, the ideal (p-1)/(m+p-1).
+    """
+    t = offset
+    stage0 = [span(0, "F0", "forward", t + 0, t + 10, micro_batch=0, step=step),
+              span(0, "F1", "forward", t + 10, t + 20, micro_batch=1, step=step),
+              span(0, "recv dL/dh", "recv_wait", t + 20, t + 50, micro_batch=1, step=step),
+              span(0, "B1", "backward", t + 50, t + 70, micro_batch=1, step=step),
+              span(0, "B0", "backward", t + 70, t + 90, micro_batch=0, step=step)]
+    stage1 = [span(1, "recv h", "recv_wait", t + 0, t + 10, micro_batch=0, step=step),
+              span(1, "F0", "forward", t + 10, t + 20, micro_batch=0, step=step),
+              span(1, "F1", "forward", t + 20, t + 30, micro_batch=1, step=step),
+              span(1, "B1", "backward", t + 30, t + 50, micro_batch=1, step=step),
+              span(1, "B0", "backward", t + 50, t + 70, micro_batch=0, step=step)]
+    if optimizer:
+        stage0.append(span(0, "step", "optimizer", t + 90, t + 100, step=step))
+    return [stage0, stage1]
+
+
+def test_disabled_tracer_records_nothing_and_reads_no_clock(monkeypatch):
+    def no_clock():
+        raise AssertionError("a disabled tracer read the clock")
+    monkeypatch.setattr(trace.time, "time_ns", no_clock)
+    tracer = Tracer(stage=0, enabled=False, synchronize=no_clock)
+    with tracer.span("F0", "forward", micro_batch=0):
+        pass
+    assert tracer.events == []
+
+
+def test_enabled_spans_nest_and_keep_their_args():
+    synchronized = []
+    tracer = Tracer(stage=2, enabled=True, synchronize=lambda: synchronized.append(1))
+    with tracer.span("step", "optimizer", step=12):
+        with tracer.span("F3", "forward", micro_batch=3, step=12):
+            sum(range(1000))
+    outer, inner = tracer.events
+    assert (outer["name"], outer["cat"], outer["args"]) == ("step", "optimizer", {"step": 12})
+    assert inner["args"] == {"micro_batch": 3, "step": 12}
+    assert all(event["dur"] >= 0 and event["pid"] == 2 and event["ph"] == "X"
+               for event in tracer.events)
+    assert outer["ts"] <= inner["ts"]
+    assert inner["ts"] + inner["dur"] <= outer["ts"] + outer["dur"]
+    assert len(synchronized) == 4
+
+
+def test_a_span_is_kept_when_its_body_raises():
+    tracer = Tracer(stage=0, enabled=True)
+    with pytest.raises(RuntimeError):
+        with tracer.span("B0", "backward", micro_batch=0):
+            raise RuntimeError("peer died")
+    assert [event["name"] for event in tracer.events] == ["B0"]
+
+
+def test_events_survive_a_json_round_trip():
+    tracer = Tracer(stage=1, enabled=True)
+    with tracer.span("recv h", "recv_wait", micro_batch=0, step=1):
+        pass
+    assert json.loads(json.dumps(tracer.events)) == tracer.events
+
+
+def test_write_chrome_trace_structure(tmp_path):
+    stages = gpipe_two_stages(offset=1.7e15)
+    path = tmp_path / "trace.json"
+    write_chrome_trace(str(path), stages, {"n_micro_batches": 2, "schedule": "gpipe"})
+    written = json.loads(path.read_text())
+    assert written["displayTimeUnit"] == "ms"
+    assert written["metadata"] == {"n_stages": 2, "n_micro_batches": 2, "schedule": "gpipe"}
+    names = {event["pid"]: event["args"]["name"] for event in written["traceEvents"]
+             if event["ph"] == "M" and event["name"] == "process_name"}
+    assert names == {0: "stage 0", 1: "stage 1"}
+    spans = [event for event in written["traceEvents"] if event["ph"] == "X"]
+    assert len(spans) == 10
+    assert min(event["ts"] for event in spans) == 0
+    assert {"name", "cat", "ph", "ts", "dur", "pid", "tid", "args"} <= set(spans[0])
+    f1_on_stage1 = [e for e in spans if e["pid"] == 1 and e["name"] == "F1"]
+    assert f1_on_stage1[0]["ts"] == 20 and f1_on_stage1[0]["dur"] == 10
+    assert os.listdir(tmp_path) == ["trace.json"]
+
+
+def test_stage_names_carry_ranks_when_given(tmp_path):
+    path = tmp_path / "trace.json"
+    write_chrome_trace(str(path), gpipe_two_stages(), {"stage_ranks": [[0], [1, 3]]})
+    names = [event["args"]["name"] for event in json.loads(path.read_text())["traceEvents"]
+             if event["name"] == "process_name"]
+    assert names == ["stage 0 (rank 0)", "stage 1 (ranks 1, 3)"]
+
+
+def test_bubble_fraction_of_a_known_gpipe_schedule():
+    assert bubble_fraction(gpipe_two_stages()) == pytest.approx(1 / 3)
+    assert bubble_fraction(gpipe_two_stages()) == pytest.approx(ideal_bubble_fraction(2, 2))
+    # The optimizer step lengthens the wall time to 100 us while compute stays at 60 us.
+    assert bubble_fraction(gpipe_two_stages(optimizer=True)) == pytest.approx(0.4)
+
+
+def test_ideal_bubble_fraction():
+    assert ideal_bubble_fraction(4, 16) == 3 / 19
+    assert ideal_bubble_fraction(1, 8) == 0
+
+
+def written_trace(tmp_path, steps=(0,), metadata=None):
+    stages = [[], []]
+    for index, step in enumerate(steps):
+        for stage, events in enumerate(gpipe_two_stages(step, offset=index * 200, optimizer=True)):
+            stages[stage] += events
+    path = tmp_path / "trace.json"
+    write_chrome_trace(str(path), stages, metadata or {"n_micro_batches": 2})
+    return path
+
+
+def parse_svg(text):
+    return ElementTree.fromstring(text.encode("utf-8"))
+
+
+def test_schedule_svg_has_a_row_per_stage_and_a_caption(tmp_path):
+    svg = plot.schedule_svg(plot.load_trace(str(written_trace(tmp_path))), title="p<2 & m=2")
+    root = parse_svg(svg)
+    labels = [node.text for node in root.iter(f"{SVG}text")
+              if node.get("class") == "stage-label"]
+    assert labels == ["stage 0", "stage 1"]
+    rects = [node.get("class") for node in root.iter(f"{SVG}rect")]
+    assert rects.count("span forward") == 4 and rects.count("span backward") == 4
+    assert rects.count("span recv_wait") == 2 and rects.count("span optimizer") == 1
+    caption = next(node.text for node in root.iter(f"{SVG}text")
+                   if node.get("class") == "caption")
+    assert "measured bubble 40.0%" in caption and "1/3 = 33.3%" in caption
+    assert "p<2 & m=2" in [node.text for node in root.iter(f"{SVG}text")]
+
+
+def test_schedule_draws_the_last_complete_step_by_default(tmp_path):
+    path = written_trace(tmp_path, steps=(4, 5))
+    loaded = plot.load_trace(str(path))
+    # Cut step 5 short: its backwards never ran on stage 0.
+    loaded["traceEvents"] = [event for event in loaded["traceEvents"]
+                             if not (event.get("pid") == 0 and event.get("cat") == "backward"
+                                     and event["args"].get("step") == 5)]
+    spans, step = plot.select_step([e for e in loaded["traceEvents"] if e["ph"] == "X"])
+    assert step == 4 and len(spans) == 11
+    assert plot.select_step(spans, 4)[1] == 4
+    with pytest.raises(BadInput, match="step 9"):
+        plot.select_step(spans, 9)
+
+
+def test_micro_batches_are_inferred_without_metadata(tmp_path):
+    path = written_trace(tmp_path, metadata={"schedule": "gpipe"})
+    svg = plot.schedule_svg(plot.load_trace(str(path)))
+    assert "m=2 micro-batches" in svg and "gpipe pipeline schedule, step 0" in svg
+
+
+def write_metrics(tmp_path, lines):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_loss_svg_draws_train_and_eval_series(tmp_path):
+    lines = [json.dumps({"step": step, "loss": 3.0 - 0.1 * step, "lr": 1e-3})
+             for step in range(1, 21)]
+    lines.insert(3, json.dumps({"step": 4, "tokens_per_s": 100.0}))
+    lines += [json.dumps({"step": 10, "eval_loss": 2.5}),
+              json.dumps({"step": 20, "eval_loss": 1.6}),
+              '{"step": 21, "lo']  # a last line still being written
+    records = plot.read_metrics(str(write_metrics(tmp_path, lines)))
+    root = parse_svg(plot.losses_svg(records, title="stories260K"))
+    polylines = {node.get("class"): node for node in root.iter(f"{SVG}polyline")}
+    assert len(polylines["train-loss"].get("points").split()) == 20
+    assert len(polylines["eval-loss"].get("points").split()) == 2
+    texts = [node.text for node in root.iter(f"{SVG}text")]
+    assert {"step", "loss (nats/token)", "train loss", "eval loss", "stories260K"} <= set(texts)
+
+
+def test_metrics_without_losses_or_lines_are_refused(tmp_path):
+    with pytest.raises(BadInput, match="metrics.jsonl"):
+        plot.read_metrics(str(write_metrics(tmp_path, [])))
+    with pytest.raises(BadInput, match="missing.jsonl"):
+        plot.read_metrics(str(tmp_path / "missing.jsonl"))
+    no_loss = write_metrics(tmp_path, [json.dumps({"step": 1, "lr": 0.1})])
+    with pytest.raises(BadInput, match="metrics.jsonl"):
+        plot.losses(str(no_loss), str(tmp_path / "loss.svg"))
+    broken = write_metrics(tmp_path, ["{not json", json.dumps({"step": 1, "loss": 2.0})])
+    with pytest.raises(BadInput, match="line 1"):
+        plot.read_metrics(str(broken))
+
+
+def test_nice_axis_covers_the_range_with_round_ticks():
+    low, high, ticks = plot.nice_axis(0.13, 0.87)
+    assert low <= 0.13 and high >= 0.87 and ticks[0] == low and ticks[-1] == high
+    assert [plot.format_tick(tick, 0.2) for tick in ticks] == ["0.0", "0.2", "0.4", "0.6", "0.8",
+                                                              "1.0"]
+    assert plot.nice_axis(5, 5, min_spacing=1)[2] == [4, 5, 6]
+
+
+def run_plot(*args):
+    return subprocess.run([sys.executable, "-m", "llama.plot", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_command_line_writes_both_pictures(tmp_path):
+    schedule_out = tmp_path / "img" / "schedule.svg"
+    done = run_plot("schedule", written_trace(tmp_path, steps=(0, 1)), "--out", schedule_out,
+                    "--step", 0)
+    assert done.returncode == 0, done.stderr
+    assert "step 0" in schedule_out.read_text()
+    parse_svg(schedule_out.read_text())
+    metrics = write_metrics(tmp_path, [json.dumps({"step": s, "loss": 1.0 / s})
+                                       for s in range(1, 5)])
+    loss_out = tmp_path / "img" / "loss.svg"
+    done = run_plot("losses", metrics, "--out", loss_out, "--title", "tiny run")
+    assert done.returncode == 0, done.stderr
+    assert parse_svg(loss_out.read_text()).find(f"{SVG}polyline") is not None
+
+
+def test_command_line_reports_an_empty_metrics_file(tmp_path):
+    done = run_plot("losses", write_metrics(tmp_path, []), "--out", tmp_path / "loss.svg")
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: metrics file") and "metrics.jsonl" in done.stderr
+    assert not (tmp_path / "loss.svg").exists()
