@@ -1,0 +1,308 @@
+"""Our own files: split directories (split.json + one file per stage), atomic writes, and loading
+any checkpoint (split, Meta, llama2.c, Hugging Face) into the model of one pipeline stage.
+
+A stage file is a plain state dict with the model's own key names, holding only that stage's
+tensors; split.json records which layers each file holds and its sha256.
+"""
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from llama.errors import BadInput
+from llama.formats import (HFSource, Llama2cSource, MetaSource, TensorSource, model_args_from_dict,
+                           read_json, safe_torch_load)
+from llama.model import ModelArgs, Transformer
+from llama.partition import balanced_ranges
+
+SPLIT_FORMAT = 1
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ---- atomic writes: readers see the old complete file or the new one, never a half file ----
+
+def _fsync_dir(folder):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, write_fn):
+    """Call write_fn(file) on a temp file beside path, fsync it, then rename it into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        raise BadInput(f"could not write {path} ({error.strerror or error}); the previous "
+                       "file, if any, is unchanged: free space or pick another folder") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path, data: bytes):
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path, text: str):
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_torch_save(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def sha256_of(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def params_digest(args: ModelArgs) -> str:
+    """A short fingerprint of the model's shape, stored with prompts to refuse a wrong model.
+
+    max_seq_len is left out: it is a runtime limit, not part of the weights.
+    """
+    params = {k: v for k, v in args_to_params(args).items() if k != "max_seq_len"}
+    text = json.dumps(params, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def args_to_params(args: ModelArgs) -> dict:
+    return {k: getattr(args, k) for k in ModelArgs.__dataclass_fields__}
+
+
+# ---- which tensors a stage owns ----
+
+def stage_tensor_names(args: ModelArgs, layer_range, embeddings: bool, head: bool):
+    with torch.device("meta"):
+        model = Transformer(args, layer_range, embeddings, head)
+    return list(model.state_dict().keys())
+
+
+def stage_plan(args: ModelArgs, n_stages: int):
+    """[(layer_range, has_embeddings, has_head)] for each stage."""
+    if isinstance(n_stages, bool) or not isinstance(n_stages, int) or \
+            not 1 <= n_stages <= args.n_layers:
+        raise BadInput(f"n_stages={n_stages!r} must be an integer from 1 to the model's "
+                       f"n_layers={args.n_layers}")
+    ranges = balanced_ranges(args, n_stages)
+    return [(r, i == 0, i == n_stages - 1) for i, r in enumerate(ranges)]
+
+
+# ---- opening checkpoints ----
+
+def is_split_dir(path) -> bool:
+    return (Path(path) / "split.json").is_file()
+
+
+def open_source(path, **overrides) -> TensorSource:
+    """A TensorSource for a Meta folder, a Hugging Face folder or a llama2.c .bin (file or folder)."""
+    path = Path(path)
+    if not path.exists():
+        raise BadInput(f"checkpoint {path} does not exist: download it (python -m llama.download) "
+                       "or fix --ckpt_dir")
+    if path.is_file():
+        return Llama2cSource(path, **overrides)
+    if (path / "params.json").is_file() and list(path.glob("consolidated.*.pth")):
+        return MetaSource(path, **overrides)
+    if (path / "config.json").is_file():
+        return HFSource(path, **overrides)
+    bins = [p for p in path.glob("*.bin") if not p.name.startswith("tok")]
+    if len(bins) == 1:
+        return Llama2cSource(bins[0], **overrides)
+    if list(path.glob("consolidated.*.pth")):
+        raise BadInput(f"{path / 'params.json'} is missing: the Meta layout needs it beside the shards")
+    raise BadInput(f"{path} holds no checkpoint this tool reads (split.json, params.json + "
+                   "consolidated.NN.pth, config.json + safetensors, or one llama2.c .bin)")
+
+
+def find_tokenizer(ckpt_dir) -> str:
+    """tokenizer.model beside the weights, in the parent folder (Meta's layout) or any *.model."""
+    folder = Path(ckpt_dir)
+    folder = folder.parent if folder.is_file() else folder
+    for candidate in (folder / "tokenizer.model", folder.parent / "tokenizer.model"):
+        if candidate.is_file():
+            return str(candidate)
+    models = sorted(folder.glob("*.model"))
+    if len(models) == 1:
+        return str(models[0])
+    raise BadInput(f"no tokenizer.model found beside {ckpt_dir}: pass --tokenizer_path")
+
+
+# ---- split directories ----
+
+def safe_child(folder: Path, name, what: str) -> Path:
+    """folder/name, refusing names that would leave the folder (../x, /abs, sub/dirs)."""
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise BadInput(f"{folder / 'split.json'} names {what} {name!r}, which is not a plain file "
+                       "name inside the folder; split the model again")
+    return folder / name
+
+
+def write_split(source: TensorSource, out_dir, n_stages: int, dtype: str = "auto",
+                tokenizer_path=None, overwrite: bool = False, log=print):
+    """Write out_dir/{params.json, split.json, stage.NN.pth, tokenizer.model}, atomically as a folder.
+
+    One stage's tensors are in memory at a time, each cloned so a file never carries the bytes
+    of a bigger tensor it was a view of.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise BadInput(f"{out_dir} already exists: pass --overwrite or choose another --out_dir")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise BadInput(f"--dtype {dtype!r} must be auto, float32, float16 or bfloat16")
+    plan = stage_plan(source.args, n_stages)
+    tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    try:
+        stages, stored_dtype = [], None
+        for index, (layer_range, embeddings, head) in enumerate(plan):
+            names = stage_tensor_names(source.args, layer_range, embeddings, head)
+            tensors = {}
+            for name in names:
+                tensor = source.load(name)
+                tensor = tensor if dtype == "auto" else tensor.to(DTYPES[dtype])
+                tensors[name] = tensor.detach().clone().contiguous()
+            stored_dtype = str(next(iter(tensors.values())).dtype).replace("torch.", "")
+            file_name = f"stage.{index:02d}.pth"
+            atomic_torch_save(tensors, tmp_dir / file_name)
+            size = (tmp_dir / file_name).stat().st_size
+            stages.append({"file": file_name, "layers": list(layer_range), "embeddings": embeddings,
+                           "head": head, "bytes": size, "sha256": sha256_of(tmp_dir / file_name)})
+            log(f"stage {index}: layers {layer_range[0]}..{layer_range[1] - 1}"
+                f"{' + embeddings' if embeddings else ''}{' + head' if head else ''}: "
+                f"{size / 2**20:.1f} MiB")
+            del tensors
+        manifest = {"format": SPLIT_FORMAT, "n_stages": n_stages, "n_layers": source.args.n_layers,
+                    "stages": stages, "source": source.description, "dtype": stored_dtype,
+                    "params_digest": params_digest(source.args)}
+        atomic_write_text(tmp_dir / "params.json", json.dumps(args_to_params(source.args), indent=2))
+        atomic_write_text(tmp_dir / "split.json", json.dumps(manifest, indent=2))
+        if tokenizer_path:
+            shutil.copyfile(tokenizer_path, tmp_dir / "tokenizer.model")
+        _fsync_dir(tmp_dir)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp_dir, out_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return manifest
+
+
+def read_split(split_dir, **overrides):
+    """(ModelArgs, manifest) of a split directory, with the manifest checked against the model."""
+    split_dir = Path(split_dir)
+    manifest = read_json(split_dir / "split.json")
+    written = model_args_from_dict(read_json(split_dir / "params.json"), str(split_dir / "params.json"))
+    stages = manifest.get("stages") if isinstance(manifest, dict) else None
+    if manifest.get("format") != SPLIT_FORMAT or not isinstance(stages, list) or not stages:
+        raise BadInput(f"{split_dir / 'split.json'} is not a format-{SPLIT_FORMAT} split manifest; "
+                       "split the model again with split_model.py")
+    if manifest.get("n_layers") != written.n_layers or \
+            manifest.get("params_digest") != params_digest(written):
+        raise BadInput(f"{split_dir / 'split.json'} was written for another model than "
+                       f"{split_dir / 'params.json'}: split the model again")
+    args = ModelArgs(**{**args_to_params(written), **overrides})
+    expected_start = 0
+    for i, stage in enumerate(stages):
+        layers = stage.get("layers") if isinstance(stage, dict) else None
+        if not (isinstance(layers, list) and len(layers) == 2 and layers[0] == expected_start
+                and layers[0] < layers[1] <= args.n_layers):
+            raise BadInput(f"{split_dir / 'split.json'}: stage {i} has layers {layers!r}, which do "
+                           "not continue the previous stage; split the model again")
+        safe_child(split_dir, stage.get("file"), f"stage {i} file")
+        expected_start = layers[1]
+    if expected_start != args.n_layers:
+        raise BadInput(f"{split_dir / 'split.json'}: stages cover layers 0..{expected_start - 1} "
+                       f"of {args.n_layers}; split the model again")
+    return args, manifest
+
+
+def load_stage_tensors(split_dir, manifest, index: int, verify: bool = True) -> dict:
+    split_dir = Path(split_dir)
+    entry = manifest["stages"][index]
+    path = safe_child(split_dir, entry["file"], f"stage {index} file")
+    if not path.is_file():
+        raise BadInput(f"stage file {path} is missing: split the model again")
+    if verify and entry.get("sha256") and sha256_of(path) != entry["sha256"]:
+        raise BadInput(f"stage file {path} does not match the sha256 in split.json (corrupt or "
+                       "replaced): split the model again")
+    tensors = safe_torch_load(path)
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise BadInput(f"stage file {path} is not a state dict of tensors: split the model again")
+    return tensors
+
+
+# ---- the runtime's view: the model of one stage ----
+
+def load_model(ckpt_dir, stage: int = 0, n_stages: int = 1, device="cpu", dtype=torch.float32,
+               max_seq_len=None, verify: bool = True):
+    """The Transformer for `stage` of `n_stages`, weights loaded strictly, frozen, on device.
+
+    From a split directory the stages are the split's own (n_stages must match); from any other
+    checkpoint the layers are balanced on the fly and only this stage's tensors are read.
+    """
+    overrides = {"max_seq_len": max_seq_len} if max_seq_len else {}
+    if is_split_dir(ckpt_dir):
+        args, manifest = read_split(ckpt_dir, **overrides)
+        split_stages = manifest["stages"]
+        if n_stages == 1 and len(split_stages) > 1:
+            plan = [((0, args.n_layers), True, True)]  # one process runs every stage
+            files = range(len(split_stages))
+        elif n_stages == len(split_stages):
+            entry = split_stages[stage]
+            plan = [None] * n_stages
+            plan[stage] = (tuple(entry["layers"]), stage == 0, stage == n_stages - 1)
+            files = [stage]
+        else:
+            raise BadInput(f"{ckpt_dir} is split into {len(split_stages)} stages but "
+                           f"{n_stages} were asked for (torchrun --nproc_per_node): launch "
+                           f"{len(split_stages)} processes or split again with --n_stages {n_stages}")
+        tensors = {}
+        for i in files:
+            tensors.update(load_stage_tensors(ckpt_dir, manifest, i, verify))
+        layer_range, embeddings, head = plan[0] if n_stages == 1 else plan[stage]
+        fetch = tensors.__getitem__
+        available = set(tensors)
+    else:
+        source = open_source(ckpt_dir, **overrides)
+        args = source.args
+        layer_range, embeddings, head = stage_plan(args, n_stages)[stage]
+        fetch = source.load
+        available = set(source.names())
+    with torch.device("meta"):
+        model = Transformer(args, layer_range, embeddings, head)
+    wanted = list(model.state_dict().keys())
+    missing = [k for k in wanted if k not in available]
+    if missing:
+        raise BadInput(f"{ckpt_dir} lacks {len(missing)} weights of stage {stage} "
+                       f"(first: {missing[0]}): the checkpoint is incomplete or for another model")
+    if is_split_dir(ckpt_dir):
+        unexpected = sorted(available - set(wanted))
+        if unexpected:
+            raise BadInput(f"{ckpt_dir} stage {stage} has unexpected weights (first: "
+                           f"{unexpected[0]}): split the model again")
+    state = {}
+    for name in wanted:
+        tensor = fetch(name)
+        expected = model.state_dict()[name].shape
+        if tuple(tensor.shape) != tuple(expected):
+            raise BadInput(f"{ckpt_dir}: {name} has shape {tuple(tensor.shape)}, the model expects "
+                           f"{tuple(expected)} (params.json does not match the weights)")
+        state[name] = tensor.to(device=device, dtype=dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.requires_grad_(False).eval()

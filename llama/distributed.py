@@ -1,0 +1,190 @@
+"""One place for distributed setup: torchrun's environment -> a small context with the transport.
+
+The stage of a rank is its global RANK, its device comes from LOCAL_RANK, so a multi-node launch
+works unchanged. nccl when every local rank has its own GPU; gloo otherwise (CPU only, or ranks
+sharing a GPU, which NCCL refuses), with tensors staged through CPU memory. Every wait has a
+timeout, and a lost peer becomes a clear error naming its stage.
+"""
+import os
+import sys
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from llama.errors import BadInput
+
+
+class PeerLost(RuntimeError):
+    """A neighbouring stage stopped answering (crashed, killed, or stalled past the timeout)."""
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str = "none"
+    timeout_s: float = 300.0
+    pending_sends: list = field(default_factory=list)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank == self.world_size - 1
+
+    def log(self, *parts):
+        """Print on rank 0 only (the others stay quiet rather than being silenced)."""
+        if self.rank == 0:
+            print(*parts, flush=True)
+
+    # ---- point-to-point transport ----
+
+    def _on_wire(self, tensor):
+        return tensor if self.backend == "nccl" else tensor.cpu()
+
+    def send(self, tensor, dst: int):
+        """Start sending tensor to rank dst; completion is awaited by flush_sends()."""
+        wire = self._on_wire(tensor.detach().contiguous())
+        self.pending_sends.append((dist.isend(wire, dst), wire, dst))
+
+    def recv(self, shape, dtype, src: int):
+        """Receive a tensor of known shape and dtype from rank src, on this rank's device."""
+        wire_device = self.device if self.backend == "nccl" else torch.device("cpu")
+        buffer = torch.empty(shape, dtype=dtype, device=wire_device)
+        self._wait(dist.irecv(buffer, src), src, "receiving from")
+        return buffer.to(self.device, non_blocking=True)
+
+    def send_with_shape(self, tensor, dst: int):
+        """send() preceded by a small header, for tensors whose shape the receiver cannot know."""
+        header = torch.zeros(9, dtype=torch.int64)
+        header[0] = tensor.dim()
+        header[1:1 + tensor.dim()] = torch.tensor(tensor.shape)
+        self.send(header.to(self.device), dst)
+        self.send(tensor, dst)
+
+    def recv_with_shape(self, dtype, src: int):
+        header = self.recv((9,), torch.int64, src).cpu()
+        return self.recv(tuple(header[1:1 + int(header[0])].tolist()), dtype, src)
+
+    def flush_sends(self):
+        for work, _, dst in self.pending_sends:
+            self._wait(work, dst, "sending to")
+        self.pending_sends.clear()
+
+    def _wait(self, work, peer: int, doing: str):
+        try:
+            if self.backend == "gloo":
+                work.wait(timedelta(seconds=self.timeout_s))
+            else:
+                work.wait()
+        except RuntimeError as error:
+            raise PeerLost(f"rank {self.rank} (stage {self.rank}) failed {doing} stage {peer}: "
+                           f"{str(error).splitlines()[0]}. Stage {peer} has probably died or "
+                           f"stalled longer than --timeout_s={self.timeout_s:g}; see its log") from None
+
+    # ---- small collectives (control values every rank must agree on) ----
+
+    def _scalar(self, value):
+        device = self.device if self.backend == "nccl" else torch.device("cpu")
+        return torch.tensor([float(value)], dtype=torch.float64, device=device)
+
+    def all_reduce_max(self, value: float) -> float:
+        if not self.distributed:
+            return float(value)
+        t = self._scalar(value)
+        self._collective(lambda: dist.all_reduce(t, op=dist.ReduceOp.MAX))
+        return float(t.item())
+
+    def broadcast_tensor(self, tensor, src: int):
+        """Every rank gets src's tensor (same shape and dtype everywhere)."""
+        if not self.distributed:
+            return tensor
+        wire = self._on_wire(tensor.contiguous())
+        self._collective(lambda: dist.broadcast(wire, src))
+        return wire.to(self.device)
+
+    def gather_objects(self, obj):
+        """Rank 0 gets [obj of rank 0, obj of rank 1, ...]; other ranks get None."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size if self.rank == 0 else None
+        self._collective(lambda: dist.gather_object(obj, out, dst=0))
+        return out
+
+    def barrier(self):
+        if self.distributed:
+            self._collective(dist.barrier)
+
+    def _collective(self, call):
+        try:
+            call()
+        except RuntimeError as error:
+            raise PeerLost(f"rank {self.rank}: a collective with the other stages failed "
+                           f"({str(error).splitlines()[0]}); another stage has probably died "
+                           "or stalled; see its log") from None
+
+    def close(self):
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def pick_device(device_arg, local_rank: int) -> torch.device:
+    if device_arg not in (None, "auto"):
+        try:
+            device = torch.device(device_arg)
+        except RuntimeError:
+            raise BadInput(f"--device {device_arg!r} is not a device name (cpu, cuda, cuda:1)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise BadInput(f"--device {device_arg} asked for, but no CUDA GPU is visible: use --device cpu")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    try:
+        return default if value is None else int(value)
+    except ValueError:
+        raise BadInput(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def init_distributed(device=None, timeout_s: float = 300.0, expected_world_size=None) -> DistContext:
+    """Read torchrun's environment, pick device and backend, join the process group."""
+    if not timeout_s or timeout_s <= 0:
+        raise BadInput(f"--timeout_s={timeout_s} must be a positive number of seconds")
+    world_size = env_int("WORLD_SIZE", 1)
+    rank, local_rank = env_int("RANK", 0), env_int("LOCAL_RANK", 0)
+    if expected_world_size is not None and world_size not in (1, expected_world_size):
+        raise BadInput(f"torchrun started {world_size} processes but the checkpoint is split into "
+                       f"{expected_world_size} stages: use --nproc_per_node {expected_world_size} "
+                       f"(in all) or split again with --n_stages {world_size}")
+    device = pick_device(device, local_rank)
+    if world_size == 1:
+        return DistContext(device=device, timeout_s=timeout_s)
+    local_world = env_int("LOCAL_WORLD_SIZE", world_size)
+    own_gpu = device.type == "cuda" and local_world <= torch.cuda.device_count()
+    backend = "nccl" if own_gpu else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return DistContext(rank, world_size, local_rank, device, backend, timeout_s)
+
+
+def report_and_exit(error: PeerLost, rank: int):
+    """A lost peer ends this rank with its message (non-zero exit, no traceback)."""
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    os._exit(3)  # the process group's threads may still wait on the dead peer; don't join them

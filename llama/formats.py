@@ -1,0 +1,363 @@
+"""Readers and writers for the checkpoint layouts LLaMA weights come in.
+
+Each reader is a TensorSource: the model's ModelArgs plus tensors by their Meta names, loaded one
+at a time, so splitting a 7B model never holds two copies of it. Layouts: Meta (params.json +
+consolidated.NN.pth shards), llama2.c legacy .bin, Hugging Face (config.json + safetensors/.bin).
+"""
+import json
+import os
+import pickle
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llama.errors import BadInput
+from llama.model import ModelArgs
+
+# Which dimension Meta's model-parallel shards cut: column-parallel layers split their output
+# rows (dim 0), row-parallel layers their input columns (dim 1), the embedding its width (dim 1).
+META_SHARD_DIM = {"tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "w1": 0,
+                  "w3": 0, "wo": 1, "w2": 1}
+# Tensors some checkpoints carry that the model recomputes instead of loading.
+IGNORED_KEYS = {"rope.freqs"}
+
+
+def safe_torch_load(path, mmap=True):
+    """torch.load of plain tensors only: a pickle that needs code to unpickle is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        raise BadInput(f"{path} needs code to unpickle and was refused (only tensors, numbers "
+                       f"and strings are loaded: {str(error).splitlines()[0]}); re-save it as "
+                       "a plain state dict from a trusted copy") from None
+    except RuntimeError as error:
+        if mmap and "mmap" in str(error):
+            return safe_torch_load(path, mmap=False)  # the legacy (non-zip) torch.save format
+        raise BadInput(f"{path} is corrupt or truncated ({str(error).splitlines()[0]}); "
+                       "download or split it again") from None
+    except (EOFError, OSError, ValueError) as error:
+        raise BadInput(f"{path} is corrupt or truncated ({error}); download or split it again") from None
+
+
+def model_args_from_dict(params: dict, source: str, **overrides) -> ModelArgs:
+    """ModelArgs from a params.json dict, refusing missing keys and wrong types by name."""
+    if not isinstance(params, dict):
+        raise BadInput(f"{source} must hold a JSON object of model parameters")
+    known = {f for f in ModelArgs.__dataclass_fields__}
+    ints = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+            "hidden_dim", "max_seq_len"}
+    values = {}
+    for key, value in {**params, **overrides}.items():
+        if key not in known:
+            continue  # e.g. Llama 3.1's use_scaled_rope: not a field this model has
+        if value is None:
+            values[key] = None
+            continue
+        wanted = int if key in ints else float
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                (wanted is int and not float(value).is_integer()):
+            raise BadInput(f"{source}: {key}={value!r} must be {'an integer' if wanted is int else 'a number'}")
+        values[key] = wanted(value)
+    for key in ("dim", "n_layers", "n_heads"):
+        if key not in values:
+            raise BadInput(f"{source} lacks {key!r}: use the params.json that came with the weights")
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"):
+        if values.get(key) is not None and values[key] <= 0:
+            raise BadInput(f"{source}: {key}={values[key]} must be positive")
+    if values["dim"] % values["n_heads"]:
+        raise BadInput(f"{source}: dim={values['dim']} is not a multiple of n_heads={values['n_heads']}")
+    return ModelArgs(**values)
+
+
+def read_json(path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise BadInput(f"{path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BadInput(f"{path} is not valid JSON ({error}); restore it from the checkpoint") from None
+
+
+class TensorSource:
+    """A checkpoint's ModelArgs and its tensors under Meta names, loaded on demand."""
+
+    args: ModelArgs
+    description: dict
+
+    def names(self) -> list:
+        raise NotImplementedError
+
+    def load(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class MetaSource(TensorSource):
+    """params.json + consolidated.00.pth … (model-parallel shards merged tensor by tensor)."""
+
+    def __init__(self, folder, **overrides):
+        folder = Path(folder)
+        self.shard_paths = sorted(folder.glob("consolidated.*.pth"))
+        if not self.shard_paths:
+            raise BadInput(f"{folder} has no consolidated.NN.pth files")
+        self.shards = [safe_torch_load(p) for p in self.shard_paths]
+        params = dict(read_json(folder / "params.json"))
+        if params.get("vocab_size", -1) in (-1, None) and "tok_embeddings.weight" in self.shards[0]:
+            params["vocab_size"] = self.shards[0]["tok_embeddings.weight"].shape[0]  # LLaMA 1 says -1
+        self.args = model_args_from_dict(params, str(folder / "params.json"), **overrides)
+        self.description = {"format": "meta", "path": folder.name, "shards": len(self.shards)}
+
+    def names(self):
+        return [k for k in self.shards[0] if k not in IGNORED_KEYS]
+
+    def load(self, name):
+        parts = [shard[name] for shard in self.shards]
+        if len(parts) == 1 or parts[0].dim() == 1:
+            return parts[0]  # one shard, or a norm weight that every shard repeats
+        return torch.cat(parts, dim=META_SHARD_DIM[name.split(".")[-2]])
+
+
+def save_meta(tensors: dict, args: ModelArgs, folder, n_shards: int = 1):
+    """Write the Meta layout, cutting each tensor along Meta's model-parallel dimension."""
+    from llama.checkpoint import atomic_torch_save, atomic_write_text
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for shard in range(n_shards):
+        part = {}
+        for name, tensor in tensors.items():
+            if tensor.dim() == 1:
+                part[name] = tensor.clone()
+            else:
+                dim = META_SHARD_DIM[name.split(".")[-2]]
+                part[name] = tensor.chunk(n_shards, dim=dim)[shard].clone()
+        atomic_torch_save(part, folder / f"consolidated.{shard:02d}.pth")
+    params = {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
+                                             "multiple_of", "ffn_dim_multiplier", "norm_eps",
+                                             "rope_theta", "hidden_dim", "max_seq_len")}
+    atomic_write_text(folder / "params.json", json.dumps(params, indent=2))
+
+
+class Llama2cSource(TensorSource):
+    """llama2.c's legacy (version 0) export: a 7-int header, then float32 arrays by kind."""
+
+    HEADER = struct.Struct("<7i")
+
+    def __init__(self, path, **overrides):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            raw = f.read(self.HEADER.size)
+        if len(raw) < self.HEADER.size:
+            raise BadInput(f"{self.path} is too short to be a llama2.c checkpoint")
+        dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = self.HEADER.unpack(raw)
+        if dim == 0x616B3432:  # b"ak42": the newer versioned export
+            raise BadInput(f"{self.path} is a versioned llama2.c export; export it with "
+                           "--version 0 (legacy), or convert it to the Meta layout")
+        if min(dim, hidden, n_layers, n_heads, n_kv, seq_len) <= 0 or vocab == 0 or dim % n_heads:
+            raise BadInput(f"{self.path} has an impossible llama2.c header "
+                           f"{(dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len)}")
+        self.shared_classifier = vocab > 0  # llama2.c marks an unshared classifier by negating
+        self.args = ModelArgs(**{"dim": dim, "hidden_dim": hidden, "n_layers": n_layers,
+                                 "n_heads": n_heads, "n_kv_heads": n_kv, "vocab_size": abs(vocab),
+                                 "max_seq_len": seq_len, **overrides})
+        self.offsets = self._layout(seq_len)
+        expected = self.HEADER.size + 4 * self.n_floats
+        if os.path.getsize(self.path) != expected:
+            raise BadInput(f"{self.path} has {os.path.getsize(self.path)} bytes but its header "
+                           f"implies {expected}: the file is truncated or not a llama2.c v0 export")
+        self.floats = np.memmap(self.path, dtype="<f4", mode="r", offset=self.HEADER.size)
+        self.description = {"format": "llama2c", "path": self.path.name}
+
+    def _layout(self, seq_len):
+        """(name, offset in floats, shape) of every array, in file order."""
+        a = self.args
+        kv_dim = a.n_kv_heads * a.head_dim
+        per_layer = [("attention_norm", (a.dim,)), ("attention.wq", (a.dim, a.dim)),
+                     ("attention.wk", (kv_dim, a.dim)), ("attention.wv", (kv_dim, a.dim)),
+                     ("attention.wo", (a.dim, a.dim)), ("ffn_norm", (a.dim,)),
+                     ("feed_forward.w1", (a.hidden_dim, a.dim)),
+                     ("feed_forward.w2", (a.dim, a.hidden_dim)),
+                     ("feed_forward.w3", (a.hidden_dim, a.dim))]
+        layout, offset = {}, 0
+
+        def place(name, shape):
+            nonlocal offset
+            layout[name] = (offset, shape)
+            offset += int(np.prod(shape))
+
+        place("tok_embeddings.weight", (a.vocab_size, a.dim))
+        for kind, shape in per_layer:  # grouped by kind across layers, not by layer
+            for i in range(a.n_layers):
+                place(f"layers.{i}.{kind}.weight", shape)
+        place("norm.weight", (a.dim,))
+        offset += 2 * seq_len * a.head_dim // 2  # the stored rotary tables; recomputed instead
+        if not self.shared_classifier:
+            place("output.weight", (a.vocab_size, a.dim))
+        self.n_floats = offset
+        return layout
+
+    def names(self):
+        names = list(self.offsets)
+        return names if not self.shared_classifier else names + ["output.weight"]
+
+    def load(self, name):
+        if name == "output.weight" and self.shared_classifier:
+            name = "tok_embeddings.weight"  # tied: the classifier is the embedding table
+        start, shape = self.offsets[name]
+        values = np.array(self.floats[start:start + int(np.prod(shape))])
+        return torch.from_numpy(values).view(shape)
+
+
+# Hugging Face Llama names -> Meta names (per layer, then the rest).
+HF_LAYER_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+                  "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+                  "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+                  "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+                  "post_attention_layernorm": "ffn_norm"}
+HF_TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight",
+                "model.norm.weight": "norm.weight", "lm_head.weight": "output.weight"}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F64": torch.float64, "I64": torch.int64, "I32": torch.int32}
+
+
+def hf_to_meta_name(hf_name: str):
+    """'model.layers.3.self_attn.q_proj.weight' -> 'layers.3.attention.wq.weight' (None: not ours)."""
+    if hf_name in HF_TOP_NAMES:
+        return HF_TOP_NAMES[hf_name]
+    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", hf_name)
+    if match and match.group(2) in HF_LAYER_NAMES:
+        return f"layers.{match.group(1)}.{HF_LAYER_NAMES[match.group(2)]}.weight"
+    return None
+
+
+def meta_to_hf_name(meta_name: str):
+    top = {meta: hf for hf, meta in HF_TOP_NAMES.items()}
+    if meta_name in top:
+        return top[meta_name]
+    layer_names = {meta: hf for hf, meta in HF_LAYER_NAMES.items()}
+    _, index, inner = meta_name.split(".", 2)
+    return f"model.layers.{index}.{layer_names[inner[:-len('.weight')]]}.weight"
+
+
+def rotate_half_to_interleaved(weight, n_heads: int):
+    """Undo HF's q/k row permutation: per head, rows [evens..., odds...] back to pairs."""
+    rows, cols = weight.shape
+    return weight.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def interleaved_to_rotate_half(weight, n_heads: int):
+    """HF's permutation of q/k rows, used by its Meta->HF conversion (and our writer)."""
+    rows, cols = weight.shape
+    return weight.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def read_safetensors_header(path):
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise BadInput(f"{path} is too short to be a safetensors file")
+        (length,) = struct.unpack("<Q", raw)
+        if length > 100_000_000 or length + 8 > os.path.getsize(path):
+            raise BadInput(f"{path} has a corrupt safetensors header (length {length})")
+        try:
+            header = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BadInput(f"{path} has a corrupt safetensors header") from None
+    header.pop("__metadata__", None)
+    return 8 + length, header
+
+
+def read_safetensor(path, data_start: int, entry: dict):
+    dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+    if dtype is None:
+        raise BadInput(f"{path}: tensor dtype {entry['dtype']} is not supported")
+    begin, end = entry["data_offsets"]
+    with open(path, "rb") as f:
+        f.seek(data_start + begin)
+        raw = bytearray(f.read(end - begin))
+    if len(raw) != end - begin:
+        raise BadInput(f"{path} is truncated: download it again")
+    return torch.frombuffer(raw, dtype=dtype).reshape(entry["shape"]) if raw else \
+        torch.empty(entry["shape"], dtype=dtype)
+
+
+class HFSource(TensorSource):
+    """config.json + model*.safetensors or pytorch_model*.bin, read without transformers."""
+
+    def __init__(self, folder, **overrides):
+        folder = Path(folder)
+        config = read_json(folder / "config.json")
+        params = {"dim": config.get("hidden_size"), "n_layers": config.get("num_hidden_layers"),
+                  "n_heads": config.get("num_attention_heads"),
+                  "n_kv_heads": config.get("num_key_value_heads"),
+                  "vocab_size": config.get("vocab_size"), "hidden_dim": config.get("intermediate_size"),
+                  "norm_eps": config.get("rms_norm_eps", 1e-5),
+                  "rope_theta": config.get("rope_theta", 10000.0),
+                  "max_seq_len": config.get("max_position_embeddings", 2048)}
+        self.args = model_args_from_dict({k: v for k, v in params.items() if v is not None},
+                                         str(folder / "config.json"), **overrides)
+        self.tied = bool(config.get("tie_word_embeddings", False))
+        self.where = {}  # Meta name -> (reader, HF name)
+        for path in sorted(folder.glob("*.safetensors")):
+            data_start, header = read_safetensors_header(path)
+            for hf_name, entry in header.items():
+                self._register(hf_name, lambda e=entry, p=path, s=data_start: read_safetensor(p, s, e))
+        if not self.where:
+            for path in sorted(folder.glob("pytorch_model*.bin")):
+                state = safe_torch_load(path)
+                for hf_name in state:
+                    self._register(hf_name, lambda s=state, n=hf_name: s[n])
+        if not self.where:
+            raise BadInput(f"{folder} has no model*.safetensors or pytorch_model*.bin weights")
+        self.description = {"format": "hf", "path": folder.name}
+
+    def _register(self, hf_name, reader):
+        meta_name = hf_to_meta_name(hf_name)
+        if meta_name is not None:
+            self.where[meta_name] = reader
+
+    def names(self):
+        names = list(self.where)
+        if "output.weight" not in names and self.tied:
+            names.append("output.weight")
+        return names
+
+    def load(self, name):
+        if name == "output.weight" and name not in self.where and self.tied:
+            name = "tok_embeddings.weight"
+        tensor = self.where[name]()
+        if name.endswith("attention.wq.weight"):
+            return rotate_half_to_interleaved(tensor, self.args.n_heads)
+        if name.endswith("attention.wk.weight"):
+            return rotate_half_to_interleaved(tensor, self.args.n_kv_heads)
+        return tensor
+
+
+def save_hf_safetensors(tensors: dict, args: ModelArgs, folder):
+    """Write the HF Llama layout (one model.safetensors, q/k permuted as HF expects)."""
+    from llama.checkpoint import atomic_write_bytes, atomic_write_text
+    dtype_name = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+    header, blobs, offset = {}, [], 0
+    for name, tensor in tensors.items():
+        if name.endswith("attention.wq.weight"):
+            tensor = interleaved_to_rotate_half(tensor, args.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            tensor = interleaved_to_rotate_half(tensor, args.n_kv_heads)
+        blob = tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        header[meta_to_hf_name(name)] = {"dtype": dtype_name[tensor.dtype], "shape": list(tensor.shape),
+                                    "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    head = json.dumps(header).encode()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(folder / "model.safetensors", struct.pack("<Q", len(head)) + head + b"".join(blobs))
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
+              "intermediate_size": args.hidden_dim, "num_attention_heads": args.n_heads,
+              "num_hidden_layers": args.n_layers, "num_key_value_heads": args.n_kv_heads,
+              "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps,
+              "rope_theta": args.rope_theta, "max_position_embeddings": args.max_seq_len,
+              "tie_word_embeddings": False}
+    atomic_write_text(folder / "config.json", json.dumps(config, indent=2))

@@ -1,0 +1,61 @@
+"""Which layers each pipeline stage owns: one pure function, used by split_model.py and the runtime.
+
+Stages get contiguous layer ranges whose costs are as even as possible: the first stage also pays
+for the token embeddings and the last for the final norm and output head.
+"""
+from functools import lru_cache
+
+from llama.model import ModelArgs
+
+
+def parameter_costs(args: ModelArgs):
+    """Parameters per block, in the embedding table and in the head (norm + output projection).
+
+    Parameter count stands in for both memory and time: a block's FLOPs per token are twice its
+    parameters, and the head's logits cost the same per parameter.
+    """
+    kv_dim = args.n_kv_heads * args.head_dim
+    attention = 2 * args.dim * args.dim + 2 * args.dim * kv_dim
+    feed_forward = 3 * args.dim * args.hidden_dim
+    layer = attention + feed_forward + 2 * args.dim
+    embeddings = args.vocab_size * args.dim
+    head = args.vocab_size * args.dim + args.dim
+    return layer, embeddings, head
+
+
+def stage_layer_ranges(n_layers: int, n_stages: int, layer_cost: float = 1.0,
+                       embed_cost: float = 0.0, head_cost: float = 0.0):
+    """Split layers 0..n_layers-1 into n_stages contiguous [start, end) ranges of balanced cost.
+
+    Minimises the cost of the most expensive stage (each stage keeps at least one layer); among
+    equally good splits the earliest boundaries win, so the answer is deterministic.
+    """
+    if not isinstance(n_stages, int) or not 1 <= n_stages <= n_layers:
+        raise ValueError(f"n_stages={n_stages} must be an integer from 1 to n_layers={n_layers}")
+
+    def stage_cost(start, end):
+        cost = (end - start) * layer_cost
+        cost += embed_cost if start == 0 else 0.0
+        cost += head_cost if end == n_layers else 0.0
+        return cost
+
+    @lru_cache(maxsize=None)
+    def best(start, stages_left):
+        """(max cost, ends) for layers start..n_layers-1 split into stages_left stages."""
+        if stages_left == 1:
+            return stage_cost(start, n_layers), (n_layers,)
+        options = []
+        for end in range(start + 1, n_layers - stages_left + 2):
+            rest_cost, rest_ends = best(end, stages_left - 1)
+            options.append((max(stage_cost(start, end), rest_cost), (end,) + rest_ends))
+        return min(options)
+
+    ends = best(0, n_stages)[1]
+    starts = (0,) + ends[:-1]
+    return [(s, e) for s, e in zip(starts, ends)]
+
+
+def balanced_ranges(args: ModelArgs, n_stages: int):
+    """stage_layer_ranges with the model's own parameter costs."""
+    layer, embeddings, head = parameter_costs(args)
+    return stage_layer_ranges(args.n_layers, n_stages, layer, embeddings, head)

@@ -1,0 +1,154 @@
+"""Pipeline parallelism by hand: one rank per stage, activations forward, their gradients back.
+
+A Stage is one rank's model plus its neighbours. `train_step` runs a GPipe or 1F1B schedule of
+micro-batches through it; with one stage (one process) the same code is plain gradient
+accumulation, which is why the pipeline's gradient can be checked against it exactly.
+"""
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from llama.errors import BadInput
+
+SCHEDULES = ("gpipe", "1f1b")
+
+
+def schedule_actions(schedule: str, stage: int, n_stages: int, n_micro: int):
+    """The order of ("F", i) forwards and ("B", i) backwards that `stage` runs in one step.
+
+    GPipe: every forward, then every backward. 1F1B: stage s first runs p-s-1 forwards (filling
+    the pipe), then alternates one forward and one backward, then drains the backwards; so at
+    most p micro-batches are ever in flight on stage 0 instead of m.
+    """
+    if schedule == "gpipe":
+        return [("F", i) for i in range(n_micro)] + [("B", i) for i in range(n_micro)]
+    if schedule != "1f1b":
+        raise BadInput(f"--schedule {schedule!r} must be one of {', '.join(SCHEDULES)}")
+    warmup = min(n_stages - stage - 1, n_micro)
+    actions = [("F", i) for i in range(warmup)]
+    for i in range(n_micro - warmup):
+        actions += [("F", warmup + i), ("B", i)]
+    return actions + [("B", i) for i in range(n_micro - warmup, n_micro)]
+
+
+def ideal_bubble_fraction(n_stages: int, n_micro: int) -> float:
+    return (n_stages - 1) / (n_micro + n_stages - 1)
+
+
+def loss_sum(stage_model, h, targets):
+    """Summed cross-entropy over the positions that have a target (-100 marks the others).
+
+    Only those positions go through the output head, and the logits are made float32 only
+    there: the full (B, T, vocab) float32 logits never exist.
+    """
+    has_target = targets != -100
+    picked = h[has_target]  # (N, dim)
+    logits = stage_model.logits(picked).float()  # (N, vocab)
+    return F.cross_entropy(logits, targets[has_target], reduction="sum")
+
+
+class Stage:
+    """One rank's part of the pipeline: its layers, the soft prompt (first stage), the transport."""
+
+    def __init__(self, model, ctx, soft_prompt=None, n_virtual: int = 0, tracer=None):
+        self.model, self.ctx, self.soft_prompt = model, ctx, soft_prompt
+        self.n_virtual = n_virtual  # every stage must know it: it lengthens every sequence
+        self.index, self.n_stages = ctx.rank, ctx.world_size
+        self.dtype = next(model.parameters()).dtype
+        self.device = ctx.device
+        self.tracer = tracer
+        self.in_flight = {}  # micro-batch -> what its backward needs
+
+    @property
+    def is_first(self):
+        return self.index == 0
+
+    @property
+    def is_last(self):
+        return self.index == self.n_stages - 1
+
+    def span(self, name, category, **args):
+        return self.tracer.span(name, category, **args) if self.tracer else contextlib.nullcontext()
+
+    def hidden_in(self, tokens, start_pos: int, with_prompt: bool):
+        """First stage: embed tokens (B, T) and prepend the soft prompt; others: receive h."""
+        B, T = tokens.shape
+        if self.is_first:
+            h = self.model.embed(tokens.to(self.device))
+            if with_prompt and self.soft_prompt is not None:
+                h = self.soft_prompt.prepend(h)
+            return h
+        length = T + (self.n_virtual if with_prompt else 0)
+        with self.span("recv h", "recv_wait"):
+            return self.ctx.recv((B, length, self.model.args.dim), self.dtype, self.index - 1)
+
+    def hidden_out(self, h):
+        """Pass h on to the next stage (all but the last); the last stage keeps it."""
+        if not self.is_last:
+            self.ctx.send(h, self.index + 1)
+
+    # ---- training ----
+
+    def forward_micro_batch(self, i: int, batch, loss_weight: float):
+        with self.span(f"F{i}", "forward", micro_batch=i):
+            h_in = self.hidden_in(batch.tokens, 0, with_prompt=True)
+            if not self.is_first:
+                # The received activation is a leaf here; asking for its gradient is what makes
+                # backward produce dL/dh to send upstream (the weights themselves are frozen).
+                h_in.requires_grad_(True)
+            h_out = self.model.run_layers(h_in)
+            if self.is_last:
+                targets = batch.targets.to(self.device)
+                summed = loss_sum(self.model, h_out[:, self.n_virtual:], targets)
+                self.in_flight[i] = (h_in, summed * loss_weight)
+                return summed.detach()
+            self.hidden_out(h_out)
+            self.in_flight[i] = (h_in, h_out)
+
+    def backward_micro_batch(self, i: int):
+        with self.span(f"B{i}", "backward", micro_batch=i):
+            h_in, out = self.in_flight.pop(i)
+            if self.is_last:
+                out.backward()
+            else:
+                with self.span("recv dL/dh", "recv_wait"):
+                    grad = self.ctx.recv(out.shape, self.dtype, self.index + 1)
+                out.backward(grad)
+            if not self.is_first:
+                self.ctx.send(h_in.grad, self.index - 1)
+
+    def train_step(self, micro_batches, schedule: str, loss_scale: float = 1.0):
+        """Forward and backward every micro-batch; returns the summed loss (last stage) or None.
+
+        The loss is the token-weighted mean over the whole global batch: each micro-batch's
+        summed cross-entropy is divided by the global number of target tokens, which every rank
+        knows because every rank builds the same batches.
+        """
+        n_targets = sum(int(b.n_targets) for b in micro_batches)
+        weight = loss_scale / max(n_targets, 1)
+        total = torch.zeros((), dtype=torch.float64)
+        for kind, i in schedule_actions(schedule, self.index, self.n_stages, len(micro_batches)):
+            if kind == "F":
+                summed = self.forward_micro_batch(i, micro_batches[i], weight)
+                if summed is not None:
+                    total += summed.double().cpu()
+            else:
+                self.backward_micro_batch(i)
+        self.ctx.flush_sends()
+        return (float(total), n_targets) if self.is_last else (None, n_targets)
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches):
+        """(summed loss, target tokens) over the batches, forward only; loss only on the last stage."""
+        total, n_targets = 0.0, 0
+        for i, batch in enumerate(micro_batches):
+            with self.span(f"E{i}", "eval", micro_batch=i):
+                h = self.model.run_layers(self.hidden_in(batch.tokens, 0, with_prompt=True))
+                if self.is_last:
+                    total += float(loss_sum(self.model, h[:, self.n_virtual:],
+                                            batch.targets.to(self.device)))
+                self.hidden_out(h)
+            n_targets += int(batch.n_targets)
+        self.ctx.flush_sends()
+        return (total if self.is_last else None), n_targets

@@ -1,0 +1,140 @@
+"""The soft prompt: n_virtual_tokens trainable fp32 vectors prepended to the token embeddings.
+
+Initialised from text, from sampled vocabulary rows, or randomly at the scale of the real
+embeddings; saved as prompt.pt (a bare tensor) + prompt.json, and exported to / imported from
+the PEFT prompt-tuning layout (adapter_model.bin with `prompt_embeddings` + adapter_config.json).
+"""
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llama.checkpoint import atomic_torch_save, atomic_write_text, params_digest
+from llama.errors import BadInput
+from llama.formats import read_json, read_safetensor, read_safetensors_header, safe_torch_load
+
+INITS = ("text", "vocab", "random")
+
+
+class SoftPrompt(nn.Module):
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().float().clone())  # the only trained tensor
+
+    @property
+    def n_virtual_tokens(self) -> int:
+        return self.weight.shape[0]
+
+    def prepend(self, h):
+        """(B, T, dim) token embeddings -> (B, n_virtual + T, dim), the prompt cast to h's dtype."""
+        prompt = self.weight.to(h.dtype).unsqueeze(0).expand(h.shape[0], -1, -1)
+        return torch.cat([prompt, h], dim=1)
+
+
+def init_prompt_weight(init: str, n_virtual_tokens: int, embedding_weight, tokenizer=None,
+                       text: str = "", seed: int = 0):
+    """Starting vectors (n_virtual_tokens, dim) in float32.
+
+    text: the embeddings of the text's tokens, repeated to fill (PEFT's TEXT init). vocab: rows
+    of randomly chosen vocabulary entries. random: a normal draw with the real embeddings' own
+    standard deviation (N(0, 1) would be tens of times larger than any real token).
+    """
+    embeddings = embedding_weight.detach().float()
+    vocab_size = embeddings.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    if init == "text":
+        if tokenizer is None or not text:
+            raise BadInput("--init text needs --init_text (a non-empty string) and a tokenizer")
+        ids = tokenizer.encode(text, bos=False, eos=False)
+        ids = (ids * math.ceil(n_virtual_tokens / len(ids)))[:n_virtual_tokens]
+        return embeddings[torch.tensor(ids, device=embeddings.device)].cpu().clone()
+    if init == "vocab":
+        # Skip the special and byte-fallback pieces at the start of LLaMA-style vocabularies.
+        low = 259 if vocab_size > 1000 else 3
+        ids = torch.randint(low, vocab_size, (n_virtual_tokens,), generator=generator)
+        return embeddings[ids.to(embeddings.device)].cpu().clone()
+    if init == "random":
+        std = float(embeddings.std())
+        return torch.randn(n_virtual_tokens, embeddings.shape[1], generator=generator) * std
+    raise BadInput(f"--init {init!r} must be one of {', '.join(INITS)}")
+
+
+def save_prompt(folder, weight, args, metadata: dict):
+    """prompt.pt (a plain fp32 tensor) + prompt.json, each written atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensor = weight.detach().float().cpu().clone()
+    atomic_torch_save(tensor, folder / "prompt.pt")
+    info = {"n_virtual_tokens": tensor.shape[0], "dim": tensor.shape[1],
+            "params_digest": params_digest(args), **metadata}
+    atomic_write_text(folder / "prompt.json", json.dumps(info, indent=2))
+
+
+def load_prompt(path, args):
+    """(weight, info) from our folder or a PEFT folder, checked against the model's shape."""
+    folder = Path(path)
+    if (folder / "prompt.pt").is_file():
+        info = read_json(folder / "prompt.json")
+        weight = safe_torch_load(folder / "prompt.pt", mmap=False)
+        source = folder / "prompt.pt"
+    elif (folder / "adapter_config.json").is_file():
+        weight, info = import_peft(folder)
+        source = folder
+    else:
+        raise BadInput(f"{folder} holds no prompt.pt or adapter_config.json: pass the --out "
+                       "folder of ft_main.py or a PEFT prompt-tuning folder")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        raise BadInput(f"{source} does not hold a (n_virtual_tokens, dim) float tensor")
+    if weight.shape[1] != args.dim:
+        raise BadInput(f"{source} is a prompt of width {weight.shape[1]} but the model's dim is "
+                       f"{args.dim}: it was trained for another model")
+    digest = info.get("params_digest") if isinstance(info, dict) else None
+    if digest is not None and digest != params_digest(args):
+        raise BadInput(f"{source} was trained for another model (params digest {digest}, this "
+                       f"model's is {params_digest(args)}): use the matching --ckpt_dir")
+    if weight.shape[0] < 1 or weight.shape[0] >= args.max_seq_len:
+        raise BadInput(f"{source} has {weight.shape[0]} virtual tokens; the model allows 1.."
+                       f"{args.max_seq_len - 1}")
+    if not torch.isfinite(weight).all():
+        raise BadInput(f"{source} contains NaN or inf values: use an earlier checkpoint")
+    return weight.float(), info
+
+
+def export_peft(folder, weight, args, metadata: dict):
+    """The PEFT PROMPT_TUNING layout, so the prompt can be used with transformers + peft too."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save({"prompt_embeddings": weight.detach().float().cpu().clone()},
+                      folder / "adapter_model.bin")
+    config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM",
+              "num_virtual_tokens": weight.shape[0], "token_dim": weight.shape[1],
+              "num_transformer_submodules": 1, "num_attention_heads": args.n_heads,
+              "num_layers": args.n_layers,
+              "prompt_tuning_init": "TEXT" if metadata.get("init") == "text" else "RANDOM",
+              "prompt_tuning_init_text": metadata.get("init_text"),
+              "tokenizer_name_or_path": metadata.get("tokenizer"),
+              "base_model_name_or_path": metadata.get("ckpt_dir"), "inference_mode": True}
+    atomic_write_text(folder / "adapter_config.json", json.dumps(config, indent=2))
+
+
+def import_peft(folder):
+    """(weight, info) from adapter_model.bin or adapter_model.safetensors + adapter_config.json."""
+    folder = Path(folder)
+    config = read_json(folder / "adapter_config.json")
+    if not isinstance(config, dict) or config.get("peft_type") != "PROMPT_TUNING":
+        raise BadInput(f"{folder / 'adapter_config.json'} is not a PEFT PROMPT_TUNING adapter")
+    if (folder / "adapter_model.safetensors").is_file():
+        path = folder / "adapter_model.safetensors"
+        start, header = read_safetensors_header(path)
+        state = {k: read_safetensor(path, start, e) for k, e in header.items()}
+    elif (folder / "adapter_model.bin").is_file():
+        path = folder / "adapter_model.bin"
+        state = safe_torch_load(path, mmap=False)
+    else:
+        raise BadInput(f"{folder} has adapter_config.json but no adapter_model.bin/.safetensors")
+    if not isinstance(state, dict) or "prompt_embeddings" not in state:
+        raise BadInput(f"{path} holds no 'prompt_embeddings' tensor")
+    return state["prompt_embeddings"], {"n_virtual_tokens": config.get("num_virtual_tokens"),
+                                        "init": config.get("prompt_tuning_init"), "peft": True}
