@@ -1,0 +1,100 @@
+"""Generation through the pipeline with a KV cache: greedy, temperature and top-p sampling.
+
+Every rank runs the same loop over positions. Prefill sends the prompts (and, with a soft
+prompt, its virtual tokens) through the stages; each decode step sends one hidden vector per
+sequence; the last stage samples and the chosen ids are broadcast, so every rank knows them.
+"""
+import torch
+
+from llama.errors import BadInput
+
+
+def sample_top_p(probs, top_p: float, generator):
+    """Sample from the smallest set of tokens whose probability adds up to top_p."""
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    sorted_probs[before > top_p] = 0.0
+    sorted_probs /= sorted_probs.sum(dim=-1, keepdim=True)
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)
+    return torch.gather(order, -1, choice).squeeze(-1)
+
+
+def next_tokens(logits, temperature: float, top_p: float, generator):
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return sample_top_p(probs, top_p, generator)
+
+
+@torch.no_grad()
+def generate(stage, prompts, max_gen_len: int, temperature: float = 0.0, top_p: float = 0.9,
+             stop_ids=(), seed: int = 0, use_prompt: bool = True):
+    """New token ids for each prompt (lists of ids, BOS included), stopping at any stop_ids.
+
+    Prompts of unequal length share one position counter: all are prefilled up to the shortest
+    one, and a longer prompt's own tokens replace the samples until it runs out.
+    """
+    args = stage.model.args
+    n_virtual = stage.n_virtual if use_prompt else 0
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise BadInput("every prompt needs at least one token")
+    longest, shortest = max(len(p) for p in prompts), min(len(p) for p in prompts)
+    if n_virtual + longest >= args.max_seq_len:
+        raise BadInput(f"a prompt of {longest} tokens (+{n_virtual} virtual) does not fit "
+                       f"max_seq_len={args.max_seq_len}: shorten it or raise --max_seq_len")
+    if max_gen_len < 1:
+        raise BadInput(f"--max_gen_len={max_gen_len} must be at least 1")
+    total_len = min(args.max_seq_len - n_virtual, longest + max_gen_len)
+    batch = len(prompts)
+    tokens = torch.zeros((batch, total_len), dtype=torch.long)
+    is_prompt = torch.zeros((batch, total_len), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = torch.tensor(p)
+        is_prompt[i, :len(p)] = True
+    stop = torch.tensor(list(stop_ids), dtype=torch.long)
+    finished = torch.zeros(batch, dtype=torch.bool)
+    generator = torch.Generator().manual_seed(seed)
+
+    stage.model.setup_kv_cache(batch, n_virtual + total_len)
+    try:
+        previous = 0
+        for current in range(shortest, total_len):
+            chosen = decode_step(stage, tokens[:, previous:current], previous, n_virtual,
+                                 temperature, top_p, generator)
+            chosen = torch.where(is_prompt[:, current], tokens[:, current], chosen)
+            tokens[:, current] = chosen
+            finished |= ~is_prompt[:, current] & torch.isin(chosen, stop)
+            previous = current
+            if bool(finished.all()):
+                break
+    finally:
+        stage.model.clear_kv_cache()
+    return [cut_at_stop(tokens[i, len(p):previous + 1].tolist(), stop_ids, max_gen_len)
+            for i, p in enumerate(prompts)]
+
+
+def decode_step(stage, chunk, previous: int, n_virtual: int, temperature, top_p, generator):
+    """Run tokens chunk (B, T) at text positions previous.. through every stage; sample one id each.
+
+    The soft prompt enters at prefill only: it takes cache positions 0..n_virtual-1, so later
+    chunks start at n_virtual + previous.
+    """
+    prefill = previous == 0
+    start_pos = 0 if prefill else n_virtual + previous
+    h = stage.hidden_in(chunk, start_pos, with_prompt=prefill and n_virtual > 0)
+    h = stage.model.run_layers(h, start_pos)
+    stage.hidden_out(h)
+    stage.ctx.flush_sends()
+    chosen = torch.zeros(chunk.shape[0], dtype=torch.long)
+    if stage.is_last:
+        logits = stage.model.logits(h[:, -1])
+        chosen = next_tokens(logits, temperature, top_p, generator).cpu()
+    return stage.ctx.broadcast_tensor(chosen.to(stage.device), src=stage.n_stages - 1).cpu()
+
+
+def cut_at_stop(ids, stop_ids, max_gen_len: int):
+    ids = ids[:max_gen_len]
+    for i, token in enumerate(ids):
+        if token in stop_ids:
+            return ids[:i]
+    return ids

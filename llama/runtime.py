@@ -1,0 +1,36 @@
+"""What every script does first: join the process group, load this rank's stage, find the tokenizer.
+
+One function for example.py, example_ft.py and ft_main.py, so they cannot drift apart.
+"""
+import torch
+
+from llama.checkpoint import find_tokenizer, is_split_dir, load_model, read_split
+from llama.distributed import init_distributed
+from llama.errors import BadInput
+from llama.tokenizer import Tokenizer
+
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+               "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def pick_dtype(name, device: torch.device):
+    """fp16 on a GPU and fp32 on the CPU unless asked otherwise."""
+    if name in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in DTYPE_NAMES:
+        raise BadInput(f"--dtype {name!r} must be one of auto, float32, float16, bfloat16")
+    return DTYPE_NAMES[name]
+
+
+def start_stage(ckpt_dir, tokenizer_path=None, device=None, dtype=None, max_seq_len=None,
+                timeout_s: float = 300.0):
+    """(ctx, model of this rank's stage, tokenizer) for a split directory or any checkpoint."""
+    if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 2):
+        raise BadInput(f"--max_seq_len={max_seq_len!r} must be an integer of at least 2")
+    expected = len(read_split(ckpt_dir)[1]["stages"]) if is_split_dir(ckpt_dir) else None
+    ctx = init_distributed(device, timeout_s, expected_world_size=expected)
+    model = load_model(ckpt_dir, ctx.rank, ctx.world_size, ctx.device,
+                       pick_dtype(dtype, ctx.device), max_seq_len)
+    tokenizer = Tokenizer(tokenizer_path or find_tokenizer(ckpt_dir))
+    tokenizer.check_matches(model.args.vocab_size)
+    return ctx, model, tokenizer

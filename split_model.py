@@ -1,0 +1,32 @@
+"""Split a LLaMA checkpoint into one file per pipeline stage.
+
+    python split_model.py --ckpt_dir ckpts/7B --n_stages 4        # writes ckpts/7B_pp4/
+Reads the Meta, llama2.c or Hugging Face layout; see llama/checkpoint.py for the output format.
+"""
+from pathlib import Path
+
+from llama.checkpoint import find_tokenizer, open_source, write_split
+from llama.errors import BadInput, run_cli
+
+
+def main(ckpt_dir: str, n_stages: int, out_dir: str = None, dtype: str = "auto",
+         tokenizer_path: str = None, overwrite: bool = False):
+    """Write <out_dir> (default <ckpt_dir>_pp<n_stages>) with params.json, split.json and stages.
+
+    dtype: auto keeps the checkpoint's own precision; float16, bfloat16 or float32 converts.
+    """
+    source = open_source(ckpt_dir)
+    if out_dir is None:
+        out_dir = f"{str(ckpt_dir).rstrip('/')}_pp{n_stages}"
+    try:
+        tokenizer_path = tokenizer_path or find_tokenizer(ckpt_dir)
+    except BadInput:
+        print(f"note: no tokenizer found beside {ckpt_dir}; pass --tokenizer_path to the scripts")
+    manifest = write_split(source, out_dir, n_stages, dtype, tokenizer_path, overwrite)
+    total = sum(stage["bytes"] for stage in manifest["stages"])
+    print(f"wrote {Path(out_dir)}: {n_stages} stages, {total / 2**20:.1f} MiB in all "
+          f"({manifest['dtype']})")
+
+
+if __name__ == "__main__":
+    run_cli(main)
