@@ -94,16 +94,22 @@ class DistContext:
 
     # ---- small collectives (control values every rank must agree on) ----
 
-    def _scalar(self, value):
-        device = self.device if self.backend == "nccl" else torch.device("cpu")
-        return torch.tensor([float(value)], dtype=torch.float64, device=device)
-
-    def all_reduce_max(self, value: float) -> float:
+    def all_reduce_max(self, values):
+        """The element-wise maximum over all ranks of a list of numbers (every rank gets it)."""
         if not self.distributed:
-            return float(value)
-        t = self._scalar(value)
+            return [float(v) for v in values]
+        device = self.device if self.backend == "nccl" else torch.device("cpu")
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
         self._collective(lambda: dist.all_reduce(t, op=dist.ReduceOp.MAX))
-        return float(t.item())
+        return t.cpu().tolist()
+
+    def broadcast_object(self, obj, src: int = 0):
+        """Every rank gets src's (picklable) object; used for small state such as resume data."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        self._collective(lambda: dist.broadcast_object_list(box, src=src))
+        return box[0]
 
     def broadcast_tensor(self, tensor, src: int):
         """Every rank gets src's tensor (same shape and dtype everywhere)."""

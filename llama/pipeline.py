@@ -32,10 +32,6 @@ def schedule_actions(schedule: str, stage: int, n_stages: int, n_micro: int):
     return actions + [("B", i) for i in range(n_micro - warmup, n_micro)]
 
 
-def ideal_bubble_fraction(n_stages: int, n_micro: int) -> float:
-    return (n_stages - 1) / (n_micro + n_stages - 1)
-
-
 def loss_sum(stage_model, h, targets):
     """Summed cross-entropy over the positions that have a target (-100 marks the others).
 
@@ -58,6 +54,7 @@ class Stage:
         self.dtype = next(model.parameters()).dtype
         self.device = ctx.device
         self.tracer = tracer
+        self.step = 0  # the training step, for the trace
         self.in_flight = {}  # micro-batch -> what its backward needs
 
     @property
@@ -69,7 +66,9 @@ class Stage:
         return self.index == self.n_stages - 1
 
     def span(self, name, category, **args):
-        return self.tracer.span(name, category, **args) if self.tracer else contextlib.nullcontext()
+        if self.tracer is None:
+            return contextlib.nullcontext()
+        return self.tracer.span(name, category, step=self.step, **args)
 
     def hidden_in(self, tokens, start_pos: int, with_prompt: bool):
         """First stage: embed tokens (B, T) and prepend the soft prompt; others: receive h."""
@@ -139,15 +138,18 @@ class Stage:
         return (float(total), n_targets) if self.is_last else (None, n_targets)
 
     @torch.no_grad()
-    def eval_loss(self, micro_batches):
-        """(summed loss, target tokens) over the batches, forward only; loss only on the last stage."""
+    def eval_loss(self, micro_batches, with_prompt: bool = True):
+        """(summed loss, target tokens) over the batches, forward only; loss only on the last stage.
+
+        with_prompt=False measures the frozen model alone, the baseline a prompt must beat.
+        """
         total, n_targets = 0.0, 0
+        skip = self.n_virtual if with_prompt else 0
         for i, batch in enumerate(micro_batches):
             with self.span(f"E{i}", "eval", micro_batch=i):
-                h = self.model.run_layers(self.hidden_in(batch.tokens, 0, with_prompt=True))
+                h = self.model.run_layers(self.hidden_in(batch.tokens, 0, with_prompt))
                 if self.is_last:
-                    total += float(loss_sum(self.model, h[:, self.n_virtual:],
-                                            batch.targets.to(self.device)))
+                    total += float(loss_sum(self.model, h[:, skip:], batch.targets.to(self.device)))
                 self.hidden_out(h)
             n_targets += int(batch.n_targets)
         self.ctx.flush_sends()

@@ -1,0 +1,174 @@
+"""Memory savers, each a switch that wraps the plain model or optimizer (off means untouched).
+
+- recompute (+ activation offload): a block keeps only its input during the forward pass and
+  recomputes its insides in the backward pass; with offload that input waits in pinned CPU memory.
+- optimizer offload: the prompt's fp32 master copy, its gradient and AdamW state live on the CPU
+  and the step runs there.
+- weight streaming: a stage's blocks stay in pinned CPU memory and each is copied to the GPU just
+  before it runs (the next one already on its way), for stages that do not fit at all.
+"""
+import torch
+from torch import nn
+
+OFFLOAD_CHOICES = ("optimizer", "activations", "weights")
+
+
+def pinned_like(tensor):
+    """An empty CPU tensor like `tensor`, pinned when a GPU exists (pinned copies can overlap)."""
+    return torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu",
+                       pin_memory=torch.cuda.is_available())
+
+
+class _RecomputeBlock(torch.autograd.Function):
+    """Forward without saving anything but the block's input; rebuild the rest in backward."""
+
+    @staticmethod
+    def forward(ctx, h, cos, sin, wrapper, start_pos, offload):
+        block = wrapper.block
+        ctx.wrapper, ctx.start_pos, ctx.cos, ctx.sin = wrapper, start_pos, cos, sin
+        ctx.device = h.device
+        if offload and h.device.type != "cpu":
+            ctx.saved_input = pinned_like(h).copy_(h, non_blocking=True)
+        else:
+            ctx.saved_input = h.detach()
+        with torch.no_grad():
+            return wrapper.run(h, cos, sin, start_pos, backward=False)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        # Same stream as the copy to the CPU, so the copy back is ordered after it.
+        h = ctx.saved_input.to(ctx.device, non_blocking=True).detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = ctx.wrapper.run(h, ctx.cos, ctx.sin, ctx.start_pos, backward=True, keep=True)
+        torch.autograd.backward(out, grad_out)
+        ctx.wrapper.done_with_weights()
+        del ctx.saved_input
+        return h.grad, None, None, None, None, None
+
+
+class RecomputedBlock(nn.Module):
+    def __init__(self, block, offload: bool):
+        super().__init__()
+        self.block, self.offload = block, offload
+        self.streamer = None  # a WeightStreamer, when the weights live on the CPU
+
+    def run(self, h, cos, sin, start_pos: int, backward: bool, keep: bool = False):
+        """The block itself, its weights streamed in first (and out after, unless keep)."""
+        if self.streamer is None:
+            return self.block(h, cos, sin, start_pos)
+        self.streamer.bring_in(self.block, backward)
+        out = self.block(h, cos, sin, start_pos)
+        if not keep:
+            self.streamer.release(self.block)
+        return out
+
+    def done_with_weights(self):
+        if self.streamer is not None:
+            self.streamer.release(self.block)
+
+    def forward(self, h, cos, sin, start_pos: int):
+        if not torch.is_grad_enabled():  # eval and generation save nothing anyway
+            return self.run(h, cos, sin, start_pos, backward=False)
+        return _RecomputeBlock.apply(h, cos, sin, self, start_pos, self.offload)
+
+
+def apply_recompute(model, offload_activations: bool = False):
+    """Wrap every block of the stage for per-layer recomputation (after loading its weights)."""
+    for name, block in list(model.layers.items()):
+        model.layers[name] = RecomputedBlock(block, offload_activations)
+    return model
+
+
+class PromptOptimizer:
+    """AdamW for the soft prompt; with offload its master copy, gradient and state are on the CPU."""
+
+    def __init__(self, prompt_param, lr: float, weight_decay: float, betas, offload: bool):
+        self.param = prompt_param
+        self.offloaded = offload and prompt_param.device.type != "cpu"
+        self.master = nn.Parameter(prompt_param.detach().cpu().clone()) if self.offloaded \
+            else prompt_param
+        self.optimizer = torch.optim.AdamW([self.master], lr=lr, weight_decay=weight_decay,
+                                           betas=tuple(betas))
+
+    def step(self, lr: float, grad_scale: float, max_grad_norm: float) -> float:
+        """Unscale, clip and apply the prompt's gradient; returns the unclipped gradient norm."""
+        grad = self.param.grad.detach().to(self.master.device, torch.float32) / grad_scale
+        norm = float(grad.norm())
+        if max_grad_norm and norm > max_grad_norm:
+            grad *= max_grad_norm / (norm + 1e-6)
+        self.master.grad = grad
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.master.grad = None
+        if self.offloaded:
+            with torch.no_grad():
+                self.param.copy_(self.master, non_blocking=True)
+        self.param.grad = None
+        return norm
+
+    def state_dict(self):
+        return {"optimizer": self.optimizer.state_dict(), "master": self.master.detach().cpu().clone()}
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():
+            self.master.copy_(state["master"])
+            if self.offloaded:
+                self.param.copy_(self.master)
+
+
+class WeightStreamer:
+    """Keep a stage's block weights in pinned CPU memory; bring each block in just before it runs.
+
+    Needs recompute (apply_recompute first): then a block's weights are only needed during its
+    no-grad forward and, later, during its recompute + backward. The next block's copy runs on a
+    side stream while the current one computes (forward order going forward, reverse order in
+    backward). Frozen weights never need to go back, so dropping the GPU copy is free.
+    """
+
+    def __init__(self, model, device):
+        self.device = device
+        self.wrappers = list(model.layers.values())
+        if not all(isinstance(w, RecomputedBlock) for w in self.wrappers):
+            raise ValueError("weight streaming needs recompute: call apply_recompute first")
+        self.cpu_weights = []
+        for wrapper in self.wrappers:
+            weights = {}
+            for name, param in wrapper.block.named_parameters():
+                weights[name] = pinned_like(param).copy_(param.detach())
+                param.data = torch.empty(0, dtype=param.dtype, device=device)  # frees the GPU copy
+            self.cpu_weights.append(weights)
+            wrapper.streamer = self
+        self.index_of = {id(w.block): i for i, w in enumerate(self.wrappers)}
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.in_transit = {}  # block index -> (event, {name: GPU tensor})
+
+    def _start_copy(self, i: int):
+        if i in self.in_transit or not 0 <= i < len(self.wrappers):
+            return
+        if self.copy_stream is None:
+            self.in_transit[i] = (None, {n: w.to(self.device) for n, w in self.cpu_weights[i].items()})
+            return
+        with torch.cuda.stream(self.copy_stream):
+            gpu = {n: w.to(self.device, non_blocking=True) for n, w in self.cpu_weights[i].items()}
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
+        self.in_transit[i] = (event, gpu)
+
+    def bring_in(self, block, backward: bool):
+        i = self.index_of[id(block)]
+        self._start_copy(i)
+        event, gpu = self.in_transit.pop(i)
+        if event is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(event)
+            for tensor in gpu.values():
+                tensor.record_stream(compute)  # made on the copy stream, read on this one
+        for name, param in block.named_parameters():
+            param.data = gpu[name]
+        self._start_copy(i - 1 if backward else i + 1)
+
+    def release(self, block):
+        for param in block.parameters():
+            param.data = torch.empty(0, dtype=param.dtype, device=self.device)
