@@ -92,6 +92,17 @@ def stage_tensor_names(args: ModelArgs, layer_range, embeddings: bool, head: boo
     return list(model.state_dict().keys())
 
 
+def refuse_unknown_tensors(source: TensorSource, where):
+    """Strict loading for whole checkpoints: a tensor the model has no place for (a bias, a
+    layer beyond params.json's n_layers) means the weights and params.json disagree."""
+    known = stage_tensor_names(source.args, (0, source.args.n_layers), True, True)
+    unknown = sorted(set(source.names()) - set(known))
+    if unknown:
+        raise BadInput(f"{where} has {len(unknown)} weights this model does not have (first: "
+                       f"{unknown[0]}): its params.json does not match the weights, or it is not "
+                       "a LLaMA checkpoint")
+
+
 def stage_plan(args: ModelArgs, n_stages: int):
     """[(layer_range, has_embeddings, has_head)] for each stage."""
     if isinstance(n_stages, bool) or not isinstance(n_stages, int) or \
@@ -165,6 +176,7 @@ def write_split(source: TensorSource, out_dir, n_stages: int, dtype: str = "auto
     if dtype != "auto" and dtype not in DTYPES:
         raise BadInput(f"--dtype {dtype!r} must be auto, float32, float16 or bfloat16")
     plan = stage_plan(source.args, n_stages)
+    refuse_unknown_tensors(source, source.description.get("path", "the checkpoint"))
     tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
@@ -280,6 +292,7 @@ def load_model(ckpt_dir, stage: int = 0, n_stages: int = 1, device="cpu", dtype=
         available = set(tensors)
     else:
         source = open_source(ckpt_dir, **overrides)
+        refuse_unknown_tensors(source, ckpt_dir)
         args = source.args
         layer_range, embeddings, head = stage_plan(args, n_stages)[stage]
         fetch = source.load
