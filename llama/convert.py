@@ -1,0 +1,89 @@
+"""Convert any checkpoint this project reads (llama2.c .bin, Hugging Face, Meta, a split folder)
+to Meta's layout: params.json + consolidated.NN.pth (+ tokenizer.model when one is found).
+
+    python -m llama.convert --src ckpts/stories260K --dst ckpts/stories260K_meta [--n_shards 1]
+"""
+import os
+import shutil
+from pathlib import Path
+
+from llama.checkpoint import (DTYPES, find_tokenizer, is_split_dir, load_stage_tensors,
+                              open_source, read_split, refuse_unknown_tensors,
+                              stage_tensor_names)
+from llama.errors import BadInput, run_cli
+from llama.formats import META_SHARD_DIM, save_meta
+
+
+def read_all_tensors(src):
+    """(ModelArgs, {Meta name: tensor}, description) of every weight in the checkpoint at src."""
+    if is_split_dir(src):
+        args, manifest = read_split(src)
+        tensors = {}
+        for index in range(len(manifest["stages"])):
+            tensors.update(load_stage_tensors(src, manifest, index))
+        wanted = stage_tensor_names(args, (0, args.n_layers), True, True)
+        if sorted(tensors) != sorted(wanted):
+            odd = sorted(set(tensors) ^ set(wanted))[0]
+            raise BadInput(f"{src} does not hold exactly the model's weights ({odd!r} is "
+                           f"{'extra' if odd in tensors else 'missing'}): split the model again")
+        return args, tensors, f"a {len(manifest['stages'])}-stage split"
+    source = open_source(src)
+    refuse_unknown_tensors(source, src)
+    tensors = {name: source.load(name) for name in source.names()}
+    return source.args, tensors, source.description["format"]
+
+
+def check_shardable(tensors: dict, n_shards: int):
+    """Every tensor Meta cuts must divide evenly into n_shards along its model-parallel dim."""
+    for name, tensor in tensors.items():
+        if tensor.dim() < 2:
+            continue
+        size = tensor.shape[META_SHARD_DIM[name.split(".")[-2]]]
+        if size % n_shards:
+            raise BadInput(f"--n_shards {n_shards} does not divide {name} (size {size} along "
+                           "its model-parallel dimension): pick a divisor of it, or 1")
+
+
+def main(src: str, dst: str, n_shards: int = 1, dtype: str = "auto", overwrite: bool = False):
+    """Write dst/params.json and dst/consolidated.00.pth … (n_shards model-parallel shards).
+
+    dtype: auto keeps the checkpoint's own precision; float32, float16 or bfloat16 converts.
+    """
+    if isinstance(n_shards, bool) or not isinstance(n_shards, int) or n_shards < 1:
+        raise BadInput(f"--n_shards={n_shards!r} must be a positive integer")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise BadInput(f"--dtype {dtype!r} must be auto, float32, float16 or bfloat16")
+    dst = Path(dst)
+    if dst.exists() and not dst.is_dir():
+        raise BadInput(f"--dst {dst} is a file: choose a folder name")
+    if dst.exists() and not (dst.is_dir() and not any(dst.iterdir())) and not overwrite:
+        raise BadInput(f"{dst} already exists and is not empty: pass --overwrite or choose "
+                       "another --dst")
+    args, tensors, what = read_all_tensors(src)
+    if dtype != "auto":
+        tensors = {name: t.to(DTYPES[dtype]) for name, t in tensors.items()}
+    check_shardable(tensors, n_shards)
+    try:
+        tokenizer = find_tokenizer(src)
+    except BadInput:
+        tokenizer = None
+        print(f"note: no tokenizer found beside {src}; copy tokenizer.model into {dst} yourself")
+    # Written beside dst and renamed at the end: a failure leaves no half-converted folder.
+    tmp_dir = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    try:
+        save_meta(tensors, args, tmp_dir, n_shards)
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp_dir / "tokenizer.model")
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp_dir, dst)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    dtype_name = str(next(iter(tensors.values())).dtype).replace("torch.", "")
+    print(f"wrote {dst}: {what} as Meta layout, {n_shards} shard(s), {len(tensors)} tensors "
+          f"({dtype_name})")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,332 @@
+"""Bad input gets one clear line naming the file or value at fault, a non-zero exit, no traceback
+and no partial output: missing files, corrupt or tampered stages, wrong stage counts, a wrong
+tokenizer, over-long prompts, pickles that run code, strict keys, escaping file names.
+Run: python3 -m pytest -q tests/test_cli_errors.py
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import example
+import split_model
+from launch import REPO, launch
+from llama import convert
+from llama.checkpoint import load_model, open_source, sha256_of, write_split
+from llama.errors import BadInput
+from llama.formats import save_meta
+
+
+def quiet(*_):
+    pass
+
+
+class CreatesMarker:
+    """Unpickling this runs code: it opens (creates) the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture(scope="module")
+def bin_path(assets):
+    return assets / "stories260K" / "stories260K.bin"
+
+
+@pytest.fixture(scope="module")
+def all_tensors(bin_path):
+    source = open_source(bin_path)
+    return source.args, {name: source.load(name) for name in source.names()}
+
+
+@pytest.fixture(scope="module")
+def pristine_split(bin_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pristine") / "pp2"
+    split_model.main(str(bin_path), 2, out_dir=str(out))
+    return out
+
+
+@pytest.fixture
+def split(pristine_split, tmp_path):
+    """A 2-stage split of stories260K (with tok512 as tokenizer.model) that a test may damage."""
+    return shutil.copytree(pristine_split, tmp_path / "pp2")
+
+
+@pytest.fixture
+def meta_dir(all_tensors, tmp_path):
+    args, tensors = all_tensors
+    save_meta(tensors, args, tmp_path / "meta")
+    return tmp_path / "meta"
+
+
+def edit_manifest(split_dir, change):
+    manifest = json.loads((split_dir / "split.json").read_text())
+    change(manifest)
+    (split_dir / "split.json").write_text(json.dumps(manifest))
+
+
+def replace_stage_file(split_dir, index, obj):
+    """Write obj as stage `index` and record its true sha256, so only its content is at fault."""
+    path = split_dir / f"stage.{index:02d}.pth"
+    torch.save(obj, path)
+
+    def record(manifest):
+        manifest["stages"][index]["sha256"] = sha256_of(path)
+        manifest["stages"][index]["bytes"] = path.stat().st_size
+    edit_manifest(split_dir, record)
+
+
+def stage_tensors(split_dir, index):
+    return torch.load(split_dir / f"stage.{index:02d}.pth", weights_only=True)
+
+
+# ---- missing files ----
+
+def test_meta_folder_without_params_json(meta_dir, tmp_path):
+    (meta_dir / "params.json").unlink()
+    message = r"meta/params\.json is missing: the Meta layout needs it"
+    with pytest.raises(BadInput, match=message):
+        split_model.main(str(meta_dir), 2, out_dir=str(tmp_path / "out"))
+    with pytest.raises(BadInput, match=message):
+        load_model(meta_dir)
+    with pytest.raises(BadInput, match=message):
+        convert.main(str(meta_dir), str(tmp_path / "converted"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta"]
+
+
+def test_split_without_params_json(split):
+    (split / "params.json").unlink()
+    with pytest.raises(BadInput, match=r"pp2/params\.json is missing"):
+        load_model(split, stage=0, n_stages=2)
+
+
+def test_missing_stage_file(split):
+    (split / "stage.01.pth").unlink()
+    message = r"stage file \S*pp2/stage\.01\.pth is missing: split the model again"
+    with pytest.raises(BadInput, match=message):
+        load_model(split, stage=1, n_stages=2)
+    with pytest.raises(BadInput, match=message):
+        example.main(str(split), max_gen_len=2)  # one process loads every stage
+    load_model(split, stage=0, n_stages=2)  # the stage that is there still loads
+
+
+def test_stage_file_whose_sha256_differs_from_split_json(split):
+    path = split / "stage.00.pth"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(BadInput, match=r"stage\.00\.pth does not match the sha256 in split\.json"):
+        load_model(split, stage=0, n_stages=2)
+
+
+def test_truncated_stage_file(split):
+    path = split / "stage.01.pth"
+    path.write_bytes(path.read_bytes()[:5000])
+    # Recorded as the file's sha256: the file is cut short, not tampered with.
+    edit_manifest(split, lambda m: m["stages"][1].update(sha256=sha256_of(path)))
+    with pytest.raises(BadInput, match=r"stage\.01\.pth is corrupt or truncated"):
+        load_model(split, stage=1, n_stages=2)
+
+
+# ---- stage counts ----
+
+@pytest.mark.parametrize("n_stages", [6, 0, -1])
+def test_n_stages_outside_1_to_n_layers(bin_path, tmp_path, n_stages):
+    out_dir = tmp_path / "out"
+    with pytest.raises(BadInput, match=rf"n_stages={n_stages} must be an integer from 1 to the "
+                                       r"model's n_layers=5"):
+        split_model.main(str(bin_path), n_stages, out_dir=str(out_dir))
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor a temporary one
+
+
+def test_torchrun_world_size_different_from_n_stages(split):
+    started = time.monotonic()
+    results = launch(["example.py", "--ckpt_dir", str(split), "--max_gen_len", "2"], 3,
+                     timeout_s=90)
+    assert time.monotonic() - started < 60  # every rank stops at once, none waits for a peer
+    for rank, (code, out, err) in enumerate(results):
+        assert code == 2, f"rank {rank} exited {code}\n{err}"
+        assert "Traceback" not in err and out == ""
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
+        assert "torchrun started 3 processes but the checkpoint is split into 2 stages" in lines[0]
+        assert "--nproc_per_node 2" in lines[0]
+
+
+def test_split_asked_for_a_different_number_of_stages(split):
+    with pytest.raises(BadInput, match=r"split into 2 stages but 3 were asked for"):
+        load_model(split, stage=0, n_stages=3)
+
+
+# ---- tokenizer and prompt ----
+
+def test_tokenizer_whose_vocabulary_differs_from_the_model(split, assets, capsys):
+    tokenizer = assets / "llama" / "tokenizer.model"
+    with pytest.raises(BadInput, match=r"tokenizer \S*llama/tokenizer\.model has 32000 pieces but "
+                                       r"the model's vocabulary has 512"):
+        example.main(str(split), tokenizer_path=str(tokenizer), max_gen_len=2)
+    assert capsys.readouterr().out == ""
+
+
+def test_prompt_longer_than_max_seq_len(split, capsys):
+    with pytest.raises(BadInput, match=r"a prompt of \d+ tokens .* does not fit max_seq_len=16"):
+        example.main(str(split), prompts=["Once upon a time " * 8, "Hi"], max_seq_len=16)
+    assert capsys.readouterr().out == ""  # not even the short prompt's text
+
+
+# ---- pickles that would run code ----
+
+def test_the_crafted_pickle_really_runs_code_when_loaded_unsafely(tmp_path):
+    marker = tmp_path / "marker"
+    torch.save({"w": CreatesMarker(marker)}, tmp_path / "evil.pth")
+    torch.load(tmp_path / "evil.pth", weights_only=False)
+    assert marker.exists()  # so its absence below means the loader refused it
+
+
+def test_stage_file_that_needs_code_to_unpickle(split, tmp_path):
+    marker = tmp_path / "marker"
+    tensors = stage_tensors(split, 0)
+    tensors["layers.0.attention.wq.weight"] = CreatesMarker(marker)
+    replace_stage_file(split, 0, tensors)
+    with pytest.raises(BadInput, match=r"stage\.00\.pth needs code to unpickle and was refused"):
+        load_model(split, stage=0, n_stages=2)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_meta_shard_that_needs_code_to_unpickle(meta_dir, tmp_path, zip_format):
+    marker = tmp_path / "marker"
+    shard = meta_dir / "consolidated.00.pth"
+    torch.save({"tok_embeddings.weight": CreatesMarker(marker)}, shard,
+               _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(BadInput, match=r"consolidated\.00\.pth needs code to unpickle"):
+        load_model(meta_dir)
+    with pytest.raises(BadInput, match=r"consolidated\.00\.pth needs code to unpickle"):
+        split_model.main(str(meta_dir), 2, out_dir=str(tmp_path / "out"))
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
+
+
+# ---- strict keys ----
+
+def test_stage_file_with_an_unknown_key(split):
+    tensors = stage_tensors(split, 0)
+    tensors["layers.0.attention.wq.bias"] = torch.zeros(64)
+    replace_stage_file(split, 0, tensors)
+    with pytest.raises(BadInput, match=r"stage 0 has unexpected weights \(first: "
+                                       r"layers\.0\.attention\.wq\.bias\)"):
+        load_model(split, stage=0, n_stages=2)
+    with pytest.raises(BadInput, match=r"'layers\.0\.attention\.wq\.bias' is extra"):
+        convert.main(str(split), str(split.parent / "converted"))
+    assert not (split.parent / "converted").exists()
+
+
+def test_stage_file_with_another_stages_weights(split):
+    tensors = {**stage_tensors(split, 0), **stage_tensors(split, 1)}
+    replace_stage_file(split, 0, tensors)
+    with pytest.raises(BadInput, match=r"stage 0 has unexpected weights \(first: layers\.3\."):
+        load_model(split, stage=0, n_stages=2)
+
+
+def test_stage_file_with_a_missing_weight(split):
+    tensors = stage_tensors(split, 1)
+    del tensors["layers.4.feed_forward.w2.weight"]
+    replace_stage_file(split, 1, tensors)
+    with pytest.raises(BadInput, match=r"lacks 1 weights of stage 1 \(first: "
+                                       r"layers\.4\.feed_forward\.w2\.weight\)"):
+        load_model(split, stage=1, n_stages=2)
+
+
+def test_stage_file_with_a_wrong_shape(split):
+    tensors = stage_tensors(split, 1)
+    tensors["norm.weight"] = torch.ones(32)
+    replace_stage_file(split, 1, tensors)
+    with pytest.raises(BadInput, match=r"norm\.weight has shape \(32,\), the model expects "
+                                       r"\(64,\)"):
+        load_model(split, stage=1, n_stages=2)
+
+
+def test_meta_checkpoint_with_more_layers_than_params_json(meta_dir, tmp_path):
+    params = json.loads((meta_dir / "params.json").read_text())
+    (meta_dir / "params.json").write_text(json.dumps({**params, "n_layers": 4}))
+    message = r"meta has 9 weights this model does not have \(first: layers\.4\."
+    with pytest.raises(BadInput, match=message):
+        load_model(meta_dir)
+    with pytest.raises(BadInput, match=r"weights this model does not have"):
+        write_split(open_source(meta_dir), tmp_path / "out", 2, log=quiet)
+    assert not (tmp_path / "out").exists()
+
+
+def test_meta_checkpoint_with_a_missing_weight(all_tensors, tmp_path):
+    args, tensors = all_tensors
+    save_meta({k: v for k, v in tensors.items() if k != "norm.weight"}, args, tmp_path / "meta")
+    with pytest.raises(BadInput, match=r"lacks 1 weights of stage 0 \(first: norm\.weight\)"):
+        load_model(tmp_path / "meta")
+
+
+# ---- split.json naming files outside its folder ----
+
+@pytest.mark.parametrize("name", ["../stage.00.pth", "ABSOLUTE", "sub/stage.00.pth", ".."])
+def test_split_json_naming_a_file_outside_its_folder(split, name):
+    # A real stage file waits at each of those places: only the name check can refuse it.
+    shutil.copyfile(split / "stage.00.pth", split.parent / "stage.00.pth")
+    (split / "sub").mkdir()
+    shutil.copyfile(split / "stage.00.pth", split / "sub" / "stage.00.pth")
+    name = str(split.parent / "stage.00.pth") if name == "ABSOLUTE" else name
+    edit_manifest(split, lambda m: m["stages"][0].update(file=name))
+    with pytest.raises(BadInput, match=rf"names stage 0 file {re.escape(repr(name))}, which is not "
+                                       r"a plain file name inside the folder"):
+        load_model(split, stage=0, n_stages=2)
+
+
+# ---- the scripts themselves: exit status 2, one line on stderr, no traceback ----
+
+def test_scripts_exit_with_one_error_line_and_write_nothing(bin_path, split, meta_dir, tmp_path):
+    marker = tmp_path / "marker"
+    evil_meta = shutil.copytree(meta_dir, tmp_path / "evil_meta")
+    torch.save({"tok_embeddings.weight": CreatesMarker(marker)}, evil_meta / "consolidated.00.pth")
+    (meta_dir / "params.json").unlink()
+    (split / "stage.01.pth").unlink()
+    cases = [
+        (["split_model.py", "--ckpt_dir", str(bin_path), "--n_stages", "6",
+          "--out_dir", str(tmp_path / "out6")], r"n_stages=6 must be an integer from 1",
+         tmp_path / "out6"),
+        (["split_model.py", "--ckpt_dir", str(evil_meta), "--n_stages", "2",
+          "--out_dir", str(tmp_path / "out_evil")], r"consolidated\.00\.pth needs code to unpickle",
+         tmp_path / "out_evil"),
+        (["-m", "llama.convert", "--src", str(meta_dir), "--dst", str(tmp_path / "converted")],
+         r"params\.json is missing", tmp_path / "converted"),
+        (["example.py", "--ckpt_dir", str(split)], r"stage\.01\.pth is missing", None),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(key, None)
+    procs = [subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for argv, _, _ in cases]
+    try:
+        results = [p.communicate(timeout=90) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for (argv, message, must_not_exist), proc, (out, err) in zip(cases, procs, results):
+        assert proc.returncode == 2, f"{argv}: exit {proc.returncode}\n{err}"
+        assert "Traceback" not in err, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
+        assert re.search(message, lines[0]), lines[0]
+        if must_not_exist is not None:
+            assert not must_not_exist.exists()
+    assert not marker.exists()
+    assert not any(p.name.startswith(".") and "tmp" in p.name for p in tmp_path.iterdir())
