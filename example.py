@@ -24,8 +24,6 @@ def main(ckpt_dir: str, tokenizer_path: str = None, prompts=DEFAULT_PROMPTS, max
         outputs = generate(Stage(model, ctx), ids, max_gen_len, temperature, top_p,
                            stop_ids=(tokenizer.eos_id, tokenizer.bos_id), seed=seed)
         for prompt_ids, out in zip(ids, outputs):
-            # Decode prompt and continuation together: a piece's leading space only survives
-            # decoding when something comes before it.
             ctx.log(tokenizer.decode(prompt_ids + out) + "\n" + "-" * 40)
     except PeerLost as error:
         report_and_exit(error, ctx.rank)

@@ -98,3 +98,9 @@ def cut_at_stop(ids, stop_ids, max_gen_len: int):
         if token in stop_ids:
             return ids[:i]
     return ids
+
+
+def decode_continuation(tokenizer, prompt_ids, new_ids) -> str:
+    """The text new_ids add after the prompt. Decoded together with the prompt, because a
+    piece's leading space only survives decoding when something comes before it."""
+    return tokenizer.decode(list(prompt_ids) + list(new_ids))[len(tokenizer.decode(prompt_ids)):]

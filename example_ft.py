@@ -1,0 +1,51 @@
+"""Generate with a tuned soft prompt (ours or PEFT's layout), one pipeline stage per process.
+
+    torchrun --nproc_per_node 4 example_ft.py --ckpt_dir ckpts/7B_pp4 --prompt ckpts/prompts/alpaca
+    python example_ft.py --ckpt_dir ckpts/stories260K_pp2 --prompt runs/demo/prompt --compare
+"""
+from llama.data import format_prompt
+from llama.distributed import PeerLost, report_and_exit
+from llama.errors import run_cli
+from llama.generation import decode_continuation, generate
+from llama.pipeline import Stage
+from llama.prompt import SoftPrompt, load_prompt
+from llama.runtime import start_stage
+
+DEFAULT_PROMPTS = ("Give three tips for staying healthy.", "Once upon a time")
+
+
+def main(ckpt_dir: str, prompt: str, tokenizer_path: str = None, prompts=DEFAULT_PROMPTS,
+         template: str = None, max_gen_len: int = 64, temperature: float = 0.0, top_p: float = 0.9,
+         seed: int = 0, compare: bool = False, max_seq_len: int = None, device: str = None,
+         dtype: str = None, timeout_s: float = 300.0):
+    """Each text is wrapped in the template the prompt was trained with (from prompt.json;
+    --template alpaca|plain|none overrides). --compare also prints the base model's output."""
+    ctx, model, tokenizer = start_stage(ckpt_dir, tokenizer_path, device, dtype, max_seq_len, timeout_s)
+    try:
+        soft_prompt, info = None, None
+        if ctx.is_first:
+            weight, info = load_prompt(prompt, model.args)
+            soft_prompt = SoftPrompt(weight).to(ctx.device)
+        info = ctx.broadcast_object(info)  # the other stages only need its length and template
+        n_virtual = ctx.broadcast_object(soft_prompt.n_virtual_tokens if soft_prompt else None)
+        stage = Stage(model, ctx, soft_prompt, n_virtual)
+        template = template or info.get("template") or "none"
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        ids = [tokenizer.encode(format_prompt({"instruction": t, "input": ""}, template),
+                                bos=True, eos=False) for t in texts]
+        stops = (tokenizer.eos_id, tokenizer.bos_id)
+        tuned = generate(stage, ids, max_gen_len, temperature, top_p, stops, seed)
+        base = generate(stage, ids, max_gen_len, temperature, top_p, stops, seed,
+                        use_prompt=False) if compare else None
+        for i, text in enumerate(texts):
+            ctx.log(f"### {text}\n[with prompt] {decode_continuation(tokenizer, ids[i], tuned[i])}")
+            if base is not None:
+                ctx.log(f"[base model]  {decode_continuation(tokenizer, ids[i], base[i])}")
+            ctx.log("-" * 40)
+    except PeerLost as error:
+        report_and_exit(error, ctx.rank)
+    ctx.close()
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,99 @@
+"""Prompt distillation on a real model: the demo that shows what a soft prompt can hold.
+
+    python -m llama.distill teach --ckpt_dir ckpts/stories260K --out datasets/max_stories.jsonl
+    python -m llama.distill score --ckpt_dir ckpts/stories260K --prompt runs/demo/prompt
+`teach` samples stories that start after a long hard prompt and keeps those that show its trait
+(a dog named Max) as plain-text JSONL, without the hard prompt; ft_main.py then trains a short
+soft prompt on them; `score` counts how many stories sampled from "Once upon a time" show the
+trait with the soft prompt and without it.
+"""
+import json
+import re
+from pathlib import Path
+
+from llama.checkpoint import atomic_write_text
+from llama.distributed import PeerLost, report_and_exit
+from llama.errors import BadInput, run_cli
+from llama.generation import decode_continuation, generate
+from llama.pipeline import Stage
+from llama.prompt import SoftPrompt, load_prompt
+from llama.runtime import start_stage
+
+HARD_PROMPT = ("Max was a big brown dog. Max liked to bark. Max the dog ran and barked. "
+               "Max had a red ball. Max the dog was happy. ")
+STORY_START = "Once upon a time"
+TRAIT = r"\bMax\b"  # the trait counted in the stories a prompt produces
+# The teacher keeps only stories that bring Max in within the first sentence: a sharper target
+# than "Max somewhere", which the hard prompt itself reaches only half of the time.
+TEACH_TRAIT = r"^Once upon a time[^.]*\bMax\b"
+INIT_TEXT = "Max was a big brown dog. Max liked to bark."  # for ft_main.py --init_text
+
+
+def sample_stories(stage, tokenizer, prefix: str, n: int, max_gen_len: int, seed: int,
+                   batch_size: int = 16, use_prompt: bool = True):
+    """n stories continuing BOS + prefix + STORY_START, sampled at temperature 1, top-p 0.9."""
+    ids = tokenizer.encode(prefix + STORY_START, bos=True, eos=False)
+    stories = []
+    for first in range(0, n, batch_size):
+        count = min(batch_size, n - first)
+        outs = generate(stage, [ids] * count, max_gen_len, temperature=1.0, top_p=0.9,
+                        stop_ids=(tokenizer.eos_id, tokenizer.bos_id), seed=seed + first,
+                        use_prompt=use_prompt)
+        stories += [STORY_START + decode_continuation(tokenizer, ids, out) for out in outs]
+    return stories
+
+
+def trait_rate(stories, trait: str = TRAIT) -> float:
+    return sum(bool(re.search(trait, s)) for s in stories) / max(len(stories), 1)
+
+
+def teach(ckpt_dir: str, out: str, n_samples: int = 512, max_gen_len: int = 96, seed: int = 0,
+          hard_prompt: str = HARD_PROMPT, trait: str = TEACH_TRAIT, tokenizer_path: str = None,
+          device: str = None, timeout_s: float = 300.0):
+    """Write the stories (after the hard prompt) that show the trait to `out` as JSONL."""
+    ctx, model, tokenizer = start_stage(ckpt_dir, tokenizer_path, device, "float32", None, timeout_s)
+    try:
+        stories = sample_stories(Stage(model, ctx), tokenizer, hard_prompt, n_samples,
+                                 max_gen_len, seed)
+    except PeerLost as error:
+        report_and_exit(error, ctx.rank)
+    kept = [s for s in stories if re.search(trait, s)]
+    if not kept:
+        raise BadInput(f"none of {n_samples} stories showed the trait {trait!r}: "
+                       "use a stronger --hard_prompt or more --n_samples")
+    if ctx.rank == 0:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, "".join(json.dumps({"text": s}) + "\n" for s in kept))
+    ctx.log(f"kept {len(kept)} of {n_samples} stories that show {trait!r} "
+            f"(the hard prompt's own rate: {len(kept) / n_samples:.0%}); wrote {out}")
+    ctx.close()
+
+
+def score(ckpt_dir: str, prompt: str, n_samples: int = 32, max_gen_len: int = 96, seed: int = 1000,
+          trait: str = TRAIT, show: int = 2, tokenizer_path: str = None, device: str = None,
+          timeout_s: float = 300.0):
+    """Share of stories from BOS + "Once upon a time" that show the trait, with and without the prompt."""
+    ctx, model, tokenizer = start_stage(ckpt_dir, tokenizer_path, device, "float32", None, timeout_s)
+    try:
+        soft_prompt = None
+        if ctx.is_first:
+            soft_prompt = SoftPrompt(load_prompt(prompt, model.args)[0]).to(ctx.device)
+        n_virtual = ctx.broadcast_object(soft_prompt.n_virtual_tokens if soft_prompt else None)
+        stage = Stage(model, ctx, soft_prompt, n_virtual)
+        rates = {}
+        for use_prompt in (False, True):
+            stories = sample_stories(stage, tokenizer, "", n_samples, max_gen_len, seed,
+                                     use_prompt=use_prompt)
+            label = "with the soft prompt" if use_prompt else "without a prompt"
+            rates[label] = trait_rate(stories, trait)
+            for story in stories[:show]:
+                ctx.log(f"[{label}] {story.strip()}\n")
+    except PeerLost as error:
+        report_and_exit(error, ctx.rank)
+    for label, rate in rates.items():
+        ctx.log(f"{trait!r} in {rate:.0%} of {n_samples} stories {label}")
+    ctx.close()
+
+
+if __name__ == "__main__":
+    run_cli({"teach": teach, "score": score})
