@@ -132,9 +132,16 @@ def _covered_time(intervals: list) -> float:
 
 
 def busy_time(events: list) -> float:
-    """Time one stage spent computing (forward or backward), in the events' unit."""
-    return _covered_time([(event["ts"], event["ts"] + event["dur"]) for event in events
-                          if event.get("cat") in COMPUTE_CATEGORIES])
+    """Time one stage spent computing (forward or backward), in the events' unit.
+
+    The trainer's forward and backward spans contain their own wait for the peer's tensor (a
+    recv_wait span nested inside); that wait is idle, so busy = |compute ∪ waits| − |waits|,
+    which is right whether the waits are nested in the compute spans or beside them.
+    """
+    def covered(categories):
+        return _covered_time([(event["ts"], event["ts"] + event["dur"]) for event in events
+                              if event.get("cat") in categories])
+    return covered(COMPUTE_CATEGORIES + ("recv_wait",)) - covered(("recv_wait",))
 
 
 def bubble_fraction(events_per_stage: list) -> float:

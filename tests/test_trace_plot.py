@@ -239,3 +239,12 @@ def test_command_line_reports_an_empty_metrics_file(tmp_path):
     assert done.returncode == 2
     assert done.stderr.startswith("error: metrics file") and "metrics.jsonl" in done.stderr
     assert not (tmp_path / "loss.svg").exists()
+
+
+def test_waits_nested_inside_compute_spans_count_as_idle():
+    """The trainer records 'recv dL/dh' inside the backward span; that wait is not compute."""
+    stage0 = [span(0, "F0", "forward", 0, 10, micro_batch=0, step=0),
+              span(0, "B0", "backward", 10, 40, micro_batch=0, step=0),
+              span(0, "recv dL/dh", "recv_wait", 10, 30, micro_batch=0, step=0)]
+    assert trace.busy_time(stage0) == pytest.approx(20)
+    assert bubble_fraction([stage0]) == pytest.approx(0.5)
