@@ -216,7 +216,8 @@ def _train(cfg, ctx, model, tokenizer, stop):
     for step in range(start_step, total_steps):
         started = time.perf_counter()
         batches = loader.next_global_batch()
-        scale = float("inf") if step in inject else scaler.scale  # test hook: a forced overflow
+        # test hook: a forced overflow; steps are numbered from 1, as in the log and metrics
+        scale = float("inf") if step + 1 in inject else scaler.scale
         stage.step = step
         loss, n_targets = run_train_step(stage, batches, cfg, scale, ctx)
         overflow = prompt is not None and LossScaler.has_overflow(prompt.weight.grad)
