@@ -217,7 +217,8 @@ def _train(cfg, ctx, model, tokenizer, stop):
         started = time.perf_counter()
         batches = loader.next_global_batch()
         # test hook: a forced overflow; steps are numbered from 1, as in the log and metrics
-        scale = float("inf") if step + 1 in inject else scaler.scale
+        scaler_scale = scaler.scale  # what metrics report: the forced inf is not valid JSON
+        scale = float("inf") if step + 1 in inject else scaler_scale
         stage.step = step
         loss, n_targets = run_train_step(stage, batches, cfg, scale, ctx)
         overflow = prompt is not None and LossScaler.has_overflow(prompt.weight.grad)
@@ -234,7 +235,8 @@ def _train(cfg, ctx, model, tokenizer, stop):
                     grad_norm = optimizer.step(lr, scale, cfg.max_grad_norm)
         skipped_in_a_row = skipped_in_a_row + 1 if skip else 0
         tokens = sum(b.tokens.numel() for b in batches)
-        record = {"step": step + 1, "loss": None if skip else loss, "lr": lr, "loss_scale": scale,
+        record = {"step": step + 1, "loss": None if skip else loss, "lr": lr,
+                  "loss_scale": scaler_scale,
                   "skipped": skip, "grad_norm": grad_norm if not skip else None,
                   "tokens_per_s": tokens / (time.perf_counter() - started),
                   "peak_mem_gib": [round(m, 3) for m in report[3:]]}
