@@ -90,11 +90,17 @@ class StopRequest:
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle)
+                         for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum, frame):
         self.requested = True
+
+    def restore(self):
+        """Give the signals back, so a caller in the same process (a test, a notebook) can be
+        interrupted again once training is over."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def build_data(cfg, ctx, tokenizer, max_len):
@@ -156,15 +162,16 @@ def read_training_state(path, identity, digest):
 
 
 def train(cfg):
-    stop = StopRequest()
     ctx, model, tokenizer = start_stage(cfg.ckpt_dir, cfg.tokenizer_path, cfg.device, cfg.dtype,
                                         cfg.max_seq_len, cfg.timeout_s)
+    stop = StopRequest()  # only now: before this point a signal has nothing to save
     try:
         return _train(cfg, ctx, model, tokenizer, stop)
     except PeerLost as error:
         report_and_exit(error, ctx.rank)
     finally:
         ctx.close()
+        stop.restore()
 
 
 def _train(cfg, ctx, model, tokenizer, stop):
