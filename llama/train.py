@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from llama.checkpoint import atomic_torch_save, params_digest
+from llama.checkpoint import atomic_torch_save, atomic_write_text, params_digest
 from llama.data import BatchLoader, eval_batches, load_dataset, split_dataset
 from llama.distributed import PeerLost, report_and_exit
 from llama.errors import BadInput
@@ -216,7 +216,11 @@ def _train(cfg, ctx, model, tokenizer, stop):
         log(f"held-out loss: {losses['eval_loss_no_prompt']:.4f} without a prompt, "
             f"{losses['eval_loss_init']:.4f} with the initial prompt")
 
-    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if ctx.rank == 0 else None
+    metrics = None
+    if ctx.rank == 0:
+        if cfg.resume:
+            drop_metrics_after(out / "metrics.jsonl", start_step)
+        metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
     checkpoint_path = out / CHECKPOINT_FILE
     inject = set(cfg.debug_overflow_steps or ())
     skipped_in_a_row, step = 0, start_step
@@ -283,6 +287,22 @@ def _train(cfg, ctx, model, tokenizer, stop):
         metrics.close()
         log(f"saved the prompt to {out}/prompt.pt (+ prompt.json, PEFT layout in {out}/peft)")
     return losses
+
+
+def drop_metrics_after(path, step: int):
+    """Forget the lines of steps after the checkpoint: a crashed run logged them, the resumed
+    run logs them again, and each step must appear once."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the crash
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    atomic_write_text(path, "".join(kept))
 
 
 def run_train_step(stage, batches, cfg, scale, ctx):
