@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from llama.errors import BadInput
+from llama.files import atomic_torch_save, atomic_write_text, fsync_dir, sha256_of
 from llama.formats import (HFSource, Llama2cSource, MetaSource, TensorSource, model_args_from_dict,
                            read_json, safe_torch_load)
 from llama.model import ModelArgs, Transformer
@@ -20,54 +21,6 @@ from llama.partition import balanced_ranges
 
 SPLIT_FORMAT = 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-# ---- atomic writes: readers see the old complete file or the new one, never a half file ----
-
-def _fsync_dir(folder):
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path, write_fn):
-    """Call write_fn(file) on a temp file beside path, fsync it, then rename it into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as error:
-        raise BadInput(f"could not write {path} ({error.strerror or error}); the previous "
-                       "file, if any, is unchanged: free space or pick another folder") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path, data: bytes):
-    atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write_text(path, text: str):
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_torch_save(obj, path):
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def sha256_of(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def params_digest(args: ModelArgs) -> str:
@@ -206,7 +159,7 @@ def write_split(source: TensorSource, out_dir, n_stages: int, dtype: str = "auto
         atomic_write_text(tmp_dir / "split.json", json.dumps(manifest, indent=2))
         if tokenizer_path:
             shutil.copyfile(tokenizer_path, tmp_dir / "tokenizer.model")
-        _fsync_dir(tmp_dir)
+        fsync_dir(tmp_dir)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp_dir, out_dir)

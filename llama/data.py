@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 
 from llama.errors import BadInput
+from llama.files import atomic_write, sha256_of
 
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
                    "Write a response that appropriately completes the request.")
@@ -238,14 +238,6 @@ def _tokenize_records(records, tokenizer, template, max_len, train_on_prompt, n_
 # Token cache
 
 
-def _sha256_file(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cache_key(data_sha256: str, tokenizer_sha256: str, template: str, max_len: int,
               train_on_prompt: bool) -> str:
     """A digest of everything the cached tokens depend on: any change gives a new key."""
@@ -256,24 +248,12 @@ def cache_key(data_sha256: str, tokenizer_sha256: str, template: str, max_len: i
 
 
 def _save_cache(cache_path: Path, dataset: TokenizedDataset):
-    """Write atomically, so ranks building the same cache at once never see half a file."""
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=cache_path.parent, prefix=cache_path.name,
-                                         suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.savez(file, token_ids=dataset.token_ids, offsets=dataset.offsets,
-                     first_targets=dataset.first_targets,
-                     stats=np.array([dataset.n_skipped, dataset.n_truncated, dataset.n_dropped],
-                                    dtype=np.int64),
-                     format=np.array(CACHE_FORMAT_VERSION, dtype=np.int64))
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp_name, cache_path)
-    except BaseException:
-        if os.path.exists(temp_name):
-            os.remove(temp_name)
-        raise
+    """Written atomically, so ranks building the same cache at once never see half a file."""
+    stats = np.array([dataset.n_skipped, dataset.n_truncated, dataset.n_dropped], dtype=np.int64)
+    atomic_write(cache_path, lambda file: np.savez(
+        file, token_ids=dataset.token_ids, offsets=dataset.offsets,
+        first_targets=dataset.first_targets, stats=stats,
+        format=np.array(CACHE_FORMAT_VERSION, dtype=np.int64)))
 
 
 def _load_cache(cache_path: Path, vocab_size: int) -> TokenizedDataset:
@@ -310,7 +290,7 @@ def load_dataset(path, tokenizer, template: str = "alpaca", max_len: int = 512,
                        "least 2 (max_seq_len minus the virtual tokens)")
     path = Path(path)
     raw = _read_bytes(path)
-    key = cache_key(hashlib.sha256(raw).hexdigest(), _sha256_file(tokenizer.path), template,
+    key = cache_key(hashlib.sha256(raw).hexdigest(), sha256_of(tokenizer.path), template,
                     max_len, train_on_prompt)
     cache_folder = Path(cache_dir) if cache_dir is not None else path.parent / ".cache"
     cache_path = cache_folder / f"{path.stem}.{key[:20]}.npz"
@@ -334,7 +314,7 @@ def load_dataset(path, tokenizer, template: str = "alpaca", max_len: int = 512,
                            "response starts: raise max_seq_len or use fewer virtual tokens")
         try:
             _save_cache(cache_path, dataset)
-        except OSError as error:  # a read-only data folder should not stop training
+        except BadInput as error:  # a read-only data folder should not stop training
             log(f"could not write token cache {cache_path} ({error}); continuing without it: "
                 "pass cache_dir to a writable folder")
             cache_path = None

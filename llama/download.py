@@ -20,6 +20,7 @@ from typing import Optional
 from sentencepiece import SentencePieceProcessor
 
 from llama.errors import BadInput, run_cli
+from llama.files import sha256_of
 
 TIMEOUT_S = 60
 CHUNK_BYTES = 1 << 20
@@ -139,14 +140,6 @@ def file_url(remote: RemoteFile, base_url: Optional[str]) -> str:
     if base_url is None:
         return remote.public_base + remote.public_path
     return base_url + remote.mirror_path
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def content_problem(path: Path, content: Optional[str]) -> Optional[str]:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from llama.errors import BadInput
+from llama.files import atomic_torch_save, atomic_write_bytes, atomic_write_text
 from llama.model import ModelArgs
 
 # Which dimension Meta's model-parallel shards cut: column-parallel layers split their output
@@ -122,7 +123,6 @@ class MetaSource(TensorSource):
 
 def save_meta(tensors: dict, args: ModelArgs, folder, n_shards: int = 1):
     """Write the Meta layout, cutting each tensor along Meta's model-parallel dimension."""
-    from llama.checkpoint import atomic_torch_save, atomic_write_text
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for shard in range(n_shards):
@@ -337,7 +337,6 @@ class HFSource(TensorSource):
 
 def save_hf_safetensors(tensors: dict, args: ModelArgs, folder):
     """Write the HF Llama layout (one model.safetensors, q/k permuted as HF expects)."""
-    from llama.checkpoint import atomic_write_bytes, atomic_write_text
     dtype_name = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
     header, blobs, offset = {}, [], 0
     for name, tensor in tensors.items():

@@ -9,8 +9,8 @@ from collections import Counter
 from xml.sax.saxutils import escape, quoteattr
 
 from llama.errors import BadInput, run_cli
-from llama.trace import (bubble_fraction, events_by_stage, ideal_bubble_fraction, stage_name,
-                         write_text_atomically)
+from llama.files import atomic_write_text
+from llama.trace import bubble_fraction, events_by_stage, ideal_bubble_fraction, stage_name
 
 FONT = "sans-serif"
 CHAR_WIDTH = 7  # about the width of one 12px sans-serif character, for fitting text into boxes
@@ -443,7 +443,7 @@ def schedule(trace_path: str, out: str, title: str = None, step: int = None):
         svg = schedule_svg(trace, title=title, step=step)
     except BadInput as error:
         raise BadInput(f"trace {trace_path}: {error}") from None
-    write_text_atomically(out, svg)
+    atomic_write_text(out, svg)
     print(f"wrote {out}")
 
 
@@ -454,7 +454,7 @@ def losses(metrics_path: str, out: str, title: str = None):
         svg = losses_svg(records, title=title)
     except BadInput as error:
         raise BadInput(f"metrics file {metrics_path}: {error}") from None
-    write_text_atomically(out, svg)
+    atomic_write_text(out, svg)
     print(f"wrote {out}")
 
 

@@ -9,6 +9,8 @@ import json
 import os
 import time
 
+from llama.files import atomic_write_text
+
 COMPUTE_CATEGORIES = ("forward", "backward")
 _DISABLED_SPAN = contextlib.nullcontext()
 
@@ -90,23 +92,7 @@ def write_chrome_trace(path: str, events_per_stage: list, metadata: dict):
              + _shifted_spans(events_per_stage),
              "displayTimeUnit": "ms",
              "metadata": {"n_stages": len(events_per_stage), **metadata}}
-    write_text_atomically(path, json.dumps(trace))
-
-
-def write_text_atomically(path: str, text: str):
-    """Write to a temporary file beside `path`, fsync it, then rename it over `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    atomic_write_text(path, json.dumps(trace))
 
 
 def events_by_stage(trace_events: list, n_stages: int = None) -> list:
