@@ -6,7 +6,6 @@ write_chrome_trace. Open the file in ui.perfetto.dev or chrome://tracing, or dra
 """
 import contextlib
 import json
-import os
 import time
 
 from llama.files import atomic_write_text

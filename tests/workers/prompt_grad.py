@@ -1,14 +1,17 @@
 """Worker: the soft-prompt gradient of one global batch through however many stages are running.
 
-Run as one process or as a group of ranks (tests/launch.py); rank 0 saves the prompt gradient
-and the summed loss to --out. Batches are random token ids with random padding and target masks.
+Run as one process or as a group of ranks (tests/launch.py); rank 0 saves, per schedule, the
+prompt gradient and the summed loss to --out. Batches are random token ids with random padding
+and target masks, or, with --examples, real tokenised examples ([[ids, first_target], ...] as
+JSON) cut into micro-batches of --micro_batch_size, each padded to its own longest example.
 """
-import sys
+import json
 
 import fire
 import torch
 
 from llama.checkpoint import load_model
+from llama.data import make_micro_batch
 from llama.distributed import init_distributed
 from llama.pipeline import Stage
 from llama.prompt import SoftPrompt, init_prompt_weight
@@ -33,7 +36,13 @@ def make_micro_batches(vocab_size, n_micro, micro_batch_size, seed=0):
     return batches
 
 
-def main(ckpt, out, schedule="1f1b", n_micro=4, micro_batch_size=2, n_virtual=4):
+def micro_batches_of(examples, micro_batch_size, pad_id):
+    return [make_micro_batch(examples[i:i + micro_batch_size], pad_id)
+            for i in range(0, len(examples), micro_batch_size)]
+
+
+def main(ckpt, out, schedules="1f1b", n_micro=4, micro_batch_size=2, n_virtual=4,
+         examples=None, pad_id=0):
     ctx = init_distributed(device="cpu", timeout_s=60)
     model = load_model(ckpt, ctx.rank, ctx.world_size)
     prompt = None
@@ -41,11 +50,22 @@ def main(ckpt, out, schedule="1f1b", n_micro=4, micro_batch_size=2, n_virtual=4)
         weight = init_prompt_weight("random", n_virtual, model.tok_embeddings.weight, seed=1)
         prompt = SoftPrompt(weight)
     stage = Stage(model, ctx, prompt, n_virtual)
-    batches = make_micro_batches(model.args.vocab_size, n_micro, micro_batch_size)
-    loss, n_targets = stage.train_step(batches, schedule)
-    losses = ctx.gather_objects(loss)
+    if examples:
+        with open(examples) as file:
+            batches = micro_batches_of(json.load(file), micro_batch_size, pad_id)
+    else:
+        batches = make_micro_batches(model.args.vocab_size, n_micro, micro_batch_size)
+    results = {}
+    for schedule in schedules.split(",") if isinstance(schedules, str) else schedules:
+        if prompt is not None:
+            prompt.weight.grad = None
+        loss, n_targets = stage.train_step(batches, schedule)
+        losses = ctx.gather_objects(loss)
+        if ctx.is_first:
+            results[schedule] = {"grad": prompt.weight.grad.clone(), "loss": losses[-1],
+                                 "n_targets": n_targets}
     if ctx.is_first:
-        torch.save({"grad": prompt.weight.grad, "loss": losses[-1], "n_targets": n_targets}, out)
+        torch.save(results, out)
     ctx.close()
 
 
