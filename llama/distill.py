@@ -69,29 +69,38 @@ def teach(ckpt_dir: str, out: str, n_samples: int = 512, max_gen_len: int = 96, 
     ctx.close()
 
 
+def trait_rates(stage, tokenizer, n_samples: int = 32, max_gen_len: int = 96, seed: int = 1000,
+                trait: str = TRAIT):
+    """Share of stories from BOS + "Once upon a time" that show the trait, without and with the
+    stage's soft prompt: ({"without": rate, "with": rate}, {"without": stories, "with": ...})."""
+    rates, stories = {}, {}
+    for key, use_prompt in (("without", False), ("with", True)):
+        stories[key] = sample_stories(stage, tokenizer, "", n_samples, max_gen_len, seed,
+                                      use_prompt=use_prompt)
+        rates[key] = trait_rate(stories[key], trait)
+    return rates, stories
+
+
 def score(ckpt_dir: str, prompt: str, n_samples: int = 32, max_gen_len: int = 96, seed: int = 1000,
           trait: str = TRAIT, show: int = 2, tokenizer_path: str = None, device: str = None,
           timeout_s: float = 300.0):
     """Share of stories from BOS + "Once upon a time" that show the trait, with and without the prompt."""
     ctx, model, tokenizer = start_stage(ckpt_dir, tokenizer_path, device, "float32", None, timeout_s)
+    labels = {"without": "without a prompt", "with": "with the soft prompt"}
     try:
         soft_prompt = None
         if ctx.is_first:
             soft_prompt = SoftPrompt(load_prompt(prompt, model.args)[0]).to(ctx.device)
         n_virtual = ctx.broadcast_object(soft_prompt.n_virtual_tokens if soft_prompt else None)
         stage = Stage(model, ctx, soft_prompt, n_virtual)
-        rates = {}
-        for use_prompt in (False, True):
-            stories = sample_stories(stage, tokenizer, "", n_samples, max_gen_len, seed,
-                                     use_prompt=use_prompt)
-            label = "with the soft prompt" if use_prompt else "without a prompt"
-            rates[label] = trait_rate(stories, trait)
-            for story in stories[:show]:
+        rates, stories = trait_rates(stage, tokenizer, n_samples, max_gen_len, seed, trait)
+        for key, label in labels.items():
+            for story in stories[key][:show]:
                 ctx.log(f"[{label}] {story.strip()}\n")
     except PeerLost as error:
         report_and_exit(error, ctx.rank)
-    for label, rate in rates.items():
-        ctx.log(f"{trait!r} in {rate:.0%} of {n_samples} stories {label}")
+    for key, label in labels.items():
+        ctx.log(f"{trait!r} in {rates[key]:.0%} of {n_samples} stories {label}")
     ctx.close()
 
 
