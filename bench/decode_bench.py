@@ -1,0 +1,187 @@
+"""Decode speed of llama.generation.generate against the device's memory-bandwidth limit.
+
+    python -m bench.decode_bench --shape 7B                    # one stage, batch 1 and 8
+    python -m bench.decode_bench --shape 7B --n_stages 4 --compare_single_stage
+    python -m bench.decode_bench --shape tiny --gen_len 8      # CPU check that it still runs
+
+Eager only: the product has no CUDA-graph decode step yet (--cuda_graph is refused, not faked).
+One JSON line per batch size, then a short table.
+"""
+import gc
+import sys
+
+import torch
+
+from bench import common
+from bench.shapes import model_args, parameter_bytes, random_stage, shape_name
+from llama.distributed import DistContext, init_distributed
+from llama.errors import BadInput, run_cli
+from llama.generation import generate
+from llama.pipeline import Stage
+from llama.runtime import pick_dtype
+
+TABLE = ["impl", "n_stages", "batch", "decode_tokens_per_s", "bandwidth_limit_tokens_per_s",
+         "bandwidth_share", "copy_bandwidth_gb_s", "model_gb"]
+
+
+def copy_bandwidth(device, n_bytes: int, repeats: int = 10) -> float:
+    """Bytes moved per second by a device-to-device copy of n_bytes, counting read + write."""
+    source = torch.empty(n_bytes, dtype=torch.uint8, device=device).fill_(1)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    clock = common.Clock(torch.device(device))
+    times = []
+    for _ in range(repeats):
+        started = clock.now()
+        target.copy_(source)
+        times.append(clock.now() - started)
+    return 2 * n_bytes / min(times)
+
+
+def random_prompts(vocab_size: int, batch: int, prompt_len: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab_size, (batch, prompt_len), generator=generator).tolist()
+
+
+def fastest_times(make_tokens, clock, gen_len: int, repeats: int):
+    """Fastest seconds of make_tokens(gen_len), and of make_tokens(1) (the prefill).
+
+    The two are interleaved and the minimum kept, so a busy machine inflates neither one alone.
+    """
+    def seconds(n_new):
+        started = clock.now()
+        make_tokens(n_new)
+        return clock.now() - started
+
+    seconds(gen_len)  # warm-up: kernels, allocator, caches
+    seconds(1)
+    times = [(seconds(gen_len), seconds(1)) for _ in range(repeats)]
+    return min(t for t, _ in times), min(t for _, t in times)
+
+
+def decode_record(impl, batch, gen_len, full_s, prefill_s, model_bytes, bandwidth):
+    """tokens/s of the gen_len - 1 steps after the prefill, and their share of the limit.
+
+    Each decode step reads every weight once for the whole batch, so the limit is
+    bandwidth / model_bytes steps per second, i.e. batch x that in tokens/s.
+    """
+    decode_s = full_s - prefill_s
+    # Only timing noise makes gen_len tokens faster than one; then there is no figure to give.
+    tokens_per_s = batch * (gen_len - 1) / decode_s if decode_s > 0 else None
+    limit = batch * bandwidth / model_bytes
+    return {"bench": "decode", "impl": impl, "mode": "eager", "batch": batch, "gen_len": gen_len,
+            "decode_tokens_per_s": tokens_per_s, "end_to_end_tokens_per_s": batch * gen_len / full_s,
+            "prefill_s": prefill_s, "model_bytes": model_bytes, "model_gb": model_bytes / 1e9,
+            "copy_bandwidth_gb_s": bandwidth / 1e9, "bandwidth_limit_tokens_per_s": limit,
+            "bandwidth_share": tokens_per_s / limit if tokens_per_s else None}
+
+
+def run_ours(ctx, args, dtype, batches, prompt_len, gen_len, repeats, bandwidth, seed):
+    """Every batch size through this rank's stage; records on rank 0."""
+    common.reset_peak_memory(ctx.device)
+    model = random_stage(args, ctx.rank, ctx.world_size, ctx.device, dtype, seed)
+    model_bytes = sum(ctx.gather_objects(parameter_bytes(model)) or [0])
+    model_bytes = ctx.broadcast_object(model_bytes)
+    stage = Stage(model, ctx)
+    records = []
+    for batch in batches:
+        prompts = random_prompts(args.vocab_size, batch, prompt_len, seed)
+        full_s, prefill_s = fastest_times(
+            lambda n_new: generate(stage, prompts, n_new, temperature=0.0, stop_ids=()),
+            common.Clock(ctx.device), gen_len, repeats)
+        peaks = ctx.gather_objects(round(common.peak_memory_gib(ctx.device), 3))
+        if ctx.rank == 0:
+            record = decode_record("ours", batch, gen_len, full_s, prefill_s, model_bytes, bandwidth)
+            records.append({**record, "n_stages": ctx.world_size, "backend": ctx.backend,
+                            "prompt_len": prompt_len, "dtype": str(dtype).replace("torch.", ""),
+                            "peak_mem_gib": peaks})
+    return records
+
+
+def run_hf(args, dtype, device, batches, prompt_len, gen_len, repeats, bandwidth, seed):
+    """HF greedy generate of the same shape, for the side-by-side ratio."""
+    from bench import hf
+    model = hf.random_llama(args, device, dtype, use_cache=True).eval()
+    model_bytes = parameter_bytes(model)
+    clock = common.Clock(device)
+    records = []
+    for batch in batches:
+        ids = torch.tensor(random_prompts(args.vocab_size, batch, prompt_len, seed), device=device)
+        full_s, prefill_s = fastest_times(lambda n_new: hf.generate_ids(model, ids, n_new),
+                                          clock, gen_len, repeats)
+        record = decode_record("hf_generate", batch, gen_len, full_s, prefill_s, model_bytes,
+                               bandwidth)
+        records.append({**record, "n_stages": 1, "prompt_len": prompt_len,
+                        "dtype": str(dtype).replace("torch.", ""), **hf.versions()})
+    return records
+
+
+def main(shape: str = "tiny", n_stages: int = None, batch=(1, 8), prompt_len: int = 32,
+         gen_len: int = 128, dtype: str = "auto", repeats: int = 3, copy_mib: int = None,
+         compare_hf: bool = False, compare_single_stage: bool = False, cuda_graph: bool = False,
+         device: str = None, seed: int = 0, timeout_s: float = 600.0):
+    """Greedy decode tokens/s at each batch size (no early stop), with the model's bytes, the
+    measured copy bandwidth (default 1 GiB copied on a GPU, 64 MiB on a CPU) and the share of
+    the bandwidth limit. compare_hf: the same through transformers' generate (skipped, with a
+    note, when not installed); compare_single_stage: after n stages, one process with the whole
+    model, for the pipeline's loss."""
+    if cuda_graph:
+        raise BadInput("--cuda_graph: the product has no CUDA-graph decode step yet "
+                       "(llama.generation is eager); see docs/PERFORMANCE.md, 'left to do'")
+    if n_stages is not None and (isinstance(n_stages, bool) or not isinstance(n_stages, int)
+                                 or n_stages < 1):
+        raise BadInput(f"--n_stages {n_stages!r} must be a positive integer")
+    if n_stages and n_stages > 1 and not common.started_by_torchrun():
+        sys.exit(common.relaunch_as_stages("bench.decode_bench", n_stages))
+    batches = common.as_list(batch)
+    for name, value in [("prompt_len", prompt_len), ("gen_len", gen_len), ("repeats", repeats),
+                        *(("batch", b) for b in batches)]:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise BadInput(f"--{name} {value!r} must be a positive integer")
+    if gen_len < 2:
+        raise BadInput(f"--gen_len {gen_len} must be at least 2 (decode speed is the steps after the first)")
+    args = model_args(shape, max_seq_len=prompt_len + gen_len + 1)
+    ctx = init_distributed(device, timeout_s)
+    if n_stages is not None and ctx.world_size != n_stages:
+        raise BadInput(f"torchrun started {ctx.world_size} processes but --n_stages is {n_stages}")
+    dtype = pick_dtype(dtype, ctx.device)
+    copy_bytes = (copy_mib or (1024 if ctx.device.type == "cuda" else 64)) * 2**20
+    bandwidth = ctx.broadcast_object(copy_bandwidth(ctx.device, copy_bytes) if ctx.rank == 0 else None)
+    env = {"shape": shape_name(shape), **common.environment(ctx.device)}
+    run_args = dict(prompt_len=prompt_len, gen_len=gen_len, repeats=repeats, bandwidth=bandwidth,
+                    seed=seed)
+    records = run_ours(ctx, args, dtype, batches, **run_args)
+    gc.collect()  # this rank's stage, before another model is built
+    for record in records:
+        common.emit({**record, **env})
+    ctx.barrier()
+    ctx.close()
+    if ctx.rank != 0:
+        return
+    # The other stages have finished: this process alone now runs the anchors.
+    if compare_single_stage and ctx.world_size > 1:
+        single = run_ours(DistContext(device=ctx.device, timeout_s=timeout_s), args, dtype,
+                          batches, **run_args)
+        for piped, one in zip(records, single):
+            common.emit({**one, **env})
+            common.emit({"bench": "decode_ratio", "ratio_of": f"{ctx.world_size} stages / 1 stage",
+                         "batch": one["batch"], "tokens_per_s_ratio":
+                         common.ratio(piped["decode_tokens_per_s"], one["decode_tokens_per_s"])})
+        records += single
+    if compare_hf:
+        missing = common.hf_missing()
+        if missing:
+            common.emit({"bench": "decode", "impl": "hf_generate", "skipped": missing})
+        else:
+            theirs = run_hf(args, dtype, ctx.device, batches, **run_args)
+            for ours, other in zip(records, theirs):
+                common.emit({**other, **env})
+                common.emit({"bench": "decode_ratio", "ratio_of": f"ours ({ours['n_stages']} "
+                             "stages) / hf_generate", "batch": other["batch"], "tokens_per_s_ratio":
+                             common.ratio(ours["decode_tokens_per_s"], other["decode_tokens_per_s"])})
+            records += theirs
+    common.print_table(records, TABLE)
+
+
+if __name__ == "__main__":
+    run_cli(main)

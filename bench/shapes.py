@@ -1,0 +1,80 @@
+"""Model shapes for benchmarks, and stages of that shape with random frozen weights.
+
+Speed does not depend on the weights' values, so a benchmark builds LLaMA-7B's or 13B's shape
+(or any params.json) directly on the device, in the dtype it will run in, without a checkpoint.
+"""
+import zlib
+from pathlib import Path
+
+import torch
+
+from llama.checkpoint import stage_plan
+from llama.errors import BadInput
+from llama.formats import model_args_from_dict, read_json
+from llama.model import ModelArgs, Transformer
+
+# Meta's params.json for LLaMA-1/2 7B and 13B (hidden_dim follows: 11008 and 13824), and a tiny
+# shape of the stories260K family for checking on a CPU that a benchmark still runs.
+SHAPES = {
+    "tiny": {"dim": 64, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "vocab_size": 512,
+             "multiple_of": 32},
+    "7B": {"dim": 4096, "n_layers": 32, "n_heads": 32, "vocab_size": 32000, "multiple_of": 256},
+    "13B": {"dim": 5120, "n_layers": 40, "n_heads": 40, "vocab_size": 32000, "multiple_of": 256},
+}
+
+# Every matrix ~ N(0, 0.02): Hugging Face's initializer_range for LLaMA, the order of a trained
+# model's weights. nn.Embedding's default N(0, 1) would make the soft prompt (initialised at the
+# embeddings' own scale) and the residual stream ~50x too large, and fp16 overflow sooner.
+INIT_STD = 0.02
+
+
+def model_args(shape, max_seq_len: int = None) -> ModelArgs:
+    """ModelArgs for a name in SHAPES, a params.json file, or a folder holding one."""
+    overrides = {"max_seq_len": max_seq_len} if max_seq_len else {}
+    if str(shape) in SHAPES:
+        return ModelArgs(**{**SHAPES[str(shape)], **overrides})
+    path = Path(str(shape))
+    if path.is_dir():
+        path = path / "params.json"
+    if not path.is_file():
+        raise BadInput(f"--shape {shape!r} is neither a named shape ({', '.join(SHAPES)}) nor a "
+                       "params.json file or a folder holding one")
+    return model_args_from_dict(read_json(path), str(path), **overrides)
+
+
+def shape_name(shape) -> str:
+    return str(shape) if str(shape) in SHAPES else str(Path(str(shape)))
+
+
+@torch.no_grad()
+def random_model(args: ModelArgs, layer_range=None, embeddings: bool = True, head: bool = True,
+                 device="cpu", dtype=torch.float32, seed: int = 0) -> Transformer:
+    """A Transformer for layer_range with random weights made on `device` in `dtype`, frozen.
+
+    Built on the meta device and allocated once where it runs: a 7B stage never exists in
+    float32 or on the CPU first. Each tensor's values depend only on (seed, its name, device), so
+    the stages of any split together hold the same model as one process does.
+    """
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = Transformer(args, layer_range, embeddings, head)
+    model = model.to(dtype).to_empty(device=device)
+    generator = torch.Generator(device=device)
+    for name, param in model.named_parameters():
+        if param.dim() == 1:  # RMSNorm gains
+            param.fill_(1.0)
+        else:
+            generator.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            param.normal_(0.0, INIT_STD, generator=generator)
+    return model.requires_grad_(False).eval()
+
+
+def random_stage(args: ModelArgs, stage: int, n_stages: int, device="cpu", dtype=torch.float32,
+                 seed: int = 0) -> Transformer:
+    """Stage `stage` of `n_stages` as the runtime would split the model (balanced_ranges)."""
+    layer_range, embeddings, head = stage_plan(args, n_stages)[stage]
+    return random_model(args, layer_range, embeddings, head, device, dtype, seed)
+
+
+def parameter_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())

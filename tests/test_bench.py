@@ -1,0 +1,108 @@
+"""The benchmarks still run: each once on the CPU with the tiny shape, its JSON lines checked.
+
+Not a timing test: no speed or memory figure is asserted, only that the lines parse and carry
+their fields (and that the arithmetic of bench.memory_estimate matches what autograd saves).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--shape", "tiny", "--device", "cpu"]
+ENVIRONMENT = ("device", "device_name", "torch", "date")
+
+
+def run_bench(module, *argv, expect_rc=0, timeout=120):
+    """`python -m bench.<module> argv` from the repository; its JSON lines and its output."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", f"bench.{module}", *argv], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == expect_rc, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return lines, done
+
+
+def table_after_json(stdout):
+    """The lines printed after the last JSON line: the table's header and its rows."""
+    lines = stdout.splitlines()
+    last_json = max(i for i, line in enumerate(lines) if line.startswith("{"))
+    return [line for line in lines[last_json + 1:] if line.strip()]
+
+
+def has_fields(record, fields):
+    missing = [f for f in fields if f not in record]
+    assert not missing, f"{record} lacks {missing}"
+
+
+def test_train_bench_two_stages_then_one_stage_and_hf():
+    lines, done = run_bench("train_bench", *TINY, "--n_stages", "2", "--seq_len", "12",
+                            "--n_virtual_tokens", "4", "--global_batch", "4", "--micro_batch", "2",
+                            "--recompute", "True", "--steps", "1", "--warmup_steps", "1",
+                            "--compare_single_stage", "--compare_hf")
+    ours = [r for r in lines if r.get("bench") == "train" and r.get("impl") == "ours"]
+    assert [r["n_stages"] for r in ours] == [2, 1]
+    for record in ours:
+        has_fields(record, ["tokens_per_s", "step_time_s", "peak_mem_gib", "bubble_measured",
+                            "bubble_ideal", "weight_bytes", "loss", "n_micro", *ENVIRONMENT])
+        assert len(record["peak_mem_gib"]) == record["n_stages"]
+        assert record["tokens_per_s"] > 0 and 0 <= record["bubble_measured"] <= 1
+    assert ours[0]["backend"] == "gloo" and ours[0]["stage_layers"] == [[0, 2], [2, 4]]
+    assert ours[0]["bubble_ideal"] == pytest.approx(1 / 3)  # (p-1)/(m+p-1), p = m = 2
+    assert abs(ours[0]["loss"] - ours[1]["loss"]) < 1e-3  # same weights, same batch, same step
+    ratios = [r for r in lines if r.get("bench") == "train_ratio"]
+    assert ratios and all(r["tokens_per_s_ratio"] > 0 for r in ratios)
+    hf = [r for r in lines if r.get("impl") == "hf_peft"]
+    assert hf, "the HF comparison must either run or say it was skipped"
+    assert "skipped" in hf[0] or "tokens_per_s" in hf[0]
+    assert "tokens_per_s" in table_after_json(done.stdout)[0]
+
+
+def test_decode_bench_two_stages_then_one_stage():
+    lines, done = run_bench("decode_bench", *TINY, "--n_stages", "2", "--batch", "1,2",
+                            "--prompt_len", "4", "--gen_len", "4", "--repeats", "1",
+                            "--copy_mib", "4", "--compare_single_stage")
+    ours = [r for r in lines if r.get("bench") == "decode"]
+    assert [(r["n_stages"], r["batch"]) for r in ours] == [(2, 1), (2, 2), (1, 1), (1, 2)]
+    for record in ours:
+        has_fields(record, ["decode_tokens_per_s", "end_to_end_tokens_per_s", "model_bytes",
+                            "copy_bandwidth_gb_s", "bandwidth_limit_tokens_per_s",
+                            "bandwidth_share", "peak_mem_gib", *ENVIRONMENT])
+        assert record["mode"] == "eager" and record["model_bytes"] == ours[0]["model_bytes"]
+    assert len([r for r in lines if r.get("bench") == "decode_ratio"]) == 2
+    header, *rows = table_after_json(done.stdout)
+    assert "decode_tokens_per_s" in header and len(rows) == 4
+
+
+def test_decode_bench_refuses_cuda_graph_until_the_product_has_it():
+    _, done = run_bench("decode_bench", *TINY, "--cuda_graph", expect_rc=2)
+    assert "no CUDA-graph decode step yet" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_memory_estimate_formula_matches_what_autograd_saves():
+    lines, _ = run_bench("memory_estimate", "--shape", "tiny", "--n_stages", "2",
+                         "--micro_batch", "1,2", "--global_batch", "4", "--seq_len", "12",
+                         "--n_virtual_tokens", "4", "--check", "--device", "cpu")
+    rows = [r for r in lines if r["bench"] == "memory_estimate"]
+    assert [(r["micro_batch"], r["stage"]) for r in rows] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    for row in rows:
+        has_fields(row, ["weights_gib", "kept_plain_gib", "kept_recompute_gib", "peak_plain_gib",
+                         "peak_recompute_gib", "peak_offload_gib", "in_flight"])
+        assert row["kept_offload_gib"] < row["kept_recompute_gib"] < row["kept_plain_gib"]
+    assert [r["in_flight"] for r in rows] == [2, 1, 2, 1]  # 1F1B: p - stage
+    check = next(r for r in lines if r["bench"] == "memory_check")
+    assert check["measured_bytes_per_token_per_layer"] == check["formula_bytes_per_token_per_layer"]
+
+
+def test_synthetic_batches_train_the_same_positions_as_hf_labels(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    from bench.train_bench import synthetic_batches
+    ours, theirs = synthetic_batches(512, 4, 2, 10, 0.5, seed=0)
+    for batch, (input_ids, labels) in zip(ours, theirs):
+        assert (batch.tokens == input_ids).all()
+        # HF predicts labels[t + 1] at position t; ours stores that target at t itself
+        assert (batch.targets[:, :-1] == labels[:, 1:]).all() and (batch.targets[:, -1] == -100).all()
+        assert batch.n_targets == int((labels != -100).sum()) == 2 * 4
