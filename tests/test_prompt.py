@@ -1,0 +1,216 @@
+"""The soft prompt and its files: initialisation at the scale of real embeddings; the PEFT export
+of a trained prompt imports back exactly (.bin and .safetensors); example_ft.py generates the
+same ids from our folder and from its peft/ subfolder, and the same as a full recompute; a prompt
+made for another model is refused with an error naming its file.
+Run: python3 -m pytest -q tests/test_prompt.py
+"""
+import dataclasses
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import example_ft
+import ft_main
+from launch import REPO
+from llama.checkpoint import load_model, params_digest
+from llama.data import ALPACA_PREAMBLE, format_prompt
+from llama.distributed import DistContext
+from llama.errors import BadInput
+from llama.generation import generate
+from llama.pipeline import Stage
+from llama.prompt import (SoftPrompt, export_peft, import_peft, init_prompt_weight, load_prompt,
+                          save_prompt)
+from llama.tokenizer import Tokenizer
+
+TEXTS = ["Give three tips for staying healthy.", "Once upon a time"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def model_bin(assets):
+    return assets / "stories260K" / "stories260K.bin"
+
+
+@pytest.fixture(scope="module")
+def model(model_bin):
+    return load_model(model_bin)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(assets):
+    return Tokenizer(str(assets / "stories260K" / "tok512.model"))
+
+
+@pytest.fixture(scope="module")
+def trained(model_bin, assets, tmp_path_factory):
+    """The --out folder of a short real ft_main.py run (prompt.pt, prompt.json, peft/)."""
+    root = tmp_path_factory.mktemp("trained")
+    records = json.loads((assets / "alpaca" / "alpaca_data_1k.json").read_text())[:40]
+    data = root / "alpaca_40.json"
+    data.write_text(json.dumps(records))
+    out = root / "prompt"
+    ft_main.main(ckpt_dir=str(model_bin), data=str(data), out=str(out), template="plain",
+                 n_virtual_tokens=8, max_seq_len=128, global_batch_size=4, micro_batch_size=2,
+                 steps=3, lr=0.1, eval_fraction=0, device="cpu", dtype="float32")
+    return out
+
+
+# ---- initialisation ----
+
+def test_inits_are_at_the_scale_of_real_embeddings(model, tokenizer):
+    embeddings = model.tok_embeddings.weight
+    text = init_prompt_weight("text", 20, embeddings, tokenizer, "Max was a big dog.")
+    ids = tokenizer.encode("Max was a big dog.", bos=False, eos=False)
+    expected_ids = (ids * 20)[:20]  # the text's tokens, repeated to fill
+    assert torch.equal(text, embeddings[torch.tensor(expected_ids)])
+    vocab = init_prompt_weight("vocab", 16, embeddings, seed=3)
+    assert all((embeddings == row).all(dim=1).any() for row in vocab)
+    random = init_prompt_weight("random", 64, embeddings, seed=3)
+    ratio = float(random.std() / embeddings.std())
+    assert 0.8 < ratio < 1.2 and float(embeddings.std()) < 0.5  # N(0, 1) would be far too large
+    for weight in (text, vocab, random):
+        assert weight.dtype == torch.float32
+    assert torch.equal(random, init_prompt_weight("random", 64, embeddings, seed=3))
+    with pytest.raises(BadInput, match=r"--init 'zeros' must be one of text, vocab, random"):
+        init_prompt_weight("zeros", 4, embeddings)
+
+
+def test_generation_with_a_prompt_equals_recomputing_the_whole_sequence(model, tokenizer,
+                                                                        trained):
+    """Prefill carries the virtual tokens at positions 0..n-1 and the cache the rest: greedy ids
+    equal the argmax of a full forward over [prompt ‖ text] at every step, as in training."""
+    weight, _ = load_prompt(trained, model.args)
+    soft_prompt = SoftPrompt(weight)
+    stage = Stage(model, DistContext(), soft_prompt, weight.shape[0])
+    ids = tokenizer.encode("Once upon a time", bos=True, eos=False)
+    generated = generate(stage, [ids], 10)[0]
+    tokens = list(ids)
+    with torch.no_grad():
+        for _ in range(10):
+            h = soft_prompt.prepend(model.embed(torch.tensor([tokens])))
+            tokens.append(int(model.logits(model.run_layers(h)[:, -1]).argmax()))
+    assert generated == tokens[len(ids):]
+
+
+# ---- PEFT export and import ----
+
+def test_peft_export_imports_back_exactly(model, trained, tmp_path):
+    ours, info = load_prompt(trained, model.args)
+    saved = torch.load(trained / "prompt.pt", weights_only=True)
+    assert torch.equal(ours, saved) and saved.dtype == torch.float32
+    assert info["n_virtual_tokens"] == 8 and info["dim"] == 64 and info["template"] == "plain"
+    assert info["params_digest"] == params_digest(model.args) and info["steps"] == 3
+
+    weight, peft_info = import_peft(trained / "peft")
+    assert torch.equal(weight, saved) and weight.shape == (8, 64)
+    assert weight.dtype == torch.float32
+    config = json.loads((trained / "peft" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "PROMPT_TUNING" and config["task_type"] == "CAUSAL_LM"
+    assert (config["num_virtual_tokens"], config["token_dim"]) == (8, 64)
+    assert (config["num_layers"], config["num_attention_heads"]) == (5, 8)
+    assert config["num_transformer_submodules"] == 1 and config["inference_mode"] is True
+    assert config["prompt_tuning_init"] == "TEXT"
+    assert config["prompt_tuning_init_text"] == ALPACA_PREAMBLE
+    assert peft_info == {"n_virtual_tokens": 8, "init": "TEXT", "peft": True}
+    state = torch.load(trained / "peft" / "adapter_model.bin", weights_only=True)
+    assert list(state) == ["prompt_embeddings"]
+    assert torch.equal(load_prompt(trained / "peft", model.args)[0], saved)
+
+    # export(import(export(w))) writes the same files again
+    again = tmp_path / "again"
+    metadata = {"init": "text", "init_text": ALPACA_PREAMBLE,
+                "tokenizer": config["tokenizer_name_or_path"],
+                "ckpt_dir": config["base_model_name_or_path"]}
+    export_peft(again, weight, model.args, metadata)
+    assert json.loads((again / "adapter_config.json").read_text()) == config
+    assert torch.equal(import_peft(again)[0], saved)
+
+
+def test_peft_safetensors_layout_imports_the_same_tensor(model, trained, tmp_path):
+    """What current PEFT versions write: adapter_model.safetensors (written by hand here)."""
+    weight = torch.load(trained / "prompt.pt", weights_only=True)
+    folder = tmp_path / "peft_st"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_bytes((trained / "peft" / "adapter_config.json")
+                                                 .read_bytes())
+    data = weight.numpy().tobytes()
+    header = json.dumps({"__metadata__": {"format": "pt"},
+                         "prompt_embeddings": {"dtype": "F32", "shape": list(weight.shape),
+                                               "data_offsets": [0, len(data)]}}).encode()
+    (folder / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header
+                                                       + data)
+    assert torch.equal(load_prompt(folder, model.args)[0], weight)
+
+
+def test_example_ft_generates_the_same_from_our_folder_and_the_peft_folder(
+        model_bin, model, tokenizer, trained, capsys):
+    capsys.readouterr()
+    example_ft.main(str(model_bin), str(trained), prompts=TEXTS, max_gen_len=12, compare=True)
+    ours = capsys.readouterr().out
+    # PEFT's layout has no place for the template: give the one prompt.json names.
+    example_ft.main(str(model_bin), str(trained / "peft"), prompts=TEXTS, max_gen_len=12,
+                    compare=True, template="plain")
+    peft = capsys.readouterr().out
+    assert ours == peft and ours.count("[with prompt]") == 2 and ours.count("[base model]") == 2
+
+    ids = [tokenizer.encode(format_prompt({"instruction": t, "input": ""}, "plain"), bos=True,
+                            eos=False) for t in TEXTS]
+    generated = []
+    for folder in (trained, trained / "peft"):
+        weight, _ = load_prompt(folder, model.args)
+        stage = Stage(model, DistContext(), SoftPrompt(weight), weight.shape[0])
+        generated.append(generate(stage, ids, 12, stop_ids=(1, 2)))
+    assert generated[0] == generated[1]
+    for text, new_ids in zip(TEXTS, generated[0]):
+        assert f"### {text}\n[with prompt] {tokenizer.decode(new_ids)}" in ours
+
+
+# ---- a prompt for another model is refused ----
+
+def test_prompt_of_another_width_is_refused_naming_the_file(model, model_bin, tmp_path):
+    narrow = torch.zeros(4, 32)
+    save_prompt(tmp_path / "ours", narrow, dataclasses.replace(model.args, dim=32), {})
+    with pytest.raises(BadInput, match=r"ours/prompt\.pt is a prompt of width 32 but the model's "
+                                       r"dim is 64: it was trained for another model"):
+        load_prompt(tmp_path / "ours", model.args)
+    with pytest.raises(BadInput, match=r"ours/prompt\.pt is a prompt of width 32"):
+        example_ft.main(str(model_bin), str(tmp_path / "ours"), max_gen_len=2)
+    export_peft(tmp_path / "peft", narrow, model.args, {})
+    with pytest.raises(BadInput, match=r"peft is a prompt of width 32 but the model's dim is 64"):
+        load_prompt(tmp_path / "peft", model.args)
+
+
+def test_prompt_of_another_model_with_the_same_width_is_refused_naming_the_file(
+        model, model_bin, trained, tmp_path):
+    other_model = dataclasses.replace(model.args, n_layers=4)
+    weight = torch.load(trained / "prompt.pt", weights_only=True)
+    save_prompt(tmp_path / "other", weight, other_model, {"template": "plain"})
+    message = (rf"other/prompt\.pt was trained for another model \(params digest "
+               rf"{params_digest(other_model)}, this model's is {params_digest(model.args)}\): "
+               r"use the matching --ckpt_dir")
+    with pytest.raises(BadInput, match=message):
+        load_prompt(tmp_path / "other", model.args)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    run = subprocess.run([sys.executable, "example_ft.py", "--ckpt_dir", str(model_bin),
+                          "--prompt", str(tmp_path / "other"), "--max_gen_len", "2"],
+                         cwd=REPO, env=env, text=True, capture_output=True, timeout=120)
+    assert run.returncode == 2 and run.stdout == "" and "Traceback" not in run.stderr
+    assert run.stderr.startswith("error: ") and "other/prompt.pt was trained for another model" \
+        in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_folder_without_a_prompt_is_refused(model, tmp_path):
+    with pytest.raises(BadInput, match=r"empty holds no prompt\.pt or adapter_config\.json"):
+        load_prompt(tmp_path / "empty", model.args)

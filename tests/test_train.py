@@ -1,0 +1,462 @@
+"""Soft-prompt training: the pipeline's prompt gradient equals one process's on the full batch
+(2 and 4 real gloo stages, GPipe and 1F1B); ft_main.py through 2 stages trains exactly like one
+process; the prompt really helps on Alpaca; resume is exact; fp16 overflow skips a step on every
+stage; recompute and offload change nothing; bad input stops with a clear error, losing nothing.
+Run: python3 -m pytest -q tests/test_train.py
+"""
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import ft_main
+import split_model
+from launch import REPO, check_all_ok, launch
+from llama import train
+from llama.checkpoint import load_model
+from llama.data import load_dataset, make_micro_batch
+from llama.distributed import DistContext
+from llama.errors import BadInput
+from llama.pipeline import Stage
+from llama.prompt import SoftPrompt, init_prompt_weight
+from llama.tokenizer import Tokenizer
+
+TIMING_FIELDS = ("tokens_per_s", "peak_mem_gib")  # the only metrics allowed to differ between runs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny model, small batches: a second thread gains nothing and makes a busy machine slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def model_bin(assets):
+    return assets / "stories260K" / "stories260K.bin"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(assets):
+    return Tokenizer(str(assets / "stories260K" / "tok512.model"))
+
+
+@pytest.fixture(scope="module")
+def alpaca_small(assets, tmp_path_factory):
+    """The first 120 real Alpaca records, in a folder of our own (the token cache goes there)."""
+    records = json.loads((assets / "alpaca" / "alpaca_data_1k.json").read_text())[:120]
+    path = tmp_path_factory.mktemp("alpaca_small") / "alpaca_120.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def run_args(model_bin, data, out, **overrides):
+    """A short float32 run on CPU: 6 steps of 2 micro-batches of 2 examples."""
+    args = dict(ckpt_dir=str(model_bin), data=str(data), out=str(out), template="plain",
+                n_virtual_tokens=8, max_seq_len=128, global_batch_size=4, micro_batch_size=2,
+                steps=6, lr=0.1, warmup_steps=2, eval_fraction=0.05, eval_every=3,
+                save_every=3, log_every=100, device="cpu", dtype="float32")
+    args.update(overrides)
+    return args
+
+
+def as_cli(args):
+    argv = []
+    for name, value in args.items():
+        if isinstance(value, (tuple, list)):
+            value = ",".join(str(v) for v in value)
+        argv += [f"--{name}", str(value)]
+    return argv
+
+
+def saved_losses(out):
+    """The "losses" of prompt.json: held-out loss without a prompt, with the initial and the
+    trained prompt, last training loss."""
+    return json.loads((out / "prompt.json").read_text())["losses"]
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(metrics):
+    return [{k: v for k, v in line.items() if k not in TIMING_FIELDS} for line in metrics]
+
+
+def sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def reference(model_bin, alpaca_small, tmp_path_factory):
+    """The uninterrupted, plain run that resume, recompute and offload must reproduce."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    ft_main.main(**run_args(model_bin, alpaca_small, out))
+    return out
+
+
+# ---- the pipeline's prompt gradient is the full model's, on the full batch ----
+
+@pytest.fixture(scope="module")
+def gradient_examples(alpaca_small, tokenizer, tmp_path_factory):
+    """10 real examples with response-only targets, their responses cut to different lengths so
+    that micro-batches differ in length and rows within them are padded."""
+    folder = tmp_path_factory.mktemp("grad")
+    dataset = load_dataset(alpaca_small, tokenizer, "none", max_len=96, cache_dir=folder,
+                           log=lambda *_: None)
+    examples = []
+    for i in range(10):
+        ids, first_target = dataset[i]
+        examples.append((ids[:first_target + 3 + 5 * (i % 4)].tolist(), first_target))
+    path = folder / "examples.json"
+    path.write_text(json.dumps(examples))
+    return path, examples
+
+
+def reference_gradient(model_bin, examples, pad_id, n_virtual=4):
+    model = load_model(model_bin)
+    weight = init_prompt_weight("random", n_virtual, model.tok_embeddings.weight, seed=1)
+    prompt = SoftPrompt(weight)
+    stage = Stage(model, DistContext(), prompt, n_virtual)
+    full_batch = make_micro_batch(examples, pad_id)
+    loss, n_targets = stage.train_step([full_batch], "gpipe")
+    return prompt.weight.grad.clone(), loss, n_targets
+
+
+def relative_error(actual, expected):
+    return float((actual - expected).norm() / expected.norm())
+
+
+@pytest.mark.parametrize("n_stages", [2, 4])
+def test_pipeline_prompt_gradient_equals_one_process_on_the_full_batch(
+        model_bin, tokenizer, gradient_examples, n_stages, tmp_path):
+    path, examples = gradient_examples
+    micro_batch_size = 3  # 10 examples -> micro-batches of 3, 3, 3 and 1
+    micro_lengths = [max(len(ids) for ids, _ in examples[i:i + 3]) for i in range(0, 10, 3)]
+    assert len(set(micro_lengths)) > 1, "micro-batches should differ in length"
+    assert any(len(ids) < max(micro_lengths) for ids, _ in examples), "some rows must be padded"
+    assert all(first > 1 for _, first in examples), "targets are the responses only"
+
+    expected, expected_loss, n_targets = reference_gradient(model_bin, examples, tokenizer.pad_id)
+    out = tmp_path / "grads.pt"
+    argv = [os.path.join("tests", "workers", "prompt_grad.py"), "--ckpt", str(model_bin),
+            "--out", str(out), "--schedules", "gpipe,1f1b", "--examples", str(path),
+            "--micro_batch_size", str(micro_batch_size), "--pad_id", str(tokenizer.pad_id),
+            "--n_virtual", "4"]  # and init "random" with seed 1, as reference_gradient
+    check_all_ok(launch(argv, n_stages, timeout_s=120))
+    results = torch.load(out, weights_only=True)
+    assert sorted(results) == ["1f1b", "gpipe"]
+    for schedule, result in results.items():
+        assert result["n_targets"] == n_targets
+        error = relative_error(result["grad"], expected)
+        assert error <= 1e-5, f"{n_stages} stages, {schedule}: relative error {error:.2e}"
+        assert result["loss"] == pytest.approx(expected_loss, rel=1e-6)
+    assert float(expected.norm()) > 0
+
+
+# ---- ft_main.py through 2 stages trains exactly like one process ----
+
+def test_two_stage_training_gives_the_losses_and_prompt_of_one_process(
+        model_bin, alpaca_small, reference, tmp_path):
+    split = tmp_path / "pp2"
+    split_model.main(str(model_bin), 2, out_dir=str(split))
+    out = tmp_path / "pp2_run"
+    args = run_args(split, alpaca_small, out, log_every=1)
+    results = launch(["ft_main.py", *as_cli(args)], 2, timeout_s=150)
+    check_all_ok(results)
+    assert "step 6/6" in results[0][1] and results[1][1] == ""  # rank 0 alone reports
+
+    # the reference run has the same settings, on the unsplit .bin in this process
+    pipelined, single = read_metrics(out), read_metrics(reference)
+    assert [m["step"] for m in pipelined] == list(range(1, 7))
+    assert len(pipelined[0]["peak_mem_gib"]) == 2  # one slot per stage
+    for p, s in zip(pipelined, single):
+        assert p["loss"] == pytest.approx(s["loss"], rel=1e-5)
+        assert p["lr"] == s["lr"] and p["skipped"] is s["skipped"] is False
+    assert [m.get("eval_loss") is not None for m in pipelined] == [False, False, True] * 2
+    assert pipelined[2]["eval_loss"] == pytest.approx(single[2]["eval_loss"], rel=1e-5)
+    prompt_pp = torch.load(out / "prompt.pt", weights_only=True)
+    prompt_single = torch.load(reference / "prompt.pt", weights_only=True)
+    torch.testing.assert_close(prompt_pp, prompt_single, rtol=1e-5, atol=1e-7)
+    info_pp = json.loads((out / "prompt.json").read_text())
+    info_single = json.loads((reference / "prompt.json").read_text())
+    assert info_pp["params_digest"] == info_single["params_digest"]
+    for name, value in info_single["losses"].items():
+        assert info_pp["losses"][name] == pytest.approx(value, rel=1e-5)
+
+
+# ---- the prompt works on real targets: Alpaca outputs, a domain shift for a story model ----
+
+ALPACA_SETTINGS = dict(template="plain", n_virtual_tokens=16, max_seq_len=256, lr=0.3,
+                       warmup_steps=0, steps=60, global_batch_size=8, micro_batch_size=4,
+                       eval_fraction=0.05, eval_every=0, save_every=0)
+
+
+def test_trained_prompt_lowers_held_out_alpaca_loss_by_8_percent(model_bin, assets, tmp_path):
+    """Response-only loss on the 49 held-out examples of the 1k Alpaca file (4.511 without a
+    prompt, 3.964 with the trained one: 12.1% lower when written)."""
+    data = tmp_path / "alpaca_data_1k.json"  # a copy: the token cache goes beside it
+    data.write_bytes((assets / "alpaca" / "alpaca_data_1k.json").read_bytes())
+    out = tmp_path / "run"
+    ft_main.main(**run_args(model_bin, data, out, **ALPACA_SETTINGS))
+    losses = saved_losses(out)
+    improvement = 1 - losses["eval_loss"] / losses["eval_loss_no_prompt"]
+    assert improvement >= 0.08, f"held-out loss {losses}: only {improvement:.1%} lower"
+    assert losses["eval_loss"] < losses["eval_loss_init"]
+
+
+# ---- resume after an interruption is exact ----
+
+def interrupt_at(monkeypatch, step, action):
+    """Run `action` at the start of training step `step` (counted from 1), inside the loop."""
+    real_step = train.run_train_step
+
+    def run_train_step(stage, batches, cfg, scale, ctx):
+        if stage.step + 1 == step:
+            action()
+        return real_step(stage, batches, cfg, scale, ctx)
+    monkeypatch.setattr(train, "run_train_step", run_train_step)
+
+
+def test_resume_after_sigterm_ends_bitwise_equal(model_bin, alpaca_small, reference,
+                                                 tmp_path, monkeypatch):
+    """SIGTERM during step 2: the step finishes, a checkpoint is written, the run stops."""
+    out = tmp_path / "run"
+    args = run_args(model_bin, alpaca_small, out)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    interrupt_at(monkeypatch, 2, lambda: signal.raise_signal(signal.SIGTERM))
+    assert ft_main.main(**args) is None
+    monkeypatch.undo()
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2 and not (out / "prompt.pt").exists()
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]
+    assert signal.getsignal(signal.SIGTERM) == handler_before  # handed back after training
+
+    ft_main.main(**args, resume=True)
+    assert torch.equal(torch.load(out / "prompt.pt", weights_only=True),
+                       torch.load(reference / "prompt.pt", weights_only=True))
+    assert without_timing(read_metrics(out)) == without_timing(read_metrics(reference))
+    assert saved_losses(out) == saved_losses(reference)
+
+
+def test_resume_after_a_crash_ends_bitwise_equal(model_bin, alpaca_small, reference,
+                                                 tmp_path, monkeypatch):
+    """A crash in step 5 (checkpoint of step 3 on disk, step 4 already logged): --resume goes
+    on from step 3, and metrics.jsonl ends with each step once, as in an uninterrupted run."""
+    out = tmp_path / "run"
+    args = run_args(model_bin, alpaca_small, out)
+
+    def crash():
+        raise RuntimeError("simulated crash")
+    interrupt_at(monkeypatch, 5, crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        ft_main.main(**args)
+    monkeypatch.undo()
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4]
+
+    ft_main.main(**args, resume=str(out / "checkpoint.pt"))
+    assert torch.equal(torch.load(out / "prompt.pt", weights_only=True),
+                       torch.load(reference / "prompt.pt", weights_only=True))
+    assert without_timing(read_metrics(out)) == without_timing(read_metrics(reference))
+    assert saved_losses(out) == saved_losses(reference)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 6
+
+
+# ---- fp16: an injected overflow skips the step on every stage, the scale backs off ----
+
+def test_fp16_overflow_skips_the_step_on_every_stage_and_training_goes_on(
+        model_bin, alpaca_small, tmp_path):
+    out, probe = tmp_path / "run", tmp_path / "probe"
+    probe.mkdir()
+    args = run_args(model_bin, alpaca_small, out, dtype="float16", steps=4, eval_fraction=0,
+                    save_every=0, debug_overflow_steps=2)
+    argv = [os.path.join("tests", "workers", "train_probe.py"), "--probe_dir", str(probe),
+            *as_cli(args)]
+    check_all_ok(launch(argv, 2, timeout_s=150))
+
+    metrics = read_metrics(out)
+    assert [m["skipped"] for m in metrics] == [False, True, False, False]
+    assert metrics[1]["loss"] is None and metrics[1]["grad_norm"] is None
+    assert all(math.isfinite(m["loss"]) for m in metrics if not m["skipped"])
+    assert [m["loss_scale"] for m in metrics] == [65536.0, 65536.0, 32768.0, 32768.0]
+    # Every stage was handed the same scale for each step (inf: the forced overflow) and holds
+    # the same scale after each update: halved once by the skipped step, on both stages.
+    scales = [json.loads((probe / f"scales.{rank}.json").read_text()) for rank in (0, 1)]
+    assert scales[0] == scales[1]
+    assert scales[0]["used"] == ["65536.0", "inf", "32768.0", "32768.0"]
+    assert scales[0]["held"] == [65536.0, 32768.0, 32768.0, 32768.0]
+    prompt = torch.load(out / "prompt.pt", weights_only=True)
+    assert prompt.dtype == torch.float32 and torch.isfinite(prompt).all()
+
+
+# ---- recompute and offload change nothing (float32, CPU) ----
+
+@pytest.mark.parametrize("switch", [{"recompute": True},
+                                    {"offload": "optimizer,activations,weights"}])
+def test_recompute_and_offload_give_the_plain_runs_losses(model_bin, alpaca_small, reference,
+                                                          tmp_path, switch):
+    out = tmp_path / "run"
+    ft_main.main(**run_args(model_bin, alpaca_small, out, save_every=0, **switch))
+    assert len(read_metrics(out)) == len(read_metrics(reference))
+    for got, expected in zip(read_metrics(out), read_metrics(reference)):
+        assert got["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+        assert got.get("eval_loss") == pytest.approx(expected.get("eval_loss"), rel=1e-6)
+    torch.testing.assert_close(torch.load(out / "prompt.pt", weights_only=True),
+                               torch.load(reference / "prompt.pt", weights_only=True))
+
+
+# ---- bad input: a clear error naming the record or file, nothing lost ----
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def alpaca_records(assets):
+    return json.loads((assets / "alpaca" / "alpaca_data_1k.json").read_text())[:40]
+
+
+def test_malformed_jsonl_names_the_line_and_the_cli_exits_non_zero(model_bin, alpaca_records,
+                                                                   tmp_path):
+    data = write_jsonl(tmp_path / "data.jsonl", alpaca_records[:10])
+    lines = data.read_text().splitlines()
+    lines[6] = lines[6][:-5]  # line 7 cut short
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    args = run_args(model_bin, data, out)
+    with pytest.raises(BadInput, match=r"data\.jsonl line 7: not valid JSON"):
+        ft_main.main(**args)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    run = subprocess.run([sys.executable, "ft_main.py", *as_cli(args)], cwd=REPO, env=env,
+                         text=True, capture_output=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.startswith("error: data file ") and "data.jsonl line 7" in run.stderr
+    assert not (out / "metrics.jsonl").exists() and not (out / "prompt.pt").exists()
+
+
+def test_malformed_json_list_names_line_and_column(model_bin, alpaca_records, tmp_path):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(alpaca_records[:5], indent=1)[:-3])
+    with pytest.raises(BadInput, match=r"data\.json:\d+:\d+: not valid JSON"):
+        ft_main.main(**run_args(model_bin, data, tmp_path / "out"))
+
+
+def test_record_missing_a_field_is_skipped_and_counted_or_refused_with_strict(
+        model_bin, alpaca_records, tmp_path, capsys):
+    records = [dict(r) for r in alpaca_records[:12]]
+    del records[4]["output"]
+    data = write_jsonl(tmp_path / "data.jsonl", records)
+    with pytest.raises(BadInput, match=r"data\.jsonl, line 5: field 'output' is missing; fix or "
+                                       r"remove that record"):
+        ft_main.main(**run_args(model_bin, data, tmp_path / "strict", strict=True))
+    assert not (tmp_path / "strict" / "metrics.jsonl").exists()
+    capsys.readouterr()
+    ft_main.main(**run_args(model_bin, data, tmp_path / "lenient", steps=1, eval_fraction=0))
+    assert "skipped 1 of 12 records" in capsys.readouterr().out
+    assert (tmp_path / "lenient" / "prompt.pt").exists()
+
+
+def test_empty_dataset_after_filtering(model_bin, alpaca_records, tmp_path):
+    no_output = write_jsonl(tmp_path / "no_output.jsonl",
+                            [{"instruction": r["instruction"], "output": " "}
+                             for r in alpaca_records[:5]])
+    with pytest.raises(BadInput, match=r"no_output\.jsonl holds no usable records"):
+        ft_main.main(**run_args(model_bin, no_output, tmp_path / "out"))
+    too_long = write_jsonl(tmp_path / "too_long.jsonl",
+                           [{"instruction": "tell me a story " * 40, "output": "no"}] * 5)
+    with pytest.raises(BadInput, match=r"every example of \S*too_long\.jsonl is longer than "
+                                       r"max_len 120 before its response starts"):
+        ft_main.main(**run_args(model_bin, too_long, tmp_path / "out"))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"micro_batch_size": 3}, r"--micro_batch_size=3 does not divide --global_batch_size=4"),
+    ({"n_virtual_tokens": 0}, r"--n_virtual_tokens=0 must be a positive integer"),
+    ({"n_virtual_tokens": -2}, r"--n_virtual_tokens=-2 must be a positive integer"),
+    ({"n_virtual_tokens": 128}, r"--n_virtual_tokens=128 leaves no room for text in "
+                                r"max_seq_len=128"),
+    ({"n_virtual_tokens": 500}, r"--n_virtual_tokens=500 leaves no room"),
+    ({"offload": "optimizer,gpu"}, r"--offload 'gpu' is not one of optimizer, activations, "
+                                   r"weights"),
+])
+def test_bad_settings_are_refused_before_anything_is_written(model_bin, alpaca_small, tmp_path,
+                                                             overrides, message):
+    with pytest.raises(BadInput, match=message):
+        ft_main.main(**run_args(model_bin, alpaca_small, tmp_path / "out", **overrides))
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_pointing_at_nothing(model_bin, alpaca_small, tmp_path):
+    missing = tmp_path / "nowhere" / "checkpoint.pt"
+    with pytest.raises(BadInput, match=rf"--resume {missing}: no training checkpoint there"):
+        ft_main.main(**run_args(model_bin, alpaca_small, tmp_path / "out", resume=str(missing)))
+    with pytest.raises(BadInput, match=r"/fresh/checkpoint\.pt: no training checkpoint there"):
+        ft_main.main(**run_args(model_bin, alpaca_small, tmp_path / "fresh", resume=True))
+    assert not (tmp_path / "fresh" / "metrics.jsonl").exists()
+
+
+def test_resume_pointing_at_nothing_stops_every_rank(model_bin, alpaca_small, tmp_path):
+    missing = tmp_path / "nowhere" / "checkpoint.pt"
+    args = run_args(model_bin, alpaca_small, tmp_path / "out", resume=str(missing))
+    started = time.monotonic()
+    results = launch(["ft_main.py", *as_cli(args)], 2, timeout_s=120)
+    assert time.monotonic() - started < 60  # no rank waits for the timeout
+    (code0, _, err0), (code1, _, err1) = results
+    assert code0 == 2 and err0.strip() == (f"error: --resume {missing}: no training checkpoint "
+                                           "there (it is written every --save_every steps as "
+                                           "<out>/checkpoint.pt)")
+    assert code1 != 0 and "Traceback" not in err1 and "another stage has probably died" in err1
+
+
+@pytest.mark.parametrize("change, named", [({"n_virtual_tokens": 16}, "n_virtual_tokens"),
+                                           ({"data": "other"}, "data")], ids=["n_virtual", "data"])
+def test_resume_of_another_run_is_refused_and_its_checkpoint_kept(
+        model_bin, alpaca_small, reference, tmp_path, change, named):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("checkpoint.pt", "metrics.jsonl"):
+        (out / name).write_bytes((reference / name).read_bytes())
+    before = {name: sha256(out / name) for name in ("checkpoint.pt", "metrics.jsonl")}
+    data = alpaca_small
+    if change.pop("data", None) == "other":  # the same records under another name
+        data = tmp_path / "other.json"
+        data.write_bytes(alpaca_small.read_bytes())
+    with pytest.raises(BadInput, match=rf"checkpoint\.pt belongs to another run: it had "
+                                       rf"--{named}=.*resume with the same settings"):
+        ft_main.main(**run_args(model_bin, data, out, resume=True, **change))
+    assert {name: sha256(out / name) for name in before} == before
+    assert not (out / "prompt.pt").exists()
+
+
+def test_nan_loss_that_does_not_recover_stops_and_keeps_the_last_good_checkpoint(
+        model_bin, alpaca_small, tmp_path):
+    """Steps 2, 3, 4 overflow (float32: a NaN/inf gradient is skipped the same way); the third in a
+    row stops the run before step 4 writes anything; the checkpoint of step 3 is intact."""
+    out = tmp_path / "run"
+    args = run_args(model_bin, alpaca_small, out, save_every=1, eval_every=0,
+                    max_skipped_steps=3)
+    with pytest.raises(BadInput, match=rf"overflowed or been NaN for 3 steps in a row \(step 4\); "
+                                       rf"stopped\. The last good checkpoint is "
+                                       rf"{out / 'checkpoint.pt'}; lower --lr"):
+        ft_main.main(**args, debug_overflow_steps=(2, 3, 4, 5, 6))
+    metrics = read_metrics(out)
+    assert [m["skipped"] for m in metrics] == [False, True, True, True]
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 3 and torch.isfinite(state["prompt"]).all()
+    assert not (out / "prompt.pt").exists()
+    # Intact: the same run resumes from it (without the injected overflows) and finishes.
+    ft_main.main(**args, resume=True)
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
+    assert math.isfinite(saved_losses(out)["train_loss"])
