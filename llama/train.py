@@ -48,7 +48,8 @@ def check_config(cfg, max_seq_len: int):
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise BadInput(f"--{name}={value!r} must be a positive integer")
-    for name in ("n_virtual_tokens", "micro_batch_size", "global_batch_size", "log_every"):
+    for name in ("n_virtual_tokens", "micro_batch_size", "global_batch_size", "log_every",
+                 "max_skipped_steps"):
         positive_int(name)
     if cfg.n_virtual_tokens >= max_seq_len - 1:
         raise BadInput(f"--n_virtual_tokens={cfg.n_virtual_tokens} leaves no room for text in "
