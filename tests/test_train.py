@@ -390,6 +390,7 @@ def test_empty_dataset_after_filtering(model_bin, alpaca_records, tmp_path):
     ({"n_virtual_tokens": 500}, r"--n_virtual_tokens=500 leaves no room"),
     ({"offload": "optimizer,gpu"}, r"--offload 'gpu' is not one of optimizer, activations, "
                                    r"weights"),
+    ({"max_skipped_steps": 0}, r"--max_skipped_steps=0 must be a positive integer"),
 ])
 def test_bad_settings_are_refused_before_anything_is_written(model_bin, alpaca_small, tmp_path,
                                                              overrides, message):
