@@ -199,6 +199,16 @@ def ratio_record(what: str, ours: dict, other: dict) -> dict:
             "other_max_stage_peak_gib": max(other["peak_mem_gib"])}
 
 
+def pipeline_ratio_record(piped: dict, single: dict) -> dict:
+    """The pipeline against one process, plus its distance from the ideal on separate devices:
+    the single process's step time split over p stages, stretched by the (p-1)/(m+p-1) bubble."""
+    p = piped["n_stages"]
+    ideal = single["step_time_s"] / p / (1 - piped["bubble_ideal"])
+    return {**ratio_record(f"{p} stages / 1 stage", piped, single),
+            "ideal_step_time_s_separate_devices": ideal,
+            "step_time_over_ideal": piped["step_time_s"] / ideal}
+
+
 def main(shape: str = "tiny", n_stages: int = None, schedule="1f1b", global_batch=8, micro_batch=8,
          seq_len: int = 512, n_virtual_tokens: int = 32, dtype: str = "auto", recompute=False,
          offload=None, steps: int = 5, warmup_steps: int = 2, target_fraction: float = 1.0,
@@ -265,7 +275,7 @@ def main(shape: str = "tiny", n_stages: int = None, schedule="1f1b", global_batc
             one = run_ours(single, args, dtype, cfg, offload=offload, trace_dir=trace_dir, **run_args)
             one.update(shape=shape_name(shape), **env)
             common.emit(one)
-            common.emit(ratio_record(f"{ctx.world_size} stages / 1 stage", record, one))
+            common.emit(pipeline_ratio_record(record, one))
             records.append(one)
     if compare_hf:
         missing = common.hf_missing()
