@@ -16,6 +16,7 @@ from llama.errors import BadInput
 from llama.formats import read_json, read_safetensor, read_safetensors_header, safe_torch_load
 
 INITS = ("text", "vocab", "random")
+PEFT_EXTRA_FILE = "llama_prompt.json"  # what our PEFT export adds: model digest and template
 
 
 class SoftPrompt(nn.Module):
@@ -117,6 +118,10 @@ def export_peft(folder, weight, args, metadata: dict):
               "tokenizer_name_or_path": metadata.get("tokenizer"),
               "base_model_name_or_path": metadata.get("ckpt_dir"), "inference_mode": True}
     atomic_write_text(folder / "adapter_config.json", json.dumps(config, indent=2))
+    # PEFT's config has no place for these; a file beside it that PEFT ignores keeps them, so
+    # importing our own export still checks the model and wraps text in the same template.
+    extra = {"params_digest": params_digest(args), "template": metadata.get("template")}
+    atomic_write_text(folder / PEFT_EXTRA_FILE, json.dumps(extra, indent=2))
 
 
 def import_peft(folder):
@@ -136,5 +141,8 @@ def import_peft(folder):
         raise BadInput(f"{folder} has adapter_config.json but no adapter_model.bin/.safetensors")
     if not isinstance(state, dict) or "prompt_embeddings" not in state:
         raise BadInput(f"{path} holds no 'prompt_embeddings' tensor")
-    return state["prompt_embeddings"], {"n_virtual_tokens": config.get("num_virtual_tokens"),
-                                        "init": config.get("prompt_tuning_init"), "peft": True}
+    info = {"n_virtual_tokens": config.get("num_virtual_tokens"),
+            "init": config.get("prompt_tuning_init"), "peft": True}
+    if (folder / PEFT_EXTRA_FILE).is_file():
+        info.update(read_json(folder / PEFT_EXTRA_FILE))
+    return state["prompt_embeddings"], info

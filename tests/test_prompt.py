@@ -7,6 +7,7 @@ Run: python3 -m pytest -q tests/test_prompt.py
 import dataclasses
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -123,14 +124,15 @@ def test_peft_export_imports_back_exactly(model, trained, tmp_path):
     assert config["num_transformer_submodules"] == 1 and config["inference_mode"] is True
     assert config["prompt_tuning_init"] == "TEXT"
     assert config["prompt_tuning_init_text"] == ALPACA_PREAMBLE
-    assert peft_info == {"n_virtual_tokens": 8, "init": "TEXT", "peft": True}
+    assert peft_info == {"n_virtual_tokens": 8, "init": "TEXT", "peft": True,
+                         "params_digest": params_digest(model.args), "template": "plain"}
     state = torch.load(trained / "peft" / "adapter_model.bin", weights_only=True)
     assert list(state) == ["prompt_embeddings"]
     assert torch.equal(load_prompt(trained / "peft", model.args)[0], saved)
 
     # export(import(export(w))) writes the same files again
     again = tmp_path / "again"
-    metadata = {"init": "text", "init_text": ALPACA_PREAMBLE,
+    metadata = {"init": "text", "init_text": ALPACA_PREAMBLE, "template": "plain",
                 "tokenizer": config["tokenizer_name_or_path"],
                 "ckpt_dir": config["base_model_name_or_path"]}
     export_peft(again, weight, model.args, metadata)
@@ -154,14 +156,24 @@ def test_peft_safetensors_layout_imports_the_same_tensor(model, trained, tmp_pat
     assert torch.equal(load_prompt(folder, model.args)[0], weight)
 
 
+def test_our_peft_export_refuses_another_model_of_the_same_width(model, trained, tmp_path):
+    """PEFT's config only knows the width; our export also carries the model's digest."""
+    folder = tmp_path / "peft"
+    shutil.copytree(trained / "peft", folder)
+    extra = json.loads((folder / "llama_prompt.json").read_text())
+    (folder / "llama_prompt.json").write_text(json.dumps({**extra, "params_digest": "0" * 16}))
+    with pytest.raises(BadInput, match="another model"):
+        load_prompt(folder, model.args)
+
+
 def test_example_ft_generates_the_same_from_our_folder_and_the_peft_folder(
         model_bin, model, tokenizer, trained, capsys):
     capsys.readouterr()
     example_ft.main(str(model_bin), str(trained), prompts=TEXTS, max_gen_len=12, compare=True)
     ours = capsys.readouterr().out
-    # PEFT's layout has no place for the template: give the one prompt.json names.
+    # The template travels with our PEFT export (llama_prompt.json beside adapter_config.json).
     example_ft.main(str(model_bin), str(trained / "peft"), prompts=TEXTS, max_gen_len=12,
-                    compare=True, template="plain")
+                    compare=True)
     peft = capsys.readouterr().out
     assert ours == peft and ours.count("[with prompt]") == 2 and ours.count("[base model]") == 2
 
