@@ -8,6 +8,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from llama.errors import BadInput
 
@@ -32,16 +33,33 @@ def schedule_actions(schedule: str, stage: int, n_stages: int, n_micro: int):
     return actions + [("B", i) for i in range(n_micro - warmup, n_micro)]
 
 
+LOSS_CHUNK_TOKENS = 1024  # target positions whose logits exist at once
+
+
+def _chunk_loss(stage_model, h_chunk, targets_chunk):
+    logits = stage_model.logits(h_chunk).float()  # (chunk, vocab): the only float32 logits
+    return F.cross_entropy(logits, targets_chunk, reduction="sum")
+
+
 def loss_sum(stage_model, h, targets):
     """Summed cross-entropy over the positions that have a target (-100 marks the others).
 
-    Only those positions go through the output head, and the logits are made float32 only
-    there: the full (B, T, vocab) float32 logits never exist.
+    targets stays on the CPU, so finding those positions never waits for the GPU. Only they go
+    through the output head, LOSS_CHUNK_TOKENS at a time; in training each chunk's logits are
+    recomputed in the backward pass rather than kept, so the (B, T, vocab) logits never exist and
+    a chunk's are the most held at once (about 14 bytes x chunk x vocab).
     """
-    has_target = targets != -100
-    picked = h[has_target]  # (N, dim)
-    logits = stage_model.logits(picked).float()  # (N, vocab)
-    return F.cross_entropy(logits, targets[has_target], reduction="sum")
+    flat_targets = targets.reshape(-1)
+    positions = (flat_targets != -100).nonzero().squeeze(1)
+    picked = h.reshape(-1, h.shape[-1]).index_select(0, positions.to(h.device))  # (N, dim)
+    picked_targets = flat_targets[positions].to(h.device)
+    total = h.new_zeros((), dtype=torch.float32)
+    for h_chunk, t_chunk in zip(picked.split(LOSS_CHUNK_TOKENS), picked_targets.split(LOSS_CHUNK_TOKENS)):
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss, stage_model, h_chunk, t_chunk, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(stage_model, h_chunk, t_chunk)
+    return total
 
 
 class Stage:
@@ -98,8 +116,7 @@ class Stage:
                 h_in.requires_grad_(True)
             h_out = self.model.run_layers(h_in)
             if self.is_last:
-                targets = batch.targets.to(self.device)
-                summed = loss_sum(self.model, h_out[:, self.n_virtual:], targets)
+                summed = loss_sum(self.model, h_out[:, self.n_virtual:], batch.targets)
                 self.in_flight[i] = (h_in, summed * loss_weight)
                 return summed.detach()
             self.hidden_out(h_out)
@@ -126,12 +143,12 @@ class Stage:
         """
         n_targets = sum(int(b.n_targets) for b in micro_batches)
         weight = loss_scale / max(n_targets, 1)
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)  # read once, at the end
         for kind, i in schedule_actions(schedule, self.index, self.n_stages, len(micro_batches)):
             if kind == "F":
                 summed = self.forward_micro_batch(i, micro_batches[i], weight)
                 if summed is not None:
-                    total += summed.double().cpu()
+                    total += summed.double()
             else:
                 self.backward_micro_batch(i)
         self.ctx.flush_sends()
@@ -149,7 +166,7 @@ class Stage:
             with self.span(f"E{i}", "eval", micro_batch=i):
                 h = self.model.run_layers(self.hidden_in(batch.tokens, 0, with_prompt))
                 if self.is_last:
-                    total += float(loss_sum(self.model, h[:, skip:], batch.targets.to(self.device)))
+                    total += float(loss_sum(self.model, h[:, skip:], batch.targets))
                 self.hidden_out(h)
             n_targets += int(batch.n_targets)
         self.ctx.flush_sends()
