@@ -15,6 +15,7 @@ from llama.checkpoint import stage_plan
 from llama.errors import BadInput, run_cli
 from llama.model import ModelArgs, rotary_tables
 from llama.partition import parameter_costs
+from llama.pipeline import LOSS_CHUNK_TOKENS
 from llama.runtime import DTYPE_NAMES
 
 GIB = 2**30
@@ -38,8 +39,8 @@ def saved_bytes_per_token(args: ModelArgs, dtype_bytes: int) -> int:
 
 
 def head_bytes_per_target(args: ModelArgs, dtype_bytes: int) -> int:
-    """The loss's peak per target position: dtype logits, fp32 logits, fp32 log-probabilities
-    (saved) and their fp32 gradient."""
+    """The loss's peak per target position of one chunk: dtype logits, fp32 logits, fp32
+    log-probabilities (saved) and their fp32 gradient."""
     return args.vocab_size * (dtype_bytes + 4 + 4 + 4)
 
 
@@ -65,7 +66,10 @@ def stage_estimates(args, n_stages, global_batch, micro_batch, seq_len, n_virtua
         # the transient of one micro-batch's backward through one block
         working = {"plain": ffn_grads, "recompute": per_layer + ffn_grads,
                    "offload": per_layer + ffn_grads}
-        loss = targets * head_bytes_per_target(args, dtype_bytes) if has_head else 0
+        # The loss runs in chunks (llama/pipeline.py): one chunk's logits at a time, plus the
+        # picked hidden states of every target position, saved to recompute each chunk.
+        loss = (min(targets, LOSS_CHUNK_TOKENS) * head_bytes_per_target(args, dtype_bytes)
+                + targets * dtype_bytes * args.dim) if has_head else 0
         row = {"bench": "memory_estimate", "n_stages": n_stages, "stage": stage,
                "layers": [first, last], "micro_batch": micro_batch, "n_micro": n_micro,
                "in_flight": in_flight, "weights_gib": weights / GIB,
