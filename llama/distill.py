@@ -64,7 +64,7 @@ def teach(ckpt_dir: str, out: str, n_samples: int = 512, max_gen_len: int = 96, 
     if ctx.rank == 0:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out, "".join(json.dumps({"text": s}) + "\n" for s in kept))
-    ctx.log(f"kept {len(kept)} of {n_samples} stories that show {trait!r} "
+    ctx.log(f"kept {len(kept)} of {n_samples} stories that match {trait} "
             f"(the hard prompt's own rate: {len(kept) / n_samples:.0%}); wrote {out}")
     ctx.close()
 
@@ -100,7 +100,7 @@ def score(ckpt_dir: str, prompt: str, n_samples: int = 32, max_gen_len: int = 96
     except PeerLost as error:
         report_and_exit(error, ctx.rank)
     for key, label in labels.items():
-        ctx.log(f"{trait!r} in {rates[key]:.0%} of {n_samples} stories {label}")
+        ctx.log(f"{rates[key]:.0%} of {n_samples} stories {label} match {trait}")
     ctx.close()
 
 
