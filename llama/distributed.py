@@ -7,6 +7,7 @@ timeout, and a lost peer becomes a clear error naming its stage.
 """
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -18,6 +19,19 @@ from llama.errors import BadInput
 
 class PeerLost(RuntimeError):
     """A neighbouring stage stopped answering (crashed, killed, or stalled past the timeout)."""
+
+
+DOWN_KEY = "llama/down/"  # in the job's store: rank -> the stage it lost ("" when it cannot tell)
+DONE_KEY = "llama/done/"  # rank -> it has named the lost stage and needs the store no more
+NAMING_WAIT_S = 5.0  # how long a rank that lost a collective waits for the others to report
+
+
+def short_cause(error) -> str:
+    """'Connection closed by peer [127.0.0.1]:23957' from gloo's long '[pair.cc:553] ... GLHF!'."""
+    line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if line.startswith("[") and "] " in line:
+        line = line.split("] ", 1)[1]
+    return line.split(". ")[0]
 
 
 @dataclass
@@ -55,13 +69,15 @@ class DistContext:
     def send(self, tensor, dst: int):
         """Start sending tensor to rank dst; completion is awaited by flush_sends()."""
         wire = self._on_wire(tensor.detach().contiguous())
-        self.pending_sends.append((dist.isend(wire, dst), wire, dst))
+        self.pending_sends.append((self._start(lambda: dist.isend(wire, dst), dst, "sending to"),
+                                   wire, dst))
 
     def recv(self, shape, dtype, src: int):
         """Receive a tensor of known shape and dtype from rank src, on this rank's device."""
         wire_device = self.device if self.backend == "nccl" else torch.device("cpu")
         buffer = torch.empty(shape, dtype=dtype, device=wire_device)
-        self._wait(dist.irecv(buffer, src), src, "receiving from")
+        work = self._start(lambda: dist.irecv(buffer, src), src, "receiving from")
+        self._wait(work, src, "receiving from")
         return buffer.to(self.device, non_blocking=True)
 
     def send_with_shape(self, tensor, dst: int):
@@ -81,6 +97,13 @@ class DistContext:
             self._wait(work, dst, "sending to")
         self.pending_sends.clear()
 
+    def _start(self, call, peer: int, doing: str):
+        """isend/irecv; gloo raises right here when the connection to peer is already gone."""
+        try:
+            return call()
+        except RuntimeError as error:
+            raise self._peer_lost(error, peer, doing) from None
+
     def _wait(self, work, peer: int, doing: str):
         try:
             if self.backend == "gloo":
@@ -88,9 +111,17 @@ class DistContext:
             else:
                 work.wait()
         except RuntimeError as error:
-            raise PeerLost(f"rank {self.rank} (stage {self.rank}) failed {doing} stage {peer}: "
-                           f"{str(error).splitlines()[0]}. Stage {peer} has probably died or "
-                           f"stalled longer than --timeout_s={self.timeout_s:g}; see its log") from None
+            raise self._peer_lost(error, peer, doing) from None
+
+    def _peer_lost(self, error, peer: int, doing: str) -> PeerLost:
+        lost = self._report_down(peer)
+        blame = f"Stage {peer} has probably died or stalled"
+        if lost not in (None, peer):  # the peer gave up first, because it had lost another stage
+            blame = (f"Stage {peer} stopped because it lost stage {lost}, which has probably died "
+                     "or stalled")
+        return PeerLost(f"rank {self.rank} (stage {self.rank}) failed {doing} stage {peer}: "
+                        f"{short_cause(error)}. {blame} longer than --timeout_s="
+                        f"{self.timeout_s:g}; see its log")
 
     # ---- small collectives (control values every rank must agree on) ----
 
@@ -135,9 +166,71 @@ class DistContext:
         try:
             call()
         except RuntimeError as error:
-            raise PeerLost(f"rank {self.rank}: a collective with the other stages failed "
-                           f"({str(error).splitlines()[0]}); another stage has probably died "
-                           "or stalled; see its log") from None
+            silent = self._report_down(None)
+            named = ""
+            if silent:
+                stages = ", ".join(str(r) for r in silent)
+                named = (f": stage{'s' if len(silent) > 1 else ''} {stages}, which did not report an "
+                         "error of its own")
+            raise PeerLost(f"rank {self.rank} (stage {self.rank}): a collective with the other "
+                           f"stages failed ({short_cause(error)}); another stage has probably "
+                           f"died or stalled{named}; see its log") from None
+
+    def _report_down(self, peer):
+        """Tell the other ranks, through the job's store, that this rank gives up, and name the
+        stage at fault.
+
+        A rank that gives up writes whom it lost (peer, or "" after a failed collective) before it
+        exits, so a stage that wrote nothing is one that died or stalled. After losing `peer`:
+        the peer itself, or, if the peer gave up too, the stage it lost (followed along the
+        chain). After a failed collective: the ranks that still have not reported after a few
+        seconds, as a list. None (or []) when the store cannot be reached either.
+        """
+        store = dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
+        if store is None:
+            return peer if peer is not None else []
+        wait_s = min(self.timeout_s, NAMING_WAIT_S)
+        try:
+            store.set_timeout(timedelta(seconds=wait_s))
+            store.set(f"{DOWN_KEY}{self.rank}", "" if peer is None else str(peer))
+            lost = self._follow_chain(store, peer) if peer is not None else \
+                self._silent_ranks(store, time.monotonic() + wait_s)
+            store.set(f"{DONE_KEY}{self.rank}", "")
+        except (RuntimeError, ValueError):  # the store went down with its host
+            return peer if peer is not None else []
+        if self.rank == 0:
+            self._linger(store, time.monotonic() + wait_s)
+        return lost
+
+    def _follow_chain(self, store, peer: int) -> int:
+        lost, seen = peer, {self.rank, peer}
+        while store.check([f"{DOWN_KEY}{lost}"]):
+            verdict = store.get(f"{DOWN_KEY}{lost}").decode()
+            if not verdict or int(verdict) in seen:  # lost in a collective, or a cycle
+                break
+            lost = int(verdict)
+            seen.add(lost)
+        return lost
+
+    def _silent_ranks(self, store, deadline: float) -> list:
+        while True:
+            silent = [r for r in range(self.world_size)
+                      if r != self.rank and not store.check([f"{DOWN_KEY}{r}"])]
+            if len(silent) <= 1 or time.monotonic() > deadline:
+                return silent
+            time.sleep(0.1)
+
+    def _linger(self, store, deadline: float):
+        """Rank 0 may be the process that holds the store (torchrun's agent holds it, a plain
+        launch gives it to rank 0): it stays until every rank that reported has read its answer."""
+        try:
+            while time.monotonic() < deadline:
+                if all(store.check([f"{DONE_KEY}{r}"]) or not store.check([f"{DOWN_KEY}{r}"])
+                       for r in range(self.world_size)):
+                    return
+                time.sleep(0.05)
+        except RuntimeError:
+            pass
 
     def close(self):
         if self.distributed and dist.is_initialized():
