@@ -8,7 +8,6 @@ import json
 import re
 
 import pytest
-import torch
 
 import ft_main
 from llama import distill
@@ -17,14 +16,6 @@ from llama.distributed import DistContext
 from llama.pipeline import Stage
 from llama.prompt import SoftPrompt, load_prompt
 from llama.tokenizer import Tokenizer
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_distilled_soft_prompt_carries_the_trait(assets, tmp_path):

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import split_model
 from launch import REPO, check_all_ok, free_port, launch
@@ -20,16 +19,6 @@ from llama.tokenizer import Tokenizer
 
 MAX_GEN_LEN = 16
 SETTINGS = dict(temperature=0.8, top_p=0.9, seed=0, stop_ids=(1, 2))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run this module's many tiny forwards on one thread: at dim 64 a second thread gains
-    nothing, and on a busy 2-core machine OpenMP's waiting for it made them ~8x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

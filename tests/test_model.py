@@ -17,16 +17,6 @@ from llama.pipeline import Stage
 from llama.tokenizer import Tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run this module's many tiny forwards on one thread: at dim 64 a second thread gains
-    nothing, and on a busy 2-core machine OpenMP's waiting for it made them ~8x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def stories(assets):
     return assets / "stories260K"

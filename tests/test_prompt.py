@@ -31,14 +31,6 @@ from llama.tokenizer import Tokenizer
 TEXTS = ["Give three tips for staying healthy.", "Once upon a time"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def model_bin(assets):
     return assets / "stories260K" / "stories260K.bin"

@@ -31,15 +31,6 @@ from llama.tokenizer import Tokenizer
 TIMING_FIELDS = ("tokens_per_s", "peak_mem_gib")  # the only metrics allowed to differ between runs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny model, small batches: a second thread gains nothing and makes a busy machine slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def model_bin(assets):
     return assets / "stories260K" / "stories260K.bin"
