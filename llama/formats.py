@@ -27,20 +27,34 @@ IGNORED_KEYS = {"rope.freqs"}
 
 
 def safe_torch_load(path, mmap=True):
-    """torch.load of plain tensors only: a pickle that needs code to unpickle is refused."""
+    """torch.load of plain tensors only: a pickle that needs code to unpickle is refused, and a
+    damaged file is a BadInput whatever torch's reader trips over inside it."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
-        raise BadInput(f"{path} needs code to unpickle and was refused (only tensors, numbers "
-                       f"and strings are loaded: {str(error).splitlines()[0]}); re-save it as "
-                       "a plain state dict from a trusted copy") from None
+        code = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if code:  # a crafted file, or a damaged one whose flipped bytes spell another name
+            raise BadInput(f"{path} needs code to unpickle and was refused (it calls "
+                           f"{code.group(1)}; only tensors, numbers and strings are loaded): the "
+                           "file is corrupt or was made to run code; re-save it as a plain state "
+                           "dict from a trusted copy") from None
+        raise BadInput(f"{path} is corrupt or truncated ({unpickling_detail(error)}); download "
+                       "or split it again") from None
     except RuntimeError as error:
         if mmap and "mmap" in str(error):
             return safe_torch_load(path, mmap=False)  # the legacy (non-zip) torch.save format
         raise BadInput(f"{path} is corrupt or truncated ({str(error).splitlines()[0]}); "
                        "download or split it again") from None
-    except (EOFError, OSError, ValueError) as error:
-        raise BadInput(f"{path} is corrupt or truncated ({error}); download or split it again") from None
+    except Exception as error:  # EOFError, ValueError, IndexError, ...: the bytes are damaged
+        raise BadInput(f"{path} is corrupt or truncated ({type(error).__name__}: {error}); "
+                       "download or split it again") from None
+
+
+def unpickling_detail(error) -> str:
+    """The line of torch's weights-only message that says what was wrong, not its advice."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = [line for line in lines if line.startswith("WeightsUnpickler error:")]
+    return (detail or lines or [type(error).__name__])[0]
 
 
 def model_args_from_dict(params: dict, source: str, **overrides) -> ModelArgs:
