@@ -5,6 +5,7 @@ at a time, so splitting a 7B model never holds two copies of it. Layouts: Meta (
 consolidated.NN.pth shards), llama2.c legacy .bin, Hugging Face (config.json + safetensors/.bin).
 """
 import json
+import math
 import os
 import pickle
 import re
@@ -176,24 +177,37 @@ class Llama2cSource(TensorSource):
         self.args = ModelArgs(**{"dim": dim, "hidden_dim": hidden, "n_layers": n_layers,
                                  "n_heads": n_heads, "n_kv_heads": n_kv, "vocab_size": abs(vocab),
                                  "max_seq_len": seq_len, **overrides})
-        self.offsets = self._layout(seq_len)
-        expected = self.HEADER.size + 4 * self.n_floats
+        # Checked before the layout is listed: a damaged header may claim a billion layers.
+        expected = self.HEADER.size + 4 * self._count_floats(seq_len)
         if os.path.getsize(self.path) != expected:
             raise BadInput(f"{self.path} has {os.path.getsize(self.path)} bytes but its header "
                            f"implies {expected}: the file is truncated or not a llama2.c v0 export")
+        self.offsets = self._layout(seq_len)
         self.floats = np.memmap(self.path, dtype="<f4", mode="r", offset=self.HEADER.size)
         self.description = {"format": "llama2c", "path": self.path.name}
+
+    def _per_layer(self):
+        """(kind, shape) of each array a layer has, in file order."""
+        a = self.args
+        kv_dim = a.n_kv_heads * a.head_dim
+        return [("attention_norm", (a.dim,)), ("attention.wq", (a.dim, a.dim)),
+                ("attention.wk", (kv_dim, a.dim)), ("attention.wv", (kv_dim, a.dim)),
+                ("attention.wo", (a.dim, a.dim)), ("ffn_norm", (a.dim,)),
+                ("feed_forward.w1", (a.hidden_dim, a.dim)),
+                ("feed_forward.w2", (a.dim, a.hidden_dim)),
+                ("feed_forward.w3", (a.hidden_dim, a.dim))]
+
+    def _count_floats(self, seq_len) -> int:
+        a = self.args
+        layer = sum(math.prod(shape) for _, shape in self._per_layer())
+        tables = 2 * seq_len * a.head_dim // 2
+        classifier = 0 if self.shared_classifier else a.vocab_size * a.dim
+        return a.vocab_size * a.dim + a.n_layers * layer + a.dim + tables + classifier
 
     def _layout(self, seq_len):
         """(name, offset in floats, shape) of every array, in file order."""
         a = self.args
-        kv_dim = a.n_kv_heads * a.head_dim
-        per_layer = [("attention_norm", (a.dim,)), ("attention.wq", (a.dim, a.dim)),
-                     ("attention.wk", (kv_dim, a.dim)), ("attention.wv", (kv_dim, a.dim)),
-                     ("attention.wo", (a.dim, a.dim)), ("ffn_norm", (a.dim,)),
-                     ("feed_forward.w1", (a.hidden_dim, a.dim)),
-                     ("feed_forward.w2", (a.dim, a.hidden_dim)),
-                     ("feed_forward.w3", (a.hidden_dim, a.dim))]
+        per_layer = self._per_layer()
         layout, offset = {}, 0
 
         def place(name, shape):
@@ -209,7 +223,6 @@ class Llama2cSource(TensorSource):
         offset += 2 * seq_len * a.head_dim // 2  # the stored rotary tables; recomputed instead
         if not self.shared_classifier:
             place("output.weight", (a.vocab_size, a.dim))
-        self.n_floats = offset
         return layout
 
     def names(self):
