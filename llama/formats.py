@@ -292,14 +292,38 @@ def read_safetensors_header(path):
             header = json.loads(f.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise BadInput(f"{path} has a corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise BadInput(f"{path} has a corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
+    data_bytes = os.path.getsize(path) - 8 - length
+    for name, entry in header.items():
+        check_safetensor_entry(path, name, entry, data_bytes)
     return 8 + length, header
 
 
+def check_safetensor_entry(path, name, entry, data_bytes: int):
+    """Refuse a header entry whose dtype, shape or byte range cannot describe a tensor there."""
+    def is_count(value):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    fields = entry if isinstance(entry, dict) else {}
+    dtype, shape, offsets = fields.get("dtype"), fields.get("shape"), fields.get("data_offsets")
+    if not (isinstance(dtype, str) and isinstance(shape, list) and all(map(is_count, shape))
+            and isinstance(offsets, list) and len(offsets) == 2 and all(map(is_count, offsets))
+            and offsets[0] <= offsets[1] <= data_bytes):
+        raise BadInput(f"{path} has a corrupt safetensors header: the entry of {name!r} is "
+                       f"{str(entry)[:120]}; download the file again")
+    if dtype not in SAFETENSORS_DTYPES:
+        raise BadInput(f"{path}: tensor {name!r} has dtype {dtype}, which is not supported")
+    itemsize = SAFETENSORS_DTYPES[dtype].itemsize
+    if math.prod(shape) * itemsize != offsets[1] - offsets[0]:
+        raise BadInput(f"{path} has a corrupt safetensors header: {name!r} of shape {shape} "
+                       f"({dtype}) cannot fill bytes {offsets[0]}..{offsets[1]}; download the "
+                       "file again")
+
+
 def read_safetensor(path, data_start: int, entry: dict):
-    dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
-    if dtype is None:
-        raise BadInput(f"{path}: tensor dtype {entry['dtype']} is not supported")
+    """One tensor, its entry already checked by read_safetensors_header."""
+    dtype = SAFETENSORS_DTYPES[entry["dtype"]]
     begin, end = entry["data_offsets"]
     with open(path, "rb") as f:
         f.seek(data_start + begin)
