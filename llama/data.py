@@ -102,6 +102,9 @@ def _parse_json_list(path, text: str):
     except json.JSONDecodeError as error:
         raise BadInput(f"data file {path}:{error.lineno}:{error.colno}: not valid JSON "
                        f"({error.msg}); fix the file at that place") from None
+    except RecursionError:
+        raise BadInput(f"data file {path} nests lists or objects too deeply to be Alpaca "
+                       "records: write a list [{...}, ...] of flat objects") from None
     if not isinstance(values, list):
         raise BadInput(f"data file {path} holds a JSON {type(values).__name__}, not a list of "
                        "records: write a list [{...}, ...] or JSONL (one object per line)")
@@ -120,6 +123,9 @@ def _parse_jsonl(path, text: str):
             raise BadInput(f"data file {path} line {line_number}: not valid JSON ({error.msg} at "
                            f"column {error.colno}); a JSONL file holds one JSON object per line, "
                            "a JSON file a single list") from None
+        except RecursionError:
+            raise BadInput(f"data file {path} line {line_number}: nested too deeply to be a "
+                           "record; each line holds one flat JSON object") from None
     return located
 
 

@@ -96,6 +96,9 @@ def read_json(path) -> dict:
         raise BadInput(f"{path} is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BadInput(f"{path} is not valid JSON ({error}); restore it from the checkpoint") from None
+    except RecursionError:
+        raise BadInput(f"{path} is not valid JSON (nested too deeply); restore it from the "
+                       "checkpoint") from None
 
 
 class TensorSource:
@@ -290,7 +293,7 @@ def read_safetensors_header(path):
             raise BadInput(f"{path} has a corrupt safetensors header (length {length})")
         try:
             header = json.loads(f.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise BadInput(f"{path} has a corrupt safetensors header") from None
     if not isinstance(header, dict):
         raise BadInput(f"{path} has a corrupt safetensors header (not a JSON object)")
