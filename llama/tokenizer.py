@@ -14,13 +14,17 @@ class Tokenizer:
         self.sp = SentencePieceProcessor()
         try:
             self.sp.Load(model_path)
-        except (RuntimeError, OSError) as error:
+        except (RuntimeError, OSError, ValueError) as error:  # ValueError: undecodable text
             raise BadInput(f"tokenizer {model_path} is not a sentencepiece model ({error}); "
                            "pass the tokenizer.model that came with the checkpoint") from None
         self.path = model_path
         self.n_words = self.sp.vocab_size()
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
+        if not (0 <= self.bos_id < self.n_words and 0 <= self.eos_id < self.n_words):
+            raise BadInput(f"tokenizer {model_path} has no BOS or EOS piece (ids {self.bos_id}, "
+                           f"{self.eos_id}), which LLaMA needs: pass the tokenizer.model that "
+                           "came with the checkpoint")
         # LLaMA's tokenizer has no pad piece (pad_id() is -1); padding uses a value the loss and
         # attention never read, so any id works; EOS keeps embeddings lookups in range.
         self.pad_id = self.eos_id
