@@ -58,13 +58,18 @@ def unpickling_detail(error) -> str:
     return (detail or lines or [type(error).__name__])[0]
 
 
+# Far beyond any LLaMA (405B: dim 16384, 126 layers, 128 heads): a value above these comes from
+# a damaged or foreign file, and would otherwise overflow tensor sizes or take ages to build.
+PARAM_LIMITS = {"dim": 1 << 20, "hidden_dim": 1 << 22, "n_layers": 1 << 12, "n_heads": 1 << 12,
+                "n_kv_heads": 1 << 12, "vocab_size": 1 << 24, "multiple_of": 1 << 20,
+                "max_seq_len": 1 << 24}
+
+
 def model_args_from_dict(params: dict, source: str, **overrides) -> ModelArgs:
     """ModelArgs from a params.json dict, refusing missing keys and wrong types by name."""
     if not isinstance(params, dict):
         raise BadInput(f"{source} must hold a JSON object of model parameters")
     known = {f for f in ModelArgs.__dataclass_fields__}
-    ints = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
-            "hidden_dim", "max_seq_len"}
     values = {}
     for key, value in {**params, **overrides}.items():
         if key not in known:
@@ -72,20 +77,33 @@ def model_args_from_dict(params: dict, source: str, **overrides) -> ModelArgs:
         if value is None:
             values[key] = None
             continue
-        wanted = int if key in ints else float
+        wanted = int if key in PARAM_LIMITS else float
         if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                (wanted is int and not float(value).is_integer()):
-            raise BadInput(f"{source}: {key}={value!r} must be {'an integer' if wanted is int else 'a number'}")
+                (wanted is int and not (isinstance(value, int) or float(value).is_integer())) or \
+                (wanted is float and not math.isfinite(value)):
+            raise BadInput(f"{source}: {key}={value!r} must be {'an integer' if wanted is int else 'a finite number'}")
+        if wanted is int and abs(value) > PARAM_LIMITS[key]:
+            raise BadInput(f"{source}: {key}={value!r} is beyond any LLaMA (at most "
+                           f"{PARAM_LIMITS[key]} here): the file is damaged or not this model's")
         values[key] = wanted(value)
     for key in ("dim", "n_layers", "n_heads"):
-        if key not in values:
+        if values.get(key) is None:
             raise BadInput(f"{source} lacks {key!r}: use the params.json that came with the weights")
-    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"):
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim",
+                "max_seq_len", "multiple_of", "norm_eps", "rope_theta", "ffn_dim_multiplier"):
         if values.get(key) is not None and values[key] <= 0:
             raise BadInput(f"{source}: {key}={values[key]} must be positive")
-    if values["dim"] % values["n_heads"]:
-        raise BadInput(f"{source}: dim={values['dim']} is not a multiple of n_heads={values['n_heads']}")
-    return ModelArgs(**values)
+    if values["dim"] % values["n_heads"] or (values["dim"] // values["n_heads"]) % 2:
+        raise BadInput(f"{source}: dim={values['dim']} is not n_heads={values['n_heads']} "
+                       "heads of an even width")
+    if values["n_heads"] % (values.get("n_kv_heads") or values["n_heads"]):
+        raise BadInput(f"{source}: n_heads={values['n_heads']} is not a multiple of "
+                       f"n_kv_heads={values['n_kv_heads']}")
+    args = ModelArgs(**values)
+    if args.hidden_dim > PARAM_LIMITS["hidden_dim"]:  # derived from ffn_dim_multiplier
+        raise BadInput(f"{source}: the feed-forward width {args.hidden_dim} is beyond any LLaMA: "
+                       "check ffn_dim_multiplier and multiple_of")
+    return args
 
 
 def read_json(path) -> dict:
@@ -94,7 +112,7 @@ def read_json(path) -> dict:
             return json.load(f)
     except FileNotFoundError:
         raise BadInput(f"{path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except ValueError as error:  # also UnicodeDecodeError, and integers of thousands of digits
         raise BadInput(f"{path} is not valid JSON ({error}); restore it from the checkpoint") from None
     except RecursionError:
         raise BadInput(f"{path} is not valid JSON (nested too deeply); restore it from the "
