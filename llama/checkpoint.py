@@ -160,9 +160,19 @@ def write_split(source: TensorSource, out_dir, n_stages: int, dtype: str = "auto
         if tokenizer_path:
             shutil.copyfile(tokenizer_path, tmp_dir / "tokenizer.model")
         fsync_dir(tmp_dir)
+        # The old split is renamed aside, not deleted in place: a crash while deleting it would
+        # leave a half-deleted split under out_dir. Only between the two renames is there none.
+        old_dir = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp_dir, out_dir)
+            os.replace(out_dir, old_dir)
+        try:
+            os.replace(tmp_dir, out_dir)
+        except OSError:
+            if old_dir.exists():
+                os.replace(old_dir, out_dir)
+            raise
+        fsync_dir(out_dir.parent)
+        shutil.rmtree(old_dir, ignore_errors=True)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return manifest
