@@ -13,6 +13,7 @@ from torch import nn
 
 from llama.checkpoint import atomic_torch_save, atomic_write_text, params_digest
 from llama.errors import BadInput
+from llama.files import sha256_of
 from llama.formats import read_json, read_safetensor, read_safetensors_header, safe_torch_load
 
 INITS = ("text", "vocab", "random")
@@ -68,8 +69,11 @@ def save_prompt(folder, weight, args, metadata: dict):
     folder.mkdir(parents=True, exist_ok=True)
     tensor = weight.detach().float().cpu().clone()
     atomic_torch_save(tensor, folder / "prompt.pt")
+    # The two files are replaced one after the other: the digest lets a reader tell a pair
+    # that belongs together from one left half-replaced by a crash between the two writes.
     info = {"n_virtual_tokens": tensor.shape[0], "dim": tensor.shape[1],
-            "params_digest": params_digest(args), **metadata}
+            "params_digest": params_digest(args), "prompt_sha256": sha256_of(folder / "prompt.pt"),
+            **metadata}
     atomic_write_text(folder / "prompt.json", json.dumps(info, indent=2))
 
 
@@ -78,6 +82,13 @@ def load_prompt(path, args):
     folder = Path(path)
     if (folder / "prompt.pt").is_file():
         info = read_json(folder / "prompt.json")
+        if not isinstance(info, dict):
+            raise BadInput(f"{folder / 'prompt.json'} must hold a JSON object")
+        recorded = info.get("prompt_sha256")
+        if recorded is not None and recorded != sha256_of(folder / "prompt.pt"):
+            raise BadInput(f"{folder / 'prompt.json'} describes another prompt.pt than the one "
+                           "beside it (a save was interrupted, or the files were mixed up): "
+                           "resume the run from its checkpoint.pt, or train again")
         weight = safe_torch_load(folder / "prompt.pt", mmap=False)
         source = folder / "prompt.pt"
     elif (folder / "adapter_config.json").is_file():
@@ -88,10 +99,17 @@ def load_prompt(path, args):
                        "folder of ft_main.py or a PEFT prompt-tuning folder")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
         raise BadInput(f"{source} does not hold a (n_virtual_tokens, dim) float tensor")
+    declared = info.get("n_virtual_tokens")
+    if declared is not None and declared != weight.shape[0]:
+        raise BadInput(f"{source} holds {weight.shape[0]} virtual tokens but its description "
+                       f"says {declared!r}: the files do not belong together")
+    if not isinstance(info.get("template") or "", str):
+        raise BadInput(f"the description of {source} names template {info['template']!r}, "
+                       "which is not a template name")
     if weight.shape[1] != args.dim:
         raise BadInput(f"{source} is a prompt of width {weight.shape[1]} but the model's dim is "
                        f"{args.dim}: it was trained for another model")
-    digest = info.get("params_digest") if isinstance(info, dict) else None
+    digest = info.get("params_digest")
     if digest is not None and digest != params_digest(args):
         raise BadInput(f"{source} was trained for another model (params digest {digest}, this "
                        f"model's is {params_digest(args)}): use the matching --ckpt_dir")
@@ -144,5 +162,8 @@ def import_peft(folder):
     info = {"n_virtual_tokens": config.get("num_virtual_tokens"),
             "init": config.get("prompt_tuning_init"), "peft": True}
     if (folder / PEFT_EXTRA_FILE).is_file():
-        info.update(read_json(folder / PEFT_EXTRA_FILE))
+        extra = read_json(folder / PEFT_EXTRA_FILE)
+        if not isinstance(extra, dict):
+            raise BadInput(f"{folder / PEFT_EXTRA_FILE} must hold a JSON object")
+        info.update(extra)
     return state["prompt_embeddings"], info
