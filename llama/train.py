@@ -185,7 +185,11 @@ def _train(cfg, ctx, model, tokenizer, stop):
         WeightStreamer(model, ctx.device)
     out = Path(cfg.out)
     if ctx.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise BadInput(f"--out {out} cannot be created ({error.strerror or error}): pick a "
+                           "writable folder") from None
     loader, held_out = build_data(cfg, ctx, tokenizer, args.max_seq_len - cfg.n_virtual_tokens)
     total_steps = cfg.steps or cfg.epochs * loader.steps_per_epoch
     prompt = build_prompt(cfg, model, tokenizer, ctx)
@@ -221,7 +225,11 @@ def _train(cfg, ctx, model, tokenizer, stop):
     if ctx.rank == 0:
         if cfg.resume:
             drop_metrics_after(out / "metrics.jsonl", start_step)
-        metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
+        try:
+            metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
+        except OSError as error:
+            raise BadInput(f"cannot write {out / 'metrics.jsonl'} ({error.strerror or error}): "
+                           "pick a writable --out") from None
     checkpoint_path = out / CHECKPOINT_FILE
     inject = set(cfg.debug_overflow_steps or ())
     skipped_in_a_row, step = 0, start_step
@@ -330,8 +338,13 @@ def evaluate(stage, ctx, batches, with_prompt: bool) -> float:
 def log_step(ctx, metrics, record, total_steps, log_every):
     if ctx.rank != 0:
         return
-    metrics.write(json.dumps(record) + "\n")
-    metrics.flush()
+    try:
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+    except OSError as error:  # a full disk, most likely
+        raise BadInput(f"could not write {metrics.name} ({error.strerror or error}) after step "
+                       f"{record['step']}: free some space; the last checkpoint is kept, continue "
+                       "with --resume") from None
     if record["step"] % log_every and record["step"] != total_steps and "eval_loss" not in record:
         return
     loss = "skipped (overflow)" if record["skipped"] else f"{record['loss']:.4f}"
