@@ -153,7 +153,19 @@ def read_training_state(path, identity, digest):
         raise BadInput(f"{path} is not a training checkpoint of ft_main.py")
     if state.get("params_digest") != digest:
         raise BadInput(f"--resume {path} was trained on another model: use its --ckpt_dir")
-    saved = json.loads(state["identity"])
+    kinds = {"step": int, "prompt": torch.Tensor, "optimizer": dict, "scaler": dict,
+             "loader": dict, "identity": str, "losses": str, "rng": torch.Tensor}
+    wrong = [name for name, kind in kinds.items() if not isinstance(state.get(name), kind)]
+    wrong += ["step"] if not wrong and state["step"] < 0 else []
+    try:
+        saved = json.loads(state["identity"]) if not wrong else None
+        if not wrong and not isinstance(json.loads(state["losses"]), dict):
+            wrong = ["losses"]
+    except ValueError:
+        wrong = ["identity or losses"]
+    if wrong or not isinstance(saved, dict):
+        raise BadInput(f"--resume {path} is damaged ({(wrong or ['identity'])[0]!r} is missing or "
+                       "not what ft_main.py writes): resume from another checkpoint or train again")
     different = [k for k in identity if saved.get(k) != identity[k]]
     if different:
         k = different[0]
@@ -206,14 +218,19 @@ def _train(cfg, ctx, model, tokenizer, stop):
         state = read_training_state(resume_path, identity, digest) if ctx.rank == 0 else None
         shared = ctx.broadcast_object(None if state is None else
                                       {k: state[k] for k in ("step", "scaler", "loader", "losses")})
-        start_step, losses = shared["step"], json.loads(shared["losses"])
-        scaler.load_state_dict(shared["scaler"])
-        loader.load_state_dict(shared["loader"])
-        if prompt is not None:
-            with torch.no_grad():
-                prompt.weight.copy_(state["prompt"])
-            optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["rng"])
+        try:
+            start_step, losses = shared["step"], json.loads(shared["losses"])
+            scaler.load_state_dict(shared["scaler"])
+            loader.load_state_dict(shared["loader"])
+            if prompt is not None:
+                with torch.no_grad():
+                    prompt.weight.copy_(state["prompt"])
+                optimizer.load_state_dict(state["optimizer"])
+                torch.set_rng_state(state["rng"])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
+            raise BadInput(f"--resume {resume_path} is damaged ({type(error).__name__}: "
+                           f"{str(error).splitlines()[0] if str(error) else ''}): resume from "
+                           "another checkpoint or train again") from None
         log(f"resumed from {resume_path} at step {start_step}")
     elif held_out:
         losses["eval_loss_no_prompt"] = evaluate(stage, ctx, held_out, with_prompt=False)
