@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,30 @@ DATASETS = {
                    content="json"),
     ),
 }
+
+
+# Hosts a public source may send a download on to: Hugging Face serves its files from a CDN.
+# Any other redirect to another host (and any from a --mirror) is refused.
+REDIRECT_HOSTS = {"huggingface.co": (".huggingface.co", ".hf.co")}
+
+
+class SameHostRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects only on the host of the URL asked for (or its known CDN), never from
+    https down to http: a download comes from the base URL the user chose."""
+
+    def __init__(self, url: str):
+        self.origin = urllib.parse.urlsplit(url)
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        target = urllib.parse.urlsplit(newurl)
+        known = REDIRECT_HOSTS.get(self.origin.hostname or "", ())
+        same_host = target.netloc == self.origin.netloc or (target.hostname or "").endswith(known)
+        downgrade = self.origin.scheme == "https" and target.scheme != "https"
+        if not same_host or downgrade:
+            raise BadInput(f"{req.full_url} redirects to {newurl}, "
+                           f"{'another host' if not same_host else 'plain http'}: refused "
+                           "(downloads come only from the base URL); " + MIRROR_HINT)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 def log(message: str):
@@ -227,7 +252,8 @@ def fetch(remote: RemoteFile, dest: Path, url: str, limit: int) -> str:
     except OSError as error:
         raise BadInput(f"cannot write {part} ({error}): pass a writable folder") from None
     try:
-        with out, urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
+        opener = urllib.request.build_opener(SameHostRedirects(url))
+        with out, opener.open(url, timeout=TIMEOUT_S) as response:
             n_bytes, sha256 = stream_to(response, out, url, limit)
         verified = check_download(remote, part, url, n_bytes, sha256)
         os.replace(part, dest)
