@@ -36,12 +36,23 @@ def atomic_write(path, write_fn):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as error:
-        raise BadInput(f"could not write {path} ({error.strerror or error}); the previous "
+    except (OSError, RuntimeError) as error:
+        os_error = underlying_os_error(error)
+        if os_error is None:
+            raise
+        raise BadInput(f"could not write {path} ({os_error.strerror or os_error}); the previous "
                        "file, if any, is unchanged: free some space or pick another folder") from None
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+def underlying_os_error(error):
+    """The OSError behind error: torch.save's zip writer answers a failed write (a full disk)
+    with a RuntimeError of its own, raised while the OSError is being handled."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__context__
+    return error
 
 
 def atomic_write_bytes(path, data: bytes):
