@@ -129,6 +129,15 @@ def _parse_jsonl(path, text: str):
     return located
 
 
+def _is_text(value: str) -> bool:
+    """False for strings JSON's \\ud800 escapes can make but no UTF-8 (nor the tokenizer) holds."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_record(value):
     """(normalised record, None) when usable, else (None, what is wrong with it)."""
     if not isinstance(value, dict):
@@ -140,6 +149,8 @@ def _check_record(value):
                 return None, f"field '{name}' is missing"
             if not isinstance(fields[name], str):
                 return None, f"field '{name}' is a {type(fields[name]).__name__}, not a string"
+            if not _is_text(fields[name]):
+                return None, f"field '{name}' holds a lone surrogate (\\ud800-\\udfff), not text"
         for name in ("instruction", "output"):
             if not fields[name].strip():
                 return None, f"field '{name}' is empty"
@@ -147,6 +158,8 @@ def _check_record(value):
     if "text" in value:
         if not isinstance(value["text"], str):
             return None, f"field 'text' is a {type(value['text']).__name__}, not a string"
+        if not _is_text(value["text"]):
+            return None, "field 'text' holds a lone surrogate (\\ud800-\\udfff), not text"
         if not value["text"].strip():
             return None, "field 'text' is empty"
         return {"text": value["text"]}, None
