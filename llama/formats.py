@@ -51,6 +51,14 @@ def safe_torch_load(path, mmap=True):
                        "download or split it again") from None
 
 
+def state_dict_of_tensors(state, path):
+    """state, refused unless it is a dict of named tensors (what a checkpoint file holds)."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise BadInput(f"{path} is not a state dict of tensors: download the checkpoint again")
+    return state
+
+
 def unpickling_detail(error) -> str:
     """The line of torch's weights-only message that says what was wrong, not its advice."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -140,8 +148,10 @@ class MetaSource(TensorSource):
         self.shard_paths = sorted(folder.glob("consolidated.*.pth"))
         if not self.shard_paths:
             raise BadInput(f"{folder} has no consolidated.NN.pth files")
-        self.shards = [safe_torch_load(p) for p in self.shard_paths]
-        params = dict(read_json(folder / "params.json"))
+        self.shards = [state_dict_of_tensors(safe_torch_load(p), p) for p in self.shard_paths]
+        params = read_json(folder / "params.json")
+        if not isinstance(params, dict):
+            raise BadInput(f"{folder / 'params.json'} must hold a JSON object of model parameters")
         if params.get("vocab_size", -1) in (-1, None) and "tok_embeddings.weight" in self.shards[0]:
             params["vocab_size"] = self.shards[0]["tok_embeddings.weight"].shape[0]  # LLaMA 1 says -1
         self.args = model_args_from_dict(params, str(folder / "params.json"), **overrides)
@@ -361,6 +371,8 @@ class HFSource(TensorSource):
     def __init__(self, folder, **overrides):
         folder = Path(folder)
         config = read_json(folder / "config.json")
+        if not isinstance(config, dict):
+            raise BadInput(f"{folder / 'config.json'} must hold a JSON object (a Hugging Face config)")
         params = {"dim": config.get("hidden_size"), "n_layers": config.get("num_hidden_layers"),
                   "n_heads": config.get("num_attention_heads"),
                   "n_kv_heads": config.get("num_key_value_heads"),
@@ -378,7 +390,7 @@ class HFSource(TensorSource):
                 self._register(hf_name, lambda e=entry, p=path, s=data_start: read_safetensor(p, s, e))
         if not self.where:
             for path in sorted(folder.glob("pytorch_model*.bin")):
-                state = safe_torch_load(path)
+                state = state_dict_of_tensors(safe_torch_load(path), path)
                 for hf_name in state:
                     self._register(hf_name, lambda s=state, n=hf_name: s[n])
         if not self.where:
