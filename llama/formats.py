@@ -44,8 +44,9 @@ def safe_torch_load(path, mmap=True):
     except RuntimeError as error:
         if mmap and "mmap" in str(error):
             return safe_torch_load(path, mmap=False)  # the legacy (non-zip) torch.save format
-        raise BadInput(f"{path} is corrupt or truncated ({str(error).splitlines()[0]}); "
-                       "download or split it again") from None
+        detail = str(error).splitlines()[0].split(". This is an internal")[0]  # not torch's advice
+        raise BadInput(f"{path} is corrupt or truncated ({detail}); download or split it "
+                       "again") from None
     except Exception as error:  # EOFError, ValueError, IndexError, ...: the bytes are damaged
         raise BadInput(f"{path} is corrupt or truncated ({type(error).__name__}: {error}); "
                        "download or split it again") from None
