@@ -7,6 +7,7 @@ Run: python3 -m pytest -q tests/test_fuzz.py
 """
 import contextlib
 import faulthandler
+import io
 import json
 import os
 import random
@@ -19,6 +20,7 @@ import sys
 import time
 
 import pytest
+import sentencepiece
 import torch
 
 import ft_main
@@ -730,3 +732,30 @@ def test_scripts_show_one_error_line_for_these_inputs(model_bin, meta_dir, data_
         lines = err.strip().splitlines()
         assert len(lines) == 1 and re.search(message, lines[0]), err
     assert not (tmp_path / "out").exists() and not (meta_dir.parent / "meta_pp2").exists()
+
+
+def test_tokenizer_whose_text_is_not_utf8_or_without_bos_eos(assets, tmp_path):
+    damaged_model = bytearray((assets / "stories260K" / "tok512.model").read_bytes())
+    damaged_model[49] ^= 0x80  # a piece's text no longer decodes as UTF-8
+    path = tmp_path / "damaged.model"
+    path.write_bytes(damaged_model)
+    with pytest.raises(BadInput, match=r"damaged\.model is not a sentencepiece model \('utf-8' "
+                                       r"codec can't decode"):
+        Tokenizer(str(path))
+    trained = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(["Once upon a time there was a little dog named Tom."] * 20),
+        model_writer=trained, vocab_size=24, model_type="char", bos_id=-1, eos_id=-1,
+        minloglevel=2)
+    path = tmp_path / "no_bos.model"
+    path.write_bytes(trained.getvalue())
+    with pytest.raises(BadInput, match=r"no_bos\.model has no BOS or EOS piece \(ids -1, -1\), "
+                                       r"which LLaMA needs"):
+        Tokenizer(str(path))
+
+
+def test_out_folder_that_cannot_be_created(model_bin, data_file, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(BadInput, match=r"--out \S*a_file/run cannot be created \(Not a "
+                                       r"directory\): pick a writable folder"):
+        ft_main.main(**run_args(model_bin, data_file, tmp_path / "a_file" / "run"))
