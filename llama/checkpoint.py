@@ -224,6 +224,26 @@ def load_stage_tensors(split_dir, manifest, index: int, verify: bool = True) -> 
 
 # ---- the runtime's view: the model of one stage ----
 
+def _split_stage_source(ckpt_dir, stage: int, n_stages: int, overrides: dict, verify: bool):
+    """(args, stage plan, tensors by name) from a split directory: the split's own stages, or
+    every stage file when one process runs them all."""
+    args, manifest = read_split(ckpt_dir, **overrides)
+    split_stages = manifest["stages"]
+    if n_stages == 1 and len(split_stages) > 1:
+        plan, files = ((0, args.n_layers), True, True), range(len(split_stages))
+    elif n_stages == len(split_stages):
+        layers = tuple(split_stages[stage]["layers"])
+        plan, files = (layers, stage == 0, stage == n_stages - 1), [stage]
+    else:
+        raise BadInput(f"{ckpt_dir} is split into {len(split_stages)} stages but "
+                       f"{n_stages} were asked for (torchrun --nproc_per_node): launch "
+                       f"{len(split_stages)} processes or split again with --n_stages {n_stages}")
+    tensors = {}
+    for i in files:
+        tensors.update(load_stage_tensors(ckpt_dir, manifest, i, verify))
+    return args, plan, tensors
+
+
 def load_model(ckpt_dir, stage: int = 0, n_stages: int = 1, device="cpu", dtype=torch.float32,
                max_seq_len=None, verify: bool = True):
     """The Transformer for `stage` of `n_stages`, weights loaded strictly, frozen, on device.
@@ -232,53 +252,32 @@ def load_model(ckpt_dir, stage: int = 0, n_stages: int = 1, device="cpu", dtype=
     checkpoint the layers are balanced on the fly and only this stage's tensors are read.
     """
     overrides = {"max_seq_len": max_seq_len} if max_seq_len else {}
-    if is_split_dir(ckpt_dir):
-        args, manifest = read_split(ckpt_dir, **overrides)
-        split_stages = manifest["stages"]
-        if n_stages == 1 and len(split_stages) > 1:
-            plan = [((0, args.n_layers), True, True)]  # one process runs every stage
-            files = range(len(split_stages))
-        elif n_stages == len(split_stages):
-            entry = split_stages[stage]
-            plan = [None] * n_stages
-            plan[stage] = (tuple(entry["layers"]), stage == 0, stage == n_stages - 1)
-            files = [stage]
-        else:
-            raise BadInput(f"{ckpt_dir} is split into {len(split_stages)} stages but "
-                           f"{n_stages} were asked for (torchrun --nproc_per_node): launch "
-                           f"{len(split_stages)} processes or split again with --n_stages {n_stages}")
-        tensors = {}
-        for i in files:
-            tensors.update(load_stage_tensors(ckpt_dir, manifest, i, verify))
-        layer_range, embeddings, head = plan[0] if n_stages == 1 else plan[stage]
-        fetch = tensors.__getitem__
-        available = set(tensors)
+    split = is_split_dir(ckpt_dir)
+    if split:
+        args, plan, tensors = _split_stage_source(ckpt_dir, stage, n_stages, overrides, verify)
+        fetch, available = tensors.__getitem__, set(tensors)
     else:
         source = open_source(ckpt_dir, **overrides)
         refuse_unknown_tensors(source, ckpt_dir)
-        args = source.args
-        layer_range, embeddings, head = stage_plan(args, n_stages)[stage]
-        fetch = source.load
-        available = set(source.names())
+        args, plan = source.args, stage_plan(source.args, n_stages)[stage]
+        fetch, available = source.load, set(source.names())
     with torch.device("meta"):
-        model = Transformer(args, layer_range, embeddings, head)
-    wanted = list(model.state_dict().keys())
-    missing = [k for k in wanted if k not in available]
+        model = Transformer(args, *plan)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    missing = [name for name in expected if name not in available]
     if missing:
         raise BadInput(f"{ckpt_dir} lacks {len(missing)} weights of stage {stage} "
                        f"(first: {missing[0]}): the checkpoint is incomplete or for another model")
-    if is_split_dir(ckpt_dir):
-        unexpected = sorted(available - set(wanted))
-        if unexpected:
-            raise BadInput(f"{ckpt_dir} stage {stage} has unexpected weights (first: "
-                           f"{unexpected[0]}): split the model again")
+    unexpected = sorted(available - set(expected)) if split else []
+    if unexpected:
+        raise BadInput(f"{ckpt_dir} stage {stage} has unexpected weights (first: "
+                       f"{unexpected[0]}): split the model again")
     state = {}
-    for name in wanted:
+    for name, shape in expected.items():
         tensor = fetch(name)
-        expected = model.state_dict()[name].shape
-        if tuple(tensor.shape) != tuple(expected):
+        if tuple(tensor.shape) != shape:
             raise BadInput(f"{ckpt_dir}: {name} has shape {tuple(tensor.shape)}, the model expects "
-                           f"{tuple(expected)} (params.json does not match the weights)")
+                           f"{shape} (params.json does not match the weights)")
         state[name] = tensor.to(device=device, dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)
     return model.requires_grad_(False).eval()
