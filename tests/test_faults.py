@@ -60,10 +60,12 @@ def worker_env():
 
 
 def start_torchrun(argv, n_procs, log_path, extra=()):
-    """torchrun in its own session (so a finally block can end it and all its workers)."""
-    port = free_port()
+    """torchrun in its own session (so a finally block can end it and all its workers).
+
+    --standalone: the agent binds a free port itself, so no other process can take it between
+    our choosing it and torchrun's binding it (as can happen with free_port())."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n_procs),
-               *(extra or ["--master_addr", "127.0.0.1", "--master_port", str(port)]), *argv]
+               *(extra or ["--standalone", "--local_addr", "127.0.0.1"]), *argv]
     log = open(log_path, "w")
     try:
         return subprocess.Popen(command, cwd=REPO, env=worker_env(), stdout=log,
@@ -101,13 +103,18 @@ def is_running(pid: int) -> bool:
         return False
 
 
-def wait_until(condition, timeout_s, what, procs=()):
+def wait_until(condition, timeout_s, what, procs=(), logs=()):
+    """Poll condition; fail (quoting the logs: files, or the rank*.err files of folders) if a
+    process ends first or time runs out."""
     deadline = time.monotonic() + timeout_s
     while not condition():
-        if any(p.poll() is not None for p in procs):
-            raise AssertionError(f"a process ended while waiting for {what}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+        ended = any(p.poll() is not None for p in procs)
+        if ended or time.monotonic() > deadline:
+            files = [f for log in map(Path, logs)
+                     for f in (sorted(log.glob("rank*.err")) if log.is_dir() else [log])]
+            quoted = "".join(f"\n--- {f}:\n{f.read_text()[-3000:]}" for f in files if f.is_file())
+            raise AssertionError(f"{'a process ended' if ended else 'timed out'} while waiting "
+                                 f"for {what}{quoted}")
         time.sleep(0.05)
 
 
@@ -179,7 +186,8 @@ def test_sigkill_of_one_rank_stops_the_others_naming_it_and_resume_is_exact(
     uninterrupted = start_torchrun(["ft_main.py", *as_cli(run_args(split, data, reference))], 3,
                                    tmp_path / "reference.log")
     try:
-        wait_until(lambda: metrics_lines(out) >= 5, 120, "step 5", [killed])  # 2 checkpoints
+        wait_until(lambda: metrics_lines(out) >= 5, 120, "step 5", [killed],  # 2 checkpoints
+                   [tmp_path / "killed.log", rank_dir])
         pids = rank_pids(rank_dir, 3)
         os.kill(pids[1], signal.SIGKILL)
         killed_at = time.monotonic()
@@ -241,7 +249,7 @@ def test_sigint_and_sigterm_on_rank_0_save_a_checkpoint_and_stop_every_rank(
         groups[sig] = (rank_dir, out, start_ranks(argv, 2))
     try:
         for sig, (rank_dir, out, procs) in groups.items():
-            wait_until(lambda: metrics_lines(out) >= 2, 120, "step 2", procs)
+            wait_until(lambda: metrics_lines(out) >= 2, 120, "step 2", procs, [rank_dir])
             os.kill(rank_pids(rank_dir, 2)[0], sig)
         codes = {sig: [p.wait(timeout=60) for p in procs] for sig, (_, _, procs) in groups.items()}
     finally:
@@ -443,7 +451,7 @@ def test_stalled_peer_gives_an_error_within_the_timeout(splits, data, tmp_path):
             *as_cli(run_args(splits / "pp2", data, out, timeout_s=5, steps=200))]
     procs = start_ranks(argv, 2)
     try:
-        wait_until(lambda: metrics_lines(out) >= 2, 120, "step 2", procs)
+        wait_until(lambda: metrics_lines(out) >= 2, 120, "step 2", procs, [rank_dir])
         os.kill(procs[1].pid, signal.SIGSTOP)
         stopped_at = time.monotonic()
         code = procs[0].wait(timeout=60)
