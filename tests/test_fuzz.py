@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import sentencepiece
@@ -759,3 +760,15 @@ def test_out_folder_that_cannot_be_created(model_bin, data_file, tmp_path):
     with pytest.raises(BadInput, match=r"--out \S*a_file/run cannot be created \(Not a "
                                        r"directory\): pick a writable folder"):
         ft_main.main(**run_args(model_bin, data_file, tmp_path / "a_file" / "run"))
+
+
+def test_every_test_named_in_docs_bad_inputs_exists():
+    """docs/bad_inputs.md backs each row with a test: the names must not go stale."""
+    table = (Path(REPO) / "docs" / "bad_inputs.md").read_text()
+    named = set(re.findall(r"`(test_[a-z0-9_]+)\*?`", table))
+    defined = set(re.findall(r"^def (test_[a-z0-9_]+)", "".join(
+        p.read_text() for p in (Path(REPO) / "tests").glob("test_*.py")), re.MULTILINE))
+    prefixes = set(re.findall(r"`(test_[a-z0-9_]+)\*`", table))
+    assert len(named) > 50
+    assert not {n for n in named - defined
+                if not any(d.startswith(n) for d in defined if n in prefixes)}
