@@ -25,3 +25,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def model_bin(assets) -> Path:
+    return assets / "stories260K" / "stories260K.bin"
+
+
+@pytest.fixture(scope="session")
+def source(model_bin):
+    from llama.checkpoint import open_source
+    return open_source(model_bin)
+
+
+@pytest.fixture
+def no_outside_settings(monkeypatch):
+    """A proxy or a mirror set in the caller's environment must not steer download tests."""
+    monkeypatch.delenv("LLAMA_MIRROR", raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")

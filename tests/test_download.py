@@ -16,6 +16,8 @@ from llama import download
 from llama.errors import BadInput
 from llama.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.usefixtures("no_outside_settings")
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -52,14 +54,6 @@ def http_mirror(assets):
     yield url
     server.shutdown()
     server.server_close()
-
-
-@pytest.fixture(autouse=True)
-def no_outside_settings(monkeypatch):
-    # A proxy or a mirror set in the caller's environment must not steer these tests.
-    monkeypatch.delenv("LLAMA_MIRROR", raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
 
 
 def sha256_of(path):

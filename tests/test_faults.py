@@ -151,11 +151,6 @@ def quiet(*_):
 # ---- shared material ----
 
 @pytest.fixture(scope="module")
-def model_bin(assets):
-    return assets / "stories260K" / "stories260K.bin"
-
-
-@pytest.fixture(scope="module")
 def data(assets, tmp_path_factory):
     """64 real Alpaca records in a folder of our own (the token cache is written beside it)."""
     records = json.loads((assets / "alpaca" / "alpaca_data_1k.json").read_text())[:64]

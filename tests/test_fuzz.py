@@ -118,16 +118,6 @@ def fuzz(name, original: bytes, load, cases=CASES, focus=None, check=None):
 # ---- material ----
 
 @pytest.fixture(scope="module")
-def model_bin(assets):
-    return assets / "stories260K" / "stories260K.bin"
-
-
-@pytest.fixture(scope="module")
-def source(model_bin):
-    return open_source(model_bin)
-
-
-@pytest.fixture(scope="module")
 def tensors(source):
     return {name: source.load(name) for name in source.names()}
 

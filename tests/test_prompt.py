@@ -32,11 +32,6 @@ TEXTS = ["Give three tips for staying healthy.", "Once upon a time"]
 
 
 @pytest.fixture(scope="module")
-def model_bin(assets):
-    return assets / "stories260K" / "stories260K.bin"
-
-
-@pytest.fixture(scope="module")
 def model(model_bin):
     return load_model(model_bin)
 

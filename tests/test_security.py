@@ -28,10 +28,12 @@ import torch
 import example_ft
 import ft_main
 from llama import download
-from llama.checkpoint import load_model, open_source, sha256_of
+from llama.checkpoint import load_model, sha256_of
 from llama.errors import BadInput
 from llama.formats import interleaved_to_rotate_half, meta_to_hf_name, save_hf_safetensors
 from llama.prompt import export_peft, load_prompt, save_prompt
+
+pytestmark = pytest.mark.usefixtures("no_outside_settings")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,16 +122,6 @@ def test_the_payload_runs_code_when_loaded_unsafely(tmp_path):
     torch.save({"w": [RunsCode(marker)]}, tmp_path / "evil.pt")
     torch.load(tmp_path / "evil.pt", weights_only=False)
     assert marker.exists()  # so its absence below means the loader refused it
-
-
-@pytest.fixture(scope="module")
-def model_bin(assets):
-    return assets / "stories260K" / "stories260K.bin"
-
-
-@pytest.fixture(scope="module")
-def source(model_bin):
-    return open_source(model_bin)
 
 
 def hf_state_dict(source):
@@ -331,13 +323,6 @@ def serve():
     for server in servers:
         server.shutdown()
         server.server_close()
-
-
-@pytest.fixture(autouse=True)
-def no_outside_settings(monkeypatch):
-    monkeypatch.delenv("LLAMA_MIRROR", raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
 
 
 def files_under(folder):

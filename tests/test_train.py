@@ -32,11 +32,6 @@ TIMING_FIELDS = ("tokens_per_s", "peak_mem_gib")  # the only metrics allowed to 
 
 
 @pytest.fixture(scope="module")
-def model_bin(assets):
-    return assets / "stories260K" / "stories260K.bin"
-
-
-@pytest.fixture(scope="module")
 def tokenizer(assets):
     return Tokenizer(str(assets / "stories260K" / "tok512.model"))
 
