@@ -68,6 +68,9 @@ class DistContext:
 
     def send(self, tensor, dst: int):
         """Start sending tensor to rank dst; completion is awaited by flush_sends()."""
+        # Sends that have arrived no longer need their tensor: drop them now rather than holding
+        # every activation sent this step until its end.
+        self.pending_sends = [p for p in self.pending_sends if not p[0].is_completed()]
         wire = self._on_wire(tensor.detach().contiguous())
         self.pending_sends.append((self._start(lambda: dist.isend(wire, dst), dst, "sending to"),
                                    wire, dst))
