@@ -366,6 +366,63 @@ def read_safetensor(path, data_start: int, entry: dict):
         torch.empty(entry["shape"], dtype=dtype)
 
 
+CANNOT_RUN_HERE = "this model does not implement it, so the checkpoint cannot be run here"
+
+
+def refuse_hf_settings_not_implemented(config: dict, where: str):
+    """Refuse, by name, a LlamaConfig setting that would change the numbers this model computes
+    (pretraining_tp is not one: it only slices the same matmuls)."""
+    if config.get("attention_bias") is True:
+        raise BadInput(f"{where}: attention_bias=True (biases on q/k/v/o): {CANNOT_RUN_HERE}")
+    if config.get("mlp_bias") is True:
+        raise BadInput(f"{where}: mlp_bias=True (biases in the feed-forward): {CANNOT_RUN_HERE}")
+    if config.get("hidden_act", "silu") not in ("silu", "swish"):  # transformers: the same act
+        raise BadInput(f"{where}: hidden_act={config['hidden_act']!r}; this model uses silu "
+                       f"(SwiGLU): {CANNOT_RUN_HERE}")
+    head_dim, dim, n_heads = (config.get(k) for k in ("head_dim", "hidden_size",
+                                                      "num_attention_heads"))
+    if head_dim is not None and all(type(v) is int and v > 0 for v in (dim, n_heads)) and \
+            head_dim != dim // n_heads:
+        raise BadInput(f"{where}: head_dim={head_dim!r} differs from hidden_size/"
+                       f"num_attention_heads={dim // n_heads}: {CANNOT_RUN_HERE}")
+
+
+def hf_rope_theta(config: dict, where: str) -> float:
+    """rope_theta wherever transformers put it: at the top (4.x), in rope_parameters (5.x, maybe
+    one dict per layer type) or in rope_scaling. Any rope type but 'default' is refused by name."""
+    thetas = {"at the top": config.get("rope_theta")}
+    factors = [config.get("partial_rotary_factor")]
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = config.get(key)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise BadInput(f"{where}: {key}={rope!r} must be a JSON object or null")
+        if rope and all(isinstance(v, dict) for v in rope.values()):  # per layer type
+            kinds = list(rope.values())
+            if any(kind != kinds[0] for kind in kinds):
+                raise BadInput(f"{where}: {key} differ between layer types ({', '.join(rope)}); "
+                               f"{CANNOT_RUN_HERE}")
+            rope = kinds[0]
+        rope_type = rope.get("rope_type", rope.get("type"))
+        if rope_type not in (None, "default"):
+            raise BadInput(f"{where}: {key} has rope type {rope_type!r}, which this model does "
+                           f"not implement (only 'default' rope, unscaled), so the checkpoint "
+                           "cannot be run here")
+        thetas[f"in {key}"] = rope.get("rope_theta")
+        factors.append(rope.get("partial_rotary_factor"))
+    for factor in factors:
+        if factor not in (None, 1, 1.0):
+            raise BadInput(f"{where}: partial_rotary_factor={factor!r} (rope on part of each "
+                           f"head): {CANNOT_RUN_HERE}")
+    given = {place: theta for place, theta in thetas.items() if theta is not None}
+    if any(theta != next(iter(given.values())) for theta in given.values()):
+        raise BadInput(f"{where}: " + " but ".join(f"rope_theta={theta!r} {place}"
+                                                    for place, theta in given.items())
+                       + ": keep one value (transformers 5 reads the one in rope_parameters)")
+    return next(iter(given.values()), 10000.0)
+
+
 class HFSource(TensorSource):
     """config.json + model*.safetensors or pytorch_model*.bin, read without transformers."""
 
@@ -374,15 +431,18 @@ class HFSource(TensorSource):
         config = read_json(folder / "config.json")
         if not isinstance(config, dict):
             raise BadInput(f"{folder / 'config.json'} must hold a JSON object (a Hugging Face config)")
+        where = str(folder / "config.json")
+        refuse_hf_settings_not_implemented(config, where)
+        # Defaults are LlamaConfig's own, for configs written by hand without them.
         params = {"dim": config.get("hidden_size"), "n_layers": config.get("num_hidden_layers"),
                   "n_heads": config.get("num_attention_heads"),
                   "n_kv_heads": config.get("num_key_value_heads"),
                   "vocab_size": config.get("vocab_size"), "hidden_dim": config.get("intermediate_size"),
-                  "norm_eps": config.get("rms_norm_eps", 1e-5),
-                  "rope_theta": config.get("rope_theta", 10000.0),
+                  "norm_eps": config.get("rms_norm_eps", 1e-6),
+                  "rope_theta": hf_rope_theta(config, where),
                   "max_seq_len": config.get("max_position_embeddings", 2048)}
         self.args = model_args_from_dict({k: v for k, v in params.items() if v is not None},
-                                         str(folder / "config.json"), **overrides)
+                                         where, **overrides)
         self.tied = bool(config.get("tie_word_embeddings", False))
         self.where = {}  # Meta name -> (reader, HF name)
         for path in sorted(folder.glob("*.safetensors")):
@@ -410,7 +470,9 @@ class HFSource(TensorSource):
         return names
 
     def load(self, name):
-        if name == "output.weight" and name not in self.where and self.tied:
+        if name == "output.weight" and self.tied:
+            # transformers ties the classifier to the embedding after loading, so a stored
+            # lm_head.weight is not what a tied model computes with.
             name = "tok_embeddings.weight"
         tensor = self.where[name]()
         if name.endswith("attention.wq.weight"):

@@ -1,0 +1,170 @@
+"""Hugging Face config.json as transformers 4 and 5 write it: every rope setting is read wherever
+it lives, and every setting that changes the numbers is implemented or refused by name.
+stories260K is written in the HF layout; its config.json is rewritten field by field (no
+transformers import). Run: python3 -m pytest -q tests/test_hf_config.py
+"""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from llama.checkpoint import load_model
+from llama.errors import BadInput
+from llama.formats import HFSource, save_hf_safetensors, save_meta
+
+
+@pytest.fixture(scope="module")
+def tensors(source):
+    return {name: source.load(name) for name in source.names()}
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(3, 512, (2, 40), generator=torch.Generator().manual_seed(0))
+
+
+def logits(folder, tokens):
+    with torch.no_grad():
+        return load_model(folder)(tokens)
+
+
+def transformers4_config(args, **changes) -> dict:
+    """What LlamaConfig.save_pretrained wrote in transformers 4.4x (rope_theta at the top)."""
+    return {"architectures": ["LlamaForCausalLM"], "attention_bias": False,
+            "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+            "head_dim": args.dim // args.n_heads, "hidden_act": "silu", "hidden_size": args.dim,
+            "initializer_range": 0.02, "intermediate_size": args.hidden_dim,
+            "max_position_embeddings": args.max_seq_len, "mlp_bias": False, "model_type": "llama",
+            "num_attention_heads": args.n_heads, "num_hidden_layers": args.n_layers,
+            "num_key_value_heads": args.n_kv_heads, "pretraining_tp": 1,
+            "rms_norm_eps": args.norm_eps, "rope_scaling": None, "rope_theta": args.rope_theta,
+            "tie_word_embeddings": False, "torch_dtype": "float32",
+            "transformers_version": "4.46.0", "use_cache": True, "vocab_size": args.vocab_size,
+            **changes}
+
+
+def transformers5_config(args, **changes) -> dict:
+    """What transformers 5 writes: rope_theta moved into rope_parameters, torch_dtype -> dtype."""
+    config = transformers4_config(args)
+    for key in ("rope_scaling", "rope_theta", "torch_dtype"):
+        del config[key]
+    config.update(dtype="float32", transformers_version="5.0.0",
+                  rope_parameters={"rope_theta": args.rope_theta, "rope_type": "default"})
+    return {**config, **changes}
+
+
+def hf_folder(tmp_path, tensors, args, config: dict, name="hf"):
+    folder = tmp_path / name
+    save_hf_safetensors(tensors, args, folder)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def theta_500k(source, tensors, tmp_path_factory, tokens):
+    """(args, logits) of stories260K with rope_theta 500000, from the Meta layout."""
+    args = dataclasses.replace(source.args, rope_theta=500000.0)
+    folder = tmp_path_factory.mktemp("meta500k")
+    save_meta(tensors, args, folder)
+    return args, logits(folder, tokens)
+
+
+@pytest.mark.parametrize("writer", ["transformers4", "transformers5", "transformers5_per_layer_type",
+                                    "rope_scaling_default"])
+def test_rope_theta_is_read_wherever_transformers_puts_it(writer, theta_500k, tensors, tmp_path,
+                                                          tokens, source):
+    args, expected = theta_500k
+    if writer == "transformers4":
+        config = transformers4_config(args)
+    elif writer == "transformers5":
+        config = transformers5_config(args)
+    elif writer == "transformers5_per_layer_type":  # one dict per attention kind
+        config = transformers5_config(args, layer_types=["full_attention"] * args.n_layers,
+                                      rope_parameters={"full_attention": {
+                                          "rope_theta": 500000.0, "rope_type": "default"}})
+    else:  # an older writer: the type under "type", theta at the top
+        config = transformers4_config(args, rope_scaling={"type": "default"})
+    folder = hf_folder(tmp_path, tensors, args, config)
+    assert HFSource(folder).args.rope_theta == 500000.0
+    assert (logits(folder, tokens) - expected).abs().max().item() <= 1e-5
+    # The setting matters: at the old fallback of 10000 the logits are far apart.
+    assert (logits(folder, tokens) - logits(hf_folder(
+        tmp_path, tensors, source.args, transformers5_config(source.args), "hf10k"),
+        tokens)).abs().max().item() > 0.1
+
+
+def test_rms_norm_eps_is_carried_through_and_defaults_as_transformers_does(source, tensors,
+                                                                          tmp_path):
+    args = dataclasses.replace(source.args, norm_eps=1e-6)
+    folder = hf_folder(tmp_path, tensors, args, transformers5_config(args))
+    assert HFSource(folder).args.norm_eps == 1e-6
+    config = transformers5_config(args)
+    del config["rms_norm_eps"]  # LlamaConfig's own default then applies: 1e-6
+    folder = hf_folder(tmp_path, tensors, args, config, "no_eps")
+    assert HFSource(folder).args.norm_eps == 1e-6
+
+
+@pytest.mark.parametrize("rope_type", ["llama3", "linear", "dynamic", "yarn", "longrope"])
+@pytest.mark.parametrize("where", ["rope_parameters", "rope_scaling", "rope_scaling_type"])
+def test_rope_types_the_model_lacks_are_refused_by_name(rope_type, where, source, tensors,
+                                                        tmp_path):
+    args = source.args
+    scaling = {"factor": 8.0, "original_max_position_embeddings": 256}
+    if where == "rope_parameters":
+        config = transformers5_config(args, rope_parameters={
+            "rope_theta": 10000.0, "rope_type": rope_type, **scaling})
+    elif where == "rope_scaling":
+        config = transformers4_config(args, rope_scaling={"rope_type": rope_type, **scaling})
+    else:
+        config = transformers4_config(args, rope_scaling={"type": rope_type, **scaling})
+    folder = hf_folder(tmp_path, tensors, args, config)
+    with pytest.raises(BadInput, match=rf"config.json: {where.replace('_type', '')} has rope "
+                                       rf"type '{rope_type}', which this model does not "
+                                       r"implement \(only 'default'"):
+        HFSource(folder)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"attention_bias": True}, r"attention_bias=True \(biases on q/k/v/o\)"),
+    ({"mlp_bias": True}, r"mlp_bias=True \(biases in the feed-forward\)"),
+    ({"head_dim": 16}, r"head_dim=16 differs from hidden_size/num_attention_heads=8"),
+    ({"hidden_act": "gelu"}, r"hidden_act='gelu'; this model uses silu"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                          "partial_rotary_factor": 0.5}}, r"partial_rotary_factor=0.5"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e6}}},
+     r"rope_parameters differ between layer types"),
+    ({"rope_theta": 500000.0}, r"rope_theta=500000.0 at the top but rope_theta=10000.0 in "
+                               r"rope_parameters"),
+    ({"rope_parameters": "default"}, r"rope_parameters='default' must be a JSON object"),
+])
+def test_settings_that_change_the_numbers_are_refused_by_name(change, message, source, tensors,
+                                                              tmp_path):
+    folder = hf_folder(tmp_path, tensors, source.args, transformers5_config(source.args, **change))
+    with pytest.raises(BadInput, match=r"config.json: " + message):
+        HFSource(folder)
+
+
+def test_harmless_settings_load(source, tensors, tmp_path, tokens):
+    """pretraining_tp only slices the same matmuls; swish is silu under another name."""
+    config = transformers4_config(source.args, pretraining_tp=2, hidden_act="swish",
+                                  head_dim=None, rope_scaling=None)
+    folder = hf_folder(tmp_path, tensors, source.args, config)
+    with torch.no_grad():
+        expected = load_model(source.path)(tokens)
+    assert (logits(folder, tokens) - expected).abs().max().item() <= 1e-5
+
+
+def test_tied_embeddings_use_the_embedding_as_transformers_does(source, tensors, tmp_path, tokens):
+    """tie_word_embeddings: the classifier is the embedding table, whether or not lm_head.weight
+    is stored (transformers ties the two after loading, so a stored lm_head is not used)."""
+    untied = {**tensors, "output.weight": torch.randn_like(tensors["output.weight"])}
+    config = transformers5_config(source.args, tie_word_embeddings=True)
+    with_head = hf_folder(tmp_path, untied, source.args, config, "with_head")
+    without_head = hf_folder(tmp_path, {k: v for k, v in tensors.items() if k != "output.weight"},
+                             source.args, config, "without_head")
+    with torch.no_grad():
+        expected = load_model(source.path)(tokens)  # stories260K's classifier is its embedding
+    for folder in (with_head, without_head):
+        assert (logits(folder, tokens) - expected).abs().max().item() <= 1e-5
