@@ -28,7 +28,7 @@ def main(ckpt_dir: str, data: str, out: str, tokenizer_path: str = None,
          # bookkeeping
          log_every: int = 10, eval_every: int = 50, save_every: int = 100, resume=None,
          trace: str = None, trace_steps: int = 3, timeout_s: float = 300.0,
-         max_skipped_steps: int = 20, debug_overflow_steps=()):
+         max_skipped_steps: int = 20, debug_overflow_steps=(), base_model: str = None):
     """Train a soft prompt; writes <out>/prompt.pt, prompt.json, peft/, metrics.jsonl, checkpoint.pt.
 
     init: text (embeddings of --init_text), vocab (random vocabulary rows) or random (at the

@@ -50,6 +50,9 @@ def init_prompt_weight(init: str, n_virtual_tokens: int, embedding_weight, token
         if tokenizer is None or not text:
             raise BadInput("--init text needs --init_text (a non-empty string) and a tokenizer")
         ids = tokenizer.encode(text, bos=False, eos=False)
+        if not ids:
+            raise BadInput(f"--init_text {text!r} has no tokens (the tokenizer reads nothing in "
+                           "it): give a few words, or use --init vocab or --init random")
         ids = (ids * math.ceil(n_virtual_tokens / len(ids)))[:n_virtual_tokens]
         return embeddings[torch.tensor(ids, device=embeddings.device)].cpu().clone()
     if init == "vocab":
@@ -81,6 +84,10 @@ def load_prompt(path, args):
     """(weight, info) from our folder or a PEFT folder, checked against the model's shape."""
     folder = Path(path)
     if (folder / "prompt.pt").is_file():
+        if not (folder / "prompt.json").is_file():
+            raise BadInput(f"{folder / 'prompt.json'} is missing beside prompt.pt: the folder is "
+                           "not a complete prompt checkpoint; pass the folder ft_main.py --out "
+                           "wrote (prompt.pt + prompt.json) or its peft/ export")
         info = read_json(folder / "prompt.json")
         if not isinstance(info, dict):
             raise BadInput(f"{folder / 'prompt.json'} must hold a JSON object")
@@ -90,10 +97,10 @@ def load_prompt(path, args):
                            "beside it (a save was interrupted, or the files were mixed up): "
                            "resume the run from its checkpoint.pt, or train again")
         weight = safe_torch_load(folder / "prompt.pt", mmap=False)
-        source = folder / "prompt.pt"
+        source, peft_config = folder / "prompt.pt", None
     elif (folder / "adapter_config.json").is_file():
         weight, info = import_peft(folder)
-        source = folder
+        source, peft_config = folder, folder / "adapter_config.json"
     else:
         raise BadInput(f"{folder} holds no prompt.pt or adapter_config.json: pass the --out "
                        "folder of ft_main.py or a PEFT prompt-tuning folder")
@@ -109,6 +116,8 @@ def load_prompt(path, args):
     if weight.shape[1] != args.dim:
         raise BadInput(f"{source} is a prompt of width {weight.shape[1]} but the model's dim is "
                        f"{args.dim}: it was trained for another model")
+    if peft_config is not None:
+        refuse_peft_config_of_another_model(peft_config, args)
     digest = info.get("params_digest")
     if digest is not None and digest != params_digest(args):
         raise BadInput(f"{source} was trained for another model (params digest {digest}, this "
@@ -134,12 +143,28 @@ def export_peft(folder, weight, args, metadata: dict):
               "prompt_tuning_init": "TEXT" if metadata.get("init") == "text" else "RANDOM",
               "prompt_tuning_init_text": metadata.get("init_text"),
               "tokenizer_name_or_path": metadata.get("tokenizer"),
-              "base_model_name_or_path": metadata.get("ckpt_dir"), "inference_mode": True}
+              # What AutoPeftModelForCausalLM loads: a Hugging Face id or folder when the user
+              # named one (--base_model); a split folder otherwise, which transformers cannot load.
+              "base_model_name_or_path": metadata.get("base_model") or metadata.get("ckpt_dir"),
+              "inference_mode": True}
     atomic_write_text(folder / "adapter_config.json", json.dumps(config, indent=2))
     # PEFT's config has no place for these; a file beside it that PEFT ignores keeps them, so
     # importing our own export still checks the model and wraps text in the same template.
     extra = {"params_digest": params_digest(args), "template": metadata.get("template")}
     atomic_write_text(folder / PEFT_EXTRA_FILE, json.dumps(extra, indent=2))
+
+
+def refuse_peft_config_of_another_model(path, args):
+    """PEFT records the model's shape in adapter_config.json: the only check a folder PEFT
+    wrote (without our llama_prompt.json and its params digest) can have."""
+    config = read_json(path)
+    for field, name, value in (("num_layers", "n_layers", args.n_layers),
+                               ("num_attention_heads", "n_heads", args.n_heads),
+                               ("token_dim", "dim", args.dim)):
+        recorded = config.get(field)
+        if recorded is not None and recorded != value:
+            raise BadInput(f"{path}: {field}={recorded!r} but the model has {name}={value}: the "
+                           "prompt was trained for another model; use the matching --ckpt_dir")
 
 
 def import_peft(folder):

@@ -195,6 +195,7 @@ def _train(cfg, ctx, model, tokenizer, stop):
         apply_recompute(model, offload_activations="activations" in offload)
     if "weights" in offload:
         WeightStreamer(model, ctx.device)
+    prompt = build_prompt(cfg, model, tokenizer, ctx)  # before --out: a bad --init_text leaves none
     out = Path(cfg.out)
     if ctx.rank == 0:
         try:
@@ -204,7 +205,6 @@ def _train(cfg, ctx, model, tokenizer, stop):
                            "writable folder") from None
     loader, held_out = build_data(cfg, ctx, tokenizer, args.max_seq_len - cfg.n_virtual_tokens)
     total_steps = cfg.steps or cfg.epochs * loader.steps_per_epoch
-    prompt = build_prompt(cfg, model, tokenizer, ctx)
     sync = torch.cuda.synchronize if ctx.device.type == "cuda" else None
     tracer = Tracer(ctx.rank, enabled=bool(cfg.trace), synchronize=sync)
     stage = Stage(model, ctx, prompt, cfg.n_virtual_tokens, tracer)
@@ -307,7 +307,8 @@ def _train(cfg, ctx, model, tokenizer, stop):
     if ctx.rank == 0:
         metadata = {"init": cfg.init, "init_text": cfg.init_text if cfg.init == "text" else None,
                     "data": str(cfg.data), "template": cfg.template, "steps": total_steps,
-                    "ckpt_dir": str(cfg.ckpt_dir), "tokenizer": tokenizer.path, "losses": losses}
+                    "ckpt_dir": str(cfg.ckpt_dir), "tokenizer": tokenizer.path, "losses": losses,
+                    "base_model": cfg.base_model}
         save_prompt(out, prompt.weight, args, metadata)
         export_peft(out / "peft", prompt.weight, args, metadata)
         metrics.close()

@@ -29,6 +29,7 @@ from llama.prompt import (SoftPrompt, export_peft, import_peft, init_prompt_weig
 from llama.tokenizer import Tokenizer
 
 TEXTS = ["Give three tips for staying healthy.", "Once upon a time"]
+HF_BASE_MODEL = "someone/stories260K-hf"  # what --base_model records for transformers + peft
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,8 @@ def trained(model_bin, assets, tmp_path_factory):
     out = root / "prompt"
     ft_main.main(ckpt_dir=str(model_bin), data=str(data), out=str(out), template="plain",
                  n_virtual_tokens=8, max_seq_len=128, global_batch_size=4, micro_batch_size=2,
-                 steps=3, lr=0.1, eval_fraction=0, device="cpu", dtype="float32")
+                 steps=3, lr=0.1, eval_fraction=0, device="cpu", dtype="float32",
+                 base_model=HF_BASE_MODEL)
     return out
 
 
@@ -213,3 +215,60 @@ def test_prompt_of_another_model_with_the_same_width_is_refused_naming_the_file(
 def test_folder_without_a_prompt_is_refused(model, tmp_path):
     with pytest.raises(BadInput, match=r"empty holds no prompt\.pt or adapter_config\.json"):
         load_prompt(tmp_path / "empty", model.args)
+
+
+def test_prompt_pt_without_prompt_json_says_what_to_pass(model, trained, tmp_path):
+    folder = tmp_path / "half"
+    folder.mkdir()
+    shutil.copy(trained / "prompt.pt", folder / "prompt.pt")
+    with pytest.raises(BadInput, match=r"half/prompt\.json is missing beside prompt\.pt: .*pass "
+                                       r"the folder ft_main\.py --out wrote .* or its peft/ "
+                                       r"export"):
+        load_prompt(folder, model.args)
+
+
+# ---- a PEFT folder made elsewhere (no llama_prompt.json) is checked against the model ----
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_layers", 2, r"num_layers=2 but the model has n_layers=5"),
+    ("num_attention_heads", 4, r"num_attention_heads=4 but the model has n_heads=8"),
+    ("token_dim", 32, r"token_dim=32 but the model has dim=64"),
+    ("num_virtual_tokens", 9, r"holds 8 virtual tokens but its description says 9"),
+])
+def test_peft_folder_of_another_model_is_refused_naming_both_values(model, trained, tmp_path,
+                                                                   field, value, message):
+    folder = tmp_path / "peft"
+    shutil.copytree(trained / "peft", folder)
+    (folder / "llama_prompt.json").unlink()  # as PEFT itself writes it
+    assert torch.equal(load_prompt(folder, model.args)[0],
+                       torch.load(trained / "prompt.pt", weights_only=True))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(BadInput, match=message):
+        load_prompt(folder, model.args)
+
+
+def test_peft_export_records_the_base_model_transformers_can_load(trained, model, tmp_path):
+    """adapter_config.json's base_model_name_or_path is what AutoPeftModelForCausalLM loads:
+    --base_model names it; without it the checkpoint folder is recorded."""
+    config = json.loads((trained / "peft" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == HF_BASE_MODEL
+    assert json.loads((trained / "prompt.json").read_text())["base_model"] == HF_BASE_MODEL
+    export_peft(tmp_path / "plain", torch.zeros(2, 64), model.args, {"ckpt_dir": "ckpts/pp2"})
+    config = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "ckpts/pp2"
+
+
+def test_init_text_without_tokens_is_refused_before_out_is_created(model, tokenizer, model_bin,
+                                                                   tmp_path):
+    assert tokenizer.encode(" ", bos=False, eos=False) == []
+    with pytest.raises(BadInput, match=r"--init_text ' ' has no tokens"):
+        init_prompt_weight("text", 4, model.tok_embeddings.weight, tokenizer, " ")
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": "Say hi.", "input": "", "output": "Hi."}] * 4))
+    out = tmp_path / "out"
+    with pytest.raises(BadInput, match=r"--init_text ' ' has no tokens .*--init vocab"):
+        ft_main.main(ckpt_dir=str(model_bin), data=str(data), out=str(out), init_text=" ",
+                     n_virtual_tokens=4, max_seq_len=64, global_batch_size=2,
+                     micro_batch_size=2, steps=1, eval_fraction=0, device="cpu")
+    assert not out.exists()
