@@ -269,6 +269,6 @@ def test_init_text_without_tokens_is_refused_before_out_is_created(model, tokeni
     out = tmp_path / "out"
     with pytest.raises(BadInput, match=r"--init_text ' ' has no tokens .*--init vocab"):
         ft_main.main(ckpt_dir=str(model_bin), data=str(data), out=str(out), init_text=" ",
-                     n_virtual_tokens=4, max_seq_len=64, global_batch_size=2,
+                     template="plain", n_virtual_tokens=4, max_seq_len=128, global_batch_size=2,
                      micro_batch_size=2, steps=1, eval_fraction=0, device="cpu")
     assert not out.exists()
