@@ -70,8 +70,8 @@ def theta_500k(source, tensors, tmp_path_factory, tokens):
     return args, logits(folder, tokens)
 
 
-@pytest.mark.parametrize("writer", ["transformers4", "transformers5", "transformers5_per_layer_type",
-                                    "rope_scaling_default"])
+@pytest.mark.parametrize("writer", ["transformers4", "transformers5",
+                                    "transformers5_per_layer_type", "rope_scaling_default"])
 def test_rope_theta_is_read_wherever_transformers_puts_it(writer, theta_500k, tensors, tmp_path,
                                                           tokens, source):
     args, expected = theta_500k
