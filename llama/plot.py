@@ -470,11 +470,12 @@ def _series(points: list, layout: ChartLayout, colour: str, name: str, dots: boo
 
 
 def _last_value_label(points: list, layout: ChartLayout, colour: str) -> list:
-    """The last point's value written beside it: the number a run ends with."""
+    """The last point's value written beside it: the number a run ends with. Below the point,
+    since a falling loss reaches it from above."""
     step, value = max(points)
     x, y = layout.x(step), layout.y(value)
     anchor = "end" if x > layout.left + layout.plot_width * 0.8 else "start"
-    return [text(x + (-6 if anchor == "end" else 6), y - 8, f"{value:.3f}", fill=colour,
+    return [text(x + (-6 if anchor == "end" else 6), y + 18, f"{value:.3f}", fill=colour,
                  text_anchor=anchor, stroke="white", stroke_width=3, paint_order="stroke",
                  class_="last-value")]
 
