@@ -1,19 +1,22 @@
-"""Print the numbers behind the docs for a model shape: who owns what, what crosses the wire.
+"""Print the numbers behind the docs for a model: who owns what, what crosses the wire.
 
     python -m llama.explain --shape 7B --n_stages 4 --micro_batch_size 4 --seq_len 512
     python -m llama.explain --ckpt_dir ckpts/stories260K --n_stages 2
-Arithmetic from the shape alone (no weights are read unless --ckpt_dir is given, for the
-embedding scale).
+    python -m llama.explain --ckpt_dir ckpts/stories260K_pp2      # a split folder: its own stages
+Arithmetic from the shape; a checkpoint adds its real precision and embedding statistics, a split
+folder its stages and file sizes from split.json.
 """
-from llama.checkpoint import open_source, stage_plan
+from llama.checkpoint import (is_split_dir, load_stage_tensors, open_source, read_split,
+                              stage_plan)
 from llama.errors import BadInput, run_cli
 from llama.model import ModelArgs
-from llama.partition import parameter_costs
+from llama.partition import describe_stage, parameter_costs
 from llama.trace import ideal_bubble_fraction
 
 SHAPES = {"7B": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),
           "13B": ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000)}
 BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+SHAPE_DTYPE = "float16"  # Meta's published LLaMA weights
 
 
 def gib(n_bytes) -> str:
@@ -22,34 +25,106 @@ def gib(n_bytes) -> str:
     return f"{n_bytes / 2**20:.2f} MiB" if n_bytes >= 2**18 else f"{n_bytes / 2**10:.1f} KiB"
 
 
-def stage_table(args: ModelArgs, n_stages: int, weight_bytes: int):
-    layer, embeddings, head = parameter_costs(args)
+def count(n: int) -> str:
+    return f"{n / 1e6:.1f} M" if n >= 10**6 else f"{n:,}"
+
+
+def stage_parameters(args: ModelArgs, layers, embeddings: bool, head: bool) -> int:
+    layer, embedding_table, head_size = parameter_costs(args)
+    return (layers[1] - layers[0]) * layer + embeddings * embedding_table + head * head_size
+
+
+def computed_rows(args: ModelArgs, plan, width: int):
     rows = []
-    for index, ((first, last), has_embeddings, has_head) in enumerate(stage_plan(args, n_stages)):
-        params = (last - first) * layer + has_embeddings * embeddings + has_head * head
-        parts = f"layers {first}..{last - 1}" + (" + embeddings" if has_embeddings else "") + \
-            (" + norm/output" if has_head else "")
-        rows.append(f"  stage {index}: {parts:<40} {params / 1e6:8.1f} M parameters, "
-                    f"{gib(params * weight_bytes)}")
+    for layers, embeddings, head in plan:
+        params = stage_parameters(args, layers, embeddings, head)
+        rows.append({"layers": list(layers), "embeddings": embeddings, "head": head,
+                     "parameters": params, "bytes": params * width})
     return rows
 
 
-def main(shape: str = "7B", ckpt_dir: str = None, n_stages: int = 4, micro_batch_size: int = 4,
-         seq_len: int = 512, n_virtual_tokens: int = 32, global_batch_size: int = 32,
-         dtype: str = "float16"):
-    if dtype not in BYTES:
+def split_rows(split_dir, n_stages, dtype):
+    """(args, dtype, rows) of a split folder: its own stages, and split.json's file sizes unless
+    another dtype is asked for."""
+    args, manifest = read_split(split_dir)
+    stages = manifest["stages"]
+    if n_stages is not None and n_stages != len(stages):
+        raise BadInput(f"{split_dir} is split into {len(stages)} stages, not --n_stages "
+                       f"{n_stages}: drop --n_stages, or explain the unsplit checkpoint")
+    stored = manifest.get("dtype")
+    plan = [(stage["layers"], stage["embeddings"], stage["head"]) for stage in stages]
+    if dtype not in (None, stored):
+        return args, dtype, computed_rows(args, plan, BYTES[dtype])
+    if stored not in BYTES:
+        raise BadInput(f"{split_dir / 'split.json'} records dtype {stored!r}, not one of "
+                       f"{', '.join(BYTES)}: split the model again")
+    rows = computed_rows(args, plan, BYTES[stored])
+    for row, stage in zip(rows, stages):
+        row.update(bytes=stage["bytes"], file=stage["file"])
+    return args, stored, rows
+
+
+def stage_rows(ckpt_dir, n_stages, dtype, shape: str = "7B"):
+    """(ModelArgs, dtype name, one dict per stage: layers, embeddings, head, parameters, bytes).
+
+    dtype None means the checkpoint's own precision (float16 for a --shape without weights).
+    """
+    if dtype is not None and dtype not in BYTES:
         raise BadInput(f"--dtype {dtype!r} must be one of {', '.join(BYTES)}")
-    source = open_source(ckpt_dir) if ckpt_dir else None
-    if source is None and shape not in SHAPES:
-        raise BadInput(f"--shape {shape!r} must be one of {', '.join(SHAPES)} (or pass --ckpt_dir)")
-    args = source.args if source else SHAPES[shape]
-    width = BYTES[dtype]
+    if ckpt_dir is not None and is_split_dir(ckpt_dir):
+        return split_rows(ckpt_dir, n_stages, dtype)
+    n_stages = 4 if n_stages is None else n_stages
+    if ckpt_dir is None:
+        if shape not in SHAPES:
+            raise BadInput(f"--shape {shape!r} must be one of {', '.join(SHAPES)} (or pass --ckpt_dir)")
+        args, own_dtype = SHAPES[shape], SHAPE_DTYPE
+    else:
+        source = open_source(ckpt_dir)
+        args = source.args
+        own_dtype = str(source.load("tok_embeddings.weight").dtype).replace("torch.", "")
+    dtype = dtype or own_dtype
+    if dtype not in BYTES:
+        raise BadInput(f"{ckpt_dir} holds {dtype} weights: pass --dtype with one of {', '.join(BYTES)}")
+    return args, dtype, computed_rows(args, stage_plan(args, n_stages), BYTES[dtype])
+
+
+def stage_lines(rows):
+    lines = []
+    for index, row in enumerate(rows):
+        name = describe_stage(row["layers"], row["embeddings"], row["head"])
+        where = f" in {row['file']}" if "file" in row else ""
+        lines.append(f"  stage {index}: {name:<34} {count(row['parameters']):>8} parameters, "
+                     f"{gib(row['bytes'])}{where}")
+    return lines
+
+
+def embedding_table(ckpt_dir):
+    if is_split_dir(ckpt_dir):
+        _, manifest = read_split(ckpt_dir)
+        return load_stage_tensors(ckpt_dir, manifest, 0, verify=False)["tok_embeddings.weight"]
+    return open_source(ckpt_dir).load("tok_embeddings.weight")
+
+
+def main(shape: str = "7B", ckpt_dir: str = None, n_stages: int = None, micro_batch_size: int = 4,
+         seq_len: int = 512, n_virtual_tokens: int = 32, global_batch_size: int = 32,
+         dtype: str = None):
+    """Print stage sizes, wire traffic, bubble and soft-prompt size for a model.
+
+    shape: 7B or 13B, used when no --ckpt_dir is given.
+    ckpt_dir: a checkpoint (Meta, Hugging Face, llama2.c .bin) or a split folder (its stages).
+    n_stages: pipeline stages (default: the split folder's own, else 4).
+    dtype: float16, bfloat16 or float32 (default: the checkpoint's own; float16 for a --shape).
+    """
+    args, dtype, rows = stage_rows(ckpt_dir, n_stages, dtype, shape)
+    n_stages, width = len(rows), BYTES[dtype]
     n_micro = global_batch_size // micro_batch_size
     print(f"model: dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads "
           f"({args.n_kv_heads} kv), ffn {args.hidden_dim}, vocab {args.vocab_size}; "
           f"weights in {dtype}")
-    print(f"{n_stages} stages (balanced by parameters, embeddings and head counted):")
-    print("\n".join(stage_table(args, n_stages, width)))
+    origin = "as in split.json" if ckpt_dir is not None and is_split_dir(ckpt_dir) else \
+        "balanced by parameters"
+    print(f"{n_stages} stages ({origin}; [a, b) is layers a to b-1, head is norm + output):")
+    print("\n".join(stage_lines(rows)))
     length = n_virtual_tokens + seq_len
     hidden = micro_batch_size * length * args.dim * width
     print(f"per micro-batch of {micro_batch_size} x ({n_virtual_tokens} virtual + {seq_len}) tokens:")
@@ -60,8 +135,8 @@ def main(shape: str = "7B", ckpt_dir: str = None, n_stages: int = 4, micro_batch
           f"{ideal_bubble_fraction(n_stages, n_micro):.1%} (GPipe and 1F1B alike)")
     print(f"soft prompt: {n_virtual_tokens} x {args.dim} = {n_virtual_tokens * args.dim:,} fp32 "
           f"numbers ({gib(n_virtual_tokens * args.dim * 4)}); AdamW adds twice that")
-    if source is not None:
-        embeddings = source.load("tok_embeddings.weight").float()
+    if ckpt_dir is not None:
+        embeddings = embedding_table(ckpt_dir).float()
         print(f"embedding table: std {embeddings.std():.4f}, mean row norm "
               f"{embeddings.norm(dim=1).mean():.3f}; an N(0,1) row has norm "
               f"{args.dim ** 0.5:.1f}, {args.dim ** 0.5 / float(embeddings.norm(dim=1).mean()):.0f}x larger")

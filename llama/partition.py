@@ -59,3 +59,12 @@ def balanced_ranges(args: ModelArgs, n_stages: int):
     """stage_layer_ranges with the model's own parameter costs."""
     layer, embeddings, head = parameter_costs(args)
     return stage_layer_ranges(args.n_layers, n_stages, layer, embeddings, head)
+
+
+def describe_stage(layer_range, embeddings: bool, head: bool) -> str:
+    """'layers [3, 5) + head': what a stage holds, in split.json's terms (a half-open layer range,
+    the embeddings, the head = final norm + output projection). split_model.py and llama.explain
+    both print it, so the two outputs read the same."""
+    first, end = layer_range
+    return f"layers [{first}, {end})" + (" + embeddings" if embeddings else "") + \
+        (" + head" if head else "")

@@ -6,6 +6,7 @@
 import json
 import math
 from collections import Counter
+from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
 from llama.errors import BadInput, run_cli
@@ -16,16 +17,20 @@ FONT = "sans-serif"
 CHAR_WIDTH = 7  # about the width of one 12px sans-serif character, for fitting text into boxes
 TRAIN_COLOUR = "#4c78a8"
 EVAL_COLOUR = "#e45756"
-# category: (legend label, fill, bar height as a share of the row)
+# category: (legend label, fill)
 SPAN_STYLES = {
-    "forward": ("forward", "#4c78a8", 1.0),
-    "backward": ("backward", "#f58518", 1.0),
-    "optimizer": ("optimizer step", "#54a24b", 1.0),
-    "eval": ("eval", "#b279a2", 1.0),
-    "recv_wait": ("waiting for a peer", "url(#hatch)", 0.3),
-    "send": ("send", "#444444", 0.12),
+    "forward": ("forward", "#4c78a8"),
+    "backward": ("backward", "#f58518"),
+    "optimizer": ("optimizer step", "#54a24b"),
+    "eval": ("eval", "#b279a2"),
+    "recv_wait": ("waiting for a peer (lane below)", "url(#hatch)"),
+    "send": ("send", "#444444"),
 }
-OTHER_STYLE = ("other", "#bbbbbb", 1.0)
+# Drawn in a lane of their own beneath each stage's compute boxes: the trainer records a wait
+# inside the forward or backward it holds up, so on the same lane it would cover that box.
+WAIT_CATEGORIES = ("recv_wait", "send")
+MIN_OPTIMIZER_WIDTH = 6.0  # px: a step of a few microseconds stays visible beside 900 px of step
+OTHER_STYLE = ("other", "#bbbbbb")
 HATCH = ('<defs><pattern id="hatch" width="6" height="6" patternUnits="userSpaceOnUse" '
          'patternTransform="rotate(45)"><rect width="6" height="6" fill="#dddddd"/>'
          '<line x1="0" y1="0" x2="0" y2="6" stroke="#888888" stroke-width="2"/></pattern></defs>')
@@ -194,8 +199,12 @@ def bubble_caption(per_stage: list, n_micro_batches: int) -> str:
 
 
 class TimelineLayout:
-    """Where things go: one row per stage, the time axis below, then the legend and caption."""
-    row_height = 32
+    """Where things go: one row per stage (a compute lane over a wait lane), the time axis
+    below, then the legend and caption."""
+    compute_height = 28
+    lane_gap = 2
+    wait_height = 8
+    row_height = compute_height + lane_gap + wait_height
     row_gap = 10
     plot_width = 900
 
@@ -208,7 +217,8 @@ class TimelineLayout:
         self.ticks = [tick for tick in nice_axis(0.0, self.axis_end_ms)[2]
                       if tick <= self.axis_end_ms * 1.0001]
         self.axis_y = self.row_top(len(labels)) - self.row_gap + 6
-        self.width = self.left + self.plot_width + 24
+        # Room on the right for a minimum-width box that starts at the very end of the step.
+        self.width = self.left + self.plot_width + MIN_OPTIMIZER_WIDTH + 24
         self.height = self.axis_y + 100
 
     def x(self, ts_us: float) -> float:
@@ -217,14 +227,20 @@ class TimelineLayout:
     def row_top(self, stage: int) -> float:
         return self.top + stage * (self.row_height + self.row_gap)
 
+    def wait_lane_top(self, stage: int) -> float:
+        return self.row_top(stage) + self.compute_height + self.lane_gap
+
 
 def _rows(labels: list, layout: TimelineLayout) -> list:
     shapes = []
     for stage, label in enumerate(labels):
         top = layout.row_top(stage)
         shapes.append(element("rect", x=float(layout.left), y=float(top),
-                              width=layout.plot_width, height=layout.row_height, fill="#f4f4f4"))
-        shapes.append(text(layout.left - 8, top + layout.row_height / 2 + 4, label,
+                              width=layout.plot_width, height=layout.compute_height,
+                              fill="#f4f4f4"))
+        shapes.append(element("rect", x=float(layout.left), y=layout.wait_lane_top(stage),
+                              width=layout.plot_width, height=layout.wait_height, fill="#fafafa"))
+        shapes.append(text(layout.left - 8, top + layout.compute_height / 2 + 4, label,
                            text_anchor="end", class_="stage-label"))
     return shapes
 
@@ -247,31 +263,64 @@ def _time_axis(layout: TimelineLayout) -> list:
     return shapes
 
 
-def _span_shapes(span: dict, layout: TimelineLayout) -> list:
-    """A span's box (full height for compute, a thin bar for waits and sends) and its number."""
+def compute_pieces(span: dict, waits: list) -> list:
+    """The (start, end) parts of a compute span that no wait of its stage covers: the time the
+    stage really computed, as bubble_fraction counts it."""
+    pieces = [(span["ts"], span["ts"] + span.get("dur", 0))]
+    for wait_start, wait_end in waits:
+        cut = []
+        for start, end in pieces:
+            if wait_end <= start or wait_start >= end:
+                cut.append((start, end))
+                continue
+            cut += [piece for piece in ((start, wait_start), (wait_end, end)) if piece[1] > piece[0]]
+        pieces = cut
+    return pieces
+
+
+def _box(span: dict, x: float, y: float, width: float, height: float, fill: str) -> str:
     category = span.get("cat", "")
-    _, fill, share = SPAN_STYLES.get(category, OTHER_STYLE)
-    x = layout.x(span["ts"])
-    width = max(layout.x(span["ts"] + span.get("dur", 0)) - x, 0.5)
-    height = layout.row_height * share
-    y = layout.row_top(span.get("pid", 0)) + (layout.row_height - height) / 2
     tooltip = element("title", escape(f"{span.get('name', '')} ({category}): "
                                       f"{span.get('dur', 0) / 1000:.3f} ms"))
-    shapes = [element("rect", tooltip, x=x, y=y, width=width, height=height, fill=fill,
-                      stroke="white", stroke_width=0.5, class_=f"span {category}")]
+    return element("rect", tooltip, x=x, y=y, width=width, height=height, fill=fill,
+                   stroke="white", stroke_width=0.5, class_=f"span {category}")
+
+
+def _wait_shapes(span: dict, layout: TimelineLayout) -> list:
+    fill = SPAN_STYLES.get(span.get("cat"), OTHER_STYLE)[1]
+    x = layout.x(span["ts"])
+    width = max(layout.x(span["ts"] + span.get("dur", 0)) - x, 0.5)
+    return [_box(span, x, layout.wait_lane_top(span.get("pid", 0)), width, layout.wait_height,
+                 fill)]
+
+
+def _compute_shapes(span: dict, waits: list, layout: TimelineLayout) -> list:
+    """A compute span's boxes (the parts outside its waits) and its micro-batch number in the
+    widest one, when the number fits; the optimizer step keeps a visible minimum width."""
+    category = span.get("cat", "")
+    fill = SPAN_STYLES.get(category, OTHER_STYLE)[1]
+    minimum = MIN_OPTIMIZER_WIDTH if category == "optimizer" else 0.5
+    y = layout.row_top(span.get("pid", 0))
+    boxes = []
+    for start, end in compute_pieces(span, waits):
+        x = layout.x(start)
+        boxes.append((x, max(layout.x(end) - x, minimum)))
+    shapes = [_box(span, x, y, width, layout.compute_height, fill) for x, width in boxes]
     number = (span.get("args") or {}).get("micro_batch")
-    if share == 1.0 and number is not None and width >= CHAR_WIDTH * len(str(number)) + 4:
-        shapes.append(text(x + width / 2, y + height / 2 + 4, number, text_anchor="middle",
-                           fill="white"))
+    if boxes and number is not None:
+        x, width = max(boxes, key=lambda box: box[1])
+        if width >= CHAR_WIDTH * len(str(number)) + 4:
+            shapes.append(text(x + width / 2, y + layout.compute_height / 2 + 4, number,
+                               text_anchor="middle", fill="white", class_="micro-batch"))
     return shapes
 
 
 def _span_legend(spans: list) -> list:
     present = {span.get("cat") for span in spans}
-    entries = [(label, fill) for category, (label, fill, _) in SPAN_STYLES.items()
+    entries = [(label, fill) for category, (label, fill) in SPAN_STYLES.items()
                if category in present]
     if present - set(SPAN_STYLES):
-        entries.append(OTHER_STYLE[:2])
+        entries.append(OTHER_STYLE)
     return entries
 
 
@@ -297,11 +346,15 @@ def schedule_svg(trace: dict, title: str = None, step: int = None) -> str:
     origin = min(span["ts"] for span in spans)
     end = max(span["ts"] + span.get("dur", 0) for span in spans)
     layout = TimelineLayout(labels, origin, end)
-    # Thin bars (waits, sends) go on top of any box they overlap.
-    drawn = sorted(spans, key=lambda span: -SPAN_STYLES.get(span.get("cat"), OTHER_STYLE)[2])
+    shapes = []
+    for events in per_stage:
+        waits = [(span["ts"], span["ts"] + span.get("dur", 0)) for span in events
+                 if span.get("cat") in WAIT_CATEGORIES]
+        for span in events:
+            shapes += _wait_shapes(span, layout) if span.get("cat") in WAIT_CATEGORIES else \
+                _compute_shapes(span, waits, layout)
     body = [HATCH, text(layout.left, 26, title, font_size=16, font_weight="bold"),
-            *_rows(labels, layout), *_time_axis(layout),
-            *[shape for span in drawn for shape in _span_shapes(span, layout)],
+            *_rows(labels, layout), *_time_axis(layout), *shapes,
             *legend(_span_legend(spans), layout.left, layout.axis_y + 62),
             text(layout.left, layout.axis_y + 88, bubble_caption(per_stage, n_micro_batches),
                  class_="caption")]
@@ -346,9 +399,11 @@ def _is_number(value) -> bool:
 
 
 def loss_points(records: list, key: str) -> list:
-    """(step, value) pairs of the records that have a finite number under `key` and a step."""
-    return [(record["step"], record[key]) for record in records
-            if _is_number(record.get("step")) and _is_number(record.get(key))]
+    """(step, value) pairs, in step order, of the records that have a step and a finite number
+    under `key`."""
+    return sorted(((record["step"], record[key]) for record in records
+                   if _is_number(record.get("step")) and _is_number(record.get(key))),
+                  key=lambda point: point[0])
 
 
 class ChartLayout:
@@ -408,9 +463,21 @@ def _series(points: list, layout: ChartLayout, colour: str, name: str, dots: boo
     shapes = [element("polyline", points=coordinates, fill="none", stroke=colour,
                       stroke_width=1.5, class_=name)]
     if dots or len(points) == 1:
-        shapes += [element("circle", cx=layout.x(step), cy=layout.y(value), r=3, fill=colour)
+        shapes += [element("circle", cx=layout.x(step), cy=layout.y(value), r=3, fill=colour,
+                           class_=name)
                    for step, value in points]
     return shapes
+
+
+def _last_value_label(points: list, layout: ChartLayout, colour: str) -> list:
+    """The last point's value written beside it: the number a run ends with. Below the point,
+    since a falling loss reaches it from above."""
+    step, value = max(points)
+    x, y = layout.x(step), layout.y(value)
+    anchor = "end" if x > layout.left + layout.plot_width * 0.8 else "start"
+    return [text(x + (-6 if anchor == "end" else 6), y + 18, f"{value:.3f}", fill=colour,
+                 text_anchor=anchor, stroke="white", stroke_width=3, paint_order="stroke",
+                 class_="last-value")]
 
 
 def losses_svg(records: list, title: str = None) -> str:
@@ -428,7 +495,7 @@ def losses_svg(records: list, title: str = None) -> str:
             *_chart_axes(layout),
             *(_series(train, layout, TRAIN_COLOUR, "train-loss", dots=False) if train else []),
             *(_series(evaluation, layout, EVAL_COLOUR, "eval-loss", dots=True)
-              if evaluation else []),
+              + _last_value_label(evaluation, layout, EVAL_COLOUR) if evaluation else []),
             *legend(entries, layout.left, 48)]
     return svg_document(layout.width, layout.height, body)
 
@@ -447,9 +514,38 @@ def schedule(trace_path: str, out: str, title: str = None, step: int = None):
     print(f"wrote {out}")
 
 
+def held_out_from_prompt_json(metrics_path: str, records: list) -> list:
+    """Eval records for the held-out losses that only the run's prompt.json holds: before
+    training (step 0) and after the last step (which --eval_every need not divide).
+
+    Used only when prompt.json sits beside metrics.jsonl and finished at the metrics' last
+    step, so a prompt.json left by another run is not drawn into this one's chart.
+    """
+    path = Path(metrics_path).parent / "prompt.json"
+    if not path.is_file():
+        return []
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        print(f"note: {path} cannot be read as JSON; the chart shows metrics.jsonl only")
+        return []
+    losses = info.get("losses") if isinstance(info, dict) else None
+    steps = [record["step"] for record in records if _is_number(record.get("step"))]
+    if not isinstance(losses, dict) or not steps or info.get("steps") != max(steps):
+        return []
+    evaluated = {step for step, _ in loss_points(records, "eval_loss")}
+    found = [(0, losses.get("eval_loss_init")), (info["steps"], losses.get("eval_loss"))]
+    return [{"step": step, "eval_loss": value} for step, value in found
+            if _is_number(value) and step not in evaluated]
+
+
 def losses(metrics_path: str, out: str, title: str = None):
-    """Draw the train (and eval) loss of a metrics.jsonl as an SVG line chart."""
+    """Draw the train loss and the held-out loss of a metrics.jsonl as an SVG line chart.
+
+    The held-out losses before and after training come from prompt.json beside it, if any.
+    """
     records = read_metrics(metrics_path)
+    records += held_out_from_prompt_json(metrics_path, records)
     try:
         svg = losses_svg(records, title=title)
     except BadInput as error:

@@ -248,3 +248,95 @@ def test_waits_nested_inside_compute_spans_count_as_idle():
               span(0, "recv dL/dh", "recv_wait", 10, 30, micro_batch=0, step=0)]
     assert trace.busy_time(stage0) == pytest.approx(20)
     assert bubble_fraction([stage0]) == pytest.approx(0.5)
+
+
+# ---- the pictures as a user reads them: nothing hidden, nothing too thin ----
+
+def nested_trace(tmp_path):
+    """Stage 0 of a 2-stage step as the trainer records it: each wait inside its compute span,
+    and a 0.2 us optimizer step at the end of a 200 us step (a sliver at 900 px)."""
+    stage0 = [span(0, "F0", "forward", 0, 10, micro_batch=0, step=0),
+              span(0, "F1", "forward", 10, 20, micro_batch=1, step=0),
+              span(0, "B1", "backward", 20, 110, micro_batch=1, step=0),
+              span(0, "recv dL/dh", "recv_wait", 20, 80, micro_batch=1, step=0),
+              span(0, "B0", "backward", 110, 180, micro_batch=0, step=0),
+              span(0, "recv dL/dh", "recv_wait", 110, 140, micro_batch=0, step=0),
+              span(0, "optimizer step", "optimizer", 199.8, 200, step=0)]
+    stage1 = [span(1, "F0", "forward", 0, 40, micro_batch=0, step=0),
+              span(1, "recv h", "recv_wait", 0, 10, micro_batch=0, step=0),
+              span(1, "F1", "forward", 40, 60, micro_batch=1, step=0),
+              span(1, "B1", "backward", 60, 100, micro_batch=1, step=0),
+              span(1, "B0", "backward", 100, 140, micro_batch=0, step=0)]
+    path = tmp_path / "trace.json"
+    write_chrome_trace(str(path), [stage0, stage1], {"n_micro_batches": 2})
+    return path
+
+
+def rect_box(node):
+    x, y = float(node.get("x")), float(node.get("y"))
+    return x, y, x + float(node.get("width")), y + float(node.get("height"))
+
+
+def overlap(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def span_rects(root, category):
+    return [node for node in root.iter(f"{SVG}rect") if node.get("class") == f"span {category}"]
+
+
+def test_waits_are_never_drawn_over_compute_boxes(tmp_path):
+    root = parse_svg(plot.schedule_svg(plot.load_trace(str(nested_trace(tmp_path)))))
+    waits = [rect_box(node) for node in span_rects(root, "recv_wait")]
+    compute = [rect_box(node) for category in ("forward", "backward", "optimizer")
+               for node in span_rects(root, category)]
+    assert len(waits) == 3 and compute
+    assert not [(w, c) for w in waits for c in compute if overlap(w, c)]
+
+
+def test_micro_batch_numbers_are_visible_and_not_covered(tmp_path):
+    root = parse_svg(plot.schedule_svg(plot.load_trace(str(nested_trace(tmp_path)))))
+    numbers = [node for node in root.iter(f"{SVG}text") if node.get("class") == "micro-batch"]
+    # Every compute box of this trace is wide enough for its number: 4 per stage.
+    assert sorted(node.text for node in numbers) == ["0", "0", "0", "0", "1", "1", "1", "1"]
+    waits = [rect_box(node) for node in span_rects(root, "recv_wait")]
+    for node in numbers:
+        x, y = float(node.get("x")), float(node.get("y"))
+        assert not [w for w in waits if w[0] <= x <= w[2] and w[1] <= y - 4 <= w[3]]
+
+
+def test_the_optimizer_step_is_never_a_sliver(tmp_path):
+    root = parse_svg(plot.schedule_svg(plot.load_trace(str(nested_trace(tmp_path)))))
+    (step,) = span_rects(root, "optimizer")
+    assert float(step.get("width")) >= plot.MIN_OPTIMIZER_WIDTH
+    assert float(step.get("x")) + float(step.get("width")) <= float(root.get("width"))
+
+
+def eval_markers(root):
+    return [node for node in root.iter(f"{SVG}circle") if node.get("class") == "eval-loss"]
+
+
+def test_loss_svg_shows_every_held_out_point(tmp_path):
+    lines = [json.dumps({"step": step, "loss": 3.0 - 0.1 * step}) for step in range(1, 21)]
+    lines += [json.dumps({"step": 10, "eval_loss": 2.5}), json.dumps({"step": 20, "eval_loss": 1.6})]
+    root = parse_svg(plot.losses_svg(plot.read_metrics(str(write_metrics(tmp_path, lines)))))
+    assert len(eval_markers(root)) == 2
+    texts = [node.text for node in root.iter(f"{SVG}text")]
+    assert "1.600" in texts  # the last held-out loss, written beside its point
+
+
+def test_loss_plot_adds_the_held_out_losses_of_prompt_json(tmp_path):
+    """--eval_every longer than the run: metrics.jsonl has no eval_loss, but the run's
+    prompt.json has the held-out loss before (step 0) and after training (the last step)."""
+    metrics = write_metrics(tmp_path, [json.dumps({"step": s, "loss": 3.0 - 0.1 * s})
+                                       for s in range(1, 9)])
+    (tmp_path / "prompt.json").write_text(json.dumps(
+        {"steps": 8, "losses": {"eval_loss_no_prompt": 3.4, "eval_loss_init": 3.1,
+                                "eval_loss": 2.2, "train_loss": 2.3}}))
+    out = tmp_path / "loss.svg"
+    plot.losses(str(metrics), str(out))
+    root = parse_svg(out.read_text())
+    markers = eval_markers(root)
+    assert len(markers) == 2
+    texts = [node.text for node in root.iter(f"{SVG}text")]
+    assert "2.200" in texts
