@@ -16,7 +16,7 @@ def main(ckpt_dir: str, data: str, out: str, tokenizer_path: str = None,
          n_virtual_tokens: int = 32, init: str = "text", init_text: str = ALPACA_PREAMBLE,
          # data
          template: str = "alpaca", train_on_prompt: bool = False, strict: bool = False,
-         eval_fraction: float = 0.05, max_seq_len: int = 512,
+         eval_fraction: float = 0.05, max_seq_len: int = 512, cache_dir: str = None,
          # schedule and batches
          schedule: str = "1f1b", global_batch_size: int = 32, micro_batch_size: int = 4,
          steps: int = None, epochs: int = 1,
@@ -34,6 +34,8 @@ def main(ckpt_dir: str, data: str, out: str, tokenizer_path: str = None,
     init: text (embeddings of --init_text), vocab (random vocabulary rows) or random (at the
     embeddings' scale). offload: comma-separated optimizer,activations,weights. dtype: float16
     (default on GPU, with dynamic loss scaling), bfloat16 or float32 (default on CPU).
+    cache_dir: where token caches go (default $LLAMA_TOKEN_CACHE, else
+    ~/.cache/llama-pp-prompt/tokens); none turns the cache off.
     resume: True for <out>/checkpoint.pt, or a path. debug_overflow_steps: steps whose loss is
     forced to overflow, to see the loss scaler at work.
     """

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from llama.errors import BadInput
-from llama.files import atomic_write, sha256_of
+from llama.files import atomic_write, sha256_of, underlying_os_error
 
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
                    "Write a response that appropriately completes the request.")
@@ -275,6 +275,20 @@ def _save_cache(cache_path: Path, dataset: TokenizedDataset):
         format=np.array(CACHE_FORMAT_VERSION, dtype=np.int64)))
 
 
+def _try_save_cache(cache_path: Path, dataset: TokenizedDataset, log):
+    """cache_path once written, None when it cannot be (read-only, full disk, no permission):
+    the cache only saves time, so training goes on without it."""
+    try:
+        _save_cache(cache_path, dataset)
+        return cache_path
+    except (BadInput, OSError) as error:
+        os_error = underlying_os_error(error)  # atomic_write's BadInput wraps the OSError
+        reason = (os_error.strerror or os_error) if os_error is not None else error
+        log(f"note: could not write the token cache {cache_path} ({reason}); training goes on "
+            "without it: pass --cache_dir a writable folder, or --cache_dir none")
+        return None
+
+
 def _load_cache(cache_path: Path, vocab_size: int) -> TokenizedDataset:
     """Read a cache file; ValueError (or an I/O error) when it is damaged in any way."""
     # Open the file here: np.load leaks its own handle when the zip is damaged.
@@ -295,13 +309,27 @@ def _load_cache(cache_path: Path, vocab_size: int) -> TokenizedDataset:
     return TokenizedDataset(token_ids, offsets, first_targets, *(int(s) for s in stats))
 
 
+CACHE_OFF = ("none", "off")
+
+
+def token_cache_folder(cache_dir=None):
+    """Where token caches go, or None when caching is off: cache_dir (--cache_dir), else
+    $LLAMA_TOKEN_CACHE, else the user's cache folder ($XDG_CACHE_HOME or ~/.cache) under
+    llama-pp-prompt/tokens. Never beside the data: that folder may be shared or read-only."""
+    chosen = cache_dir if cache_dir not in (None, "") else os.environ.get("LLAMA_TOKEN_CACHE")
+    if chosen not in (None, ""):
+        return None if str(chosen).lower() in CACHE_OFF else Path(chosen).expanduser()
+    user_cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(user_cache) / "llama-pp-prompt" / "tokens"
+
+
 def load_dataset(path, tokenizer, template: str = "alpaca", max_len: int = 512,
                  train_on_prompt: bool = False, strict: bool = False, cache_dir=None,
                  log=print) -> TokenizedDataset:
     """Tokenised examples of a data file, from the cache when nothing they depend on changed.
 
     max_len counts BOS and EOS (pass max_seq_len minus the virtual tokens). The cache lies in
-    cache_dir (default: .cache beside the data file) as <data name>.<key>.npz.
+    token_cache_folder(cache_dir) as <data name>.<key>.npz; "none" or "off" turns it off.
     """
     _template_pair(template)
     if max_len < 2:
@@ -311,11 +339,11 @@ def load_dataset(path, tokenizer, template: str = "alpaca", max_len: int = 512,
     raw = _read_bytes(path)
     key = cache_key(hashlib.sha256(raw).hexdigest(), sha256_of(tokenizer.path), template,
                     max_len, train_on_prompt)
-    cache_folder = Path(cache_dir) if cache_dir is not None else path.parent / ".cache"
-    cache_path = cache_folder / f"{path.stem}.{key[:20]}.npz"
+    cache_folder = token_cache_folder(cache_dir)
+    cache_path = cache_folder / f"{path.stem}.{key[:20]}.npz" if cache_folder else None
 
     dataset = None
-    if cache_path.exists():
+    if cache_path is not None and cache_path.is_file():
         try:
             dataset = _load_cache(cache_path, tokenizer.n_words)
             log(f"{path}: tokens from cache {cache_path}")
@@ -331,12 +359,8 @@ def load_dataset(path, tokenizer, template: str = "alpaca", max_len: int = 512,
         if len(dataset) == 0:
             raise BadInput(f"every example of {path} is longer than max_len {max_len} before its "
                            "response starts: raise max_seq_len or use fewer virtual tokens")
-        try:
-            _save_cache(cache_path, dataset)
-        except BadInput as error:  # a read-only data folder should not stop training
-            log(f"could not write token cache {cache_path} ({error}); continuing without it: "
-                "pass cache_dir to a writable folder")
-            cache_path = None
+        if cache_path is not None:
+            cache_path = _try_save_cache(cache_path, dataset, log)
     dataset.cache_path = cache_path
     log(f"{path}: {len(dataset)} examples, {dataset.n_tokens} tokens; {dataset.n_truncated} "
         f"truncated to {max_len} tokens, {dataset.n_dropped} dropped because their response "

@@ -110,7 +110,7 @@ def build_data(cfg, ctx, tokenizer, max_len):
     if ctx.rank != 0:
         ctx.barrier()
     dataset = load_dataset(cfg.data, tokenizer, cfg.template, max_len, cfg.train_on_prompt,
-                           cfg.strict, log=log)
+                           cfg.strict, cfg.cache_dir, log=log)
     if ctx.rank == 0:
         ctx.barrier()
     train_set, held_out = split_dataset(dataset, cfg.eval_fraction, cfg.seed)

@@ -184,10 +184,16 @@ def test_every_example_dropped_is_refused(tmp_path, small_tokenizer):
 
 def test_cache_is_written_then_reused_without_tokenizing(tmp_path, assets, small_tokenizer,
                                                          monkeypatch):
-    path = shutil.copy(assets / "alpaca" / "alpaca_data_1k.json", tmp_path / "alpaca.json")
+    """By default the cache lies under the user's cache folder ($XDG_CACHE_HOME), never beside
+    the data, and the second load reads it instead of tokenising."""
+    monkeypatch.delenv("LLAMA_TOKEN_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    (tmp_path / "data").mkdir()
+    path = shutil.copy(assets / "alpaca" / "alpaca_data_1k.json", tmp_path / "data" / "alpaca.json")
     first = load_dataset(path, small_tokenizer, log=Log())
-    cache_files = list((tmp_path / ".cache").glob("alpaca.*.npz"))
+    cache_files = list((tmp_path / "xdg" / "llama-pp-prompt" / "tokens").glob("alpaca.*.npz"))
     assert cache_files == [first.cache_path]
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["alpaca.json"]
 
     def refuse(*args, **kwargs):
         raise AssertionError("the tokenizer ran although the cache was valid")
@@ -201,6 +207,31 @@ def test_cache_is_written_then_reused_without_tokenizing(tmp_path, assets, small
     assert np.array_equal(first.first_targets, second.first_targets)
     assert (second.n_skipped, second.n_truncated, second.n_dropped) == \
         (first.n_skipped, first.n_truncated, first.n_dropped)
+
+
+def test_cache_folder_from_the_environment_or_off(tmp_path, small_tokenizer, monkeypatch):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "Once upon a time there was a cat."}])
+    monkeypatch.setenv("LLAMA_TOKEN_CACHE", str(tmp_path / "elsewhere"))
+    assert load_dataset(path, small_tokenizer, log=Log()).cache_path.parent == \
+        tmp_path / "elsewhere"
+    for off in ("none", "off"):
+        monkeypatch.setenv("LLAMA_TOKEN_CACHE", off)
+        assert load_dataset(path, small_tokenizer, log=Log()).cache_path is None
+        monkeypatch.setenv("LLAMA_TOKEN_CACHE", str(tmp_path / "elsewhere"))
+        assert load_dataset(path, small_tokenizer, cache_dir=off, log=Log()).cache_path is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "elsewhere"]
+
+
+def test_cache_that_cannot_be_written_is_a_note(tmp_path, small_tokenizer):
+    """A folder that cannot be made (here: under a regular file, which stops root too)."""
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "Once upon a time there was a cat."}])
+    (tmp_path / "a_file").write_text("")
+    log = Log()
+    dataset = load_dataset(path, small_tokenizer, cache_dir=tmp_path / "a_file" / "cache", log=log)
+    assert len(dataset) == 1 and dataset.cache_path is None
+    notes = [line for line in log if "token cache" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: could not write the token cache ")
+    assert "training goes on without it" in notes[0] and "--cache_dir" in notes[0]
 
 
 def test_any_change_gives_a_new_cache_file(tmp_path, assets, small_tokenizer, llama_tokenizer):

@@ -447,3 +447,32 @@ def test_nan_loss_that_does_not_recover_stops_and_keeps_the_last_good_checkpoint
     ft_main.main(**args, resume=True)
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
     assert math.isfinite(saved_losses(out)["train_loss"])
+
+
+# ---- the token cache: never beside the data; unwritable is a note ----
+
+def test_read_only_data_folder_trains_and_nothing_is_written_beside_it(
+        model_bin, alpaca_records, tmp_path, capsys):
+    data_folder = tmp_path / "shared_data"
+    data_folder.mkdir()
+    data = write_jsonl(data_folder / "data.jsonl", alpaca_records[:12])
+    data_folder.chmod(0o555)  # read-only (root writes anyway: the listing below checks that)
+    try:
+        ft_main.main(**run_args(model_bin, data, tmp_path / "one", steps=1, eval_fraction=0,
+                                cache_dir=str(tmp_path / "cache")))
+        assert "tokens from cache" not in capsys.readouterr().out
+        ft_main.main(**run_args(model_bin, data, tmp_path / "two", steps=1, eval_fraction=0,
+                                cache_dir=str(tmp_path / "cache")))
+        assert "tokens from cache" in capsys.readouterr().out  # reused: same key
+        assert [p.name for p in data_folder.iterdir()] == ["data.jsonl"]
+        assert len(list((tmp_path / "cache").glob("data.*.npz"))) == 1
+
+        (tmp_path / "a_file").write_text("")  # a cache folder that cannot be made, even by root
+        ft_main.main(**run_args(model_bin, data, tmp_path / "three", steps=1, eval_fraction=0,
+                                cache_dir=str(tmp_path / "a_file" / "cache")))
+        notes = [line for line in capsys.readouterr().out.splitlines() if "token cache" in line]
+        assert len(notes) == 1 and notes[0].startswith("note: could not write the token cache")
+        assert (tmp_path / "three" / "prompt.pt").exists()
+        assert [p.name for p in data_folder.iterdir()] == ["data.jsonl"]
+    finally:
+        data_folder.chmod(0o755)
