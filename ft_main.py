@@ -27,6 +27,7 @@ def main(ckpt_dir: str, data: str, out: str, tokenizer_path: str = None,
          device: str = None, dtype: str = None, recompute: bool = False, offload: str = None,
          # bookkeeping
          log_every: int = 10, eval_every: int = 50, save_every: int = 100, resume=None,
+         overwrite: bool = False,
          trace: str = None, trace_steps: int = 3, timeout_s: float = 300.0,
          max_skipped_steps: int = 20, debug_overflow_steps=()):
     """Train a soft prompt; writes <out>/prompt.pt, prompt.json, peft/, metrics.jsonl, checkpoint.pt.
@@ -36,7 +37,8 @@ def main(ckpt_dir: str, data: str, out: str, tokenizer_path: str = None,
     (default on GPU, with dynamic loss scaling), bfloat16 or float32 (default on CPU).
     cache_dir: where token caches go (default $LLAMA_TOKEN_CACHE, else
     ~/.cache/llama-pp-prompt/tokens); none turns the cache off.
-    resume: True for <out>/checkpoint.pt, or a path. debug_overflow_steps: steps whose loss is
+    resume: True for <out>/checkpoint.pt, or a path. A used --out (one holding a run's files)
+    needs --resume or --overwrite, which replaces only the run's own files there. debug_overflow_steps: steps whose loss is
     forced to overflow, to see the loss scaler at work.
     """
     if isinstance(debug_overflow_steps, int):
