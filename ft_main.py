@@ -17,6 +17,7 @@ def main(ckpt_dir: str, data: str, out: str, tokenizer_path: str = None,
          # data
          template: str = "alpaca", train_on_prompt: bool = False, strict: bool = False,
          eval_fraction: float = 0.05, max_seq_len: int = 512, cache_dir: str = None,
+         eos_target: str = "auto",
          # schedule and batches
          schedule: str = "1f1b", global_batch_size: int = 32, micro_batch_size: int = 4,
          steps: int = None, epochs: int = 1,
@@ -35,6 +36,8 @@ def main(ckpt_dir: str, data: str, out: str, tokenizer_path: str = None,
     init: text (embeddings of --init_text), vocab (random vocabulary rows) or random (at the
     embeddings' scale). offload: comma-separated optimizer,activations,weights. dtype: float16
     (default on GPU, with dynamic loss scaling), bfloat16 or float32 (default on CPU).
+    eos_target: the token trained after each text: auto (the model's stop token, EOS or BOS,
+    whichever the model predicts after the data's texts), eos, bos or none.
     cache_dir: where token caches go (default $LLAMA_TOKEN_CACHE, else
     ~/.cache/llama-pp-prompt/tokens); none turns the cache off.
     resume: True for <out>/checkpoint.pt, or a path. A used --out (one holding a run's files)

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from llama.checkpoint import atomic_torch_save, atomic_write_text, params_digest
-from llama.data import BatchLoader, eval_batches, load_dataset, split_dataset
+from llama.data import (END_TARGETS, BatchLoader, end_target_ids, eval_batches, load_dataset,
+                        load_records, make_micro_batch, split_dataset, tokenize_record)
 from llama.distributed import PeerLost, report_and_exit
 from llama.errors import BadInput
 from llama.formats import safe_torch_load
@@ -37,7 +38,9 @@ RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE, "prompt.json", "prompt.pt", "peft")
 LOCK_FILE = ".lock"
 # The settings a resumed run must share with the run it continues.
 RUN_IDENTITY = ("data", "template", "n_virtual_tokens", "global_batch_size", "micro_batch_size",
-                "seed", "eval_fraction", "train_on_prompt", "max_seq_len", "steps", "epochs")
+                "seed", "eval_fraction", "train_on_prompt", "max_seq_len", "steps", "epochs",
+                "eos_target")
+STOP_PROBE_ROWS = 8  # rows of the data that model_stop_token asks the model about
 
 
 def parse_offload(offload):
@@ -75,6 +78,8 @@ def check_config(cfg, max_seq_len: int):
         raise BadInput(f"--lr_schedule {cfg.lr_schedule!r} must be cosine, linear or constant")
     if not 0 <= cfg.eval_fraction < 1:
         raise BadInput(f"--eval_fraction={cfg.eval_fraction} must be in [0, 1)")
+    if cfg.eos_target not in END_TARGETS:
+        raise BadInput(f"--eos_target {cfg.eos_target!r} must be one of {', '.join(END_TARGETS)}")
     if cfg.resume and cfg.overwrite:
         raise BadInput("--resume and --overwrite contradict each other: pass --resume to continue "
                        "the run in --out, or --overwrite to start it again")
@@ -115,13 +120,41 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def build_data(cfg, ctx, tokenizer, max_len):
+def model_stop_token(cfg, ctx, model, tokenizer, max_len) -> str:
+    """"eos" or "bos": of the two tokens generation stops at, the one this model predicts more
+    after the end of the first rows of the data. LLaMA ends a text with EOS; llama2.c's story
+    models (stories260K) were trained on stories separated by BOS alone, never emit EOS, and
+    end a story with the BOS of the next one. Every rank takes part (one forward per token)."""
+    records, _ = load_records(cfg.data, strict=False, log=lambda line: None)
+    rows = []
+    for record in records[:STOP_PROBE_ROWS]:
+        ids, _ = tokenize_record(record, tokenizer, cfg.template, cfg.train_on_prompt, "none")
+        if len(ids) < max_len:
+            rows.append(ids)
+    if not rows:
+        return "eos"  # every row is cut at max_len, so none is trained with an end target
+    stage, mean_loss = Stage(model, ctx), {}
+    for name in ("eos", "bos"):
+        end = end_target_ids(tokenizer, name)
+        # the end token is the only target of each row: its mean -log p after the text
+        examples = [(ids + end, len(ids)) for ids in rows]
+        batches = [make_micro_batch(examples[i:i + cfg.micro_batch_size], tokenizer.pad_id)
+                   for i in range(0, len(examples), cfg.micro_batch_size)]
+        mean_loss[name] = evaluate(stage, ctx, batches, with_prompt=False)
+    chosen = min(mean_loss, key=mean_loss.get)
+    ctx.log(f"end-of-text target: {chosen.upper()} (the model's stop token: after {len(rows)} rows "
+            f"of the data its -log p is {mean_loss['eos']:.2f} for EOS, {mean_loss['bos']:.2f} "
+            "for BOS); --eos_target eos, bos or none overrides")
+    return chosen
+
+
+def build_data(cfg, ctx, tokenizer, max_len, end_target):
     """Rank 0 tokenises and writes the cache first, so the other ranks only read it."""
     log = ctx.log
     if ctx.rank != 0:
         ctx.barrier()
     dataset = load_dataset(cfg.data, tokenizer, cfg.template, max_len, cfg.train_on_prompt,
-                           cfg.strict, cfg.cache_dir, log=log)
+                           cfg.strict, cfg.cache_dir, log=log, end_target=end_target)
     if ctx.rank == 0:
         ctx.barrier()
     train_set, held_out = split_dataset(dataset, cfg.eval_fraction, cfg.seed)
@@ -285,7 +318,10 @@ def _train(cfg, ctx, model, tokenizer, stop, held):
         apply_recompute(model, offload_activations="activations" in offload)
     if "weights" in offload:
         WeightStreamer(model, ctx.device)
-    loader, held_out = build_data(cfg, ctx, tokenizer, args.max_seq_len - cfg.n_virtual_tokens)
+    max_len = args.max_seq_len - cfg.n_virtual_tokens
+    end_target = cfg.eos_target if cfg.eos_target != "auto" else \
+        model_stop_token(cfg, ctx, model, tokenizer, max_len)
+    loader, held_out = build_data(cfg, ctx, tokenizer, max_len, end_target)
     total_steps = cfg.steps or cfg.epochs * loader.steps_per_epoch
     prompt = build_prompt(cfg, model, tokenizer, ctx)
     sync = torch.cuda.synchronize if ctx.device.type == "cuda" else None
@@ -392,7 +428,8 @@ def _train(cfg, ctx, model, tokenizer, stop, held):
         write_trace(cfg, ctx, tracer, cfg.global_batch_size // cfg.micro_batch_size)
     if ctx.rank == 0:
         metadata = {"init": cfg.init, "init_text": cfg.init_text if cfg.init == "text" else None,
-                    "data": str(cfg.data), "template": cfg.template, "steps": total_steps,
+                    "data": str(cfg.data), "template": cfg.template, "eos_target": end_target,
+                    "steps": total_steps,
                     "ckpt_dir": str(cfg.ckpt_dir), "tokenizer": tokenizer.path, "losses": losses}
         save_prompt(out, prompt.weight, args, metadata)
         export_peft(out / "peft", prompt.weight, args, metadata)

@@ -155,6 +155,27 @@ def test_plain_text_records_train_on_every_token(tmp_path, small_tokenizer):
     assert first_target == 1
 
 
+@pytest.mark.parametrize("end_target", ["eos", "bos", "none"])
+def test_end_of_text_target_is_the_one_asked_for(tmp_path, small_tokenizer, end_target):
+    """stories260K ends a story with BOS and never emits EOS: the end target is chosen."""
+    text = write_jsonl(tmp_path / "t.jsonl", [{"text": "The cat sat."}])
+    alpaca = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Say hi.", "output": "Hi."}])
+    end = {"eos": [small_tokenizer.eos_id], "bos": [small_tokenizer.bos_id], "none": []}
+    for path, body in ((text, "The cat sat."), (alpaca, "Hi.")):
+        dataset = load_dataset(path, small_tokenizer, end_target=end_target, log=Log())
+        ids, first_target = dataset[0]
+        expected_end = end[end_target]
+        assert ids[len(ids) - len(expected_end):].tolist() == expected_end
+        body_ids = small_tokenizer.encode(body, bos=False, eos=False)
+        assert ids[len(ids) - len(expected_end) - len(body_ids):len(ids) - len(expected_end)] \
+            .tolist() == body_ids
+    caches = {load_dataset(text, small_tokenizer, end_target=e, log=Log()).cache_path
+              for e in ("eos", "bos", "none")}
+    assert len(caches) == 3  # the end target is part of the cache key
+    with pytest.raises(BadInput, match=r"--eos_target 'eol' must be one of auto, eos, bos, none"):
+        load_dataset(text, small_tokenizer, end_target="eol", log=Log())
+
+
 def test_truncation_is_counted_and_vanished_responses_dropped(tmp_path, small_tokenizer):
     short = {"instruction": "Say hi.", "input": "", "output": "Hi."}
     long_output = {"instruction": "Tell a story.", "input": "", "output": "and then " * 200}

@@ -579,3 +579,39 @@ def test_durations_read_at_a_glance():
         ["0s", "59s", "1m05s", "59m59s", "2h07m"]
     assert elapsed_and_eta(40, 10, 30) == "elapsed 40s, ETA 1m20s"
     assert elapsed_and_eta(5, 0, 30) == "elapsed 5s"
+
+
+# ---- the end-of-text target is the model's own stop token ----
+
+@pytest.fixture(scope="module")
+def story_rows(assets, tmp_path_factory):
+    """Short stories in TinyStories' style, as plain-text rows."""
+    sentences = json.loads((assets / "stories260K" / "reference_outputs.json").read_text())[
+        "cross_entropy"]["tinystories_like_sentences"]
+    stories = [" ".join(sentences[i:i + 2]) for i in range(len(sentences) - 1)] * 2
+    return write_jsonl(tmp_path_factory.mktemp("stories") / "stories.jsonl",
+                       [{"text": story} for story in stories])
+
+
+@pytest.mark.parametrize("eos_target, expected", [("auto", "bos"), ("eos", "eos"),
+                                                  ("none", "none")])
+def test_end_target_follows_the_models_stop_token(model_bin, story_rows, tokenizer, tmp_path,
+                                                  monkeypatch, capsys, eos_target, expected):
+    """stories260K ends a story with BOS and gives EOS almost no probability: auto picks BOS."""
+    seen = []
+    real_load = train.load_dataset
+
+    def load_and_keep(*args, **kwargs):
+        seen.append(real_load(*args, **kwargs))
+        return seen[-1]
+    monkeypatch.setattr(train, "load_dataset", load_and_keep)
+    out = tmp_path / "run"
+    ft_main.main(**run_args(model_bin, story_rows, out, template="none", steps=1,
+                            eval_fraction=0), eos_target=eos_target)
+    end = {"bos": [tokenizer.bos_id], "eos": [tokenizer.eos_id], "none": []}[expected]
+    for i in range(len(seen[0])):
+        ids = seen[0][i][0].tolist()
+        assert ids[len(ids) - len(end):] == end and tokenizer.eos_id not in ids[1:len(ids) - len(end)]
+    assert json.loads((out / "prompt.json").read_text())["eos_target"] == expected
+    if eos_target == "auto":
+        assert "end-of-text target: BOS (the model's stop token" in capsys.readouterr().out
