@@ -39,7 +39,7 @@ def tokenizer(assets):
 
 @pytest.fixture(scope="module")
 def alpaca_small(assets, tmp_path_factory):
-    """The first 120 real Alpaca records, in a folder of our own (the token cache goes there)."""
+    """The first 120 real Alpaca records, in a file of our own."""
     records = json.loads((assets / "alpaca" / "alpaca_data_1k.json").read_text())[:120]
     path = tmp_path_factory.mktemp("alpaca_small") / "alpaca_120.json"
     path.write_text(json.dumps(records))
@@ -191,7 +191,7 @@ ALPACA_SETTINGS = dict(template="plain", n_virtual_tokens=16, max_seq_len=256, l
 def test_trained_prompt_lowers_held_out_alpaca_loss_by_8_percent(model_bin, assets, tmp_path):
     """Response-only loss on the 49 held-out examples of the 1k Alpaca file (4.511 without a
     prompt, 3.964 with the trained one: 12.1% lower when written)."""
-    data = tmp_path / "alpaca_data_1k.json"  # a copy: the token cache goes beside it
+    data = tmp_path / "alpaca_data_1k.json"  # a copy, so the run reads nothing beside the assets
     data.write_bytes((assets / "alpaca" / "alpaca_data_1k.json").read_bytes())
     out = tmp_path / "run"
     ft_main.main(**run_args(model_bin, data, out, **ALPACA_SETTINGS))
