@@ -16,7 +16,8 @@ def main(ckpt_dir: str, data: str, out: str, tokenizer_path: str = None,
          n_virtual_tokens: int = 32, init: str = "text", init_text: str = ALPACA_PREAMBLE,
          # data
          template: str = "alpaca", train_on_prompt: bool = False, strict: bool = False,
-         eval_fraction: float = 0.05, max_seq_len: int = 512,
+         eval_fraction: float = 0.05, max_seq_len: int = 512, cache_dir: str = None,
+         eos_target: str = "auto",
          # schedule and batches
          schedule: str = "1f1b", global_batch_size: int = 32, micro_batch_size: int = 4,
          steps: int = None, epochs: int = 1,
@@ -27,6 +28,7 @@ def main(ckpt_dir: str, data: str, out: str, tokenizer_path: str = None,
          device: str = None, dtype: str = None, recompute: bool = False, offload: str = None,
          # bookkeeping
          log_every: int = 10, eval_every: int = 50, save_every: int = 100, resume=None,
+         overwrite: bool = False,
          trace: str = None, trace_steps: int = 3, timeout_s: float = 300.0,
          max_skipped_steps: int = 20, debug_overflow_steps=(), base_model: str = None):
     """Train a soft prompt; writes <out>/prompt.pt, prompt.json, peft/, metrics.jsonl, checkpoint.pt.
@@ -34,7 +36,12 @@ def main(ckpt_dir: str, data: str, out: str, tokenizer_path: str = None,
     init: text (embeddings of --init_text), vocab (random vocabulary rows) or random (at the
     embeddings' scale). offload: comma-separated optimizer,activations,weights. dtype: float16
     (default on GPU, with dynamic loss scaling), bfloat16 or float32 (default on CPU).
-    resume: True for <out>/checkpoint.pt, or a path. debug_overflow_steps: steps whose loss is
+    eos_target: the token trained after each text: auto (the model's stop token, EOS or BOS,
+    whichever the model predicts after the data's texts), eos, bos or none.
+    cache_dir: where token caches go (default $LLAMA_TOKEN_CACHE, else
+    ~/.cache/llama-pp-prompt/tokens); none turns the cache off.
+    resume: True for <out>/checkpoint.pt, or a path. A used --out (one holding a run's files)
+    needs --resume or --overwrite, which replaces only the run's own files there. debug_overflow_steps: steps whose loss is
     forced to overflow, to see the loss scaler at work.
     """
     if isinstance(debug_overflow_steps, int):

@@ -27,7 +27,7 @@ run2 ft_main.py --ckpt_dir ckpts/stories260K_pp2 --data datasets/max_stories.jso
   --out runs/demo/prompt --template none --n_virtual_tokens 16 --init text \
   --init_text "Max was a big brown dog. Max liked to bark." --lr 0.1 --steps 200 \
   --global_batch_size 16 --micro_batch_size 4 --max_seq_len 256 --eval_fraction 0.15 --log_every 25 --eval_every 50 \
-  --trace runs/demo/trace.json
+  --trace runs/demo/trace.json --overwrite
 
 step "6. generate with and without the soft prompt"
 run2 example_ft.py --ckpt_dir ckpts/stories260K_pp2 --prompt runs/demo/prompt \

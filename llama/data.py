@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from llama.errors import BadInput
-from llama.files import atomic_write, sha256_of
+from llama.files import atomic_write, sha256_of, underlying_os_error
 
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
                    "Write a response that appropriately completes the request.")
@@ -185,13 +185,32 @@ def format_prompt(record, template: str = "alpaca") -> str:
     return no_input.format(instruction=record["instruction"])
 
 
-def tokenize_record(record, tokenizer, template: str, train_on_prompt: bool):
-    """(ids, first_target): ids = [bos] prompt output [eos]; ids[first_target:] are trained."""
+# The token trained after the end of each text: the model's stop token, which generation stops
+# at. "auto" is resolved with the model itself (llama.train.model_stop_token) before tokenising.
+END_TARGETS = ("auto", "eos", "bos", "none")
+
+
+def end_target_ids(tokenizer, end_target: str) -> list:
+    """[the token trained after each text], or [] for none."""
+    if end_target not in END_TARGETS:
+        raise BadInput(f"--eos_target {end_target!r} must be one of {', '.join(END_TARGETS)}")
+    if end_target == "auto":
+        raise ValueError("resolve end_target 'auto' with the model first (model_stop_token)")
+    return {"eos": [tokenizer.eos_id], "bos": [tokenizer.bos_id], "none": []}[end_target]
+
+
+def tokenize_record(record, tokenizer, template: str, train_on_prompt: bool,
+                    end_target: str = "eos"):
+    """(ids, first_target): ids = [bos] prompt output [end]; ids[first_target:] are trained.
+
+    end: the model's stop token (end_target "eos" or "bos"), or nothing ("none").
+    """
+    end = end_target_ids(tokenizer, end_target)
     if "text" in record:
-        return tokenizer.encode(record["text"], bos=True, eos=True), 1
+        return [tokenizer.bos_id] + tokenizer.encode(record["text"], bos=False, eos=False) + end, 1
     prompt_ids = tokenizer.encode(format_prompt(record, template), bos=False, eos=False)
     output_ids = tokenizer.encode(record["output"], bos=False, eos=False)
-    ids = [tokenizer.bos_id] + prompt_ids + output_ids + [tokenizer.eos_id]
+    ids = [tokenizer.bos_id] + prompt_ids + output_ids + end
     # Position 0 (BOS) is never predicted, so the earliest possible target is index 1.
     return ids, 1 if train_on_prompt else 1 + len(prompt_ids)
 
@@ -236,11 +255,13 @@ class TokenizedDataset:
         return subset
 
 
-def _tokenize_records(records, tokenizer, template, max_len, train_on_prompt, n_skipped):
+def _tokenize_records(records, tokenizer, template, max_len, train_on_prompt, n_skipped,
+                      end_target):
     token_ids, offsets, first_targets = [], [0], []
     n_truncated = n_dropped = 0
     for record in records:
-        ids, first_target = tokenize_record(record, tokenizer, template, train_on_prompt)
+        ids, first_target = tokenize_record(record, tokenizer, template, train_on_prompt,
+                                            end_target)
         if len(ids) > max_len:
             if first_target >= max_len:
                 n_dropped += 1
@@ -258,11 +279,13 @@ def _tokenize_records(records, tokenizer, template, max_len, train_on_prompt, n_
 
 
 def cache_key(data_sha256: str, tokenizer_sha256: str, template: str, max_len: int,
-              train_on_prompt: bool) -> str:
+              train_on_prompt: bool, end_target: str = "eos") -> str:
     """A digest of everything the cached tokens depend on: any change gives a new key."""
     settings = {"data": data_sha256, "tokenizer": tokenizer_sha256, "template": template,
                 "template_text": list(_template_pair(template)), "max_len": max_len,
                 "train_on_prompt": train_on_prompt, "format": CACHE_FORMAT_VERSION}
+    if end_target != "eos":  # only when not the default, so caches written before stay valid
+        settings["end_target"] = end_target
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
@@ -273,6 +296,20 @@ def _save_cache(cache_path: Path, dataset: TokenizedDataset):
         file, token_ids=dataset.token_ids, offsets=dataset.offsets,
         first_targets=dataset.first_targets, stats=stats,
         format=np.array(CACHE_FORMAT_VERSION, dtype=np.int64)))
+
+
+def _try_save_cache(cache_path: Path, dataset: TokenizedDataset, log):
+    """cache_path once written, None when it cannot be (read-only, full disk, no permission):
+    the cache only saves time, so training goes on without it."""
+    try:
+        _save_cache(cache_path, dataset)
+        return cache_path
+    except (BadInput, OSError) as error:
+        os_error = underlying_os_error(error)  # atomic_write's BadInput wraps the OSError
+        reason = (os_error.strerror or os_error) if os_error is not None else error
+        log(f"note: could not write the token cache {cache_path} ({reason}); training goes on "
+            "without it: pass --cache_dir a writable folder, or --cache_dir none")
+        return None
 
 
 def _load_cache(cache_path: Path, vocab_size: int) -> TokenizedDataset:
@@ -295,27 +332,43 @@ def _load_cache(cache_path: Path, vocab_size: int) -> TokenizedDataset:
     return TokenizedDataset(token_ids, offsets, first_targets, *(int(s) for s in stats))
 
 
+CACHE_OFF = ("none", "off")
+
+
+def token_cache_folder(cache_dir=None):
+    """Where token caches go, or None when caching is off: cache_dir (--cache_dir), else
+    $LLAMA_TOKEN_CACHE, else the user's cache folder ($XDG_CACHE_HOME or ~/.cache) under
+    llama-pp-prompt/tokens. Never beside the data: that folder may be shared or read-only."""
+    chosen = cache_dir if cache_dir not in (None, "") else os.environ.get("LLAMA_TOKEN_CACHE")
+    if chosen not in (None, ""):
+        return None if str(chosen).lower() in CACHE_OFF else Path(chosen).expanduser()
+    user_cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(user_cache) / "llama-pp-prompt" / "tokens"
+
+
 def load_dataset(path, tokenizer, template: str = "alpaca", max_len: int = 512,
                  train_on_prompt: bool = False, strict: bool = False, cache_dir=None,
-                 log=print) -> TokenizedDataset:
+                 log=print, end_target: str = "eos") -> TokenizedDataset:
     """Tokenised examples of a data file, from the cache when nothing they depend on changed.
 
-    max_len counts BOS and EOS (pass max_seq_len minus the virtual tokens). The cache lies in
-    cache_dir (default: .cache beside the data file) as <data name>.<key>.npz.
+    max_len counts BOS and the end target (pass max_seq_len minus the virtual tokens);
+    end_target: eos, bos or none, the token trained after each text. The cache lies in
+    token_cache_folder(cache_dir) as <data name>.<key>.npz; "none" or "off" turns it off.
     """
     _template_pair(template)
+    end_target_ids(tokenizer, end_target)  # refuse an unknown one before any work
     if max_len < 2:
         raise BadInput(f"max_len {max_len} leaves no room for a target token: it must be at "
                        "least 2 (max_seq_len minus the virtual tokens)")
     path = Path(path)
     raw = _read_bytes(path)
     key = cache_key(hashlib.sha256(raw).hexdigest(), sha256_of(tokenizer.path), template,
-                    max_len, train_on_prompt)
-    cache_folder = Path(cache_dir) if cache_dir is not None else path.parent / ".cache"
-    cache_path = cache_folder / f"{path.stem}.{key[:20]}.npz"
+                    max_len, train_on_prompt, end_target)
+    cache_folder = token_cache_folder(cache_dir)
+    cache_path = cache_folder / f"{path.stem}.{key[:20]}.npz" if cache_folder else None
 
     dataset = None
-    if cache_path.exists():
+    if cache_path is not None and cache_path.is_file():
         try:
             dataset = _load_cache(cache_path, tokenizer.n_words)
             log(f"{path}: tokens from cache {cache_path}")
@@ -327,16 +380,12 @@ def load_dataset(path, tokenizer, template: str = "alpaca", max_len: int = 512,
     if dataset is None:
         records, n_skipped = _records_from_bytes(path, raw, strict, log)
         dataset = _tokenize_records(records, tokenizer, template, max_len, train_on_prompt,
-                                    n_skipped)
+                                    n_skipped, end_target)
         if len(dataset) == 0:
             raise BadInput(f"every example of {path} is longer than max_len {max_len} before its "
                            "response starts: raise max_seq_len or use fewer virtual tokens")
-        try:
-            _save_cache(cache_path, dataset)
-        except BadInput as error:  # a read-only data folder should not stop training
-            log(f"could not write token cache {cache_path} ({error}); continuing without it: "
-                "pass cache_dir to a writable folder")
-            cache_path = None
+        if cache_path is not None:
+            cache_path = _try_save_cache(cache_path, dataset, log)
     dataset.cache_path = cache_path
     log(f"{path}: {len(dataset)} examples, {dataset.n_tokens} tokens; {dataset.n_truncated} "
         f"truncated to {max_len} tokens, {dataset.n_dropped} dropped because their response "

@@ -7,6 +7,7 @@ sequence; the last stage samples and the chosen ids are broadcast, so every rank
 import torch
 
 from llama.errors import BadInput
+from llama.progress import Progress
 
 
 def sample_top_p(probs, top_p: float, generator):
@@ -28,8 +29,11 @@ def next_tokens(logits, temperature: float, top_p: float, generator):
 
 @torch.no_grad()
 def generate(stage, prompts, max_gen_len: int, temperature: float = 0.0, top_p: float = 0.9,
-             stop_ids=(), seed: int = 0, use_prompt: bool = True):
+             stop_ids=(), seed: int = 0, use_prompt: bool = True, progress_every_s=None):
     """New token ids for each prompt (lists of ids, BOS included), stopping at any stop_ids.
+
+    progress_every_s: a progress line on stderr at most that often (None: none; pass it on one
+    rank only). Work shorter than that prints nothing.
 
     Prompts of unequal length share one position counter: all are prefilled up to the shortest
     one, and a longer prompt's own tokens replace the samples until it runs out.
@@ -54,6 +58,8 @@ def generate(stage, prompts, max_gen_len: int, temperature: float = 0.0, top_p: 
     stop = torch.tensor(list(stop_ids), dtype=torch.long)
     finished = torch.zeros(batch, dtype=torch.bool)
     generator = torch.Generator().manual_seed(seed)
+    progress = Progress(f"generating {batch} texts", total_len - shortest, "tokens",
+                        progress_every_s or 0.0, enabled=progress_every_s is not None)
 
     stage.model.setup_kv_cache(batch, n_virtual + total_len)
     try:
@@ -67,6 +73,7 @@ def generate(stage, prompts, max_gen_len: int, temperature: float = 0.0, top_p: 
             previous = current
             if bool(finished.all()):
                 break
+            progress.update(current - shortest + 1)
     finally:
         stage.model.clear_kv_cache()
     return [cut_at_stop(tokens[i, len(p):previous + 1].tolist(), stop_ids, max_gen_len)

@@ -4,6 +4,7 @@ Every rank builds the same batches; stage 0 owns the prompt and its optimizer; t
 owns the loss. Once per step all ranks agree, in one small all-reduce, on whether the step
 overflowed, whether to stop, and what to report; so every rank takes the same decisions.
 """
+import contextlib
 import json
 import math
 import os
@@ -15,21 +16,31 @@ from pathlib import Path
 import torch
 
 from llama.checkpoint import atomic_torch_save, atomic_write_text, params_digest
-from llama.data import BatchLoader, eval_batches, load_dataset, split_dataset
+from llama.data import (END_TARGETS, BatchLoader, end_target_ids, eval_batches, load_dataset,
+                        load_records, make_micro_batch, split_dataset, tokenize_record)
 from llama.distributed import PeerLost, report_and_exit
 from llama.errors import BadInput
 from llama.formats import safe_torch_load
 from llama.offload import OFFLOAD_CHOICES, PromptOptimizer, WeightStreamer, apply_recompute
 from llama.pipeline import SCHEDULES, Stage
 from llama.precision import LossScaler
+from llama.progress import elapsed_and_eta
 from llama.prompt import SoftPrompt, export_peft, init_prompt_weight, save_prompt
 from llama.runtime import start_stage
 from llama.trace import Tracer, write_chrome_trace
 
 CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.jsonl"
+# What a run writes into --out; a folder holding any of them is a used one. --overwrite deletes
+# the first two at the start (a new run would append to one and could resume from the other);
+# the prompt files are replaced, atomically, when the new run saves its prompt.
+RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE, "prompt.json", "prompt.pt", "peft")
+LOCK_FILE = ".lock"
 # The settings a resumed run must share with the run it continues.
 RUN_IDENTITY = ("data", "template", "n_virtual_tokens", "global_batch_size", "micro_batch_size",
-                "seed", "eval_fraction", "train_on_prompt", "max_seq_len", "steps", "epochs")
+                "seed", "eval_fraction", "train_on_prompt", "max_seq_len", "steps", "epochs",
+                "eos_target")
+STOP_PROBE_ROWS = 8  # rows of the data that model_stop_token asks the model about
 
 
 def parse_offload(offload):
@@ -67,6 +78,11 @@ def check_config(cfg, max_seq_len: int):
         raise BadInput(f"--lr_schedule {cfg.lr_schedule!r} must be cosine, linear or constant")
     if not 0 <= cfg.eval_fraction < 1:
         raise BadInput(f"--eval_fraction={cfg.eval_fraction} must be in [0, 1)")
+    if cfg.eos_target not in END_TARGETS:
+        raise BadInput(f"--eos_target {cfg.eos_target!r} must be one of {', '.join(END_TARGETS)}")
+    if cfg.resume and cfg.overwrite:
+        raise BadInput("--resume and --overwrite contradict each other: pass --resume to continue "
+                       "the run in --out, or --overwrite to start it again")
 
 
 def lr_at(step: int, total: int, base: float, warmup: int, schedule: str, min_ratio: float = 0.1):
@@ -104,16 +120,50 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def build_data(cfg, ctx, tokenizer, max_len):
+def model_stop_token(cfg, ctx, model, tokenizer, max_len) -> str:
+    """"eos" or "bos": of the two tokens generation stops at, the one this model predicts more
+    after the end of the first rows of the data. LLaMA ends a text with EOS; llama2.c's story
+    models (stories260K) were trained on stories separated by BOS alone, never emit EOS, and
+    end a story with the BOS of the next one. Every rank takes part (one forward per token)."""
+    records, _ = load_records(cfg.data, strict=False, log=lambda line: None)
+    rows = []
+    for record in records[:STOP_PROBE_ROWS]:
+        ids, _ = tokenize_record(record, tokenizer, cfg.template, cfg.train_on_prompt, "none")
+        if len(ids) < max_len:
+            rows.append(ids)
+    if not rows:
+        return "eos"  # every row is cut at max_len, so none is trained with an end target
+    stage, mean_loss = Stage(model, ctx), {}
+    for name in ("eos", "bos"):
+        end = end_target_ids(tokenizer, name)
+        # the end token is the only target of each row: its mean -log p after the text
+        examples = [(ids + end, len(ids)) for ids in rows]
+        batches = [make_micro_batch(examples[i:i + cfg.micro_batch_size], tokenizer.pad_id)
+                   for i in range(0, len(examples), cfg.micro_batch_size)]
+        mean_loss[name] = evaluate(stage, ctx, batches, with_prompt=False)
+    chosen = min(mean_loss, key=mean_loss.get)
+    ctx.log(f"end-of-text target: {chosen.upper()} (the model's stop token: after {len(rows)} rows "
+            f"of the data its -log p is {mean_loss['eos']:.2f} for EOS, {mean_loss['bos']:.2f} "
+            "for BOS); --eos_target eos, bos or none overrides")
+    return chosen
+
+
+def build_data(cfg, ctx, tokenizer, max_len, end_target):
     """Rank 0 tokenises and writes the cache first, so the other ranks only read it."""
     log = ctx.log
     if ctx.rank != 0:
         ctx.barrier()
     dataset = load_dataset(cfg.data, tokenizer, cfg.template, max_len, cfg.train_on_prompt,
-                           cfg.strict, log=log)
+                           cfg.strict, cfg.cache_dir, log=log, end_target=end_target)
     if ctx.rank == 0:
         ctx.barrier()
     train_set, held_out = split_dataset(dataset, cfg.eval_fraction, cfg.seed)
+    # Checked here, not in BatchLoader: the loader never hears of the held-out fraction.
+    if len(held_out) and len(train_set) < cfg.global_batch_size:
+        raise BadInput(f"the dataset has {len(train_set)} examples, fewer than one global batch "
+                       f"of {cfg.global_batch_size}, once --eval_fraction {cfg.eval_fraction} "
+                       f"holds out {len(held_out)} of its {len(dataset)}: lower "
+                       "--global_batch_size or --eval_fraction, or add data")
     loader = BatchLoader(train_set, cfg.global_batch_size, cfg.micro_batch_size, tokenizer.pad_id,
                          cfg.seed)
     held_out_batches = eval_batches(held_out, cfg.micro_batch_size, tokenizer.pad_id) \
@@ -174,12 +224,81 @@ def read_training_state(path, identity, digest):
     return state
 
 
+@contextlib.contextmanager
+def claim_out(out: Path, resume, overwrite: bool, log):
+    """Hold --out for the run's life: one run at a time, and a used folder only with --resume
+    or --overwrite. Files that are not a run's (RUN_FILES) are never touched."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BadInput(f"--out {out} cannot be created ({error.strerror or error}): pick a "
+                       "writable folder") from None
+    lock = _lock_folder(out)
+    try:
+        found = [name for name in RUN_FILES if (out / name).exists()]
+        if found and not resume and not overwrite:
+            raise BadInput(f"--out {out} already holds a training run ({', '.join(found)}): pass "
+                           "--resume to continue it, --overwrite to replace it, or pick another "
+                           "--out")
+        if found and overwrite:
+            for name in (CHECKPOINT_FILE, METRICS_FILE):
+                (out / name).unlink(missing_ok=True)
+            log(f"--overwrite: replacing the run in {out} (other files there are kept)")
+        yield
+    finally:
+        _unlock_folder(out, lock)
+
+
+def _lock_folder(out: Path):
+    """An exclusive flock on <out>/.lock. The kernel drops it when the process ends, so a
+    crashed run never leaves the folder locked. None where flock does not exist (Windows) or
+    the file system refuses it: there, nothing stops a second run at the same time."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    path = out / LOCK_FILE
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise BadInput(f"--out {out} is not writable ({error.strerror or error}): pick a "
+                           "writable folder") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BadInput(f"--out {out} is in use by another training run (it holds the "
+                           "folder's lock): wait for it to end, or pick another --out") from None
+        except OSError:  # a file system without flock
+            os.close(fd)
+            return None
+        # The lock file may have been deleted by a run that just ended (_unlock_folder) after
+        # we opened it: then the lock we hold is on a file nobody else will look at; retry.
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _unlock_folder(out: Path, fd):
+    """Delete the lock file while still holding the lock, so a finished run leaves none."""
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        (out / LOCK_FILE).unlink()
+    os.close(fd)
+
+
 def train(cfg):
     ctx, model, tokenizer = start_stage(cfg.ckpt_dir, cfg.tokenizer_path, cfg.device, cfg.dtype,
                                         cfg.max_seq_len, cfg.timeout_s)
     stop = StopRequest()  # only now: before this point a signal has nothing to save
     try:
-        return _train(cfg, ctx, model, tokenizer, stop)
+        with contextlib.ExitStack() as held:
+            return _train(cfg, ctx, model, tokenizer, stop, held)
     except PeerLost as error:
         report_and_exit(error, ctx.rank)
     finally:
@@ -187,23 +306,23 @@ def train(cfg):
         stop.restore()
 
 
-def _train(cfg, ctx, model, tokenizer, stop):
+def _train(cfg, ctx, model, tokenizer, stop, held):
+    """held: an ExitStack that lives as long as the run (it keeps --out locked)."""
     args, log = model.args, ctx.log
     check_config(cfg, args.max_seq_len)
     offload = parse_offload(cfg.offload)
+    prompt = build_prompt(cfg, model, tokenizer, ctx)  # before --out: a bad --init_text leaves none
+    out = Path(cfg.out)
+    if ctx.rank == 0:  # before any work: a second run into the same --out stops here at once
+        held.enter_context(claim_out(out, cfg.resume, cfg.overwrite, log))
     if cfg.recompute or "activations" in offload or "weights" in offload:
         apply_recompute(model, offload_activations="activations" in offload)
     if "weights" in offload:
         WeightStreamer(model, ctx.device)
-    prompt = build_prompt(cfg, model, tokenizer, ctx)  # before --out: a bad --init_text leaves none
-    out = Path(cfg.out)
-    if ctx.rank == 0:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise BadInput(f"--out {out} cannot be created ({error.strerror or error}): pick a "
-                           "writable folder") from None
-    loader, held_out = build_data(cfg, ctx, tokenizer, args.max_seq_len - cfg.n_virtual_tokens)
+    max_len = args.max_seq_len - cfg.n_virtual_tokens
+    end_target = cfg.eos_target if cfg.eos_target != "auto" else \
+        model_stop_token(cfg, ctx, model, tokenizer, max_len)
+    loader, held_out = build_data(cfg, ctx, tokenizer, max_len, end_target)
     total_steps = cfg.steps or cfg.epochs * loader.steps_per_epoch
     sync = torch.cuda.synchronize if ctx.device.type == "cuda" else None
     tracer = Tracer(ctx.rank, enabled=bool(cfg.trace), synchronize=sync)
@@ -241,15 +360,16 @@ def _train(cfg, ctx, model, tokenizer, stop):
     metrics = None
     if ctx.rank == 0:
         if cfg.resume:
-            drop_metrics_after(out / "metrics.jsonl", start_step)
+            drop_metrics_after(out / METRICS_FILE, start_step)
         try:
-            metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
+            metrics = open(out / METRICS_FILE, "a", encoding="utf-8")
         except OSError as error:
-            raise BadInput(f"cannot write {out / 'metrics.jsonl'} ({error.strerror or error}): "
+            raise BadInput(f"cannot write {out / METRICS_FILE} ({error.strerror or error}): "
                            "pick a writable --out") from None
     checkpoint_path = out / CHECKPOINT_FILE
     inject = set(cfg.debug_overflow_steps or ())
     skipped_in_a_row, step = 0, start_step
+    run_started = time.monotonic()
     for step in range(start_step, total_steps):
         started = time.perf_counter()
         batches = loader.next_global_batch()
@@ -282,7 +402,9 @@ def _train(cfg, ctx, model, tokenizer, stop):
         if not skip:
             losses["train_loss"] = loss
         losses.update({k: record[k] for k in ("eval_loss",) if k in record})
-        log_step(ctx, metrics, record, total_steps, cfg.log_every)
+        timing = elapsed_and_eta(time.monotonic() - run_started, step + 1 - start_step,
+                                 total_steps - start_step)  # the pace of this run, resumed or not
+        log_step(ctx, metrics, record, total_steps, cfg.log_every, timing)
         if skipped_in_a_row >= cfg.max_skipped_steps:
             raise BadInput(f"the loss has overflowed or been NaN for {skipped_in_a_row} steps in a "
                            f"row (step {step + 1}); stopped. The last good checkpoint is "
@@ -306,9 +428,9 @@ def _train(cfg, ctx, model, tokenizer, stop):
         write_trace(cfg, ctx, tracer, cfg.global_batch_size // cfg.micro_batch_size)
     if ctx.rank == 0:
         metadata = {"init": cfg.init, "init_text": cfg.init_text if cfg.init == "text" else None,
-                    "data": str(cfg.data), "template": cfg.template, "steps": total_steps,
-                    "ckpt_dir": str(cfg.ckpt_dir), "tokenizer": tokenizer.path, "losses": losses,
-                    "base_model": cfg.base_model}
+                    "data": str(cfg.data), "template": cfg.template, "eos_target": end_target,
+                    "steps": total_steps, "ckpt_dir": str(cfg.ckpt_dir), "tokenizer": tokenizer.path,
+                    "losses": losses, "base_model": cfg.base_model}
         save_prompt(out, prompt.weight, args, metadata)
         export_peft(out / "peft", prompt.weight, args, metadata)
         metrics.close()
@@ -353,7 +475,7 @@ def evaluate(stage, ctx, batches, with_prompt: bool) -> float:
     return ctx.all_reduce_max([total or 0.0])[0] / max(n_targets, 1)
 
 
-def log_step(ctx, metrics, record, total_steps, log_every):
+def log_step(ctx, metrics, record, total_steps, log_every, timing: str = ""):
     if ctx.rank != 0:
         return
     try:
@@ -371,7 +493,8 @@ def log_step(ctx, metrics, record, total_steps, log_every):
     memory = "/".join(f"{m:.2f}" for m in record["peak_mem_gib"])
     ctx.log(f"step {record['step']}/{total_steps} | loss {loss}{evaluation} | "
             f"{record['tokens_per_s']:.0f} tok/s | lr {record['lr']:.2e} | "
-            f"scale {record['loss_scale']:g} | peak mem {memory} GiB")
+            f"scale {record['loss_scale']:g} | peak mem {memory} GiB"
+            + (f" | {timing}" if timing else ""))
 
 
 def write_trace(cfg, ctx, tracer, n_micro):

@@ -27,6 +27,19 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def token_cache_in_a_temporary_folder(tmp_path_factory):
+    """Runs in tests write their token caches to a folder of the session, never to the user's
+    ~/.cache (subprocesses inherit the variable)."""
+    previous = os.environ.get("LLAMA_TOKEN_CACHE")
+    os.environ["LLAMA_TOKEN_CACHE"] = str(tmp_path_factory.mktemp("token_cache"))
+    yield
+    if previous is None:
+        del os.environ["LLAMA_TOKEN_CACHE"]
+    else:
+        os.environ["LLAMA_TOKEN_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def model_bin(assets) -> Path:
     return assets / "stories260K" / "stories260K.bin"

@@ -155,6 +155,27 @@ def test_plain_text_records_train_on_every_token(tmp_path, small_tokenizer):
     assert first_target == 1
 
 
+@pytest.mark.parametrize("end_target", ["eos", "bos", "none"])
+def test_end_of_text_target_is_the_one_asked_for(tmp_path, small_tokenizer, end_target):
+    """stories260K ends a story with BOS and never emits EOS: the end target is chosen."""
+    text = write_jsonl(tmp_path / "t.jsonl", [{"text": "The cat sat."}])
+    alpaca = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Say hi.", "output": "Hi."}])
+    end = {"eos": [small_tokenizer.eos_id], "bos": [small_tokenizer.bos_id], "none": []}
+    for path, body in ((text, "The cat sat."), (alpaca, "Hi.")):
+        dataset = load_dataset(path, small_tokenizer, end_target=end_target, log=Log())
+        ids, first_target = dataset[0]
+        expected_end = end[end_target]
+        assert ids[len(ids) - len(expected_end):].tolist() == expected_end
+        body_ids = small_tokenizer.encode(body, bos=False, eos=False)
+        assert ids[len(ids) - len(expected_end) - len(body_ids):len(ids) - len(expected_end)] \
+            .tolist() == body_ids
+    caches = {load_dataset(text, small_tokenizer, end_target=e, log=Log()).cache_path
+              for e in ("eos", "bos", "none")}
+    assert len(caches) == 3  # the end target is part of the cache key
+    with pytest.raises(BadInput, match=r"--eos_target 'eol' must be one of auto, eos, bos, none"):
+        load_dataset(text, small_tokenizer, end_target="eol", log=Log())
+
+
 def test_truncation_is_counted_and_vanished_responses_dropped(tmp_path, small_tokenizer):
     short = {"instruction": "Say hi.", "input": "", "output": "Hi."}
     long_output = {"instruction": "Tell a story.", "input": "", "output": "and then " * 200}
@@ -184,10 +205,16 @@ def test_every_example_dropped_is_refused(tmp_path, small_tokenizer):
 
 def test_cache_is_written_then_reused_without_tokenizing(tmp_path, assets, small_tokenizer,
                                                          monkeypatch):
-    path = shutil.copy(assets / "alpaca" / "alpaca_data_1k.json", tmp_path / "alpaca.json")
+    """By default the cache lies under the user's cache folder ($XDG_CACHE_HOME), never beside
+    the data, and the second load reads it instead of tokenising."""
+    monkeypatch.delenv("LLAMA_TOKEN_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    (tmp_path / "data").mkdir()
+    path = shutil.copy(assets / "alpaca" / "alpaca_data_1k.json", tmp_path / "data" / "alpaca.json")
     first = load_dataset(path, small_tokenizer, log=Log())
-    cache_files = list((tmp_path / ".cache").glob("alpaca.*.npz"))
+    cache_files = list((tmp_path / "xdg" / "llama-pp-prompt" / "tokens").glob("alpaca.*.npz"))
     assert cache_files == [first.cache_path]
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["alpaca.json"]
 
     def refuse(*args, **kwargs):
         raise AssertionError("the tokenizer ran although the cache was valid")
@@ -201,6 +228,31 @@ def test_cache_is_written_then_reused_without_tokenizing(tmp_path, assets, small
     assert np.array_equal(first.first_targets, second.first_targets)
     assert (second.n_skipped, second.n_truncated, second.n_dropped) == \
         (first.n_skipped, first.n_truncated, first.n_dropped)
+
+
+def test_cache_folder_from_the_environment_or_off(tmp_path, small_tokenizer, monkeypatch):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "Once upon a time there was a cat."}])
+    monkeypatch.setenv("LLAMA_TOKEN_CACHE", str(tmp_path / "elsewhere"))
+    assert load_dataset(path, small_tokenizer, log=Log()).cache_path.parent == \
+        tmp_path / "elsewhere"
+    for off in ("none", "off"):
+        monkeypatch.setenv("LLAMA_TOKEN_CACHE", off)
+        assert load_dataset(path, small_tokenizer, log=Log()).cache_path is None
+        monkeypatch.setenv("LLAMA_TOKEN_CACHE", str(tmp_path / "elsewhere"))
+        assert load_dataset(path, small_tokenizer, cache_dir=off, log=Log()).cache_path is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "elsewhere"]
+
+
+def test_cache_that_cannot_be_written_is_a_note(tmp_path, small_tokenizer):
+    """A folder that cannot be made (here: under a regular file, which stops root too)."""
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "Once upon a time there was a cat."}])
+    (tmp_path / "a_file").write_text("")
+    log = Log()
+    dataset = load_dataset(path, small_tokenizer, cache_dir=tmp_path / "a_file" / "cache", log=log)
+    assert len(dataset) == 1 and dataset.cache_path is None
+    notes = [line for line in log if "token cache" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: could not write the token cache ")
+    assert "training goes on without it" in notes[0] and "--cache_dir" in notes[0]
 
 
 def test_any_change_gives_a_new_cache_file(tmp_path, assets, small_tokenizer, llama_tokenizer):

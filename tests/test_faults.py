@@ -284,12 +284,14 @@ def test_crash_while_writing_leaves_the_old_file_or_the_new_one(model_bin, split
     cases["swap"] = [CRASH, "--script", "split_model", "--crash", "rmtree", "--ckpt_dir",
                      str(model_bin), "--n_stages", "3", "--out_dir", str(swapped),
                      "--overwrite", "True"]
-    # 4. a finished run over an older prompt of 6 tokens: dead between prompt.pt and prompt.json
+    # 4. a finished run over an older prompt of 6 tokens (--overwrite: a used --out needs it):
+    # dead between prompt.pt and prompt.json
     prompted = tmp_path / "prompted"
     args = ModelArgs(**json.loads((splits / "pp2" / "params.json").read_text()))
     save_prompt(prompted, torch.randn(6, 64), args, {"template": "alpaca"})
     cases["prompt"] = [CRASH, "--script", "ft_main", "--crash", "before", "--file",
-                       "prompt.json", *as_cli(run_args(model_bin, data, prompted, steps=2))]
+                       "prompt.json", *as_cli(run_args(model_bin, data, prompted, steps=2)),
+                       "--overwrite", "True"]
 
     env = {key: value for key, value in worker_env().items()
            if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}

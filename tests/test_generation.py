@@ -4,6 +4,7 @@ Run: python3 -m pytest -q tests/test_generation.py
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -95,3 +96,15 @@ def test_example_prints_the_same_text_in_one_process_and_under_torchrun(splits):
     single, pipelined = results[0][1], results[1][1]
     assert single.startswith("Once upon a time") and single.count("-" * 40) == 3
     assert pipelined == single
+
+
+def test_long_generation_shows_progress_on_stderr_and_the_same_tokens(stories, prompts, capsys):
+    stage = Stage(load_model(stories / "stories260K.bin"), DistContext())
+    quiet = generate(stage, prompts, MAX_GEN_LEN, **SETTINGS)
+    assert capsys.readouterr().err == ""  # short work, or no progress asked: nothing
+    shown = generate(stage, prompts, MAX_GEN_LEN, **SETTINGS, progress_every_s=0)
+    captured = capsys.readouterr()
+    assert shown == quiet and captured.out == ""
+    lines = captured.err.splitlines()
+    assert lines and all(re.fullmatch(r"generating 4 texts: \d+/\d+ tokens, elapsed \d+s"
+                                      r"(, ETA \d+s)?", line) for line in lines), lines

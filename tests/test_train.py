@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -38,7 +39,7 @@ def tokenizer(assets):
 
 @pytest.fixture(scope="module")
 def alpaca_small(assets, tmp_path_factory):
-    """The first 120 real Alpaca records, in a folder of our own (the token cache goes there)."""
+    """The first 120 real Alpaca records, in a file of our own."""
     records = json.loads((assets / "alpaca" / "alpaca_data_1k.json").read_text())[:120]
     path = tmp_path_factory.mktemp("alpaca_small") / "alpaca_120.json"
     path.write_text(json.dumps(records))
@@ -190,7 +191,7 @@ ALPACA_SETTINGS = dict(template="plain", n_virtual_tokens=16, max_seq_len=256, l
 def test_trained_prompt_lowers_held_out_alpaca_loss_by_8_percent(model_bin, assets, tmp_path):
     """Response-only loss on the 49 held-out examples of the 1k Alpaca file (4.511 without a
     prompt, 3.964 with the trained one: 12.1% lower when written)."""
-    data = tmp_path / "alpaca_data_1k.json"  # a copy: the token cache goes beside it
+    data = tmp_path / "alpaca_data_1k.json"  # a copy, so the run reads nothing beside the assets
     data.write_bytes((assets / "alpaca" / "alpaca_data_1k.json").read_bytes())
     out = tmp_path / "run"
     ft_main.main(**run_args(model_bin, data, out, **ALPACA_SETTINGS))
@@ -447,3 +448,170 @@ def test_nan_loss_that_does_not_recover_stops_and_keeps_the_last_good_checkpoint
     ft_main.main(**args, resume=True)
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
     assert math.isfinite(saved_losses(out)["train_loss"])
+
+
+# ---- the token cache: never beside the data; unwritable is a note ----
+
+def test_read_only_data_folder_trains_and_nothing_is_written_beside_it(
+        model_bin, alpaca_records, tmp_path, capsys):
+    data_folder = tmp_path / "shared_data"
+    data_folder.mkdir()
+    data = write_jsonl(data_folder / "data.jsonl", alpaca_records[:12])
+    data_folder.chmod(0o555)  # read-only (root writes anyway: the listing below checks that)
+    try:
+        ft_main.main(**run_args(model_bin, data, tmp_path / "one", steps=1, eval_fraction=0,
+                                cache_dir=str(tmp_path / "cache")))
+        assert "tokens from cache" not in capsys.readouterr().out
+        ft_main.main(**run_args(model_bin, data, tmp_path / "two", steps=1, eval_fraction=0,
+                                cache_dir=str(tmp_path / "cache")))
+        assert "tokens from cache" in capsys.readouterr().out  # reused: same key
+        assert [p.name for p in data_folder.iterdir()] == ["data.jsonl"]
+        assert len(list((tmp_path / "cache").glob("data.*.npz"))) == 1
+
+        (tmp_path / "a_file").write_text("")  # a cache folder that cannot be made, even by root
+        ft_main.main(**run_args(model_bin, data, tmp_path / "three", steps=1, eval_fraction=0,
+                                cache_dir=str(tmp_path / "a_file" / "cache")))
+        notes = [line for line in capsys.readouterr().out.splitlines() if "token cache" in line]
+        assert len(notes) == 1 and notes[0].startswith("note: could not write the token cache")
+        assert (tmp_path / "three" / "prompt.pt").exists()
+        assert [p.name for p in data_folder.iterdir()] == ["data.jsonl"]
+    finally:
+        data_folder.chmod(0o755)
+
+
+# ---- --out: one run at a time; a used folder needs --resume or --overwrite ----
+
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "prompt.json", "prompt.pt")
+
+
+def test_used_out_needs_resume_or_overwrite_and_overwrite_keeps_other_files(
+        model_bin, alpaca_small, reference, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in RUN_FILES:
+        (out / name).write_bytes((reference / name).read_bytes())
+    (out / "notes.txt").write_text("my notes")
+    before = {name: sha256(out / name) for name in (*RUN_FILES, "notes.txt")}
+    with pytest.raises(BadInput, match=rf"^--out {out} already holds a training run "
+                                       r"\(checkpoint\.pt, metrics\.jsonl, prompt\.json, "
+                                       r"prompt\.pt\): pass --resume to continue it, --overwrite "
+                                       r"to replace it, or pick another --out$"):
+        ft_main.main(**run_args(model_bin, alpaca_small, out))
+    assert {name: sha256(out / name) for name in before} == before
+    with pytest.raises(BadInput, match=r"--resume and --overwrite contradict each other"):
+        ft_main.main(**run_args(model_bin, alpaca_small, out), resume=True, overwrite=True)
+
+    ft_main.main(**run_args(model_bin, alpaca_small, out, steps=2), overwrite=True)
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]  # not appended to the old run's
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert (out / "notes.txt").read_text() == "my notes"
+    assert sorted(p.name for p in out.iterdir()) == sorted([*RUN_FILES, "notes.txt", "peft"])
+
+
+def test_out_holding_only_other_files_is_used_and_they_are_kept(model_bin, alpaca_small,
+                                                                tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    ft_main.main(**run_args(model_bin, alpaca_small, out, steps=1, eval_fraction=0))
+    assert (out / "notes.txt").read_text() == "my notes" and (out / "prompt.pt").exists()
+
+
+HOLD_OUT = """
+import sys
+from pathlib import Path
+from llama.train import claim_out
+with claim_out(Path(sys.argv[1]), resume=None, overwrite=False, log=print):
+    print("holding", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_out_in_use_is_refused_at_once_and_a_crashed_run_leaves_no_stuck_lock(
+        model_bin, alpaca_small, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": REPO}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_OUT, str(out)], cwd=REPO, env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        args = run_args(model_bin, alpaca_small, out, steps=1, eval_fraction=0)
+        started = time.monotonic()
+        with pytest.raises(BadInput, match=rf"^--out {out} is in use by another training run "
+                                           r"\(it holds the folder's lock\): wait for it to end, "
+                                           r"or pick another --out$"):
+            ft_main.main(**args)
+        assert time.monotonic() - started < 10  # at once: no data, no training
+        assert not (out / "metrics.jsonl").exists()
+    finally:
+        holder.kill()  # a crash: the kernel drops the lock with the process
+        holder.wait()
+    ft_main.main(**args)
+    assert (out / "prompt.pt").exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted([*RUN_FILES, "peft"])
+
+
+def test_held_out_fraction_that_leaves_less_than_a_batch_names_both_fixes(
+        model_bin, alpaca_records, tmp_path):
+    data = write_jsonl(tmp_path / "ten.jsonl", alpaca_records[:10])
+    with pytest.raises(BadInput, match=r"^the dataset has 1 examples, fewer than one global batch "
+                                       r"of 4, once --eval_fraction 0\.95 holds out 9 of its 10: "
+                                       r"lower --global_batch_size or --eval_fraction, or add "
+                                       r"data$"):
+        ft_main.main(**run_args(model_bin, data, tmp_path / "out", eval_fraction=0.95))
+
+
+# ---- a sense of time: every logged step says how long the run has taken and has left ----
+
+def test_log_lines_carry_elapsed_time_and_an_eta(model_bin, alpaca_small, tmp_path, capsys):
+    ft_main.main(**run_args(model_bin, alpaca_small, tmp_path / "run", steps=3, log_every=1,
+                            eval_every=0, save_every=0))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert len(lines) == 3
+    for line in lines:
+        assert re.search(r" \| elapsed \d+s, ETA \d+s$", line), line
+    assert lines[-1].endswith("ETA 0s")
+
+
+def test_durations_read_at_a_glance():
+    from llama.progress import elapsed_and_eta, format_duration
+    assert [format_duration(s) for s in (0, 59.4, 65, 3599, 7620)] == \
+        ["0s", "59s", "1m05s", "59m59s", "2h07m"]
+    assert elapsed_and_eta(40, 10, 30) == "elapsed 40s, ETA 1m20s"
+    assert elapsed_and_eta(5, 0, 30) == "elapsed 5s"
+
+
+# ---- the end-of-text target is the model's own stop token ----
+
+@pytest.fixture(scope="module")
+def story_rows(assets, tmp_path_factory):
+    """Short stories in TinyStories' style, as plain-text rows."""
+    sentences = json.loads((assets / "stories260K" / "reference_outputs.json").read_text())[
+        "cross_entropy"]["tinystories_like_sentences"]
+    stories = [" ".join(sentences[i:i + 2]) for i in range(len(sentences) - 1)] * 2
+    return write_jsonl(tmp_path_factory.mktemp("stories") / "stories.jsonl",
+                       [{"text": story} for story in stories])
+
+
+@pytest.mark.parametrize("eos_target, expected", [("auto", "bos"), ("eos", "eos"),
+                                                  ("none", "none")])
+def test_end_target_follows_the_models_stop_token(model_bin, story_rows, tokenizer, tmp_path,
+                                                  monkeypatch, capsys, eos_target, expected):
+    """stories260K ends a story with BOS and gives EOS almost no probability: auto picks BOS."""
+    seen = []
+    real_load = train.load_dataset
+
+    def load_and_keep(*args, **kwargs):
+        seen.append(real_load(*args, **kwargs))
+        return seen[-1]
+    monkeypatch.setattr(train, "load_dataset", load_and_keep)
+    out = tmp_path / "run"
+    ft_main.main(**run_args(model_bin, story_rows, out, template="none", steps=1,
+                            eval_fraction=0), eos_target=eos_target)
+    end = {"bos": [tokenizer.bos_id], "eos": [tokenizer.eos_id], "none": []}[expected]
+    for i in range(len(seen[0])):
+        ids = seen[0][i][0].tolist()
+        assert ids[len(ids) - len(end):] == end and tokenizer.eos_id not in ids[1:len(ids) - len(end)]
+    assert json.loads((out / "prompt.json").read_text())["eos_target"] == expected
+    if eos_target == "auto":
+        assert "end-of-text target: BOS (the model's stop token" in capsys.readouterr().out
