@@ -14,6 +14,20 @@ import math
 import torch
 from torch import nn
 
+from llama.errors import BadInput
+
+# The one table of dtype names every command accepts (--dtype); "auto" is each command's own.
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def dtype_named(name: str) -> torch.dtype:
+    """torch.float16 for "float16" or "fp16", ...; anything else is refused with the choices."""
+    if name not in DTYPES:
+        raise BadInput(f"--dtype {name!r} must be one of auto, float32, float16, bfloat16 "
+                       "(or fp32, fp16, bf16)")
+    return DTYPES[name]
+
 
 class LossScaler:
     def __init__(self, enabled: bool, init_scale: float = 2.0 ** 16, growth_interval: int = 1000,
