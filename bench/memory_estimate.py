@@ -16,7 +16,7 @@ from llama.errors import BadInput, run_cli
 from llama.model import ModelArgs, rotary_tables
 from llama.partition import parameter_costs
 from llama.pipeline import LOSS_CHUNK_TOKENS
-from llama.runtime import DTYPE_NAMES
+from llama.precision import DTYPES, dtype_named
 
 GIB = 2**30
 TABLE = ["n_stages", "stage", "layers", "micro_batch", "in_flight", "weights_gib",
@@ -110,12 +110,11 @@ def main(shape: str = "7B", n_stages=(4, 2), global_batch: int = 32, micro_batch
     check: also run one block of this shape on --device (default: cuda if present, else cpu; a
     CPU check uses float32) and compare saved bytes per token with saved_bytes_per_token.
     """
-    if dtype not in DTYPE_NAMES:
-        raise BadInput(f"--dtype {dtype!r} must be one of {', '.join(DTYPE_NAMES)}")
+    dtype_named(dtype)  # refuses an unknown name
     if schedule not in ("gpipe", "1f1b"):
         raise BadInput(f"--schedule {schedule!r} must be gpipe or 1f1b")
     args = model_args(shape)
-    dtype_bytes = DTYPE_NAMES[dtype].itemsize
+    dtype_bytes = DTYPES[dtype].itemsize
     rows = []
     for p in common.as_list(n_stages):
         for b in common.as_list(micro_batch):
@@ -129,7 +128,7 @@ def main(shape: str = "7B", n_stages=(4, 2), global_batch: int = 32, micro_batch
                      "n_virtual_tokens": n_virtual_tokens, "kind": "arithmetic, not measured"})
     if check:
         run_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        run_dtype = DTYPE_NAMES[dtype] if run_device.type == "cuda" else torch.float32
+        run_dtype = DTYPES[dtype] if run_device.type == "cuda" else torch.float32
         measured = measured_saved_bytes_per_token(args, run_dtype, run_device)
         common.emit({"bench": "memory_check", "shape": shape_name(shape), "dtype":
                      str(run_dtype).replace("torch.", ""), "formula_bytes_per_token_per_layer":

@@ -6,6 +6,7 @@
 With --n_stages n > 1 it starts itself as n processes (torch.distributed.run, this machine);
 under torchrun it runs as started. One JSON line per configuration, then a short table.
 """
+import contextlib
 import gc
 import sys
 
@@ -17,9 +18,9 @@ from llama.checkpoint import stage_plan
 from llama.data import MicroBatch
 from llama.distributed import DistContext, init_distributed
 from llama.errors import BadInput, run_cli
-from llama.offload import PromptOptimizer, WeightStreamer, apply_recompute
+from llama.offload import apply_recompute, apply_weight_streaming, optimizer_device
 from llama.pipeline import SCHEDULES, Stage
-from llama.precision import LossScaler
+from llama.precision import LossScaler, ScaledAdamW, finish_step
 from llama.prompt import SoftPrompt, init_prompt_weight
 from llama.runtime import pick_dtype
 from llama.trace import Tracer, bubble_fraction, ideal_bubble_fraction, write_chrome_trace
@@ -82,7 +83,7 @@ class PipelineRun:
         if recompute or offload & {"activations", "weights"}:
             apply_recompute(model, offload_activations="activations" in offload)
         if "weights" in offload:
-            WeightStreamer(model, ctx.device)
+            apply_weight_streaming(model, ctx.device)
         self.prompt = None
         if ctx.is_first:
             weight = init_prompt_weight("random", n_virtual_tokens, model.tok_embeddings.weight,
@@ -92,25 +93,22 @@ class PipelineRun:
         self.tracer = Tracer(ctx.rank, enabled=False, synchronize=sync)
         self.stage = Stage(model, ctx, self.prompt, n_virtual_tokens, self.tracer)
         self.scaler = LossScaler(enabled=dtype == torch.float16)
-        self.optimizer = PromptOptimizer(self.prompt.weight, 1e-3, 0.0, (0.9, 0.999),
-                                         "optimizer" in offload) if self.prompt is not None else None
+        self.optimizer = ScaledAdamW(self.prompt.weight, 1e-3, 0.0, (0.9, 0.999),
+                                     optimizer_device(self.prompt.weight, "optimizer" in offload)) \
+            if self.prompt is not None else None
         self.skipped = 0
         common.reset_peak_memory(ctx.device)  # the peak from here on includes the resident weights
 
     def step(self, batches, schedule) -> float:
         """One training step exactly as llama.train runs it; the global batch's mean loss."""
-        scale = self.scaler.scale
-        loss, n_targets = self.stage.train_step(batches, schedule, scale)
-        overflow = self.prompt is not None and LossScaler.has_overflow(self.prompt.weight.grad)
+        loss, n_targets = self.stage.train_step(batches, schedule, self.scaler.scale)
+        overflow = self.optimizer is not None and self.optimizer.found_overflow()
         found_inf, loss = self.ctx.all_reduce_max([overflow, loss or 0.0])
-        skip = self.scaler.update(bool(found_inf))
+        traced = self.tracer.span("optimizer step", "optimizer", step=self.stage.step) \
+            if self.optimizer is not None else contextlib.nullcontext()
+        with traced:
+            skip, _ = finish_step(self.scaler, self.optimizer, bool(found_inf), 1e-3, 1.0)
         self.skipped += int(skip)
-        if self.prompt is not None:
-            with self.tracer.span("optimizer step", "optimizer", step=self.stage.step):
-                if skip:
-                    self.prompt.weight.grad = None
-                else:
-                    self.optimizer.step(1e-3, scale, 1.0)
         self.stage.step += 1
         return loss / max(n_targets, 1)
 

@@ -18,9 +18,9 @@ from llama.formats import (HFSource, Llama2cSource, MetaSource, TensorSource, mo
                            read_json, safe_torch_load)
 from llama.model import ModelArgs, Transformer
 from llama.partition import balanced_ranges
+from llama.precision import dtype_named
 
 SPLIT_FORMAT = 1
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def params_digest(args: ModelArgs) -> str:
@@ -126,8 +126,7 @@ def write_split(source: TensorSource, out_dir, n_stages: int, dtype: str = "auto
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise BadInput(f"{out_dir} already exists: pass --overwrite or choose another --out_dir")
-    if dtype != "auto" and dtype not in DTYPES:
-        raise BadInput(f"--dtype {dtype!r} must be auto, float32, float16 or bfloat16")
+    target_dtype = None if dtype == "auto" else dtype_named(dtype)
     plan = stage_plan(source.args, n_stages)
     refuse_unknown_tensors(source, source.description.get("path", "the checkpoint"))
     tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
@@ -140,7 +139,7 @@ def write_split(source: TensorSource, out_dir, n_stages: int, dtype: str = "auto
             tensors = {}
             for name in names:
                 tensor = source.load(name)
-                tensor = tensor if dtype == "auto" else tensor.to(DTYPES[dtype])
+                tensor = tensor if target_dtype is None else tensor.to(target_dtype)
                 tensors[name] = tensor.detach().clone().contiguous()
             stored_dtype = str(next(iter(tensors.values())).dtype).replace("torch.", "")
             file_name = f"stage.{index:02d}.pth"

@@ -7,11 +7,12 @@ import os
 import shutil
 from pathlib import Path
 
-from llama.checkpoint import (DTYPES, find_tokenizer, is_split_dir, load_stage_tensors,
+from llama.checkpoint import (find_tokenizer, is_split_dir, load_stage_tensors,
                               open_source, read_split, refuse_unknown_tensors,
                               stage_tensor_names)
 from llama.errors import BadInput, run_cli
 from llama.formats import META_SHARD_DIM, save_meta
+from llama.precision import dtype_named
 
 
 def read_all_tensors(src):
@@ -51,8 +52,7 @@ def main(src: str, dst: str, n_shards: int = 1, dtype: str = "auto", overwrite: 
     """
     if isinstance(n_shards, bool) or not isinstance(n_shards, int) or n_shards < 1:
         raise BadInput(f"--n_shards={n_shards!r} must be a positive integer")
-    if dtype != "auto" and dtype not in DTYPES:
-        raise BadInput(f"--dtype {dtype!r} must be auto, float32, float16 or bfloat16")
+    target_dtype = None if dtype == "auto" else dtype_named(dtype)
     dst = Path(dst)
     if dst.exists() and not dst.is_dir():
         raise BadInput(f"--dst {dst} is a file: choose a folder name")
@@ -60,8 +60,8 @@ def main(src: str, dst: str, n_shards: int = 1, dtype: str = "auto", overwrite: 
         raise BadInput(f"{dst} already exists and is not empty: pass --overwrite or choose "
                        "another --dst")
     args, tensors, what = read_all_tensors(src)
-    if dtype != "auto":
-        tensors = {name: t.to(DTYPES[dtype]) for name, t in tensors.items()}
+    if target_dtype is not None:
+        tensors = {name: t.to(target_dtype) for name, t in tensors.items()}
     check_shardable(tensors, n_shards)
     try:
         tokenizer = find_tokenizer(src)

@@ -83,18 +83,6 @@ class DistContext:
         self._wait(work, src, "receiving from")
         return buffer.to(self.device, non_blocking=True)
 
-    def send_with_shape(self, tensor, dst: int):
-        """send() preceded by a small header, for tensors whose shape the receiver cannot know."""
-        header = torch.zeros(9, dtype=torch.int64)
-        header[0] = tensor.dim()
-        header[1:1 + tensor.dim()] = torch.tensor(tensor.shape)
-        self.send(header.to(self.device), dst)
-        self.send(tensor, dst)
-
-    def recv_with_shape(self, dtype, src: int):
-        header = self.recv((9,), torch.int64, src).cpu()
-        return self.recv(tuple(header[1:1 + int(header[0])].tolist()), dtype, src)
-
     def flush_sends(self):
         for work, _, dst in self.pending_sends:
             self._wait(work, dst, "sending to")

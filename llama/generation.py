@@ -38,17 +38,16 @@ def generate(stage, prompts, max_gen_len: int, temperature: float = 0.0, top_p: 
     Prompts of unequal length share one position counter: all are prefilled up to the shortest
     one, and a longer prompt's own tokens replace the samples until it runs out.
     """
-    args = stage.model.args
     n_virtual = stage.n_virtual if use_prompt else 0
     if not prompts or any(len(p) == 0 for p in prompts):
         raise BadInput("every prompt needs at least one token")
     longest, shortest = max(len(p) for p in prompts), min(len(p) for p in prompts)
-    if n_virtual + longest >= args.max_seq_len:
+    if n_virtual + longest >= stage.max_seq_len:
         raise BadInput(f"a prompt of {longest} tokens (+{n_virtual} virtual) does not fit "
-                       f"max_seq_len={args.max_seq_len}: shorten it or raise --max_seq_len")
+                       f"max_seq_len={stage.max_seq_len}: shorten it or raise --max_seq_len")
     if max_gen_len < 1:
         raise BadInput(f"--max_gen_len={max_gen_len} must be at least 1")
-    total_len = min(args.max_seq_len - n_virtual, longest + max_gen_len)
+    total_len = min(stage.max_seq_len - n_virtual, longest + max_gen_len)
     batch = len(prompts)
     tokens = torch.zeros((batch, total_len), dtype=torch.long)
     is_prompt = torch.zeros((batch, total_len), dtype=torch.bool)
@@ -61,7 +60,7 @@ def generate(stage, prompts, max_gen_len: int, temperature: float = 0.0, top_p: 
     progress = Progress(f"generating {batch} texts", total_len - shortest, "tokens",
                         progress_every_s or 0.0, enabled=progress_every_s is not None)
 
-    stage.model.setup_kv_cache(batch, n_virtual + total_len)
+    stage.start_generation(batch, n_virtual + total_len)
     try:
         previous = 0
         for current in range(shortest, total_len):
@@ -75,28 +74,21 @@ def generate(stage, prompts, max_gen_len: int, temperature: float = 0.0, top_p: 
                 break
             progress.update(current - shortest + 1)
     finally:
-        stage.model.clear_kv_cache()
+        stage.end_generation()
     return [cut_at_stop(tokens[i, len(p):previous + 1].tolist(), stop_ids, max_gen_len)
             for i, p in enumerate(prompts)]
 
 
 def decode_step(stage, chunk, previous: int, n_virtual: int, temperature, top_p, generator):
-    """Run tokens chunk (B, T) at text positions previous.. through every stage; sample one id each.
+    """One id per row after tokens chunk (B, T), which sits at text positions previous..
 
     The soft prompt enters at prefill only: it takes cache positions 0..n_virtual-1, so later
     chunks start at n_virtual + previous.
     """
     prefill = previous == 0
     start_pos = 0 if prefill else n_virtual + previous
-    h = stage.hidden_in(chunk, start_pos, with_prompt=prefill and n_virtual > 0)
-    h = stage.model.run_layers(h, start_pos)
-    stage.hidden_out(h)
-    stage.ctx.flush_sends()
-    chosen = torch.zeros(chunk.shape[0], dtype=torch.long)
-    if stage.is_last:
-        logits = stage.model.logits(h[:, -1])
-        chosen = next_tokens(logits, temperature, top_p, generator).cpu()
-    return stage.ctx.broadcast_tensor(chosen.to(stage.device), src=stage.n_stages - 1).cpu()
+    return stage.next_ids(chunk, start_pos, with_prompt=prefill and n_virtual > 0,
+                          pick=lambda logits: next_tokens(logits, temperature, top_p, generator))
 
 
 def cut_at_stop(ids, stop_ids, max_gen_len: int):

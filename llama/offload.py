@@ -3,7 +3,7 @@
 - recompute (+ activation offload): a block keeps only its input during the forward pass and
   recomputes its insides in the backward pass; with offload that input waits in pinned CPU memory.
 - optimizer offload: the prompt's fp32 master copy, its gradient and AdamW state live on the CPU
-  and the step runs there.
+  and the step runs there (precision.ScaledAdamW does the step; this file only says where).
 - weight streaming: a stage's blocks stay in pinned CPU memory and each is copied to the GPU just
   before it runs (the next one already on its way), for stages that do not fit at all.
 """
@@ -79,43 +79,10 @@ def apply_recompute(model, offload_activations: bool = False):
     return model
 
 
-class PromptOptimizer:
-    """AdamW for the soft prompt; with offload its master copy, gradient and state are on the CPU."""
-
-    def __init__(self, prompt_param, lr: float, weight_decay: float, betas, offload: bool):
-        self.param = prompt_param
-        self.offloaded = offload and prompt_param.device.type != "cpu"
-        self.master = nn.Parameter(prompt_param.detach().cpu().clone()) if self.offloaded \
-            else prompt_param
-        self.optimizer = torch.optim.AdamW([self.master], lr=lr, weight_decay=weight_decay,
-                                           betas=tuple(betas))
-
-    def step(self, lr: float, grad_scale: float, max_grad_norm: float) -> float:
-        """Unscale, clip and apply the prompt's gradient; returns the unclipped gradient norm."""
-        grad = self.param.grad.detach().to(self.master.device, torch.float32) / grad_scale
-        norm = float(grad.norm())
-        if max_grad_norm and norm > max_grad_norm:
-            grad *= max_grad_norm / (norm + 1e-6)
-        self.master.grad = grad
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.master.grad = None
-        if self.offloaded:
-            with torch.no_grad():
-                self.param.copy_(self.master, non_blocking=True)
-        self.param.grad = None
-        return norm
-
-    def state_dict(self):
-        return {"optimizer": self.optimizer.state_dict(), "master": self.master.detach().cpu().clone()}
-
-    def load_state_dict(self, state):
-        self.optimizer.load_state_dict(state["optimizer"])
-        with torch.no_grad():
-            self.master.copy_(state["master"])
-            if self.offloaded:
-                self.param.copy_(self.master)
+def optimizer_device(param, offload: bool) -> torch.device:
+    """Where the optimizer keeps its fp32 master copy and AdamW state: the CPU with offload
+    (the step then runs there and only the new value travels back), else beside the tensor."""
+    return torch.device("cpu") if offload else param.device
 
 
 class WeightStreamer:
@@ -172,3 +139,10 @@ class WeightStreamer:
     def release(self, block):
         for param in block.parameters():
             param.data = torch.empty(0, dtype=param.dtype, device=self.device)
+
+
+def apply_weight_streaming(model, device):
+    """Keep the stage's block weights in pinned CPU memory and stream each in as it runs (after
+    apply_recompute); returns the model, like the other transforms."""
+    WeightStreamer(model, device)
+    return model

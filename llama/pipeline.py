@@ -1,7 +1,7 @@
 """Pipeline parallelism by hand: one rank per stage, activations forward, their gradients back.
 
 A Stage is one rank's model plus its neighbours. `train_step` runs a GPipe or 1F1B schedule of
-micro-batches through it; with one stage (one process) the same code is plain gradient
+micro-batches through it, `next_ids` one prefill or decode step of generation; with one stage (one process) the same code is plain gradient
 accumulation, which is why the pipeline's gradient can be checked against it exactly.
 """
 import contextlib
@@ -68,7 +68,6 @@ class Stage:
     def __init__(self, model, ctx, soft_prompt=None, n_virtual: int = 0, tracer=None):
         self.model, self.ctx, self.soft_prompt = model, ctx, soft_prompt
         self.n_virtual = n_virtual  # every stage must know it: it lengthens every sequence
-        self.index, self.n_stages = ctx.rank, ctx.world_size
         self.dtype = next(model.parameters()).dtype
         self.device = ctx.device
         self.tracer = tracer
@@ -77,18 +76,22 @@ class Stage:
 
     @property
     def is_first(self):
-        return self.index == 0
+        return self.ctx.is_first
 
     @property
     def is_last(self):
-        return self.index == self.n_stages - 1
+        return self.ctx.is_last
+
+    @property
+    def max_seq_len(self):
+        return self.model.args.max_seq_len
 
     def span(self, name, category, **args):
         if self.tracer is None:
             return contextlib.nullcontext()
         return self.tracer.span(name, category, step=self.step, **args)
 
-    def hidden_in(self, tokens, start_pos: int, with_prompt: bool):
+    def hidden_in(self, tokens, with_prompt: bool):
         """First stage: embed tokens (B, T) and prepend the soft prompt; others: receive h."""
         B, T = tokens.shape
         if self.is_first:
@@ -98,18 +101,18 @@ class Stage:
             return h
         length = T + (self.n_virtual if with_prompt else 0)
         with self.span("recv h", "recv_wait"):
-            return self.ctx.recv((B, length, self.model.args.dim), self.dtype, self.index - 1)
+            return self.ctx.recv((B, length, self.model.args.dim), self.dtype, self.ctx.rank - 1)
 
     def hidden_out(self, h):
         """Pass h on to the next stage (all but the last); the last stage keeps it."""
         if not self.is_last:
-            self.ctx.send(h, self.index + 1)
+            self.ctx.send(h, self.ctx.rank + 1)
 
     # ---- training ----
 
     def forward_micro_batch(self, i: int, batch, loss_weight: float):
         with self.span(f"F{i}", "forward", micro_batch=i):
-            h_in = self.hidden_in(batch.tokens, 0, with_prompt=True)
+            h_in = self.hidden_in(batch.tokens, with_prompt=True)
             if not self.is_first:
                 # The received activation is a leaf here; asking for its gradient is what makes
                 # backward produce dL/dh to send upstream (the weights themselves are frozen).
@@ -129,10 +132,10 @@ class Stage:
                 out.backward()
             else:
                 with self.span("recv dL/dh", "recv_wait"):
-                    grad = self.ctx.recv(out.shape, self.dtype, self.index + 1)
+                    grad = self.ctx.recv(out.shape, self.dtype, self.ctx.rank + 1)
                 out.backward(grad)
             if not self.is_first:
-                self.ctx.send(h_in.grad, self.index - 1)
+                self.ctx.send(h_in.grad, self.ctx.rank - 1)
 
     def train_step(self, micro_batches, schedule: str, loss_scale: float = 1.0):
         """Forward and backward every micro-batch; returns the summed loss (last stage) or None.
@@ -144,7 +147,8 @@ class Stage:
         n_targets = sum(int(b.n_targets) for b in micro_batches)
         weight = loss_scale / max(n_targets, 1)
         total = torch.zeros((), dtype=torch.float64, device=self.device)  # read once, at the end
-        for kind, i in schedule_actions(schedule, self.index, self.n_stages, len(micro_batches)):
+        for kind, i in schedule_actions(schedule, self.ctx.rank, self.ctx.world_size,
+                                         len(micro_batches)):
             if kind == "F":
                 summed = self.forward_micro_batch(i, micro_batches[i], weight)
                 if summed is not None:
@@ -164,10 +168,32 @@ class Stage:
         skip = self.n_virtual if with_prompt else 0
         for i, batch in enumerate(micro_batches):
             with self.span(f"E{i}", "eval", micro_batch=i):
-                h = self.model.run_layers(self.hidden_in(batch.tokens, 0, with_prompt))
+                h = self.model.run_layers(self.hidden_in(batch.tokens, with_prompt))
                 if self.is_last:
                     total += float(loss_sum(self.model, h[:, skip:], batch.targets))
                 self.hidden_out(h)
             n_targets += int(batch.n_targets)
         self.ctx.flush_sends()
         return (total if self.is_last else None), n_targets
+
+    # ---- generation ----
+
+    def start_generation(self, batch_size: int, length: int):
+        """A KV cache for this stage's layers: batch_size rows of length positions."""
+        self.model.setup_kv_cache(batch_size, length)
+
+    def end_generation(self):
+        self.model.clear_kv_cache()
+
+    @torch.no_grad()
+    def next_ids(self, chunk, start_pos: int, with_prompt: bool, pick):
+        """Run tokens chunk (B, T) at cache positions start_pos.. through every stage; the last
+        stage turns its last position's logits into one id per row with pick(logits), and every
+        rank gets those ids (on the CPU). with_prompt: the soft prompt enters before the chunk."""
+        h = self.model.run_layers(self.hidden_in(chunk, with_prompt), start_pos)
+        self.hidden_out(h)
+        self.ctx.flush_sends()
+        chosen = torch.zeros(chunk.shape[0], dtype=torch.long)
+        if self.is_last:
+            chosen = pick(self.model.logits(h[:, -1])).cpu()
+        return self.ctx.broadcast_tensor(chosen.to(self.device), src=self.ctx.world_size - 1).cpu()

@@ -7,19 +7,16 @@ import torch
 from llama.checkpoint import find_tokenizer, is_split_dir, load_model, read_split
 from llama.distributed import init_distributed
 from llama.errors import BadInput
+from llama.precision import dtype_named
 from llama.tokenizer import Tokenizer
 
-DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-               "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 def pick_dtype(name, device: torch.device):
     """fp16 on a GPU and fp32 on the CPU unless asked otherwise."""
     if name in (None, "auto"):
         return torch.float16 if device.type == "cuda" else torch.float32
-    if name not in DTYPE_NAMES:
-        raise BadInput(f"--dtype {name!r} must be one of auto, float32, float16, bfloat16")
-    return DTYPE_NAMES[name]
+    return dtype_named(name)
 
 
 def start_stage(ckpt_dir, tokenizer_path=None, device=None, dtype=None, max_seq_len=None,

@@ -21,9 +21,10 @@ from llama.data import (END_TARGETS, BatchLoader, end_target_ids, eval_batches, 
 from llama.distributed import PeerLost, report_and_exit
 from llama.errors import BadInput
 from llama.formats import safe_torch_load
-from llama.offload import OFFLOAD_CHOICES, PromptOptimizer, WeightStreamer, apply_recompute
+from llama.offload import (OFFLOAD_CHOICES, apply_recompute, apply_weight_streaming,
+                           optimizer_device)
 from llama.pipeline import SCHEDULES, Stage
-from llama.precision import LossScaler
+from llama.precision import LossScaler, ScaledAdamW, finish_step
 from llama.progress import elapsed_and_eta
 from llama.prompt import SoftPrompt, export_peft, init_prompt_weight, save_prompt
 from llama.runtime import start_stage
@@ -318,7 +319,7 @@ def _train(cfg, ctx, model, tokenizer, stop, held):
     if cfg.recompute or "activations" in offload or "weights" in offload:
         apply_recompute(model, offload_activations="activations" in offload)
     if "weights" in offload:
-        WeightStreamer(model, ctx.device)
+        apply_weight_streaming(model, ctx.device)
     max_len = args.max_seq_len - cfg.n_virtual_tokens
     end_target = cfg.eos_target if cfg.eos_target != "auto" else \
         model_stop_token(cfg, ctx, model, tokenizer, max_len)
@@ -328,8 +329,9 @@ def _train(cfg, ctx, model, tokenizer, stop, held):
     tracer = Tracer(ctx.rank, enabled=bool(cfg.trace), synchronize=sync)
     stage = Stage(model, ctx, prompt, cfg.n_virtual_tokens, tracer)
     scaler = LossScaler(enabled=next(model.parameters()).dtype == torch.float16)
-    optimizer = PromptOptimizer(prompt.weight, cfg.lr, cfg.weight_decay, (0.9, 0.999),
-                                "optimizer" in offload) if prompt is not None else None
+    optimizer = ScaledAdamW(prompt.weight, cfg.lr, cfg.weight_decay, (0.9, 0.999),
+                            optimizer_device(prompt.weight, "optimizer" in offload)) \
+        if prompt is not None else None
     identity, digest = run_identity(cfg), params_digest(args)
     start_step, losses = 0, {}
     if cfg.resume:
@@ -378,18 +380,14 @@ def _train(cfg, ctx, model, tokenizer, stop, held):
         scale = float("inf") if step + 1 in inject else scaler_scale
         stage.step = step
         loss, n_targets = run_train_step(stage, batches, cfg, scale, ctx)
-        overflow = prompt is not None and LossScaler.has_overflow(prompt.weight.grad)
+        overflow = optimizer is not None and optimizer.found_overflow()
         report = ctx.all_reduce_max([overflow, stop.requested, loss or 0.0, *memory_slots(ctx)])
         found_inf, stop_now, loss = bool(report[0]), bool(report[1]), report[2] / max(n_targets, 1)
-        skip = scaler.update(found_inf)
         lr = lr_at(step, total_steps, cfg.lr, cfg.warmup_steps, cfg.lr_schedule)
-        grad_norm = float("nan")
-        if prompt is not None:
-            with tracer.span("optimizer step", "optimizer", step=step):
-                if skip:
-                    prompt.weight.grad = None
-                else:
-                    grad_norm = optimizer.step(lr, scale, cfg.max_grad_norm)
+        traced = tracer.span("optimizer step", "optimizer", step=step) \
+            if optimizer is not None else contextlib.nullcontext()
+        with traced:
+            skip, grad_norm = finish_step(scaler, optimizer, found_inf, lr, cfg.max_grad_norm)
         skipped_in_a_row = skipped_in_a_row + 1 if skip else 0
         tokens = sum(b.tokens.numel() for b in batches)
         record = {"step": step + 1, "loss": None if skip else loss, "lr": lr,
