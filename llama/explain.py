@@ -37,6 +37,19 @@ def stage_table(args: ModelArgs, n_stages: int, weight_bytes: int):
 def main(shape: str = "7B", ckpt_dir: str = None, n_stages: int = 4, micro_batch_size: int = 4,
          seq_len: int = 512, n_virtual_tokens: int = 32, global_batch_size: int = 32,
          dtype: str = "float16"):
+    """Print who owns what and what crosses the wire for a model shape split into stages.
+
+    Arithmetic from the shape alone: no weights are read.
+
+    shape: a known shape, 7B or 13B (ignored when --ckpt_dir is given)
+    ckpt_dir: a checkpoint whose params.json gives the shape instead
+    n_stages: how many pipeline stages
+    micro_batch_size: examples per micro-batch
+    seq_len: text tokens per example
+    n_virtual_tokens: length of the soft prompt
+    global_batch_size: examples per optimizer step
+    dtype: float16, bfloat16 or float32: the width of weights and activations
+    """
     if dtype not in BYTES:
         raise BadInput(f"--dtype {dtype!r} must be one of {', '.join(BYTES)}")
     source = open_source(ckpt_dir) if ckpt_dir else None

@@ -437,7 +437,13 @@ def losses_svg(records: list, title: str = None) -> str:
 
 
 def schedule(trace_path: str, out: str, title: str = None, step: int = None):
-    """Draw one step of a trace.json as an SVG timeline, one row per pipeline stage."""
+    """Draw one step of a trace.json as an SVG timeline, one row per pipeline stage.
+
+    trace_path: the trace.json written by ft_main.py --trace
+    out: the SVG file to write
+    title: the picture's title (default: from the trace's metadata)
+    step: the step to draw (default: the last traced step)
+    """
     trace = load_trace(trace_path)
     try:
         svg = schedule_svg(trace, title=title, step=step)
@@ -448,7 +454,12 @@ def schedule(trace_path: str, out: str, title: str = None, step: int = None):
 
 
 def losses(metrics_path: str, out: str, title: str = None):
-    """Draw the train (and eval) loss of a metrics.jsonl as an SVG line chart."""
+    """Draw the train (and eval) loss of a metrics.jsonl as an SVG line chart.
+
+    metrics_path: the metrics.jsonl of a training run (ft_main.py's --out)
+    out: the SVG file to write
+    title: the chart's title (default: training loss)
+    """
     records = read_metrics(metrics_path)
     try:
         svg = losses_svg(records, title=title)
