@@ -504,3 +504,13 @@ def test_help_of_a_module_with_commands_and_after_fires_separator():
                            text=True, capture_output=True, timeout=120)
     assert split.returncode == 0 and split.stdout.startswith("Split a LLaMA checkpoint")
     assert "usage: python split_model.py --ckpt_dir TEXT --n_stages INT [options]" in split.stdout
+
+
+def test_a_skipped_record_note_names_the_flag_as_typed(tmp_path):
+    from llama.data import load_records
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps([{"instruction": "a", "output": 1}, {"instruction": "b",
+                                                                     "output": "c"}]))
+    notes = []
+    load_records(path, strict=False, log=notes.append)
+    assert notes and notes[0].endswith("; pass --strict to refuse the file instead"), notes
