@@ -349,6 +349,11 @@ def record_for_torchrun(message: str):
 def fail(message: str, status: int):
     print(f"error: {message}", file=sys.stderr, flush=True)
     record_for_torchrun(f"error: {message}")
+    # Only a script that may have joined a process group has imported llama.distributed.
+    if "llama.distributed" in sys.modules and sys.modules["llama.distributed"].dist.is_initialized():
+        sys.modules["llama.distributed"].leave_after_own_error()
+        sys.stdout.flush()
+        os._exit(status)  # the group's threads could hold up a normal exit (seen: 4 s, SIGTERM)
     sys.exit(status)
 
 
