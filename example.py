@@ -12,11 +12,28 @@ from llama.runtime import start_stage
 DEFAULT_PROMPTS = ("Once upon a time", "Tom and Lily went to the park. They saw", "The cat")
 
 
-def main(ckpt_dir: str, tokenizer_path: str = None, prompts=DEFAULT_PROMPTS, max_gen_len: int = 64,
-         temperature: float = 0.0, top_p: float = 0.9, seed: int = 0, max_seq_len: int = None,
-         device: str = None, dtype: str = None, timeout_s: float = 300.0):
-    """temperature 0 is greedy; above 0, top-p sampling. Stops at EOS, and at BOS (which models
-    such as stories260K emit to end a story)."""
+def main(ckpt_dir: str, tokenizer_path: str = None, prompts: tuple[str, ...] = DEFAULT_PROMPTS,
+         max_gen_len: int = 64, temperature: float = 0.0, top_p: float = 0.9, seed: int = 0,
+         max_seq_len: int = None, device: str = None, dtype: str = None, timeout_s: float = 300.0):
+    """Generate text with a LLaMA checkpoint (the base model, no soft prompt), one stage per process.
+
+    Each prompt is continued until EOS, BOS (which models such as stories260K emit to end a
+    story) or --max_gen_len tokens.
+
+    ckpt_dir: the model: a split folder (split_model.py), a Meta folder, a llama2.c .bin or a
+        Hugging Face folder
+    tokenizer_path: the sentencepiece tokenizer.model (default: the one beside the checkpoint)
+    prompts: the texts to continue: one text, or several as a list '["first", "second"]'
+    max_gen_len: the most tokens generated after each prompt
+    temperature: 0 picks the likeliest token (greedy); above 0 samples, with top-p
+    top_p: sampling keeps the likeliest tokens whose probabilities add up to top_p
+    seed: the random seed of sampling
+    max_seq_len: the longest prompt + generation in tokens (default: the model's own)
+    device: cpu, cuda or cuda:N (default: this rank's GPU if there is one, else the CPU)
+    dtype: float32, float16 or bfloat16 for the weights (default: float16 on a GPU, float32 on
+        the CPU)
+    timeout_s: seconds to wait for another stage before giving up on it
+    """
     ctx, model, tokenizer = start_stage(ckpt_dir, tokenizer_path, device, dtype, max_seq_len, timeout_s)
     try:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)

@@ -14,12 +14,32 @@ from llama.runtime import start_stage
 DEFAULT_PROMPTS = ("Give three tips for staying healthy.", "Once upon a time")
 
 
-def main(ckpt_dir: str, prompt: str, tokenizer_path: str = None, prompts=DEFAULT_PROMPTS,
-         template: str = None, max_gen_len: int = 64, temperature: float = 0.0, top_p: float = 0.9,
-         seed: int = 0, compare: bool = False, max_seq_len: int = None, device: str = None,
-         dtype: str = None, timeout_s: float = 300.0):
-    """Each text is wrapped in the template the prompt was trained with (from prompt.json;
-    --template alpaca|plain|none overrides). --compare also prints the base model's output."""
+def main(ckpt_dir: str, prompt: str, tokenizer_path: str = None,
+         prompts: tuple[str, ...] = DEFAULT_PROMPTS, template: str = None, max_gen_len: int = 64,
+         temperature: float = 0.0, top_p: float = 0.9, seed: int = 0, compare: bool = False,
+         max_seq_len: int = None, device: str = None, dtype: str = None, timeout_s: float = 300.0):
+    """Generate with a trained soft prompt (this project's or PEFT's layout), one stage per process.
+
+    Each text is wrapped in the template the prompt was trained with (from prompt.json).
+
+    ckpt_dir: the model: a split folder (split_model.py), a Meta folder, a llama2.c .bin or a
+        Hugging Face folder
+    prompt: the soft prompt's folder: prompt.pt + prompt.json (ft_main.py's --out), or a PEFT
+        prompt-tuning export (adapter_model.bin + adapter_config.json)
+    tokenizer_path: the sentencepiece tokenizer.model (default: the one beside the checkpoint)
+    prompts: the texts (instructions) to answer: one text, or several as a list '["a", "b"]'
+    template: alpaca, plain or none (default: the one the prompt was trained with)
+    max_gen_len: the most tokens generated after each text
+    temperature: 0 picks the likeliest token (greedy); above 0 samples, with top-p
+    top_p: sampling keeps the likeliest tokens whose probabilities add up to top_p
+    seed: the random seed of sampling
+    compare: also print the base model's output (without the soft prompt) for each text
+    max_seq_len: the longest prompt + generation in tokens (default: the model's own)
+    device: cpu, cuda or cuda:N (default: this rank's GPU if there is one, else the CPU)
+    dtype: float32, float16 or bfloat16 for the weights (default: float16 on a GPU, float32 on
+        the CPU)
+    timeout_s: seconds to wait for another stage before giving up on it
+    """
     ctx, model, tokenizer = start_stage(ckpt_dir, tokenizer_path, device, dtype, max_seq_len, timeout_s)
     try:
         soft_prompt, info = None, None

@@ -5,6 +5,7 @@
 The loop itself is llama/train.py; this file is only its command line.
 """
 from types import SimpleNamespace
+from typing import Union
 
 from llama.data import ALPACA_PREAMBLE
 from llama.errors import run_cli
@@ -27,22 +28,60 @@ def main(ckpt_dir: str, data: str, out: str, tokenizer_path: str = None,
          # precision and memory
          device: str = None, dtype: str = None, recompute: bool = False, offload: str = None,
          # bookkeeping
-         log_every: int = 10, eval_every: int = 50, save_every: int = 100, resume=None,
-         overwrite: bool = False,
+         log_every: int = 10, eval_every: int = 50, save_every: int = 100,
+         resume: Union[bool, str] = None, overwrite: bool = False, base_model: str = None,
          trace: str = None, trace_steps: int = 3, timeout_s: float = 300.0,
-         max_skipped_steps: int = 20, debug_overflow_steps=(), base_model: str = None):
-    """Train a soft prompt; writes <out>/prompt.pt, prompt.json, peft/, metrics.jsonl, checkpoint.pt.
+         max_skipped_steps: int = 20, debug_overflow_steps: tuple[int, ...] = ()):
+    """Train a soft prompt for a frozen LLaMA, one pipeline stage per process (or all in one).
 
-    init: text (embeddings of --init_text), vocab (random vocabulary rows) or random (at the
-    embeddings' scale). offload: comma-separated optimizer,activations,weights. dtype: float16
-    (default on GPU, with dynamic loss scaling), bfloat16 or float32 (default on CPU).
-    eos_target: the token trained after each text: auto (the model's stop token, EOS or BOS,
-    whichever the model predicts after the data's texts), eos, bos or none.
+    Writes <out>/prompt.pt, prompt.json, peft/ (PEFT's layout), metrics.jsonl and checkpoint.pt.
+
+    ckpt_dir: the model: a split folder (split_model.py), a Meta folder, a llama2.c .bin or a
+        Hugging Face folder
+    data: the training data: Alpaca JSON (instruction, input, output) or JSONL records
+    out: the folder for the prompt, its metrics and the checkpoint for --resume
+    tokenizer_path: the sentencepiece tokenizer.model (default: the one beside the checkpoint)
+    n_virtual_tokens: length of the soft prompt in tokens
+    init: how the prompt starts: text (embeddings of --init_text), vocab (random vocabulary
+        rows) or random (at the embeddings' scale)
+    init_text: the text whose embeddings start the prompt (with --init text)
+    template: how a record becomes text: alpaca, plain or none
+    train_on_prompt: also learn to predict the instruction, not only the response
+    strict: stop at the first unusable record instead of skipping it with a note
+    eval_fraction: the share of records held out for the held-out loss (0 for none)
+    max_seq_len: the longest example in tokens (longer ones are cut), soft prompt included
     cache_dir: where token caches go (default $LLAMA_TOKEN_CACHE, else
-    ~/.cache/llama-pp-prompt/tokens); none turns the cache off.
-    resume: True for <out>/checkpoint.pt, or a path. A used --out (one holding a run's files)
-    needs --resume or --overwrite, which replaces only the run's own files there. debug_overflow_steps: steps whose loss is
-    forced to overflow, to see the loss scaler at work.
+        ~/.cache/llama-pp-prompt/tokens); none turns the cache off
+    eos_target: the token trained after each text: auto (the model's stop token, EOS or BOS,
+        whichever the model predicts after the data's texts), eos, bos or none
+    schedule: the pipeline schedule: 1f1b or gpipe
+    global_batch_size: examples per optimizer step
+    micro_batch_size: examples per micro-batch (the pipeline's unit of work)
+    steps: optimizer steps to run (default: --epochs passes over the data)
+    epochs: passes over the data when --steps is not given
+    lr: the peak learning rate of AdamW
+    lr_schedule: cosine, linear or constant decay, after --warmup_steps of linear warm-up
+    warmup_steps: steps of linear warm-up
+    weight_decay: AdamW's weight decay on the prompt
+    max_grad_norm: clip the prompt's gradient to this norm (0 for no clipping)
+    seed: the random seed (prompt init, data order, held-out split)
+    device: cpu, cuda or cuda:N (default: this rank's GPU if there is one, else the CPU)
+    dtype: float16 (default on a GPU, with dynamic loss scaling), bfloat16 or float32 (default
+        on the CPU) for the frozen weights
+    recompute: recompute each layer in backward instead of keeping its activations
+    offload: comma-separated optimizer,activations,weights: what to keep in CPU memory
+    log_every: print a line every this many steps
+    eval_every: compute the held-out loss every this many steps
+    save_every: write checkpoint.pt every this many steps (0 for only at the end)
+    resume: True to continue from <out>/checkpoint.pt, or the path of a checkpoint
+    overwrite: train again into an --out that holds a run (only the run's own files are replaced)
+    base_model: the Hugging Face id or folder of this model, recorded in the PEFT export so that
+        transformers + peft can load it
+    trace: write a Chrome trace of the first --trace_steps steps to this file
+    trace_steps: how many steps --trace records
+    timeout_s: seconds to wait for another stage before giving up on it
+    max_skipped_steps: stop when this many steps in a row overflow in float16
+    debug_overflow_steps: steps whose loss is forced to overflow, to see the loss scaler at work
     """
     if isinstance(debug_overflow_steps, int):
         debug_overflow_steps = (debug_overflow_steps,)

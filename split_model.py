@@ -11,9 +11,17 @@ from llama.errors import BadInput, run_cli
 
 def main(ckpt_dir: str, n_stages: int, out_dir: str = None, dtype: str = "auto",
          tokenizer_path: str = None, overwrite: bool = False):
-    """Write <out_dir> (default <ckpt_dir>_pp<n_stages>) with params.json, split.json and stages.
+    """Split a LLaMA checkpoint into one file per pipeline stage, for torchrun or one process.
 
-    dtype: auto keeps the checkpoint's own precision; float16, bfloat16 or float32 converts.
+    Writes <out_dir> with params.json, split.json and stage.NN.pth (each stage's weights only).
+
+    ckpt_dir: the checkpoint: a Meta folder, a llama2.c .bin or a Hugging Face folder
+    n_stages: how many pipeline stages (processes) to split into, from 1 to the model's layers
+    out_dir: the folder to write (default: <ckpt_dir>_pp<n_stages>)
+    dtype: auto keeps the checkpoint's own precision; float16, bfloat16 or float32 converts
+    tokenizer_path: the tokenizer.model to copy beside the stages (default: found beside the
+        checkpoint)
+    overwrite: replace an existing split at out_dir
     """
     source = open_source(ckpt_dir)
     if out_dir is None:

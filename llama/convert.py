@@ -46,9 +46,15 @@ def check_shardable(tensors: dict, n_shards: int):
 
 
 def main(src: str, dst: str, n_shards: int = 1, dtype: str = "auto", overwrite: bool = False):
-    """Write dst/params.json and dst/consolidated.00.pth … (n_shards model-parallel shards).
+    """Convert a checkpoint (llama2.c .bin, Hugging Face, Meta, a split folder) to Meta's layout.
 
-    dtype: auto keeps the checkpoint's own precision; float32, float16 or bfloat16 converts.
+    Writes dst/params.json and dst/consolidated.00.pth … (+ tokenizer.model when one is found).
+
+    src: the checkpoint to read: a llama2.c .bin, a Hugging Face, Meta or split folder
+    dst: the folder to write
+    n_shards: how many model-parallel shards (consolidated.NN.pth) to write
+    dtype: auto keeps the checkpoint's own precision; float32, float16 or bfloat16 converts
+    overwrite: replace dst if it already exists
     """
     if isinstance(n_shards, bool) or not isinstance(n_shards, int) or n_shards < 1:
         raise BadInput(f"--n_shards={n_shards!r} must be a positive integer")

@@ -88,7 +88,7 @@ def _records_from_bytes(path, raw: bytes, strict: bool, log):
         first_problem = first_problem or f"{where}: {problem}"
     if n_skipped:
         log(f"{path}: skipped {n_skipped} of {len(located)} records that cannot be used (first: "
-            f"{first_problem}); pass strict=True to refuse the file instead")
+            f"{first_problem}); pass --strict to refuse the file instead")
     if not records:
         raise BadInput(f"data file {path} holds no usable records: each needs a non-empty "
                        "'instruction' and 'output' (Alpaca) or a non-empty 'text'")

@@ -50,7 +50,19 @@ def trait_rate(stories, trait: str = TRAIT) -> float:
 def teach(ckpt_dir: str, out: str, n_samples: int = 512, max_gen_len: int = 96, seed: int = 0,
           hard_prompt: str = HARD_PROMPT, trait: str = TEACH_TRAIT, tokenizer_path: str = None,
           device: str = None, timeout_s: float = 300.0):
-    """Write the stories (after the hard prompt) that show the trait to `out` as JSONL."""
+    """Sample stories after a hard prompt and write those that show its trait to --out (JSONL).
+
+    ckpt_dir: the model: a split folder, a Meta folder, a llama2.c .bin or a Hugging Face folder
+    out: the JSONL file to write (plain-text records, for ft_main.py --template plain)
+    n_samples: how many stories to sample
+    max_gen_len: the most tokens per story
+    seed: the random seed of sampling
+    hard_prompt: the text put before each story, whose trait the stories should show
+    trait: a regular expression a story must match to be kept
+    tokenizer_path: the sentencepiece tokenizer.model (default: the one beside the checkpoint)
+    device: cpu, cuda or cuda:N (default: this rank's GPU if there is one, else the CPU)
+    timeout_s: seconds to wait for another stage before giving up on it
+    """
     ctx, model, tokenizer = start_stage(ckpt_dir, tokenizer_path, device, "float32", None, timeout_s)
     try:
         stories = sample_stories(Stage(model, ctx), tokenizer, hard_prompt, n_samples,
@@ -84,7 +96,19 @@ def trait_rates(stage, tokenizer, n_samples: int = 32, max_gen_len: int = 96, se
 def score(ckpt_dir: str, prompt: str, n_samples: int = 32, max_gen_len: int = 96, seed: int = 1000,
           trait: str = TRAIT, show: int = 2, tokenizer_path: str = None, device: str = None,
           timeout_s: float = 300.0):
-    """Share of stories from BOS + "Once upon a time" that show the trait, with and without the prompt."""
+    """Share of stories from BOS + "Once upon a time" that show the trait, with and without the prompt.
+
+    ckpt_dir: the model: a split folder, a Meta folder, a llama2.c .bin or a Hugging Face folder
+    prompt: the soft prompt's folder (ft_main.py's --out)
+    n_samples: how many stories to sample with the prompt, and as many without
+    max_gen_len: the most tokens per story
+    seed: the random seed of sampling
+    trait: a regular expression a story must match to count
+    show: how many stories of each kind to print
+    tokenizer_path: the sentencepiece tokenizer.model (default: the one beside the checkpoint)
+    device: cpu, cuda or cuda:N (default: this rank's GPU if there is one, else the CPU)
+    timeout_s: seconds to wait for another stage before giving up on it
+    """
     ctx, model, tokenizer = start_stage(ckpt_dir, tokenizer_path, device, "float32", None, timeout_s)
     labels = {"without": "without a prompt", "with": "with the soft prompt"}
     try:

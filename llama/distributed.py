@@ -23,6 +23,7 @@ class PeerLost(RuntimeError):
 
 DOWN_KEY = "llama/down/"  # in the job's store: rank -> the stage it lost ("" when it cannot tell)
 DONE_KEY = "llama/done/"  # rank -> it has named the lost stage and needs the store no more
+FAILED_KEY = "llama/failed/"  # rank -> it stopped with an error of its own, printed on its stderr
 NAMING_WAIT_S = 5.0  # how long a rank that lost a collective waits for the others to report
 
 
@@ -43,6 +44,7 @@ class DistContext:
     backend: str = "none"
     timeout_s: float = 300.0
     pending_sends: list = field(default_factory=list)
+    _failed: list = field(default_factory=list)  # ranks that reported an error of their own
 
     @property
     def distributed(self) -> bool:
@@ -106,12 +108,14 @@ class DistContext:
 
     def _peer_lost(self, error, peer: int, doing: str) -> PeerLost:
         lost = self._report_down(peer)
+        doing = f"rank {self.rank} (stage {self.rank}) failed {doing} stage {peer}"
+        if lost in self._failed:
+            return PeerLost(f"{doing}: {stopped_with_its_own_error(lost)}")
         blame = f"Stage {peer} has probably died or stalled"
         if lost not in (None, peer):  # the peer gave up first, because it had lost another stage
             blame = (f"Stage {peer} stopped because it lost stage {lost}, which has probably died "
                      "or stalled")
-        return PeerLost(f"rank {self.rank} (stage {self.rank}) failed {doing} stage {peer}: "
-                        f"{short_cause(error)}. {blame} longer than --timeout_s="
+        return PeerLost(f"{doing}: {short_cause(error)}. {blame} longer than --timeout_s="
                         f"{self.timeout_s:g}; see its log")
 
     # ---- small collectives (control values every rank must agree on) ----
@@ -158,6 +162,9 @@ class DistContext:
             call()
         except RuntimeError as error:
             silent = self._report_down(None)
+            if self._failed:
+                raise PeerLost(f"rank {self.rank} (stage {self.rank}) stopped: "
+                               f"{stopped_with_its_own_error(self._failed[0])}") from None
             named = ""
             if silent:
                 stages = ", ".join(str(r) for r in silent)
@@ -186,16 +193,18 @@ class DistContext:
             store.set(f"{DOWN_KEY}{self.rank}", "" if peer is None else str(peer))
             lost = self._follow_chain(store, peer) if peer is not None else \
                 self._silent_ranks(store, time.monotonic() + wait_s)
+            self._failed = [r for r in range(self.world_size)
+                            if store.check([f"{FAILED_KEY}{r}"])]
             store.set(f"{DONE_KEY}{self.rank}", "")
         except (RuntimeError, ValueError):  # the store went down with its host
             return peer if peer is not None else []
         if self.rank == 0:
-            self._linger(store, time.monotonic() + wait_s)
+            linger(store, self.world_size, time.monotonic() + wait_s)
         return lost
 
     def _follow_chain(self, store, peer: int) -> int:
         lost, seen = peer, {self.rank, peer}
-        while store.check([f"{DOWN_KEY}{lost}"]):
+        while store.check([f"{DOWN_KEY}{lost}"]) and not store.check([f"{FAILED_KEY}{lost}"]):
             verdict = store.get(f"{DOWN_KEY}{lost}").decode()
             if not verdict or int(verdict) in seen:  # lost in a collective, or a cycle
                 break
@@ -205,23 +214,11 @@ class DistContext:
 
     def _silent_ranks(self, store, deadline: float) -> list:
         while True:
-            silent = [r for r in range(self.world_size)
-                      if r != self.rank and not store.check([f"{DOWN_KEY}{r}"])]
+            silent = [r for r in range(self.world_size) if r != self.rank and not
+                      store.check([f"{DOWN_KEY}{r}"]) and not store.check([f"{FAILED_KEY}{r}"])]
             if len(silent) <= 1 or time.monotonic() > deadline:
                 return silent
             time.sleep(0.1)
-
-    def _linger(self, store, deadline: float):
-        """Rank 0 may be the process that holds the store (torchrun's agent holds it, a plain
-        launch gives it to rank 0): it stays until every rank that reported has read its answer."""
-        try:
-            while time.monotonic() < deadline:
-                if all(store.check([f"{DONE_KEY}{r}"]) or not store.check([f"{DOWN_KEY}{r}"])
-                       for r in range(self.world_size)):
-                    return
-                time.sleep(0.05)
-        except RuntimeError:
-            pass
 
     def close(self):
         if self.distributed and dist.is_initialized():
@@ -274,7 +271,42 @@ def init_distributed(device=None, timeout_s: float = 300.0, expected_world_size=
     return DistContext(rank, world_size, local_rank, device, backend, timeout_s)
 
 
+def stopped_with_its_own_error(rank: int) -> str:
+    return (f"stage {rank} stopped with an error of its own (its error line comes first); this "
+            "stage stops with it")
+
+
+def linger(store, world_size: int, deadline: float):
+    """Rank 0 may be the process that holds the store (torchrun's agent holds it, a plain
+    launch gives it to rank 0): it stays until every rank that reported has read its answer."""
+    try:
+        while time.monotonic() < deadline:
+            if all(store.check([f"{DONE_KEY}{r}"]) or not store.check([f"{DOWN_KEY}{r}"])
+                   for r in range(world_size)):
+                return
+            time.sleep(0.05)
+    except RuntimeError:
+        pass
+
+
+def leave_after_own_error():
+    """A rank that stops with an error of its own (a BadInput) says so in the job's store, so the
+    stages that lose it name it as the one that failed instead of as a silent one. Under torchrun
+    the agent holds the store, which outlives us; in a plain launch rank 0 holds it and its
+    peers only notice it left once it has exited, so there rank 0's note dies with it."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=NAMING_WAIT_S))
+        store.set(f"{FAILED_KEY}{dist.get_rank()}", "")
+    except (RuntimeError, ValueError):
+        pass
+
+
 def report_and_exit(error: PeerLost, rank: int):
     """A lost peer ends this rank with its message (non-zero exit, no traceback)."""
+    from llama.cli import record_for_torchrun  # llama.cli imports nothing of torch's
     print(f"error: {error}", file=sys.stderr, flush=True)
+    record_for_torchrun(f"error: {error}")
     os._exit(3)  # the process group's threads may still wait on the dead peer; don't join them

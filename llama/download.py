@@ -296,11 +296,15 @@ def download(names: list, catalogue: dict, folder, base_url: Optional[str], forc
 
 def main(model="stories260K", data="alpaca_1k,alpaca_5000", folder="ckpts",
          data_folder="datasets", mirror=None, force=False):
-    """Download a model and its tokenizer into folder and Alpaca data into data_folder.
+    """Download a model and its tokenizer into --folder, and Alpaca data into --data_folder.
 
-    model, data: catalogue names, comma-separated, or 'none' to skip that part.
-    mirror: a base URL (http, https, file) or a folder laid out like shared/assets;
-    defaults to $LLAMA_MIRROR, else the public sources. force: fetch even files already present.
+    model: catalogue names of models, comma-separated, or none to skip the model
+    data: catalogue names of data sets, comma-separated, or none to skip the data
+    folder: where the model goes
+    data_folder: where the data sets go
+    mirror: a base URL (http, https, file) or a folder laid out like shared/assets (default:
+        $LLAMA_MIRROR, else the public sources)
+    force: fetch even files that are already present
     """
     base_url = mirror_base_url(mirror)
     model_names = parse_names(model, MODELS, "model")

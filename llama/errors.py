@@ -3,9 +3,6 @@
 Every check of user input raises BadInput with a message that names the file or value at fault
 and what to do about it. The command-line scripts print that message and exit non-zero.
 """
-import sys
-
-import fire
 
 
 class BadInput(Exception):
@@ -13,9 +10,8 @@ class BadInput(Exception):
 
 
 def run_cli(main):
-    """fire.Fire(main), but a BadInput ends the program with its message and exit status 2."""
-    try:
-        fire.Fire(main)
-    except BadInput as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    """Run a script's main (or {command: function}) from the command line: every flag checked
+    against the signature before any work, --help from the docstring, and a BadInput ends the
+    program with its message and exit status 2. See llama/cli.py."""
+    from llama.cli import run  # imported here: llama.cli itself imports BadInput from this module
+    run(main)

@@ -108,12 +108,20 @@ def embedding_table(ckpt_dir):
 def main(shape: str = "7B", ckpt_dir: str = None, n_stages: int = None, micro_batch_size: int = 4,
          seq_len: int = 512, n_virtual_tokens: int = 32, global_batch_size: int = 32,
          dtype: str = None):
-    """Print stage sizes, wire traffic, bubble and soft-prompt size for a model.
+    """Print who owns what and what crosses the wire for a model split into stages.
 
-    shape: 7B or 13B, used when no --ckpt_dir is given.
-    ckpt_dir: a checkpoint (Meta, Hugging Face, llama2.c .bin) or a split folder (its stages).
-    n_stages: pipeline stages (default: the split folder's own, else 4).
-    dtype: float16, bfloat16 or float32 (default: the checkpoint's own; float16 for a --shape).
+    Stage sizes, bytes sent per micro-batch, the bubble and the soft prompt's size: arithmetic
+    from the shape (and a split folder's split.json); no weights are read but one table.
+
+    shape: a known shape, 7B or 13B (used when no --ckpt_dir is given)
+    ckpt_dir: a checkpoint (Meta, Hugging Face, llama2.c .bin) or a split folder (its stages)
+    n_stages: how many pipeline stages (default: the split folder's own, else 4)
+    micro_batch_size: examples per micro-batch
+    seq_len: text tokens per example
+    n_virtual_tokens: length of the soft prompt
+    global_batch_size: examples per optimizer step
+    dtype: float16, bfloat16 or float32: the width of weights and activations (default: the
+        checkpoint's own; float16 for a --shape)
     """
     args, dtype, rows = stage_rows(ckpt_dir, n_stages, dtype, shape)
     n_stages, width = len(rows), BYTES[dtype]

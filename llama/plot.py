@@ -504,7 +504,13 @@ def losses_svg(records: list, title: str = None) -> str:
 
 
 def schedule(trace_path: str, out: str, title: str = None, step: int = None):
-    """Draw one step of a trace.json as an SVG timeline, one row per pipeline stage."""
+    """Draw one step of a trace.json as an SVG timeline, one row per pipeline stage.
+
+    trace_path: the trace.json written by ft_main.py --trace
+    out: the SVG file to write
+    title: the picture's title (default: from the trace's metadata)
+    step: the step to draw (default: the last traced step)
+    """
     trace = load_trace(trace_path)
     try:
         svg = schedule_svg(trace, title=title, step=step)
@@ -543,6 +549,10 @@ def losses(metrics_path: str, out: str, title: str = None):
     """Draw the train loss and the held-out loss of a metrics.jsonl as an SVG line chart.
 
     The held-out losses before and after training come from prompt.json beside it, if any.
+
+    metrics_path: the metrics.jsonl of a training run (ft_main.py's --out)
+    out: the SVG file to write
+    title: the chart's title (default: training loss)
     """
     records = read_metrics(metrics_path)
     records += held_out_from_prompt_json(metrics_path, records)

@@ -3,6 +3,7 @@ and no partial output: missing files, corrupt or tampered stages, wrong stage co
 tokenizer, over-long prompts, pickles that run code, strict keys, escaping file names.
 Run: python3 -m pytest -q tests/test_cli_errors.py
 """
+import inspect
 import json
 import os
 import re
@@ -15,11 +16,13 @@ import pytest
 import torch
 
 import example
+import example_ft
+import ft_main
 import split_model
 from launch import REPO, launch
 from llama import convert
 from llama.checkpoint import load_model, open_source, sha256_of, write_split
-from llama.errors import BadInput
+from llama.errors import BadInput, run_cli
 from llama.formats import save_meta
 
 
@@ -330,3 +333,184 @@ def test_scripts_exit_with_one_error_line_and_write_nothing(bin_path, split, met
             assert not must_not_exist.exists()
     assert not marker.exists()
     assert not any(p.name.startswith(".") and "tmp" in p.name for p in tmp_path.iterdir())
+
+
+# ---- the command line itself: checked against main's signature before any work ----
+
+def run_command(main, argv, monkeypatch, capsys):
+    """run_cli(main) as `script.py argv...`: (exit status, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["script.py", *argv])
+    try:
+        run_cli(main)
+        status = 0
+    except SystemExit as stop:
+        status = stop.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def one_error_line(status, err) -> str:
+    assert status == 2 and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """ft_main's training and example's start recorded instead of run."""
+    seen = []
+    monkeypatch.setattr(ft_main, "train", lambda cfg: seen.append(vars(cfg)))
+
+    def start_stage(*args):
+        seen.append(args)
+        raise BadInput("start_stage reached")
+    monkeypatch.setattr(example, "start_stage", start_stage)
+    return seen
+
+
+FT_REQUIRED = ["--ckpt_dir", "m", "--data", "d.json", "--out", "o"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max_steps", "30"], r"unknown flag --max_steps \(did you mean --steps\?\)"),
+    (["--max-steps=30"], r"unknown flag --max-steps \(did you mean --steps\?\)"),
+    (["--lr_shedule", "constant"], r"unknown flag --lr_shedule \(did you mean --lr_schedule\?\)"),
+    (["--norecompte"], r"unknown flag --norecompte \(did you mean --recompute\?\)"),
+    (["--zzzzzz", "1"], r"unknown flag --zzzzzz \(no flag is close to it\)"),
+    (["extra"], r"unexpected value 'extra' after --out: every value needs its --name"),
+    (["--steps", "3", "--steps", "5"], r"--steps is given twice \('3' and '5'\): keep one"),
+    (["--steps", "2.5"], r"--steps '2\.5' is not an integer"),
+    (["--lr", "fast"], r"--lr 'fast' is not a number"),
+    (["--recompute", "maybe"], r"--recompute 'maybe' is not True or False"),
+    (["--debug_overflow_steps", "[1, 'x']"], r"holds 'x', which is not an integer"),
+    (["--", "--trace"], r"--trace after '--' is not understood: only --help is"),
+])
+def test_ft_main_refuses_a_bad_command_line_before_any_work(argv, message, calls, monkeypatch,
+                                                             capsys):
+    line = one_error_line(*run_command(ft_main.main, FT_REQUIRED + argv, monkeypatch, capsys)[::2])
+    assert re.search(message, line), line
+    assert calls == []  # nothing trained
+
+
+def test_missing_required_flag_names_it_and_its_meaning(calls, monkeypatch, capsys):
+    status, _, err = run_command(ft_main.main, ["--ckpt_dir", "m", "--data", "d"], monkeypatch,
+                                 capsys)
+    assert re.search(r"^error: --out is required \(the folder for the prompt", one_error_line(
+        status, err))
+
+
+def test_flags_in_every_form_fire_accepts(calls, monkeypatch, capsys):
+    argv = ["m", "d.json", "--out=o", "--steps", "3", "--no-recompute", "--train_on_prompt",
+            "--nostrict", "--lr=-1", "--init-text", "2024", "--resume", "True", "--offload",
+            "optimizer,activations", "--tokenizer_path", "None", "--debug_overflow_steps", "2,4"]
+    status, _, err = run_command(ft_main.main, argv, monkeypatch, capsys)
+    assert status == 0, err
+    (cfg,) = calls
+    assert (cfg["ckpt_dir"], cfg["data"], cfg["out"], cfg["steps"]) == ("m", "d.json", "o", 3)
+    assert cfg["recompute"] is False and cfg["train_on_prompt"] is True and cfg["strict"] is False
+    assert cfg["lr"] == -1.0 and cfg["init_text"] == "2024" and cfg["resume"] is True
+    assert cfg["offload"] == "optimizer,activations" and cfg["tokenizer_path"] is None
+    assert cfg["debug_overflow_steps"] == (2, 4)
+
+
+@pytest.mark.parametrize("argv, prompts", [
+    (["--prompts", "2024"], ("2024",)),  # a text parameter keeps the text as typed
+    (["--prompts", "True"], ("True",)),
+    (["--prompts", "Hello, world"], ("Hello, world",)),  # fire made this two prompts
+    (["--prompts", '["a", "b"]'], ("a", "b")),
+    (["--prompts", " ".join(["word"] * 2500)], (" ".join(["word"] * 2500),)),  # fire: MemoryError
+])
+def test_example_prompts_are_texts_as_typed(argv, prompts):
+    from llama.cli import parse_command_line
+    assert parse_command_line(example.main, ["--ckpt_dir", "m", *argv], "example.py") == {
+        "ckpt_dir": "m", "prompts": prompts}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompts", '[["a"]]'], r"--prompts '\[\[\"a\"\]\]' holds \['a'\], which is not a text: "
+                               r"write one value or a list such as"),
+    (["--prompts", "[1, 2]"], r"holds 1, which is not a text"),
+    (["--prompts", '["a", "b"'], r"--prompts '\[\"a\", \"b\"' is not a list of quoted texts"),
+    (["--prompts", *["word"] * 2500], r"unexpected value 'word' after --prompts: every value "
+                                      r"needs its --name; several texts for --prompts go in one "
+                                      r"list: --prompts '\[\"first text\", \"second text\"\]'"),
+    (["--max_gen_len", "[3]"], r"--max_gen_len '\[3\]' is not an integer"),
+    (["--temprature", "0.5"], r"unknown flag --temprature \(did you mean --temperature\?\)"),
+])
+def test_example_refuses_values_of_the_wrong_type(argv, message, calls, monkeypatch, capsys):
+    status, _, err = run_command(example.main, ["--ckpt_dir", "m", *argv], monkeypatch, capsys)
+    line = one_error_line(status, err)
+    assert re.search(message, line), line
+    assert calls == []
+
+
+def test_a_misspelt_flag_stops_ft_main_before_it_reads_anything(model_bin, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "ft_main.py", "--ckpt_dir", str(model_bin), "--data",
+                           str(tmp_path / "absent.json"), "--out", str(out), "--max_steps", "30"],
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, text=True,
+                          capture_output=True, timeout=120)
+    assert one_error_line(proc.returncode, proc.stderr) == (
+        "error: unknown flag --max_steps (did you mean --steps?); python ft_main.py --help lists "
+        "the flags")
+    assert not out.exists()
+
+
+# ---- --help: what the script does, then every option with its type, default and meaning ----
+
+def script_mains():
+    from llama import distill, download, explain, plot
+    return {"example.py": example.main, "example_ft.py": example_ft.main,
+            "ft_main.py": ft_main.main, "split_model.py": split_model.main,
+            "convert": convert.main, "download": download.main, "explain": explain.main,
+            "plot schedule": plot.schedule, "plot losses": plot.losses,
+            "distill teach": distill.teach, "distill score": distill.score}
+
+
+FIRST_LINES = {"example.py": "Generate text", "example_ft.py": "Generate with a trained soft "
+               "prompt", "ft_main.py": "Train a soft prompt", "split_model.py": "Split a LLaMA "
+               "checkpoint", "convert": "Convert a checkpoint", "download": "Download a model",
+               "explain": "Print who owns what", "plot schedule": "Draw one step of a trace",
+               "plot losses": "Draw the train", "distill teach": "Sample stories",
+               "distill score": "Share of stories"}
+
+
+@pytest.mark.parametrize("name", list(FIRST_LINES))
+def test_help_says_what_the_script_does_and_every_option(name, monkeypatch, capsys):
+    main = script_mains()[name]
+    status, out, err = run_command(main, ["--help"], monkeypatch, capsys)
+    assert status == 0 and err == "", err
+    assert out.splitlines()[0].startswith(FIRST_LINES[name]), out
+    assert "INFO:" not in out and "Optional[" not in out and "..." not in out.replace(
+        "[TEXT, ...]", "").replace("[INT, ...]", "")
+    for param_name, param in inspect.signature(main).parameters.items():
+        block = re.search(rf"^  --{param_name} ([^\n]+?) \((required|default [^\n]*)\)\n"
+                          rf"((?:      \S[^\n]*\n?)+)", out, re.M)
+        assert block, f"{name}: --{param_name} without its type, default and meaning:\n{out}"
+        if param.default is not inspect.Parameter.empty:
+            assert block.group(2) == f"default {json.dumps(list(param.default)) if isinstance(param.default, tuple) else param.default}"
+
+
+def test_help_of_a_module_with_commands_and_after_fires_separator():
+    env = {**os.environ, "PYTHONPATH": REPO}
+    plot = subprocess.run([sys.executable, "-m", "llama.plot", "--help"], cwd=REPO, env=env,
+                          text=True, capture_output=True, timeout=120)
+    assert plot.returncode == 0 and plot.stderr == ""
+    assert plot.stdout.startswith("Draw a pipeline trace as an SVG timeline")
+    assert "usage: python -m llama.plot COMMAND [options]" in plot.stdout
+    assert re.search(r"^  schedule +Draw one step", plot.stdout, re.M)
+    split = subprocess.run([sys.executable, "split_model.py", "--", "--help"], cwd=REPO, env=env,
+                           text=True, capture_output=True, timeout=120)
+    assert split.returncode == 0 and split.stdout.startswith("Split a LLaMA checkpoint")
+    assert "usage: python split_model.py --ckpt_dir TEXT --n_stages INT [options]" in split.stdout
+
+
+def test_a_skipped_record_note_names_the_flag_as_typed(tmp_path):
+    from llama.data import load_records
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps([{"instruction": "a", "output": 1}, {"instruction": "b",
+                                                                     "output": "c"}]))
+    notes = []
+    load_records(path, strict=False, log=notes.append)
+    assert notes and notes[0].endswith("; pass --strict to refuse the file instead"), notes

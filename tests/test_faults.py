@@ -459,3 +459,31 @@ def test_stalled_peer_gives_an_error_within_the_timeout(splits, data, tmp_path):
     assert code == 3 and took < 30, f"rank 0 exited {code} after {took:.0f} s"
     line = error_line(rank_dir, 0)
     assert re.search(r"stage 1.*(longer than --timeout_s=5|did not report)", line), line
+
+
+# ---- (g) one rank stops with an error of its own: the cause first and once, and torchrun's
+#      summary quotes it ----
+
+def test_a_ranks_own_error_comes_first_once_and_is_torchruns_root_cause(splits, tmp_path):
+    """example_ft.py with a folder that holds no prompt under torchrun: only stage 0 reads it, so
+    stage 0 stops with a BadInput while stage 1 waits for it."""
+    argv = ["example_ft.py", "--ckpt_dir", str(splits / "pp2"), "--prompt", str(tmp_path),
+            "--max_gen_len", "2", "--timeout_s", "60"]
+    cause = (f"error: {tmp_path} holds no prompt.pt or adapter_config.json: pass the --out "
+             "folder of ft_main.py or a PEFT prompt-tuning folder")
+    neighbour = ("error: rank 1 (stage 1) stopped: stage 0 stopped with an error of its own (its "
+                 "error line comes first); this stage stops with it")
+    torchrun = start_torchrun(argv, 2, tmp_path / "torchrun.log")
+    try:
+        code = torchrun.wait(timeout=120)
+    finally:
+        end_session(torchrun)
+
+    log = (tmp_path / "torchrun.log").read_text()
+    assert code != 0
+    ours = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert ours == [cause, neighbour], log
+    assert "did not report" not in log
+    root_cause = log.split("Root Cause (first observed failure):")[1]
+    assert re.search(r"rank +: 0 .*\n.*exitcode +: 2 ", root_cause), log
+    assert f"traceback : {cause}\n" in root_cause, log
