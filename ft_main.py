@@ -4,9 +4,9 @@
     python ft_main.py --ckpt_dir ckpts/stories260K --data datasets/alpaca_data_1k.json --out runs/p
 The loop itself is llama/train.py; this file is only its command line.
 """
-from types import SimpleNamespace
 from typing import Union
 
+from llama.config import RunConfig
 from llama.data import ALPACA_PREAMBLE
 from llama.errors import run_cli
 from llama.train import train
@@ -83,9 +83,7 @@ def main(ckpt_dir: str, data: str, out: str, tokenizer_path: str = None,
     max_skipped_steps: stop when this many steps in a row overflow in float16
     debug_overflow_steps: steps whose loss is forced to overflow, to see the loss scaler at work
     """
-    if isinstance(debug_overflow_steps, int):
-        debug_overflow_steps = (debug_overflow_steps,)
-    train(SimpleNamespace(**locals()))
+    train(RunConfig(**locals()))
 
 
 if __name__ == "__main__":

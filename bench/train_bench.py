@@ -24,7 +24,7 @@ from llama.precision import LossScaler, ScaledAdamW, finish_step
 from llama.prompt import SoftPrompt, init_prompt_weight
 from llama.runtime import pick_dtype
 from llama.trace import Tracer, bubble_fraction, ideal_bubble_fraction, write_chrome_trace
-from llama.train import parse_offload
+from llama.config import parse_offload
 
 TABLE = ["impl", "n_stages", "schedule", "global_batch", "micro_batch", "recompute", "offload",
          "tokens_per_s", "step_time_s", "peak_mem_gib", "bubble_measured", "bubble_ideal"]

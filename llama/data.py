@@ -186,7 +186,7 @@ def format_prompt(record, template: str = "alpaca") -> str:
 
 
 # The token trained after the end of each text: the model's stop token, which generation stops
-# at. "auto" is resolved with the model itself (llama.train.model_stop_token) before tokenising.
+# at. "auto" is resolved with the model itself (model_stop_token below) before tokenising.
 END_TARGETS = ("auto", "eos", "bos", "none")
 
 
@@ -213,6 +213,37 @@ def tokenize_record(record, tokenizer, template: str, train_on_prompt: bool,
     ids = [tokenizer.bos_id] + prompt_ids + output_ids + end
     # Position 0 (BOS) is never predicted, so the earliest possible target is index 1.
     return ids, 1 if train_on_prompt else 1 + len(prompt_ids)
+
+
+STOP_PROBE_ROWS = 8  # rows of the data that model_stop_token asks the model about
+
+
+def model_stop_token(path, tokenizer, template: str, train_on_prompt: bool, max_len: int,
+                     micro_batch_size: int, mean_loss, log=print) -> str:
+    """"eos" or "bos": of the two tokens generation stops at, the one this model predicts more
+    after the end of the first rows of the data. LLaMA ends a text with EOS; llama2.c's story
+    models (stories260K) were trained on stories separated by BOS alone, never emit EOS, and
+    end a story with the BOS of the next one. mean_loss(micro_batches) runs the model (every
+    rank of a pipeline takes part) and returns the loss per target token."""
+    records, _ = load_records(path, strict=False, log=lambda line: None)
+    rows = []
+    for record in records[:STOP_PROBE_ROWS]:
+        ids, _ = tokenize_record(record, tokenizer, template, train_on_prompt, "none")
+        if len(ids) < max_len:
+            rows.append(ids)
+    if not rows:
+        return "eos"  # every row is cut at max_len, so none is trained with an end target
+    losses = {}
+    for name in ("eos", "bos"):
+        # the end token is the only target of each row: its mean -log p after the text
+        examples = [(ids + end_target_ids(tokenizer, name), len(ids)) for ids in rows]
+        losses[name] = mean_loss([make_micro_batch(examples[i:i + micro_batch_size], tokenizer.pad_id)
+                                  for i in range(0, len(examples), micro_batch_size)])
+    chosen = min(losses, key=losses.get)
+    log(f"end-of-text target: {chosen.upper()} (the model's stop token: after {len(rows)} rows "
+        f"of the data its -log p is {losses['eos']:.2f} for EOS, {losses['bos']:.2f} for BOS); "
+        "--eos_target eos, bos or none overrides")
+    return chosen
 
 
 class TokenizedDataset:

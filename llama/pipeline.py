@@ -176,6 +176,11 @@ class Stage:
         self.ctx.flush_sends()
         return (total if self.is_last else None), n_targets
 
+    def mean_loss(self, micro_batches, with_prompt: bool = True) -> float:
+        """The loss per target token over the batches, the same number on every rank."""
+        total, n_targets = self.eval_loss(micro_batches, with_prompt)
+        return self.ctx.all_reduce_max([total or 0.0])[0] / max(n_targets, 1)
+
     # ---- generation ----
 
     def start_generation(self, batch_size: int, length: int):

@@ -35,7 +35,7 @@ from llama.formats import (interleaved_to_rotate_half, meta_to_hf_name, save_hf_
 from llama.model import ModelArgs
 from llama.prompt import export_peft, load_prompt, save_prompt
 from llama.tokenizer import Tokenizer
-from llama.train import read_training_state
+from llama.resume import read_training_state
 
 CASES = 48  # per loader
 CASE_LIMIT_S = 10  # a case that takes longer is a failure: loaders must not loop on bad input

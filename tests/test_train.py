@@ -520,7 +520,7 @@ def test_out_holding_only_other_files_is_used_and_they_are_kept(model_bin, alpac
 HOLD_OUT = """
 import sys
 from pathlib import Path
-from llama.train import claim_out
+from llama.run_folder import claim_out
 with claim_out(Path(sys.argv[1]), resume=None, overwrite=False, log=print):
     print("holding", flush=True)
     sys.stdin.read()

@@ -1,0 +1,87 @@
+"""A training run's folder (--out): the files a run writes there, and the lock a run holds on it.
+
+One run at a time: rank 0 holds an flock on <out>/.lock for the run's life (the kernel drops it
+if the process dies, so a crashed run leaves nothing stuck). A folder that already holds a run's
+files is trained into again only with --resume or --overwrite; other files are never touched.
+"""
+import contextlib
+import os
+from pathlib import Path
+
+from llama.errors import BadInput
+
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.jsonl"
+# What a run writes into --out; a folder holding any of them is a used one. --overwrite deletes
+# the first two at the start (a new run would append to one and could resume from the other);
+# the prompt files are replaced, atomically, when the new run saves its prompt.
+RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE, "prompt.json", "prompt.pt", "peft")
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def claim_out(out: Path, resume, overwrite: bool, log):
+    """Hold --out for the run's life: one run at a time, and a used folder only with --resume
+    or --overwrite. Files that are not a run's (RUN_FILES) are never touched."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BadInput(f"--out {out} cannot be created ({error.strerror or error}): pick a "
+                       "writable folder") from None
+    lock = _lock_folder(out)
+    try:
+        found = [name for name in RUN_FILES if (out / name).exists()]
+        if found and not resume and not overwrite:
+            raise BadInput(f"--out {out} already holds a training run ({', '.join(found)}): pass "
+                           "--resume to continue it, --overwrite to replace it, or pick another "
+                           "--out")
+        if found and overwrite:
+            for name in (CHECKPOINT_FILE, METRICS_FILE):
+                (out / name).unlink(missing_ok=True)
+            log(f"--overwrite: replacing the run in {out} (other files there are kept)")
+        yield
+    finally:
+        _unlock_folder(out, lock)
+
+
+def _lock_folder(out: Path):
+    """An exclusive flock on <out>/.lock. The kernel drops it when the process ends, so a
+    crashed run never leaves the folder locked. None where flock does not exist (Windows) or
+    the file system refuses it: there, nothing stops a second run at the same time."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    path = out / LOCK_FILE
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise BadInput(f"--out {out} is not writable ({error.strerror or error}): pick a "
+                           "writable folder") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BadInput(f"--out {out} is in use by another training run (it holds the "
+                           "folder's lock): wait for it to end, or pick another --out") from None
+        except OSError:  # a file system without flock
+            os.close(fd)
+            return None
+        # The lock file may have been deleted by a run that just ended (_unlock_folder) after
+        # we opened it: then the lock we hold is on a file nobody else will look at; retry.
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _unlock_folder(out: Path, fd):
+    """Delete the lock file while still holding the lock, so a finished run leaves none."""
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        (out / LOCK_FILE).unlink()
+    os.close(fd)
