@@ -1,8 +1,10 @@
 """Convert any checkpoint this project reads (llama2.c .bin, Hugging Face, Meta, a split folder)
-to Meta's layout: params.json + consolidated.NN.pth (+ tokenizer.model when one is found).
+to Meta's layout: params.json + consolidated.NN.pth (+ tokenizer.model when one is found), and
+converted.json saying what it was converted from.
 
     python -m llama.convert --src ckpts/stories260K --dst ckpts/stories260K_meta [--n_shards 1]
 """
+import json
 import os
 import shutil
 from pathlib import Path
@@ -11,7 +13,13 @@ from llama.checkpoint import (DTYPES, find_tokenizer, is_split_dir, load_stage_t
                               open_source, read_split, refuse_unknown_tensors,
                               stage_tensor_names)
 from llama.errors import BadInput, run_cli
+from llama.files import atomic_write_text, check_output_folder
 from llama.formats import META_SHARD_DIM, save_meta
+
+# Written into every converted folder: --overwrite replaces only a folder that has it and
+# nothing but the files listed here (a Meta download of one's own has no marker).
+MARKER = "converted.json"
+CONVERTED_FILE_NAMES = r"converted\.json|params\.json|tokenizer\.model|consolidated\.\d+\.pth"
 
 
 def read_all_tensors(src):
@@ -54,19 +62,17 @@ def main(src: str, dst: str, n_shards: int = 1, dtype: str = "auto", overwrite: 
     if dtype != "auto" and dtype not in DTYPES:
         raise BadInput(f"--dtype {dtype!r} must be auto, float32, float16 or bfloat16")
     dst = Path(dst)
-    if dst.exists() and not dst.is_dir():
-        raise BadInput(f"--dst {dst} is a file: choose a folder name")
-    if dst.exists() and not (dst.is_dir() and not any(dst.iterdir())) and not overwrite:
-        raise BadInput(f"{dst} already exists and is not empty: pass --overwrite or choose "
-                       "another --dst")
-    args, tensors, what = read_all_tensors(src)
-    if dtype != "auto":
-        tensors = {name: t.to(DTYPES[dtype]) for name, t in tensors.items()}
-    check_shardable(tensors, n_shards)
     try:
         tokenizer = find_tokenizer(src)
     except BadInput:
         tokenizer = None
+    check_output_folder(dst, "--dst", "a folder that llama.convert wrote", MARKER,
+                        CONVERTED_FILE_NAMES, [src, tokenizer], overwrite)
+    args, tensors, what = read_all_tensors(src)
+    if dtype != "auto":
+        tensors = {name: t.to(DTYPES[dtype]) for name, t in tensors.items()}
+    check_shardable(tensors, n_shards)
+    if tokenizer is None:
         print(f"note: no tokenizer found beside {src}; copy tokenizer.model into {dst} yourself")
     # Written beside dst and renamed at the end: a failure leaves no half-converted folder.
     tmp_dir = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
@@ -75,6 +81,9 @@ def main(src: str, dst: str, n_shards: int = 1, dtype: str = "auto", overwrite: 
         save_meta(tensors, args, tmp_dir, n_shards)
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp_dir / "tokenizer.model")
+        marker = {"written_by": "llama.convert", "source": str(Path(src).resolve()),
+                  "source_format": what, "n_shards": n_shards, "dtype": dtype}
+        atomic_write_text(tmp_dir / MARKER, json.dumps(marker, indent=2))
         if dst.exists():
             shutil.rmtree(dst)
         os.replace(tmp_dir, dst)
