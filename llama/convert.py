@@ -74,6 +74,7 @@ def main(src: str, dst: str, n_shards: int = 1, dtype: str = "auto", overwrite: 
     check_shardable(tensors, n_shards)
     if tokenizer is None:
         print(f"note: no tokenizer found beside {src}; copy tokenizer.model into {dst} yourself")
+    dtype_name = str(next(iter(tensors.values())).dtype).replace("torch.", "")
     # Written beside dst and renamed at the end: a failure leaves no half-converted folder.
     tmp_dir = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -82,14 +83,13 @@ def main(src: str, dst: str, n_shards: int = 1, dtype: str = "auto", overwrite: 
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp_dir / "tokenizer.model")
         marker = {"written_by": "llama.convert", "source": str(Path(src).resolve()),
-                  "source_format": what, "n_shards": n_shards, "dtype": dtype}
+                  "source_format": what, "n_shards": n_shards, "dtype": dtype_name}
         atomic_write_text(tmp_dir / MARKER, json.dumps(marker, indent=2))
         if dst.exists():
             shutil.rmtree(dst)
         os.replace(tmp_dir, dst)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    dtype_name = str(next(iter(tensors.values())).dtype).replace("torch.", "")
     print(f"wrote {dst}: {what} as Meta layout, {n_shards} shard(s), {len(tensors)} tensors "
           f"({dtype_name})")
 
