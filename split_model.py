@@ -3,6 +3,7 @@
     python split_model.py --ckpt_dir ckpts/7B --n_stages 4        # writes ckpts/7B_pp4/
 Reads the Meta, llama2.c or Hugging Face layout; see llama/checkpoint.py for the output format.
 """
+import time
 from pathlib import Path
 
 from llama.checkpoint import find_tokenizer, open_source, write_split
@@ -30,10 +31,16 @@ def main(ckpt_dir: str, n_stages: int, out_dir: str = None, dtype: str = "auto",
         tokenizer_path = tokenizer_path or find_tokenizer(ckpt_dir)
     except BadInput:
         print(f"note: no tokenizer found beside {ckpt_dir}; pass --tokenizer_path to the scripts")
-    manifest = write_split(source, out_dir, n_stages, dtype, tokenizer_path, overwrite)
+    started = time.monotonic()
+
+    def log_with_time(line):  # a big model takes minutes per stage: show that it is moving
+        print(f"{line} ({time.monotonic() - started:.1f} s)", flush=True)
+
+    manifest = write_split(source, out_dir, n_stages, dtype, tokenizer_path, overwrite,
+                           log=log_with_time, reads=[ckpt_dir])
     total = sum(stage["bytes"] for stage in manifest["stages"])
     print(f"wrote {Path(out_dir)}: {n_stages} stages, {total / 2**20:.1f} MiB in all "
-          f"({manifest['dtype']})")
+          f"({manifest['dtype']}) in {time.monotonic() - started:.1f} s")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from llama.errors import BadInput
-from llama.files import atomic_torch_save, atomic_write_text, fsync_dir, sha256_of
+from llama.files import (atomic_torch_save, atomic_write_text, check_output_folder, fsync_dir,
+                         sha256_of)
 from llama.formats import (HFSource, Llama2cSource, MetaSource, TensorSource, model_args_from_dict,
                            read_json, safe_torch_load)
 from llama.model import ModelArgs, Transformer
@@ -116,16 +117,21 @@ def safe_child(folder: Path, name, what: str) -> Path:
     return folder / name
 
 
+# What a split folder holds: only these are ever replaced by --overwrite.
+SPLIT_FILE_NAMES = r"params\.json|split\.json|tokenizer\.model|stage\.\d+\.pth"
+
+
 def write_split(source: TensorSource, out_dir, n_stages: int, dtype: str = "auto",
-                tokenizer_path=None, overwrite: bool = False, log=print):
+                tokenizer_path=None, overwrite: bool = False, log=print, reads=()):
     """Write out_dir/{params.json, split.json, stage.NN.pth, tokenizer.model}, atomically as a folder.
 
     One stage's tensors are in memory at a time, each cloned so a file never carries the bytes
-    of a bigger tensor it was a view of.
+    of a bigger tensor it was a view of. An existing out_dir is replaced only when it is a split
+    (with overwrite) and holds none of `reads` (the checkpoint's path) nor the tokenizer.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise BadInput(f"{out_dir} already exists: pass --overwrite or choose another --out_dir")
+    check_output_folder(out_dir, "--out_dir", "a split folder that split_model.py wrote",
+                        "split.json", SPLIT_FILE_NAMES, [*reads, tokenizer_path], overwrite)
     target_dtype = None if dtype == "auto" else dtype_named(dtype)
     plan = stage_plan(source.args, n_stages)
     refuse_unknown_tensors(source, source.description.get("path", "the checkpoint"))

@@ -1,8 +1,10 @@
 """Convert any checkpoint this project reads (llama2.c .bin, Hugging Face, Meta, a split folder)
-to Meta's layout: params.json + consolidated.NN.pth (+ tokenizer.model when one is found).
+to Meta's layout: params.json + consolidated.NN.pth (+ tokenizer.model when one is found), and
+converted.json saying what it was converted from.
 
     python -m llama.convert --src ckpts/stories260K --dst ckpts/stories260K_meta [--n_shards 1]
 """
+import json
 import os
 import shutil
 from pathlib import Path
@@ -11,8 +13,14 @@ from llama.checkpoint import (find_tokenizer, is_split_dir, load_stage_tensors,
                               open_source, read_split, refuse_unknown_tensors,
                               stage_tensor_names)
 from llama.errors import BadInput, run_cli
+from llama.files import atomic_write_text, check_output_folder
 from llama.formats import META_SHARD_DIM, save_meta
 from llama.precision import dtype_named
+
+# Written into every converted folder: --overwrite replaces only a folder that has it and
+# nothing but the files listed here (a Meta download of one's own has no marker).
+MARKER = "converted.json"
+CONVERTED_FILE_NAMES = r"converted\.json|params\.json|tokenizer\.model|consolidated\.\d+\.pth"
 
 
 def read_all_tensors(src):
@@ -60,20 +68,19 @@ def main(src: str, dst: str, n_shards: int = 1, dtype: str = "auto", overwrite: 
         raise BadInput(f"--n_shards={n_shards!r} must be a positive integer")
     target_dtype = None if dtype == "auto" else dtype_named(dtype)
     dst = Path(dst)
-    if dst.exists() and not dst.is_dir():
-        raise BadInput(f"--dst {dst} is a file: choose a folder name")
-    if dst.exists() and not (dst.is_dir() and not any(dst.iterdir())) and not overwrite:
-        raise BadInput(f"{dst} already exists and is not empty: pass --overwrite or choose "
-                       "another --dst")
-    args, tensors, what = read_all_tensors(src)
-    if target_dtype is not None:
-        tensors = {name: t.to(target_dtype) for name, t in tensors.items()}
-    check_shardable(tensors, n_shards)
     try:
         tokenizer = find_tokenizer(src)
     except BadInput:
         tokenizer = None
+    check_output_folder(dst, "--dst", "a folder that llama.convert wrote", MARKER,
+                        CONVERTED_FILE_NAMES, [src, tokenizer], overwrite)
+    args, tensors, what = read_all_tensors(src)
+    if target_dtype is not None:
+        tensors = {name: t.to(target_dtype) for name, t in tensors.items()}
+    check_shardable(tensors, n_shards)
+    if tokenizer is None:
         print(f"note: no tokenizer found beside {src}; copy tokenizer.model into {dst} yourself")
+    dtype_name = str(next(iter(tensors.values())).dtype).replace("torch.", "")
     # Written beside dst and renamed at the end: a failure leaves no half-converted folder.
     tmp_dir = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -81,12 +88,14 @@ def main(src: str, dst: str, n_shards: int = 1, dtype: str = "auto", overwrite: 
         save_meta(tensors, args, tmp_dir, n_shards)
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp_dir / "tokenizer.model")
+        marker = {"written_by": "llama.convert", "source": str(Path(src).resolve()),
+                  "source_format": what, "n_shards": n_shards, "dtype": dtype_name}
+        atomic_write_text(tmp_dir / MARKER, json.dumps(marker, indent=2))
         if dst.exists():
             shutil.rmtree(dst)
         os.replace(tmp_dir, dst)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    dtype_name = str(next(iter(tensors.values())).dtype).replace("torch.", "")
     print(f"wrote {dst}: {what} as Meta layout, {n_shards} shard(s), {len(tensors)} tensors "
           f"({dtype_name})")
 

@@ -252,7 +252,8 @@ def env_int(name: str, default: int) -> int:
 def init_distributed(device=None, timeout_s: float = 300.0, expected_world_size=None) -> DistContext:
     """Read torchrun's environment, pick device and backend, join the process group."""
     if not timeout_s or timeout_s <= 0:
-        raise BadInput(f"--timeout_s={timeout_s:g} must be a positive number of seconds")
+        shown = format(timeout_s, "g") if isinstance(timeout_s, (int, float)) else repr(timeout_s)
+        raise BadInput(f"--timeout_s={shown} must be a positive number of seconds")
     world_size = env_int("WORLD_SIZE", 1)
     rank, local_rank = env_int("RANK", 0), env_int("LOCAL_RANK", 0)
     if expected_world_size is not None and world_size not in (1, expected_world_size):

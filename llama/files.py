@@ -6,6 +6,7 @@ file or the new one.
 """
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -73,3 +74,42 @@ def sha256_of(path, chunk_bytes: int = 1 << 24) -> str:
         for chunk in iter(lambda: f.read(chunk_bytes), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# ---- folders a command replaces as a whole ----
+
+def check_output_folder(folder, flag: str, kind: str, marker: str, own_name, reads=(),
+                        overwrite: bool = False):
+    """Refuse, with one line naming the folder, to write `folder` over anything but our own output.
+
+    `folder` may be absent or empty. Otherwise it must be `kind` as this project writes it: its
+    `marker` file inside and nothing but files whose names match the regular expression
+    `own_name`, and --overwrite given. It is never replaced when it is, holds or lies inside one
+    of the paths in `reads`: the command is reading them while it writes.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise BadInput(f"{flag} {folder} is a file, not a folder: choose another {flag}")
+    where = folder.resolve()
+    for read in (Path(r).resolve() for r in reads if r):
+        if read == where or where in read.parents:
+            raise BadInput(f"{flag} {folder} holds {read}, which this command reads, so it is "
+                           f"never replaced: choose another {flag}")
+        if read in where.parents:
+            raise BadInput(f"{flag} {folder} lies inside {read}, which this command reads, so it "
+                           f"is never replaced: choose another {flag}")
+    names = sorted(p.name for p in folder.iterdir())
+    if not names:
+        return
+    if marker not in names:
+        raise BadInput(f"{folder} already exists and is not {kind} (it has no {marker}), so it "
+                       f"is never replaced: choose another {flag}")
+    foreign = [name for name in names if not re.fullmatch(own_name, name)]
+    if foreign:
+        raise BadInput(f"{folder} holds {foreign[0]}, which is not part of {kind}, so the folder "
+                       f"is never replaced: move it out or choose another {flag}")
+    if not overwrite:
+        raise BadInput(f"{folder} already exists ({kind}): pass --overwrite to replace it, or "
+                       f"choose another {flag}")

@@ -5,6 +5,7 @@ Run: python3 -m pytest -q tests/test_checkpoint.py
 """
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -189,6 +190,89 @@ def test_split_is_written_atomically(bin_path, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pp2"]
 
 
+def folder_contents(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def user_ckpts(bin_path, assets, tmp_path):
+    """A user's ckpts/ folder: a model beside its tokenizer, a prompt and a note of their own."""
+    ckpts = tmp_path / "ckpts"
+    (ckpts / "stories260K").mkdir(parents=True)
+    (ckpts / "stories260K" / "stories260K.bin").write_bytes(bin_path.read_bytes())
+    (ckpts / "stories260K" / "tokenizer.model").write_bytes(
+        (assets / "stories260K" / "tok512.model").read_bytes())
+    (ckpts / "prompts" / "alpaca").mkdir(parents=True)
+    (ckpts / "prompts" / "alpaca" / "prompt.pt").write_bytes(b"a prompt of the user's")
+    (ckpts / "notes.txt").write_text("mine")
+    return ckpts
+
+
+def test_overwrite_never_replaces_a_folder_that_holds_or_lies_in_the_source(user_ckpts):
+    model = user_ckpts / "stories260K"
+    (model / "old").mkdir()
+    before = folder_contents(user_ckpts)
+    for out_dir, relation in [(user_ckpts, "holds"), (model, "holds"),
+                              (model / "old", "lies inside")]:
+        message = rf"--out_dir {out_dir} {relation} \S+, which this command reads"
+        with pytest.raises(BadInput, match=message):
+            split_model.main(str(model), 2, out_dir=str(out_dir), overwrite=True)
+        with pytest.raises(BadInput, match=message.replace("out_dir", "dst")):
+            convert.main(str(model), str(out_dir), overwrite=True)
+    assert folder_contents(user_ckpts) == before
+    assert sorted(p.name for p in user_ckpts.parent.iterdir()) == ["ckpts"]  # no temp folder
+
+
+def test_overwrite_never_replaces_a_folder_of_other_files(user_ckpts, splits, tmp_path):
+    before = folder_contents(user_ckpts)
+    model = user_ckpts / "stories260K"
+    for overwrite in (False, True):
+        with pytest.raises(BadInput, match=r"prompts already exists and is not a split folder "
+                                           r"that split_model.py wrote \(it has no split\.json\), "
+                                           r"so it is never replaced: choose another --out_dir$"):
+            split_model.main(str(model), 2, out_dir=str(user_ckpts / "prompts"),
+                             overwrite=overwrite)
+    with pytest.raises(BadInput, match=r"--dst \S+notes\.txt is a file, not a folder"):
+        convert.main(str(model), str(user_ckpts / "notes.txt"), overwrite=True)
+    # A Meta folder the user made (no converted.json) is not convert's to replace.
+    meta = tmp_path / "meta"
+    convert.main(str(model), str(meta))
+    (meta / "converted.json").unlink()
+    with pytest.raises(BadInput, match=r"meta already exists and is not a folder that "
+                                       r"llama.convert wrote \(it has no converted\.json\)"):
+        convert.main(str(model), str(meta), overwrite=True)
+    # A split with a file of the user's in it: replacing it would lose that file.
+    split = tmp_path / "pp2"
+    write_split(open_source(model / "stories260K.bin"), split, 2, log=quiet)
+    (split / "prompts").mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(BadInput, match=r"pp2 holds prompts, which is not part of a split "
+                                           r"folder that split_model.py wrote, so the folder is "
+                                           r"never replaced: move it out or choose another"):
+            split_model.main(str(model), 3, out_dir=str(split), overwrite=overwrite)
+    assert folder_contents(user_ckpts) == before
+    assert read_split(split)[1]["n_stages"] == 2
+
+
+def test_overwrite_replaces_a_previous_split_and_conversion(user_ckpts, capsys):
+    model = user_ckpts / "stories260K"
+    split_model.main(str(model), 2, out_dir=str(user_ckpts / "pp"))
+    with pytest.raises(BadInput, match=r"pp already exists \(a split folder that split_model.py "
+                                       r"wrote\): pass --overwrite to replace it"):
+        split_model.main(str(model), 3, out_dir=str(user_ckpts / "pp"))
+    split_model.main(str(model), 3, out_dir=str(user_ckpts / "pp"), overwrite=True)
+    assert read_split(user_ckpts / "pp")[1]["n_stages"] == 3
+    # progress: a line per stage written, with the time so far
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(bool(re.fullmatch(r"stage \d: layers .* MiB \(\d+\.\d s\)", line))
+               for line in lines) == 2 + 3
+    convert.main(str(model), str(user_ckpts / "meta"), n_shards=2)
+    convert.main(str(model), str(user_ckpts / "meta"), overwrite=True)
+    marker = json.loads((user_ckpts / "meta" / "converted.json").read_text())
+    assert marker["written_by"] == "llama.convert" and marker["source"] == str(model.resolve())
+    assert sorted(p.name for p in (user_ckpts / "meta").glob("*.pth")) == ["consolidated.00.pth"]
+
+
 # ---- other layouts ----
 
 def test_meta_shards_cut_along_meta_dims_and_load_merged(all_tensors, tmp_path, tokens,
@@ -263,7 +347,8 @@ def test_convert_llama2c_to_meta_round_trip(bin_path, tmp_path, tokens, expected
     dst = tmp_path / "meta"
     convert.main(str(bin_path), str(dst), n_shards=2)
     assert sorted(p.name for p in dst.iterdir()) == \
-        ["consolidated.00.pth", "consolidated.01.pth", "params.json", "tokenizer.model"]
+        ["consolidated.00.pth", "consolidated.01.pth", "converted.json", "params.json",
+         "tokenizer.model"]
     assert max_diff(load_model(dst), tokens, expected_logits) <= 1e-5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["meta"]  # no temporary folder left
     with pytest.raises(BadInput, match="meta already exists.*--overwrite"):

@@ -297,7 +297,11 @@ def test_recompute_and_offload_give_the_plain_runs_losses(model_bin, alpaca_smal
     assert len(read_metrics(out)) == len(read_metrics(reference))
     for got, expected in zip(read_metrics(out), read_metrics(reference)):
         assert got["loss"] == pytest.approx(expected["loss"], rel=1e-6)
-        assert got.get("eval_loss") == pytest.approx(expected.get("eval_loss"), rel=1e-6)
+        # Held-out loss only on eval steps; pytest >= 9 refuses approx(None), so compare
+        # presence first, then the value.
+        assert ("eval_loss" in got) == ("eval_loss" in expected)
+        if "eval_loss" in expected:
+            assert got["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-6)
     torch.testing.assert_close(torch.load(out / "prompt.pt", weights_only=True),
                                torch.load(reference / "prompt.pt", weights_only=True))
 
