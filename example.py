@@ -39,7 +39,7 @@ def main(ckpt_dir: str, tokenizer_path: str = None, prompts: tuple[str, ...] = D
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         ids = [tokenizer.encode(p, bos=True, eos=False) for p in prompts]
         outputs = generate(Stage(model, ctx), ids, max_gen_len, temperature, top_p,
-                           stop_ids=(tokenizer.eos_id, tokenizer.bos_id), seed=seed,
+                           stop_ids=tokenizer.stop_ids, seed=seed,
                            progress_every_s=10.0 if ctx.rank == 0 else None)
         for prompt_ids, out in zip(ids, outputs):
             ctx.log(tokenizer.decode(prompt_ids + out) + "\n" + "-" * 40)

@@ -53,7 +53,7 @@ def main(ckpt_dir: str, prompt: str, tokenizer_path: str = None,
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
         ids = [tokenizer.encode(format_prompt({"instruction": t, "input": ""}, template),
                                 bos=True, eos=False) for t in texts]
-        stops = (tokenizer.eos_id, tokenizer.bos_id)
+        stops = tokenizer.stop_ids
         tuned = generate(stage, ids, max_gen_len, temperature, top_p, stops, seed)
         base = generate(stage, ids, max_gen_len, temperature, top_p, stops, seed,
                         use_prompt=False) if compare else None

@@ -20,7 +20,7 @@ step "3. generate through a 2-process pipeline"
 run2 example.py --ckpt_dir ckpts/stories260K_pp2 --max_gen_len 48
 
 step "4. teacher: stories written after a long hard prompt about a dog named Max"
-python -m llama.distill teach --ckpt_dir ckpts/stories260K_pp2 --out datasets/max_stories.jsonl --n_samples 1024
+python -m llama.tools.distill teach --ckpt_dir ckpts/stories260K_pp2 --out datasets/max_stories.jsonl --n_samples 1024
 
 step "5. train a 16-token soft prompt on them, without the hard prompt, through 2 stages"
 run2 ft_main.py --ckpt_dir ckpts/stories260K_pp2 --data datasets/max_stories.jsonl \
@@ -32,8 +32,8 @@ run2 ft_main.py --ckpt_dir ckpts/stories260K_pp2 --data datasets/max_stories.jso
 step "6. generate with and without the soft prompt"
 run2 example_ft.py --ckpt_dir ckpts/stories260K_pp2 --prompt runs/demo/prompt \
   --prompts "Once upon a time" --compare --max_gen_len 48
-python -m llama.distill score --ckpt_dir ckpts/stories260K_pp2 --prompt runs/demo/prompt --show 0
+python -m llama.tools.distill score --ckpt_dir ckpts/stories260K_pp2 --prompt runs/demo/prompt --show 0
 
 step "7. pictures: the pipeline schedule and the loss curve"
-python -m llama.plot schedule runs/demo/trace.json --out runs/demo/schedule.svg
-python -m llama.plot losses runs/demo/prompt/metrics.jsonl --out runs/demo/loss.svg
+python -m llama.tools.plot schedule runs/demo/trace.json --out runs/demo/schedule.svg
+python -m llama.tools.plot losses runs/demo/prompt/metrics.jsonl --out runs/demo/loss.svg

@@ -18,7 +18,7 @@ from llama.files import (atomic_torch_save, atomic_write_text, check_output_fold
 from llama.formats import (HFSource, Llama2cSource, MetaSource, TensorSource, model_args_from_dict,
                            read_json, safe_torch_load)
 from llama.model import ModelArgs, Transformer
-from llama.partition import balanced_ranges
+from llama.partition import balanced_ranges, describe_stage
 from llama.precision import dtype_named
 
 SPLIT_FORMAT = 1
@@ -153,8 +153,7 @@ def write_split(source: TensorSource, out_dir, n_stages: int, dtype: str = "auto
             size = (tmp_dir / file_name).stat().st_size
             stages.append({"file": file_name, "layers": list(layer_range), "embeddings": embeddings,
                            "head": head, "bytes": size, "sha256": sha256_of(tmp_dir / file_name)})
-            log(f"stage {index}: layers {layer_range[0]}..{layer_range[1] - 1}"
-                f"{' + embeddings' if embeddings else ''}{' + head' if head else ''}: "
+            log(f"stage {index}: {describe_stage(layer_range, embeddings, head)}: "
                 f"{size / 2**20:.1f} MiB")
             del tensors
         manifest = {"format": SPLIT_FORMAT, "n_stages": n_stages, "n_layers": source.args.n_layers,

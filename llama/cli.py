@@ -293,7 +293,7 @@ def commands_help(commands: dict, prog: str) -> str:
 
 
 def program_name() -> str:
-    """How the user started us: 'python -m llama.plot' or 'python ft_main.py'."""
+    """How the user started us: 'python -m llama.tools.plot' or 'python ft_main.py'."""
     spec = getattr(sys.modules["__main__"], "__spec__", None)
     if spec is not None and spec.name and spec.name != "__main__":
         return f"python -m {spec.name.removesuffix('.__main__')}"

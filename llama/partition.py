@@ -63,8 +63,8 @@ def balanced_ranges(args: ModelArgs, n_stages: int):
 
 def describe_stage(layer_range, embeddings: bool, head: bool) -> str:
     """'layers [3, 5) + head': what a stage holds, in split.json's terms (a half-open layer range,
-    the embeddings, the head = final norm + output projection). split_model.py and llama.explain
-    both print it, so the two outputs read the same."""
+    the embeddings, the head = final norm + output projection). split_model.py and
+    llama.tools.explain both print it, so the two outputs read the same."""
     first, end = layer_range
     return f"layers [{first}, {end})" + (" + embeddings" if embeddings else "") + \
         (" + head" if head else "")

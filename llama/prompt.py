@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llama.checkpoint import atomic_torch_save, atomic_write_text, params_digest
+from llama.checkpoint import params_digest
 from llama.errors import BadInput
-from llama.files import sha256_of
+from llama.files import atomic_torch_save, atomic_write_text, sha256_of
 from llama.formats import read_json, read_safetensor, read_safetensors_header, safe_torch_load
 
 INITS = ("text", "vocab", "random")

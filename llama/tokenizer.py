@@ -28,6 +28,9 @@ class Tokenizer:
         # LLaMA's tokenizer has no pad piece (pad_id() is -1); padding uses a value the loss and
         # attention never read, so any id works; EOS keeps embeddings lookups in range.
         self.pad_id = self.eos_id
+        # Generation stops at either: LLaMA ends a text with EOS, llama2.c's story models
+        # (stories260K) with the BOS of the next story.
+        self.stop_ids = (self.eos_id, self.bos_id)
 
     def encode(self, text: str, bos: bool, eos: bool) -> list:
         ids = self.sp.EncodeAsIds(text)

@@ -2,7 +2,7 @@
 
 Every rank keeps a Tracer; rank 0 gathers `tracer.events` from all ranks and calls
 write_chrome_trace. Open the file in ui.perfetto.dev or chrome://tracing, or draw it with
-`python -m llama.plot schedule trace.json --out schedule.svg`.
+`python -m llama.tools.plot schedule trace.json --out schedule.svg`.
 """
 import contextlib
 import json

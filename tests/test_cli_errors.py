@@ -358,9 +358,11 @@ def one_error_line(status, err) -> str:
 
 @pytest.fixture
 def calls(monkeypatch):
-    """ft_main's training and example's start recorded instead of run."""
+    """ft_main's training and example's start recorded instead of run (the parsed arguments as
+    given: RunConfig's own checks of their values are tested in test_train and test_fuzz)."""
     seen = []
-    monkeypatch.setattr(ft_main, "train", lambda cfg: seen.append(vars(cfg)))
+    monkeypatch.setattr(ft_main, "RunConfig", dict)
+    monkeypatch.setattr(ft_main, "train", seen.append)
 
     def start_stage(*args):
         seen.append(args)
@@ -460,7 +462,8 @@ def test_a_misspelt_flag_stops_ft_main_before_it_reads_anything(model_bin, tmp_p
 # ---- --help: what the script does, then every option with its type, default and meaning ----
 
 def script_mains():
-    from llama import distill, download, explain, plot
+    from llama import download
+    from llama.tools import distill, explain, plot
     return {"example.py": example.main, "example_ft.py": example_ft.main,
             "ft_main.py": ft_main.main, "split_model.py": split_model.main,
             "convert": convert.main, "download": download.main, "explain": explain.main,
@@ -494,11 +497,11 @@ def test_help_says_what_the_script_does_and_every_option(name, monkeypatch, caps
 
 def test_help_of_a_module_with_commands_and_after_fires_separator():
     env = {**os.environ, "PYTHONPATH": REPO}
-    plot = subprocess.run([sys.executable, "-m", "llama.plot", "--help"], cwd=REPO, env=env,
+    plot = subprocess.run([sys.executable, "-m", "llama.tools.plot", "--help"], cwd=REPO, env=env,
                           text=True, capture_output=True, timeout=120)
     assert plot.returncode == 0 and plot.stderr == ""
     assert plot.stdout.startswith("Draw a pipeline trace as an SVG timeline")
-    assert "usage: python -m llama.plot COMMAND [options]" in plot.stdout
+    assert "usage: python -m llama.tools.plot COMMAND [options]" in plot.stdout
     assert re.search(r"^  schedule +Draw one step", plot.stdout, re.M)
     split = subprocess.run([sys.executable, "split_model.py", "--", "--help"], cwd=REPO, env=env,
                            text=True, capture_output=True, timeout=120)

@@ -10,7 +10,7 @@ import re
 import pytest
 
 import ft_main
-from llama import distill
+from llama.tools import distill
 from llama.checkpoint import load_model
 from llama.distributed import DistContext
 from llama.pipeline import Stage

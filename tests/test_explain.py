@@ -1,9 +1,9 @@
-"""llama.explain against what split_model.py writes: the same layer ranges, names and bytes, in
+"""llama.tools.explain against what split_model.py writes: the same layer ranges, names and bytes, in
 the checkpoint's own precision. Run: python3 -m pytest -q tests/test_explain.py
 """
 import pytest
 
-from llama import explain
+from llama.tools import explain
 from llama.checkpoint import open_source, write_split
 from llama.errors import BadInput
 from llama.partition import describe_stage

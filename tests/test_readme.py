@@ -40,7 +40,7 @@ def test_every_readme_command_reads_only_what_an_earlier_one_wrote():
     for words in commands[1:]:
         script = next(w for w in words if w.endswith(".py") or w.startswith("llama."))
         reads = [flag(words, f) for f in ("--ckpt_dir", "--data", "--prompt", "--src")]
-        if script == "llama.plot":
+        if script == "llama.tools.plot":
             reads.append(words[words.index(script) + 2])  # plot KIND INPUT
         for path in filter(None, reads):
             assert any(path == w or path.startswith(w + "/") for w in written), \

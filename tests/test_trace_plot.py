@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from llama import plot, trace
+from llama import trace
+from llama.tools import plot
 from llama.errors import BadInput
 from llama.trace import Tracer, bubble_fraction, ideal_bubble_fraction, write_chrome_trace
 
@@ -215,7 +216,7 @@ def test_nice_axis_covers_the_range_with_round_ticks():
 
 
 def run_plot(*args):
-    return subprocess.run([sys.executable, "-m", "llama.plot", *map(str, args)], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "llama.tools.plot", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
 
 

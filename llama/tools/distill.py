@@ -1,7 +1,7 @@
 """Prompt distillation on a real model: the demo that shows what a soft prompt can hold.
 
-    python -m llama.distill teach --ckpt_dir ckpts/stories260K --out datasets/max_stories.jsonl
-    python -m llama.distill score --ckpt_dir ckpts/stories260K --prompt runs/demo/prompt
+    python -m llama.tools.distill teach --ckpt_dir ckpts/stories260K --out datasets/max_stories.jsonl
+    python -m llama.tools.distill score --ckpt_dir ckpts/stories260K --prompt runs/demo/prompt
 `teach` samples stories that start after a long hard prompt and keeps those that show its trait
 (a dog named Max) as plain-text JSONL, without the hard prompt; ft_main.py then trains a short
 soft prompt on them; `score` counts how many stories sampled from "Once upon a time" show the
@@ -11,9 +11,9 @@ import json
 import re
 from pathlib import Path
 
-from llama.checkpoint import atomic_write_text
 from llama.distributed import PeerLost, report_and_exit
 from llama.errors import BadInput, run_cli
+from llama.files import atomic_write_text
 from llama.generation import decode_continuation, generate
 from llama.pipeline import Stage
 from llama.prompt import SoftPrompt, load_prompt
@@ -37,7 +37,7 @@ def sample_stories(stage, tokenizer, prefix: str, n: int, max_gen_len: int, seed
     for first in range(0, n, batch_size):
         count = min(batch_size, n - first)
         outs = generate(stage, [ids] * count, max_gen_len, temperature=1.0, top_p=0.9,
-                        stop_ids=(tokenizer.eos_id, tokenizer.bos_id), seed=seed + first,
+                        stop_ids=tokenizer.stop_ids, seed=seed + first,
                         use_prompt=use_prompt)
         stories += [STORY_START + decode_continuation(tokenizer, ids, out) for out in outs]
     return stories

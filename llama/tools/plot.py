@@ -1,7 +1,7 @@
 """Draw a pipeline trace as an SVG timeline, or training losses as an SVG line chart, by hand.
 
-  python -m llama.plot schedule runs/x/trace.json --out docs/img/schedule.svg [--title T] [--step N]
-  python -m llama.plot losses runs/x/metrics.jsonl --out docs/img/loss.svg [--title T]
+  python -m llama.tools.plot schedule runs/x/trace.json --out docs/img/schedule.svg [--title T] [--step N]
+  python -m llama.tools.plot losses runs/x/metrics.jsonl --out docs/img/loss.svg [--title T]
 """
 import json
 import math

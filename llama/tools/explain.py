@@ -1,8 +1,8 @@
 """Print the numbers behind the docs for a model: who owns what, what crosses the wire.
 
-    python -m llama.explain --shape 7B --n_stages 4 --micro_batch_size 4 --seq_len 512
-    python -m llama.explain --ckpt_dir ckpts/stories260K --n_stages 2
-    python -m llama.explain --ckpt_dir ckpts/stories260K_pp2      # a split folder: its own stages
+    python -m llama.tools.explain --shape 7B --n_stages 4 --micro_batch_size 4 --seq_len 512
+    python -m llama.tools.explain --ckpt_dir ckpts/stories260K --n_stages 2
+    python -m llama.tools.explain --ckpt_dir ckpts/stories260K_pp2      # a split folder: its own stages
 Arithmetic from the shape; a checkpoint adds its real precision and embedding statistics, a split
 folder its stages and file sizes from split.json.
 """
