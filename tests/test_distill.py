@@ -7,7 +7,6 @@ Run: python3 -m pytest -q tests/test_distill.py
 import json
 import re
 
-import pytest
 
 import ft_main
 from llama.tools import distill

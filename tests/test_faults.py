@@ -23,7 +23,7 @@ import torch
 import ft_main
 import split_model
 from launch import REPO, free_port, launch, rank_env
-from llama import files, runlog, train
+from llama import files, runlog
 from llama.checkpoint import load_model, read_split
 from llama.errors import BadInput
 from llama.model import ModelArgs

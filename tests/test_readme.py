@@ -3,7 +3,6 @@ command reads is one that the download or an earlier command in the block writes
 (Running the block itself takes minutes; this reads it.) Run: python3 -m pytest -q tests/test_readme.py
 """
 import inspect
-import re
 import shlex
 from pathlib import Path
 
