@@ -4,7 +4,7 @@
     python -m bench.decode_bench --shape 7B --n_stages 4 --compare_single_stage
     python -m bench.decode_bench --shape tiny --gen_len 8      # CPU check that it still runs
 
-Eager only: the product has no CUDA-graph decode step yet (--cuda_graph is refused, not faked).
+Eager only: the product has no CUDA-graph decode step yet.
 One JSON line per batch size, then a short table.
 """
 import gc
@@ -118,16 +118,13 @@ def run_hf(args, dtype, device, batches, prompt_len, gen_len, repeats, bandwidth
 
 def main(shape: str = "tiny", n_stages: int = None, batch=(1, 8), prompt_len: int = 32,
          gen_len: int = 128, dtype: str = "auto", repeats: int = 3, copy_mib: int = None,
-         compare_hf: bool = False, compare_single_stage: bool = False, cuda_graph: bool = False,
+         compare_hf: bool = False, compare_single_stage: bool = False,
          device: str = None, seed: int = 0, timeout_s: float = 600.0):
     """Greedy decode tokens/s at each batch size (no early stop), with the model's bytes, the
     measured copy bandwidth (default 1 GiB copied on a GPU, 64 MiB on a CPU) and the share of
     the bandwidth limit. compare_hf: the same through transformers' generate (skipped, with a
     note, when not installed); compare_single_stage: after n stages, one process with the whole
     model, for the pipeline's loss."""
-    if cuda_graph:
-        raise BadInput("--cuda_graph: the product has no CUDA-graph decode step yet "
-                       "(llama.generation is eager); see docs/PERFORMANCE.md, 'left to do'")
     if n_stages is not None and (isinstance(n_stages, bool) or not isinstance(n_stages, int)
                                  or n_stages < 1):
         raise BadInput(f"--n_stages {n_stages!r} must be a positive integer")

@@ -66,15 +66,14 @@ class ScaledAdamW:
     """AdamW for one trainable tensor whose gradient arrives multiplied by the loss scale.
 
     The update runs on an fp32 master copy on `master_device` (the tensor's own device, or the
-    CPU with optimizer offload: offload.optimizer_device decides); with a separate master the
-    new value is copied back into the tensor after each step.
+    CPU with optimizer offload: offload.optimizer_device decides), which also holds AdamW's
+    moments; only the new value is copied back into the tensor after each step. One path for
+    both places, and the copy costs one tensor of the size of what trains.
     """
 
     def __init__(self, param, lr: float, weight_decay: float, betas, master_device):
         self.param = param
-        self.separate_master = torch.device(master_device) != param.device
-        self.master = nn.Parameter(param.detach().to(master_device, torch.float32).clone()) \
-            if self.separate_master else param
+        self.master = nn.Parameter(param.detach().to(master_device, torch.float32, copy=True))
         self.optimizer = torch.optim.AdamW([self.master], lr=lr, weight_decay=weight_decay,
                                            betas=tuple(betas))
 
@@ -95,9 +94,8 @@ class ScaledAdamW:
             group["lr"] = lr
         self.optimizer.step()
         self.master.grad = None
-        if self.separate_master:
-            with torch.no_grad():
-                self.param.copy_(self.master, non_blocking=True)
+        with torch.no_grad():
+            self.param.copy_(self.master, non_blocking=True)
         self.zero_grad()
         return norm
 
@@ -108,8 +106,7 @@ class ScaledAdamW:
         self.optimizer.load_state_dict(state["optimizer"])
         with torch.no_grad():
             self.master.copy_(state["master"])
-            if self.separate_master:
-                self.param.copy_(self.master)
+            self.param.copy_(self.master)
 
 
 def finish_step(scaler: LossScaler, optimizer, found_inf: bool, lr: float,

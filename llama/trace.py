@@ -53,19 +53,13 @@ class Tracer:
         return time.time_ns() / 1000
 
 
-def stage_name(stage: int, metadata: dict) -> str:
-    """The stage's display name, with its ranks when metadata["stage_ranks"] lists them."""
-    stage_ranks = metadata.get("stage_ranks")
-    if not stage_ranks or stage >= len(stage_ranks):
-        return f"stage {stage}"
-    ranks = list(stage_ranks[stage])
-    noun = "rank" if len(ranks) == 1 else "ranks"
-    return f"stage {stage} ({noun} {', '.join(str(rank) for rank in ranks)})"
+def stage_name(stage: int) -> str:
+    return f"stage {stage}"
 
 
 def _stage_name_events(n_stages: int, metadata: dict) -> list:
     named = [{"name": "process_name", "ph": "M", "pid": stage, "tid": 0,
-              "args": {"name": stage_name(stage, metadata)}} for stage in range(n_stages)]
+              "args": {"name": stage_name(stage)}} for stage in range(n_stages)]
     ordered = [{"name": "process_sort_index", "ph": "M", "pid": stage, "tid": 0,
                 "args": {"sort_index": stage}} for stage in range(n_stages)]
     return named + ordered
@@ -84,7 +78,7 @@ def _shifted_spans(events_per_stage: list) -> list:
 def write_chrome_trace(path: str, events_per_stage: list, metadata: dict):
     """Write events_per_stage[s] (stage s's Tracer.events) as one trace file, atomically.
 
-    metadata (e.g. n_stages, n_micro_batches, schedule, stage_ranks) is stored as the trace's
+    metadata (e.g. n_stages, n_micro_batches, schedule) is stored as the trace's
     "metadata"; n_stages defaults to the number of stages given.
     """
     trace = {"traceEvents": _stage_name_events(len(events_per_stage), metadata)

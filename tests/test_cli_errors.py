@@ -24,20 +24,11 @@ from llama import convert
 from llama.checkpoint import load_model, open_source, sha256_of, write_split
 from llama.errors import BadInput, run_cli
 from llama.formats import save_meta
+from payload import RunsCode
 
 
 def quiet(*_):
     pass
-
-
-class CreatesMarker:
-    """Unpickling this runs code: it opens (creates) the marker file."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +181,7 @@ def test_prompt_longer_than_max_seq_len(split, capsys):
 
 def test_the_crafted_pickle_really_runs_code_when_loaded_unsafely(tmp_path):
     marker = tmp_path / "marker"
-    torch.save({"w": CreatesMarker(marker)}, tmp_path / "evil.pth")
+    torch.save({"w": RunsCode(marker)}, tmp_path / "evil.pth")
     torch.load(tmp_path / "evil.pth", weights_only=False)
     assert marker.exists()  # so its absence below means the loader refused it
 
@@ -198,7 +189,7 @@ def test_the_crafted_pickle_really_runs_code_when_loaded_unsafely(tmp_path):
 def test_stage_file_that_needs_code_to_unpickle(split, tmp_path):
     marker = tmp_path / "marker"
     tensors = stage_tensors(split, 0)
-    tensors["layers.0.attention.wq.weight"] = CreatesMarker(marker)
+    tensors["layers.0.attention.wq.weight"] = RunsCode(marker)
     replace_stage_file(split, 0, tensors)
     with pytest.raises(BadInput, match=r"stage\.00\.pth needs code to unpickle and was refused"):
         load_model(split, stage=0, n_stages=2)
@@ -209,7 +200,7 @@ def test_stage_file_that_needs_code_to_unpickle(split, tmp_path):
 def test_meta_shard_that_needs_code_to_unpickle(meta_dir, tmp_path, zip_format):
     marker = tmp_path / "marker"
     shard = meta_dir / "consolidated.00.pth"
-    torch.save({"tok_embeddings.weight": CreatesMarker(marker)}, shard,
+    torch.save({"tok_embeddings.weight": RunsCode(marker)}, shard,
                _use_new_zipfile_serialization=zip_format)
     with pytest.raises(BadInput, match=r"consolidated\.00\.pth needs code to unpickle"):
         load_model(meta_dir)
@@ -296,7 +287,7 @@ def test_split_json_naming_a_file_outside_its_folder(split, name):
 def test_scripts_exit_with_one_error_line_and_write_nothing(bin_path, split, meta_dir, tmp_path):
     marker = tmp_path / "marker"
     evil_meta = shutil.copytree(meta_dir, tmp_path / "evil_meta")
-    torch.save({"tok_embeddings.weight": CreatesMarker(marker)}, evil_meta / "consolidated.00.pth")
+    torch.save({"tok_embeddings.weight": RunsCode(marker)}, evil_meta / "consolidated.00.pth")
     (meta_dir / "params.json").unlink()
     (split / "stage.01.pth").unlink()
     cases = [

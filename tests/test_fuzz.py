@@ -1,8 +1,11 @@
 """Fuzz and bad input: every loader, fed randomly damaged files (bit flips, truncation, random
 bytes, appended junk, wrong values; seeded, a bounded number of cases each, a time bound per
 case), either loads or stops with the project's own BadInput, never a raw error from inside
-torch, numpy or sentencepiece, never a hang. Then the bad inputs of docs/bad_inputs.md that no
-other test file covers, one by one, with the message the user sees.
+torch, numpy or sentencepiece, never a hang. Where the format itself detects a kind of damage
+(a sha256 recorded beside the file, a size its structure implies), that damage must be refused,
+not loaded: stage files and prompt.pt are refused for every flipped bit and every cut we try.
+Then the bad inputs of docs/bad_inputs.md that no other test file covers, one by one, with the
+message the user sees.
 Run: python3 -m pytest -q tests/test_fuzz.py
 """
 import contextlib
@@ -68,11 +71,17 @@ def time_limit(seconds):
         signal.signal(signal.SIGALRM, previous)
 
 
+DAMAGE = ("bit flip", "bit flips", "random bytes", "truncated", "junk appended")
+# Any cut of these formats is refused: a zip's directory sits at its end, a legacy torch file's
+# pickle names its storages' sizes, llama2.c's header and safetensors' offsets imply the size.
+CUT = ("truncated",)
+
+
 def damaged(data: bytes, rng: random.Random, focus: int = None):
     """(label, damaged bytes): flipped bits, bytes overwritten, cut short, or junk appended;
     `focus` keeps the changes within the first `focus` bytes (a header)."""
     span = min(len(data), focus or len(data))
-    kind = rng.choice(["bit flip", "bit flips", "random bytes", "truncated", "junk appended"])
+    kind = rng.choice(DAMAGE)
     out = bytearray(data)
     if kind == "bit flip":
         at = rng.randrange(span)
@@ -91,9 +100,10 @@ def damaged(data: bytes, rng: random.Random, focus: int = None):
     return kind, bytes(out)
 
 
-def fuzz(name, original: bytes, load, cases=CASES, focus=None, check=None):
+def fuzz(name, original: bytes, load, cases=CASES, focus=None, check=None, detects=()):
     """Feed `cases` damaged copies of `original` to load(bytes); collect what is neither a
-    success nor a BadInput. Returns (loaded, refused) counts."""
+    success nor a BadInput, and what loads although its kind of damage is one the format
+    `detects`. Returns (loaded, refused) counts."""
     rng = random.Random(f"fuzz {name}")
     failures, loaded, refused = [], 0, 0
     for case in range(cases):
@@ -105,6 +115,8 @@ def fuzz(name, original: bytes, load, cases=CASES, focus=None, check=None):
                 if check is not None:
                     check(result)
             loaded += 1
+            if kind in detects and data != original:  # two flips of one bit undo each other
+                failures.append(f"case {case} ({kind}): loaded; the format detects this damage")
         except BadInput as error:
             refused += 1
             assert str(error) and "\n" not in str(error), f"{name}: a message of several lines"
@@ -160,8 +172,49 @@ def test_fuzz_stage_file_as_recorded_in_split_json(split):
     def load(data):
         path.write_bytes(data)
         return load_model(split, stage=1, n_stages=2)
-    loaded, refused = fuzz("stage file, sha256 kept", original, load, cases=16)
+    loaded, refused = fuzz("stage file, sha256 kept", original, load, cases=16, detects=DAMAGE)
     assert loaded == 0 and refused == 16
+
+
+def sweep(original: bytes, places: int):
+    """(label, damaged bytes) for one flipped bit at each of `places` evenly spaced bytes (the
+    first and the last among them), and for a cut at each of `places` evenly spaced lengths."""
+    for at in sorted({round(i * (len(original) - 1) / (places - 1)) for i in range(places)}):
+        flipped = bytearray(original)
+        flipped[at] ^= 1 << (at % 8)
+        yield f"bit {at % 8} of byte {at} flipped", bytes(flipped)
+    for length in sorted({round(i * (len(original) - 1) / (places - 1)) for i in range(places)}):
+        yield f"cut to {length} bytes", original[:length]
+
+
+def loaded_despite_damage(original: bytes, load, places: int):
+    """The sweep's cases that load(bytes) accepted; each must raise BadInput instead."""
+    accepted = []
+    for label, data in sweep(original, places):
+        with contextlib.suppress(BadInput), time_limit(CASE_LIMIT_S):
+            load(data)
+            accepted.append(label)
+    return accepted
+
+
+def test_every_flipped_bit_and_cut_of_a_stage_file_is_refused(split):
+    path = split / "stage.01.pth"
+    original = path.read_bytes()
+
+    def load(data):
+        path.write_bytes(data)
+        return load_model(split, stage=1, n_stages=2)
+    assert loaded_despite_damage(original, load, places=100) == []
+
+
+def test_every_flipped_bit_and_cut_of_prompt_pt_is_refused(prompt_dir, args):
+    path = prompt_dir / "prompt.pt"
+    original = path.read_bytes()
+
+    def load(data):
+        path.write_bytes(data)
+        return load_prompt(prompt_dir, args)
+    assert loaded_despite_damage(original, load, places=200) == []
 
 
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
@@ -175,7 +228,8 @@ def test_fuzz_stage_file_whose_damage_is_recorded(split, zip_format):
         path.write_bytes(data)
         set_manifest_sha256(split, 0)
         return load_model(split, stage=0, n_stages=2)
-    loaded, refused = fuzz(f"stage file ({'zip' if zip_format else 'legacy'})", original, load)
+    loaded, refused = fuzz(f"stage file ({'zip' if zip_format else 'legacy'})", original, load,
+                           detects=CUT)
     assert refused > 0
 
 
@@ -198,8 +252,8 @@ def test_fuzz_llama2c_bin(model_bin, tmp_path):
     def load(data):
         path.write_bytes(data)
         return load_model(path)
-    fuzz("llama2.c header", original, load, focus=28)
-    fuzz("llama2.c file", original, load, cases=16)
+    fuzz("llama2.c header", original, load, focus=28, detects=CUT + ("junk appended",))
+    fuzz("llama2.c file", original, load, cases=16, detects=CUT + ("junk appended",))
 
 
 @pytest.fixture
@@ -216,7 +270,7 @@ def test_fuzz_meta_shard_and_params_json(meta_dir):
     def load_shard(data):
         shard.write_bytes(data)
         return load_model(meta_dir)
-    fuzz("Meta shard", original_shard, load_shard)
+    fuzz("Meta shard", original_shard, load_shard, detects=CUT)
     shard.write_bytes(original_shard)
 
     def load_params(data):
@@ -262,8 +316,8 @@ def test_fuzz_hf_safetensors_and_config(tensors, args, tmp_path):
     def load(data):
         weights.write_bytes(data)
         return load_model(folder)
-    fuzz("safetensors header", original, load, focus=header_end)
-    fuzz("safetensors file", original, load, cases=16)
+    fuzz("safetensors header", original, load, focus=header_end, detects=CUT)
+    fuzz("safetensors file", original, load, cases=16, detects=CUT)
     weights.write_bytes(original)
 
     def load_config(data):
@@ -295,7 +349,7 @@ def test_fuzz_hf_pytorch_model_bin(tensors, args, tmp_path):
     def load(data):
         weights.write_bytes(data)
         return load_model(folder)
-    fuzz("pytorch_model.bin", weights.read_bytes(), load, cases=32)
+    fuzz("pytorch_model.bin", weights.read_bytes(), load, cases=32, detects=CUT)
 
 
 # ---- prompt checkpoints ----
@@ -315,14 +369,15 @@ def test_fuzz_prompt_pt_and_prompt_json(prompt_dir, args):
     def load_as_saved(data):  # prompt.json still records the sha256 of the original
         pt.write_bytes(data)
         return load_prompt(prompt_dir, args)
-    loaded, refused = fuzz("prompt.pt, sha256 kept", original_pt, load_as_saved, cases=16)
+    loaded, refused = fuzz("prompt.pt, sha256 kept", original_pt, load_as_saved, cases=16,
+                           detects=DAMAGE)
     assert loaded == 0
 
     def load_recorded(data):  # prompt.json records the damaged file: torch's reader meets it
         pt.write_bytes(data)
         info.write_text(json.dumps({**json.loads(original_info), "prompt_sha256": sha256_of(pt)}))
         return load_prompt(prompt_dir, args)
-    fuzz("prompt.pt", original_pt, load_recorded)
+    fuzz("prompt.pt", original_pt, load_recorded, detects=CUT)
     pt.write_bytes(original_pt)
 
     def load_info(data):
@@ -340,7 +395,7 @@ def test_fuzz_peft_adapter(prompt_dir, args):
         def load(data):
             path.write_bytes(data)
             return load_prompt(peft, args)
-        fuzz(name, original, load, cases=32)
+        fuzz(name, original, load, cases=32, detects=CUT if name.endswith(".bin") else ())
         path.write_bytes(original)
     # the safetensors layout of the same adapter
     weight = torch.load(peft / "adapter_model.bin", weights_only=True)["prompt_embeddings"]
@@ -353,7 +408,8 @@ def test_fuzz_peft_adapter(prompt_dir, args):
     def load_safetensors(data):
         path.write_bytes(data)
         return load_prompt(peft, args)
-    fuzz("adapter_model.safetensors", original, load_safetensors, focus=8 + len(header))
+    fuzz("adapter_model.safetensors", original, load_safetensors, focus=8 + len(header),
+         detects=CUT)
 
 
 def test_fuzz_training_checkpoint(model_bin, assets, tmp_path):
@@ -370,7 +426,7 @@ def test_fuzz_training_checkpoint(model_bin, assets, tmp_path):
     def load(data):
         path.write_bytes(data)
         return read_training_state(path, identity, digest)
-    fuzz("checkpoint.pt", path.read_bytes(), load)
+    fuzz("checkpoint.pt", path.read_bytes(), load, detects=CUT)
 
 
 # ---- tokenizer.model ----

@@ -4,7 +4,8 @@ downloads come only from the base URL, checked and bounded.
 - every torch.load in the repository uses weights_only=True (read from the source itself);
 - a pickle that would run code is refused by every loader of .pth/.pt/.bin files (Hugging Face
   pytorch_model.bin, prompt.pt, adapter_model.bin, checkpoint.pt for --resume; stage files and
-  Meta shards are in test_cli_errors.py), and a marker file proves that nothing ran;
+  Meta shards are in test_cli_errors.py, which also proves that the payload runs when loaded
+  unsafely), and a marker file proves that nothing ran;
 - the paths a prompt folder's JSON files mention are never opened (split.json's names are
   checked in test_cli_errors.py);
 - a redirect to another host is not followed, a server sending more than the expected size is
@@ -32,6 +33,7 @@ from llama.checkpoint import load_model, sha256_of
 from llama.errors import BadInput
 from llama.formats import interleaved_to_rotate_half, meta_to_hf_name, save_hf_safetensors
 from llama.prompt import export_peft, load_prompt, save_prompt
+from payload import RunsCode
 
 pytestmark = pytest.mark.usefixtures("no_outside_settings")
 
@@ -106,23 +108,6 @@ def test_the_source_check_catches_unsafe_loads(tmp_path):
 
 
 # ---- pickles that would run code ----
-
-class RunsCode:
-    """Unpickling this executes Python code that creates the marker file."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (exec, (f"open({self.marker!r}, 'w').close()",))
-
-
-def test_the_payload_runs_code_when_loaded_unsafely(tmp_path):
-    marker = tmp_path / "marker"
-    torch.save({"w": [RunsCode(marker)]}, tmp_path / "evil.pt")
-    torch.load(tmp_path / "evil.pt", weights_only=False)
-    assert marker.exists()  # so its absence below means the loader refused it
-
 
 def hf_state_dict(source):
     state = {}

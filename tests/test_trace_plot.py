@@ -103,14 +103,6 @@ def test_write_chrome_trace_structure(tmp_path):
     assert os.listdir(tmp_path) == ["trace.json"]
 
 
-def test_stage_names_carry_ranks_when_given(tmp_path):
-    path = tmp_path / "trace.json"
-    write_chrome_trace(str(path), gpipe_two_stages(), {"stage_ranks": [[0], [1, 3]]})
-    names = [event["args"]["name"] for event in json.loads(path.read_text())["traceEvents"]
-             if event["name"] == "process_name"]
-    assert names == ["stage 0 (rank 0)", "stage 1 (ranks 1, 3)"]
-
-
 def test_bubble_fraction_of_a_known_gpipe_schedule():
     assert bubble_fraction(gpipe_two_stages()) == pytest.approx(1 / 3)
     assert bubble_fraction(gpipe_two_stages()) == pytest.approx(ideal_bubble_fraction(2, 2))

@@ -25,7 +25,10 @@ from llama.checkpoint import load_model
 from llama.data import load_dataset, make_micro_batch
 from llama.distributed import DistContext
 from llama.errors import BadInput
+from llama.model import rotary_tables
+from llama.offload import apply_recompute, apply_weight_streaming, optimizer_device
 from llama.pipeline import Stage
+from llama.precision import ScaledAdamW
 from llama.prompt import SoftPrompt, init_prompt_weight
 from llama.tokenizer import Tokenizer
 
@@ -286,10 +289,13 @@ def test_fp16_overflow_skips_the_step_on_every_stage_and_training_goes_on(
     assert prompt.dtype == torch.float32 and torch.isfinite(prompt).all()
 
 
-# ---- recompute and offload change nothing (float32, CPU) ----
+# ---- recompute and offload: each switch alone changes no loss, and moves what it claims ----
 
-@pytest.mark.parametrize("switch", [{"recompute": True},
-                                    {"offload": "optimizer,activations,weights"}])
+MEMORY_SWITCHES = {"recompute": {"recompute": True}, "activations": {"offload": "activations"},
+                   "optimizer": {"offload": "optimizer"}, "weights": {"offload": "weights"}}
+
+
+@pytest.mark.parametrize("switch", MEMORY_SWITCHES.values(), ids=MEMORY_SWITCHES.keys())
 def test_recompute_and_offload_give_the_plain_runs_losses(model_bin, alpaca_small, reference,
                                                           tmp_path, switch):
     out = tmp_path / "run"
@@ -304,6 +310,116 @@ def test_recompute_and_offload_give_the_plain_runs_losses(model_bin, alpaca_smal
             assert got["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-6)
     torch.testing.assert_close(torch.load(out / "prompt.pt", weights_only=True),
                                torch.load(reference / "prompt.pt", weights_only=True))
+
+
+def block_inputs_and_outputs(model, h):
+    """Run h through the model's blocks one by one: [(input, output)] per block."""
+    args = model.args
+    cos, sin = rotary_tables(args.head_dim, args.rope_theta, 0, h.shape[1], h.device)
+    steps = []
+    for block in model.layers.values():
+        out = block(h, cos, sin, 0)
+        steps.append((h, out))
+        h = out
+    return steps
+
+
+def count_saved_tensors(run):
+    """How many tensors autograd saves for the backward pass while run() goes forward."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        result = run()
+    return result, len(saved)
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["recompute", "activations"])
+def test_a_recomputed_block_keeps_only_its_input_and_offload_keeps_a_cpu_copy(model_bin, offload):
+    """The block's ctx (its grad_fn) holds the input and nothing autograd saved; with activation
+    offload the input it holds is its own copy in (pinned) CPU memory, not the block's input
+    tensor, which is free to go. The gradient is the plain model's."""
+    plain, model = load_model(model_bin), load_model(model_bin)
+    h = torch.randn(2, 12, plain.args.dim, generator=torch.Generator().manual_seed(0))
+    h_plain, h_recomputed = h.clone().requires_grad_(True), h.clone().requires_grad_(True)
+    plain_steps, plain_saved = count_saved_tensors(lambda: block_inputs_and_outputs(plain, h_plain))
+    assert plain_saved > 10 * len(plain_steps)  # what recompute exists to avoid
+    apply_recompute(model, offload_activations=offload)
+    steps, saved = count_saved_tensors(lambda: block_inputs_and_outputs(model, h_recomputed))
+    assert saved == 0
+    for block_input, out in steps:
+        kept = out.grad_fn.saved_input
+        assert not kept.requires_grad and torch.equal(kept, block_input)
+        assert kept.device == torch.device("cpu")
+        if offload:
+            assert kept.untyped_storage().data_ptr() != block_input.untyped_storage().data_ptr()
+            assert kept.is_pinned() == torch.cuda.is_available()
+        else:
+            assert kept.untyped_storage().data_ptr() == block_input.untyped_storage().data_ptr()
+    plain_steps[-1][1].square().sum().backward()
+    steps[-1][1].square().sum().backward()
+    assert all(not hasattr(out.grad_fn, "saved_input") for _, out in steps)  # freed in backward
+    torch.testing.assert_close(h_recomputed.grad, h_plain.grad, rtol=0, atol=0)
+
+
+def test_optimizer_offload_keeps_the_master_copy_and_adamw_state_apart_from_the_prompt():
+    """optimizer_device puts the optimizer on the CPU when the prompt lives elsewhere (a meta
+    tensor stands in for one on a GPU); ScaledAdamW then keeps its fp32 master copy, the
+    unscaled gradient and AdamW's moments there, apart from the prompt, and copies only the new
+    value back: the same value plain AdamW gives the prompt itself."""
+    on_gpu = torch.empty(4, 8, device="meta")
+    assert optimizer_device(on_gpu, offload=True) == torch.device("cpu")
+    assert optimizer_device(on_gpu, offload=False) == torch.device("meta")
+
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.nn.Parameter(torch.randn(4, 8, generator=generator))
+    expected = torch.nn.Parameter(prompt.detach().clone())
+    adamw = torch.optim.AdamW([expected], lr=0.1, weight_decay=0.01, betas=(0.9, 0.999))
+    optimizer = ScaledAdamW(prompt, 0.1, 0.01, (0.9, 0.999), torch.device("cpu"))
+    assert optimizer.master is not prompt
+    for _ in range(3):
+        grad = torch.randn(4, 8, generator=generator)
+        prompt.grad, expected.grad = grad * 1024.0, grad.clone()
+        optimizer.step(lr=0.1, loss_scale=1024.0, max_grad_norm=0.0)
+        adamw.step()
+        assert prompt.grad is None
+        moments = optimizer.optimizer.state[optimizer.master]
+        for tensor in (optimizer.master, moments["exp_avg"], moments["exp_avg_sq"]):
+            assert tensor.device == torch.device("cpu")
+            assert tensor.untyped_storage().data_ptr() != prompt.untyped_storage().data_ptr()
+        assert prompt not in optimizer.optimizer.state
+        torch.testing.assert_close(prompt.detach(), optimizer.master.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(prompt.detach(), expected.detach(), rtol=0, atol=0)
+
+
+def test_weight_streaming_holds_a_blocks_weights_only_while_it_runs(model_bin):
+    """Between uses every block's weights are empty; each block has them while it runs, in the
+    forward pass (in order) and its recompute in the backward pass (in reverse), and no other
+    block has any then. The gradient is the plain model's."""
+    plain, model = load_model(model_bin), load_model(model_bin)
+    apply_weight_streaming(apply_recompute(model), torch.device("cpu"))
+    blocks = [wrapper.block for wrapper in model.layers.values()]
+
+    def weights_held():
+        return [sum(p.numel() for p in block.parameters()) for block in blocks]
+    full = [sum(p.numel() for p in block.parameters()) for block in plain.layers.values()]
+    assert weights_held() == [0] * len(blocks)
+    assert model.tok_embeddings.weight.numel() > 0 and model.output.weight.numel() > 0
+    seen = []  # (block index, weights every block held while it ran)
+    for i, block in enumerate(blocks):
+        block.register_forward_pre_hook(lambda module, inputs, i=i: seen.append((i, weights_held())))
+
+    h = torch.randn(2, 12, plain.args.dim, generator=torch.Generator().manual_seed(0))
+    h_plain, h_streamed = h.clone().requires_grad_(True), h.clone().requires_grad_(True)
+    plain.run_layers(h_plain).square().sum().backward()
+    out = model.run_layers(h_streamed)
+    assert weights_held() == [0] * len(blocks)
+    out.square().sum().backward()
+    assert weights_held() == [0] * len(blocks)
+
+    order = list(range(len(blocks)))
+    assert [i for i, _ in seen] == order + order[::-1]
+    for i, held in seen:
+        assert held == [full[j] if j == i else 0 for j in order]
+    torch.testing.assert_close(h_streamed.grad, h_plain.grad, rtol=0, atol=0)
 
 
 # ---- bad input: a clear error naming the record or file, nothing lost ----

@@ -174,8 +174,7 @@ def stage_labels(trace: dict, n_stages: int) -> list:
              for event in trace["traceEvents"]
              if isinstance(event, dict) and event.get("ph") == "M"
              and event.get("name") == "process_name"}
-    metadata = trace.get("metadata") or {}
-    return [names.get(stage) or stage_name(stage, metadata) for stage in range(n_stages)]
+    return [names.get(stage) or stage_name(stage) for stage in range(n_stages)]
 
 
 def infer_micro_batches(per_stage: list) -> int:
