@@ -12,8 +12,8 @@ import re
 from pathlib import Path
 
 from llama.checkpoint import atomic_write_text
-from llama.distributed import PeerLost, report_and_exit
 from llama.errors import BadInput, run_cli
+from llama.faults import PeerLost, report_and_exit
 from llama.generation import decode_continuation, generate
 from llama.pipeline import Stage
 from llama.prompt import SoftPrompt, load_prompt

@@ -23,7 +23,7 @@ import torch
 import ft_main
 import split_model
 from launch import REPO, free_port, launch, rank_env
-from llama import files, train
+from llama import files, runlog
 from llama.checkpoint import load_model, read_split
 from llama.errors import BadInput
 from llama.model import ModelArgs
@@ -387,7 +387,7 @@ def test_full_disk_under_metrics_and_split_files(model_bin, splits, data, tmp_pa
     def open_metrics(path, mode="r", *args, **kwargs):
         return FullAfterTwoLines() if Path(path).name == "metrics.jsonl" and "a" in mode else \
             real_open(path, mode, *args, **kwargs)
-    monkeypatch.setattr(train, "open", open_metrics, raising=False)
+    monkeypatch.setattr(runlog, "open", open_metrics, raising=False)
     with pytest.raises(BadInput, match=r"could not write \S*metrics\.jsonl \(No space left on "
                                        r"device\) after step 3: free some space; the last "
                                        r"checkpoint is kept"):
