@@ -15,7 +15,6 @@ import os
 import re
 import sys
 import textwrap
-import time
 import typing
 from collections.abc import Sequence
 
@@ -330,28 +329,14 @@ def pick_command(commands: dict, argv, prog: str):
     return commands[name], argv[1:]
 
 
-def record_for_torchrun(message: str):
-    """Under torchrun, write this rank's error where its agent reads it (the file named by
-    TORCHELASTIC_ERROR_FILE, in the layout of torch.distributed.elastic's ErrorHandler), so
-    torchrun's summary quotes this one line as the root cause instead of a traceback."""
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path:
-        return
-    data = {"message": {"message": message, "extraInfo": {
-        "py_callstack": message, "timestamp": str(int(time.time()))}}}
-    try:
-        with open(path, "w") as file:
-            json.dump(data, file)
-    except OSError:
-        pass  # the summary then says less; the line itself is already on stderr
-
-
 def fail(message: str, status: int):
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    record_for_torchrun(f"error: {message}")
-    # Only a script that may have joined a process group has imported llama.distributed.
-    if "llama.distributed" in sys.modules and sys.modules["llama.distributed"].dist.is_initialized():
-        sys.modules["llama.distributed"].leave_after_own_error()
+    line = f"error: {message}"
+    print(line, file=sys.stderr, flush=True)
+    # A script that can run as a rank under torchrun has imported llama.faults (through
+    # llama.distributed): it writes the line for torchrun and tells the other ranks. The other
+    # scripts are spared torch's import time.
+    faults = sys.modules.get("llama.faults")
+    if faults is not None and faults.note_own_error(line):
         sys.stdout.flush()
         os._exit(status)  # the group's threads could hold up a normal exit (seen: 4 s, SIGTERM)
     sys.exit(status)

@@ -19,8 +19,8 @@ from llama.checkpoint import params_digest
 from llama.config import RunConfig
 from llama.data import (BatchLoader, eval_batches, load_dataset, model_stop_token,
                         split_dataset)
-from llama.distributed import PeerLost, report_and_exit
 from llama.errors import BadInput
+from llama.faults import PeerLost, report_and_exit
 from llama.offload import apply_recompute, apply_weight_streaming, optimizer_device
 from llama.pipeline import Stage
 from llama.precision import LossScaler, ScaledAdamW, finish_step

@@ -156,6 +156,20 @@ def test_torchrun_world_size_different_from_n_stages(split):
         assert "--nproc_per_node 2" in lines[0]
 
 
+@pytest.mark.parametrize("missing", ["MASTER_ADDR", "MASTER_PORT"])
+def test_ranks_started_without_torchrun(monkeypatch, missing):
+    """WORLD_SIZE set by hand, without the address of the job's store that torchrun gives."""
+    from llama.distributed import init_distributed
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.delenv(missing)
+    with pytest.raises(BadInput, match=r"^WORLD_SIZE=2 but MASTER_ADDR or MASTER_PORT is not set: "
+                                       r"start the ranks with torchrun"):
+        init_distributed(device="cpu", timeout_s=5)
+
+
 def test_split_asked_for_a_different_number_of_stages(split):
     with pytest.raises(BadInput, match=r"split into 2 stages but 3 were asked for"):
         load_model(split, stage=0, n_stages=3)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import fire
 
-from llama.distributed import PeerLost, init_distributed, report_and_exit
+from llama.distributed import init_distributed
+from llama.faults import PeerLost, report_and_exit
 
 
 def main(rank_dir, victim: int = 1, at: int = 20, how: str = "kill", timeout_s: float = 60):
