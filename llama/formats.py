@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from llama.errors import BadInput
-from llama.files import atomic_torch_save, atomic_write_bytes, atomic_write_text
+from llama.files import atomic_torch_save, atomic_write, atomic_write_text
 from llama.model import ModelArgs
 
 # Which dimension Meta's model-parallel shards cut: column-parallel layers split their output
@@ -483,27 +483,41 @@ class HFSource(TensorSource):
 
 
 def save_hf_safetensors(tensors: dict, args: ModelArgs, folder):
-    """Write the HF Llama layout (one model.safetensors, q/k permuted as HF expects)."""
+    """Write the HF Llama layout: one model.safetensors (q/k rows permuted for rotate-half, as
+    HF expects) and a config.json that transformers 4 (rope_theta at the top) and 5
+    (rope_parameters) read alike. Tensors are written one at a time, never joined in memory."""
     dtype_name = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-    header, blobs, offset = {}, [], 0
+    header, offset = {}, 0
     for name, tensor in tensors.items():
-        if name.endswith("attention.wq.weight"):
-            tensor = interleaved_to_rotate_half(tensor, args.n_heads)
-        elif name.endswith("attention.wk.weight"):
-            tensor = interleaved_to_rotate_half(tensor, args.n_kv_heads)
-        blob = tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
-        header[meta_to_hf_name(name)] = {"dtype": dtype_name[tensor.dtype], "shape": list(tensor.shape),
-                                    "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
+        size = tensor.numel() * tensor.element_size()
+        header[meta_to_hf_name(name)] = {"dtype": dtype_name[tensor.dtype],
+                                         "shape": list(tensor.shape),
+                                         "data_offsets": [offset, offset + size]}
+        offset += size
     head = json.dumps(header).encode()
+
+    def write(file):
+        file.write(struct.pack("<Q", len(head)) + head)
+        for name, tensor in tensors.items():
+            if name.endswith("attention.wq.weight"):
+                tensor = interleaved_to_rotate_half(tensor, args.n_heads)
+            elif name.endswith("attention.wk.weight"):
+                tensor = interleaved_to_rotate_half(tensor, args.n_kv_heads)
+            if tensor.numel():
+                file.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(folder / "model.safetensors", struct.pack("<Q", len(head)) + head + b"".join(blobs))
+    atomic_write(folder / "model.safetensors", write)
+    stored = str(next(iter(tensors.values())).dtype).replace("torch.", "")
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
               "intermediate_size": args.hidden_dim, "num_attention_heads": args.n_heads,
               "num_hidden_layers": args.n_layers, "num_key_value_heads": args.n_kv_heads,
+              "head_dim": args.head_dim, "hidden_act": "silu",
               "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps,
-              "rope_theta": args.rope_theta, "max_position_embeddings": args.max_seq_len,
-              "tie_word_embeddings": False}
+              "rope_theta": args.rope_theta,
+              "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+              "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": False,
+              "attention_bias": False, "mlp_bias": False,
+              "torch_dtype": stored, "dtype": stored}
     atomic_write_text(folder / "config.json", json.dumps(config, indent=2))
