@@ -168,6 +168,13 @@ class MetaSource(TensorSource):
         return torch.cat(parts, dim=META_SHARD_DIM[name.split(".")[-2]])
 
 
+def owns_its_storage(tensor) -> bool:
+    """torch.save writes a view's whole storage: only a tensor that is all of its storage (a
+    merged tensor, one loaded from its own file) is saved without a copy."""
+    return (tensor.is_contiguous() and tensor.storage_offset() == 0 and
+            tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size())
+
+
 def save_meta(tensors: dict, args: ModelArgs, folder, n_shards: int = 1):
     """Write the Meta layout, cutting each tensor along Meta's model-parallel dimension."""
     folder = Path(folder)
@@ -175,11 +182,9 @@ def save_meta(tensors: dict, args: ModelArgs, folder, n_shards: int = 1):
     for shard in range(n_shards):
         part = {}
         for name, tensor in tensors.items():
-            if tensor.dim() == 1:
-                part[name] = tensor.clone()
-            else:
-                dim = META_SHARD_DIM[name.split(".")[-2]]
-                part[name] = tensor.chunk(n_shards, dim=dim)[shard].clone()
+            if tensor.dim() > 1:
+                tensor = tensor.chunk(n_shards, dim=META_SHARD_DIM[name.split(".")[-2]])[shard]
+            part[name] = tensor if owns_its_storage(tensor) else tensor.clone()
         atomic_torch_save(part, folder / f"consolidated.{shard:02d}.pth")
     params = {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
                                              "multiple_of", "ffn_dim_multiplier", "norm_eps",

@@ -260,6 +260,9 @@ def test_sha256_list_checks_inputs_and_outputs_and_prints_in_its_format(model_bi
     (tmp_path / "other.txt").write_text(f"{good}  another.bin\n")
     with pytest.raises(BadInput, match="names none of the files read or written"):
         convert.main(str(model_bin), str(tmp_path / "none"), sha256=str(tmp_path / "other.txt"))
+    (tmp_path / "empty.md").write_text("# SHA256\n| Model | SHA256 |\n")
+    with pytest.raises(BadInput, match=r"empty\.md holds no 'hash  file' pair"):
+        convert.main(str(model_bin), str(tmp_path / "none"), sha256=str(tmp_path / "empty.md"))
     assert not (tmp_path / "none").exists()
 
 
@@ -271,7 +274,9 @@ def test_sha256_list_checks_inputs_and_outputs_and_prints_in_its_format(model_bi
     ({"r": 0}, r"adapter_config\.json: r=0 must be a positive integer"),
     ({"lora_alpha": -8}, r"adapter_config\.json: lora_alpha=-8 must be a positive number"),
     ({"peft_type": "PREFIX_TUNING"}, r"peft_type='PREFIX_TUNING' is not LoRA"),
-    ({"r": 2}, r"are not of rank r=2 as adapter_config\.json says"),
+    ({"r": 2}, r"lora: model\.layers\.0\.mlp\.down_proj\.lora_A\.weight \[4, 172\] and "
+               r"model\.layers\.0\.mlp\.down_proj\.lora_B\.weight \[64, 4\] are not of rank r=2 "
+               r"as adapter_config\.json says"),
     ({"modules_to_save": ["score"]}, r"modules_to_save names 'score'; only embed_tokens and "
                                      r"lm_head can be merged"),
 ])
@@ -319,4 +324,30 @@ def test_tokenizer_whose_size_differs_from_the_resized_vocabulary_is_refused(mod
     make_adapter(tmp_path / "half", args, tensors, seed=9, saved=only_embeddings)
     with pytest.raises(BadInput, match=r"embed_tokens has 600 rows but lm_head 512"):
         convert.main(str(model_bin), str(tmp_path / "merged"), lora=str(tmp_path / "half"))
+    assert not (tmp_path / "merged").exists()
+
+
+def test_adapter_files_that_cannot_be_merged_are_refused(model_bin, base, tmp_path):
+    args, tensors = base
+
+    def refused(folder, message):
+        with pytest.raises(BadInput, match=message):
+            convert.main(str(model_bin), str(tmp_path / "merged"), lora=str(folder))
+
+    make_adapter(tmp_path / "dora", args, tensors, seed=10, config_changes={"use_dora": True})
+    refused(tmp_path / "dora", r"use_dora=True \(DoRA's magnitude vectors\) is not merged here")
+    make_adapter(tmp_path / "bias", args, tensors, seed=10)
+    weights = tmp_path / "bias" / "adapter_model.safetensors"
+    write_safetensors({"base_model.model.model.layers.0.self_attn.q_proj.bias": torch.zeros(64),
+                       "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight":
+                           torch.zeros(4, 64)}, weights)
+    refused(tmp_path / "bias", r"'base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.bias' is "
+                               r"not a LoRA weight or a saved embed_tokens/lm_head")
+    write_safetensors({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight":
+                       torch.zeros(4, 64)}, weights)
+    refused(tmp_path / "bias", r"the LoRA weight of 'model\.layers\.0\.self_attn\.q_proj' has "
+                               r"lora_A without its other half")
+    weights.unlink()
+    refused(tmp_path / "bias", r"has neither adapter_model\.safetensors nor adapter_model\.bin")
+    refused(tmp_path / "nowhere", r"--lora \S+nowhere is not a folder")
     assert not (tmp_path / "merged").exists()
