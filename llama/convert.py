@@ -66,7 +66,8 @@ def check_shardable(tensors: dict, n_shards: int):
 def files_in(path) -> list:
     """The files a checkpoint or adapter path stands for: itself, or the files in the folder."""
     path = Path(path)
-    return sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else \
+        [path] if path.is_file() else []
 
 
 def merge_adapters(args, tensors: dict, lora_folders: list, target_dtype):
@@ -138,7 +139,8 @@ def main(src: str, dst: str, n_shards: int = 1, dtype: str = "auto", overwrite: 
         raise BadInput(f"--n_shards {n_shards} is for the Meta layout: --to hf writes one "
                        "model.safetensors, so leave --n_shards out")
     target_dtype = None if dtype == "auto" else dtype_named(dtype)
-    lora_folders = [Path(p.strip()) for p in (lora or "").split(",") if p.strip()]
+    lora_folders = [Path(str(p).strip()) for p in
+                    (lora.split(",") if isinstance(lora, str) else lora or []) if str(p).strip()]
     dst = Path(dst)
     try:
         base_tokenizer = find_tokenizer(src)
