@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from llama.errors import BadInput
-from llama.files import atomic_torch_save, atomic_write_bytes, atomic_write_text
+from llama.files import atomic_torch_save, atomic_write, atomic_write_text
 from llama.model import ModelArgs
 
 # Which dimension Meta's model-parallel shards cut: column-parallel layers split their output
@@ -168,6 +168,13 @@ class MetaSource(TensorSource):
         return torch.cat(parts, dim=META_SHARD_DIM[name.split(".")[-2]])
 
 
+def owns_its_storage(tensor) -> bool:
+    """torch.save writes a view's whole storage: only a tensor that is all of its storage (a
+    merged tensor, one loaded from its own file) is saved without a copy."""
+    return (tensor.is_contiguous() and tensor.storage_offset() == 0 and
+            tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size())
+
+
 def save_meta(tensors: dict, args: ModelArgs, folder, n_shards: int = 1):
     """Write the Meta layout, cutting each tensor along Meta's model-parallel dimension."""
     folder = Path(folder)
@@ -175,11 +182,9 @@ def save_meta(tensors: dict, args: ModelArgs, folder, n_shards: int = 1):
     for shard in range(n_shards):
         part = {}
         for name, tensor in tensors.items():
-            if tensor.dim() == 1:
-                part[name] = tensor.clone()
-            else:
-                dim = META_SHARD_DIM[name.split(".")[-2]]
-                part[name] = tensor.chunk(n_shards, dim=dim)[shard].clone()
+            if tensor.dim() > 1:
+                tensor = tensor.chunk(n_shards, dim=META_SHARD_DIM[name.split(".")[-2]])[shard]
+            part[name] = tensor if owns_its_storage(tensor) else tensor.clone()
         atomic_torch_save(part, folder / f"consolidated.{shard:02d}.pth")
     params = {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
                                              "multiple_of", "ffn_dim_multiplier", "norm_eps",
@@ -483,27 +488,41 @@ class HFSource(TensorSource):
 
 
 def save_hf_safetensors(tensors: dict, args: ModelArgs, folder):
-    """Write the HF Llama layout (one model.safetensors, q/k permuted as HF expects)."""
+    """Write the HF Llama layout: one model.safetensors (q/k rows permuted for rotate-half, as
+    HF expects) and a config.json that transformers 4 (rope_theta at the top) and 5
+    (rope_parameters) read alike. Tensors are written one at a time, never joined in memory."""
     dtype_name = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-    header, blobs, offset = {}, [], 0
+    header, offset = {}, 0
     for name, tensor in tensors.items():
-        if name.endswith("attention.wq.weight"):
-            tensor = interleaved_to_rotate_half(tensor, args.n_heads)
-        elif name.endswith("attention.wk.weight"):
-            tensor = interleaved_to_rotate_half(tensor, args.n_kv_heads)
-        blob = tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
-        header[meta_to_hf_name(name)] = {"dtype": dtype_name[tensor.dtype], "shape": list(tensor.shape),
-                                    "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
+        size = tensor.numel() * tensor.element_size()
+        header[meta_to_hf_name(name)] = {"dtype": dtype_name[tensor.dtype],
+                                         "shape": list(tensor.shape),
+                                         "data_offsets": [offset, offset + size]}
+        offset += size
     head = json.dumps(header).encode()
+
+    def write(file):
+        file.write(struct.pack("<Q", len(head)) + head)
+        for name, tensor in tensors.items():
+            if name.endswith("attention.wq.weight"):
+                tensor = interleaved_to_rotate_half(tensor, args.n_heads)
+            elif name.endswith("attention.wk.weight"):
+                tensor = interleaved_to_rotate_half(tensor, args.n_kv_heads)
+            if tensor.numel():
+                file.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(folder / "model.safetensors", struct.pack("<Q", len(head)) + head + b"".join(blobs))
+    atomic_write(folder / "model.safetensors", write)
+    stored = str(next(iter(tensors.values())).dtype).replace("torch.", "")
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
               "intermediate_size": args.hidden_dim, "num_attention_heads": args.n_heads,
               "num_hidden_layers": args.n_layers, "num_key_value_heads": args.n_kv_heads,
+              "head_dim": args.head_dim, "hidden_act": "silu",
               "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps,
-              "rope_theta": args.rope_theta, "max_position_embeddings": args.max_seq_len,
-              "tie_word_embeddings": False}
+              "rope_theta": args.rope_theta,
+              "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+              "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": False,
+              "attention_bias": False, "mlp_bias": False,
+              "torch_dtype": stored, "dtype": stored}
     atomic_write_text(folder / "config.json", json.dumps(config, indent=2))
