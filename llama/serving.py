@@ -192,7 +192,7 @@ class Service:
         self.api_key = api_key
         self.jobs = queue.Queue()
         self.down = None  # why the stages can serve no more (a lost stage)
-        self.stats = {"batches": 0, "rows": 0, "largest_batch": 0}
+        self.stats = {"batches": 0, "rows": 0, "largest_batch": 0, "cancelled": 0}
         self.created = int(time.time())
 
     def models(self) -> list:
@@ -291,6 +291,7 @@ class Service:
                 owner = {id(row): job for row, job in zip(rows, in_flight)}
                 run_batch(steps, rows, self.max_seq_len,
                           should_stop=lambda row: owner[id(row)].gone.is_set())
+                self.stats["cancelled"] += sum(row.finish == "cancelled" for row in rows)
                 in_flight = []
         except PeerLost as error:
             self.down = str(error)
