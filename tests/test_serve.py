@@ -6,7 +6,7 @@ and a lost stage (503, non-zero exit). Run: python -m pytest -q tests/test_serve
 """
 import http.client
 import json
-import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +22,7 @@ from launch import REPO, rank_env, free_port
 from llama.batching import MixedPromptStage, PromptBank, Steps
 from llama.checkpoint import load_model
 from llama.distributed import DistContext
+from llama.errors import BadInput
 from llama.generation import decode_continuation, generate
 from llama.pipeline import Stage
 from llama.prompt import SoftPrompt, load_prompt, save_prompt
@@ -294,3 +295,22 @@ def test_sigterm_stops_the_server_cleanly(model_bin, tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"prompts": "a=x,a=y"}, "--prompts names 'a' twice"),
+    ({"max_batch": 0}, "--max_batch=0 must be at least 1"),
+])
+def test_serve_refuses_bad_settings_before_any_work(model_bin, flags, message):
+    import serve
+    with pytest.raises(BadInput, match=re.escape(message)):
+        serve.main(str(model_bin), **flags)
+
+
+def test_serve_command_line_refusals(model_bin):
+    done = subprocess.run([sys.executable, "serve.py", "--ckpt_dir", str(model_bin), "--prompts",
+                           "runs/x"], cwd=REPO, env=rank_env(0, 1, free_port()),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == ["error: --prompts item 'runs/x' must be NAME=FOLDER (for "
+                                        "example alpaca=runs/alpaca/prompt)"]
