@@ -56,7 +56,10 @@ def prompt_folders(model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(model, tokenizer, prompt_folders):
+def server(model_bin, tokenizer, prompt_folders):
+    # A model of its own: the server's thread sets up and clears KV caches on it while the
+    # tests run reference generations on theirs.
+    model = load_model(model_bin)
     weights = {n: load_prompt(f, model.args)[0] for n, f in prompt_folders.items()}
     bank = PromptBank(model.args.vocab_size, model.args.dim, weights)
     service = Service(tokenizer, bank, {n: "none" for n in weights}, "base", model.args.max_seq_len,
