@@ -96,6 +96,11 @@ class KVCache:
         self.values[:B, start_pos:start_pos + T] = values
         return self.keys[:B, :start_pos + T], self.values[:B, :start_pos + T]
 
+    def keep_rows(self, rows):
+        """Keep only the given batch rows (a list of indices), in that order."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.keys.device)
+        self.keys, self.values = self.keys[index], self.values[index]
+
 
 def causal_mask(n_queries: int, n_keys: int, device):
     """Boolean mask (T, S): query t, at position S - T + t, sees keys up to its own position."""
@@ -213,6 +218,11 @@ class Transformer(nn.Module):
         for block in self.layers.values():
             block.attention.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads,
                                             self.args.head_dim, weight.dtype, weight.device)
+
+    def keep_cache_rows(self, rows):
+        """Drop the cache rows of sequences that have finished (rows: the indices kept)."""
+        for block in self.layers.values():
+            block.attention.cache.keep_rows(rows)
 
     def clear_kv_cache(self):
         for block in self.layers.values():

@@ -1,0 +1,78 @@
+"""Requests/s and tokens/s of serve.py's server at several concurrencies, batched vs one at a time.
+
+    python -m bench.serve_bench --ckpt_dir ../shared/assets/stories260K/stories260K.bin
+
+An in-process server on 127.0.0.1 (port 0) with real HTTP clients (threads, http.client); every
+client sends its requests one after another. Prints one JSON line per configuration, then a table.
+"""
+import http.client
+import json
+import threading
+import time
+
+import fire
+import torch
+
+from llama.batching import MixedPromptStage, PromptBank, Steps
+from llama.checkpoint import find_tokenizer, load_model
+from llama.distributed import DistContext
+from llama.serving import Limits, Server, Service
+from llama.tokenizer import Tokenizer
+
+
+def client(port, n_requests, max_tokens, tokens):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    for i in range(n_requests):
+        body = {"model": "base" if i % 2 else "p", "prompt": "Once upon a time", "temperature": 0,
+                "max_tokens": max_tokens}
+        connection.request("POST", "/v1/completions", body=json.dumps(body))
+        answer = json.loads(connection.getresponse().read())
+        tokens.append(answer["usage"]["completion_tokens"])
+    connection.close()
+
+
+def measure(model, tokenizer, bank, concurrency, max_batch, requests_per_client, max_tokens):
+    service = Service(tokenizer, bank, {}, "base", model.args.max_seq_len,
+                      Limits(max_tokens=max_tokens, max_batch=max_batch, max_wait_ms=5))
+    server = Server(service, "127.0.0.1", 0)
+    runner = threading.Thread(target=server.run,
+                              args=(Steps(MixedPromptStage(model, DistContext(), bank)), 0.2))
+    runner.start()
+    tokens = []
+    threads = [threading.Thread(target=client, args=(server.port, requests_per_client, max_tokens,
+                                                     tokens)) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    server.stop()
+    runner.join()
+    return {"concurrency": concurrency, "max_batch": max_batch, "requests": len(tokens),
+            "requests_per_s": round(len(tokens) / elapsed, 2),
+            "tokens_per_s": round(sum(tokens) / elapsed, 1), "seconds": round(elapsed, 2),
+            "largest_batch": service.stats["largest_batch"], "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def main(ckpt_dir: str, concurrency=(1, 4, 16), requests_per_client: int = 4,
+         max_tokens: int = 32, threads: int = 1):
+    torch.set_num_threads(threads)
+    model = load_model(ckpt_dir)
+    tokenizer = Tokenizer(find_tokenizer(ckpt_dir))
+    weight = torch.randn(8, model.args.dim) * float(model.tok_embeddings.weight.std())
+    bank = PromptBank(model.args.vocab_size, model.args.dim, {"p": weight})
+    measure(model, tokenizer, bank, 1, 1, 2, max_tokens)  # warm-up: first calls are slower
+    rows = []
+    for c in concurrency:
+        for max_batch in (c, 1):  # batched, then one request at a time
+            rows.append(measure(model, tokenizer, bank, c, max_batch, requests_per_client, max_tokens))
+            print(json.dumps(rows[-1]), flush=True)
+    print("\n| concurrency | max_batch | requests/s | tokens/s |\n| --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['concurrency']} | {r['max_batch']} | {r['requests_per_s']} | {r['tokens_per_s']} |")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

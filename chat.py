@@ -1,0 +1,68 @@
+"""Chat in the terminal through the pipeline, with a tuned soft prompt or the base model.
+
+    python chat.py --ckpt_dir ckpts/stories260K_pp2 --prompt runs/alpaca/prompt
+    torchrun --nproc_per_node 2 chat.py --ckpt_dir ckpts/stories260K_pp2
+"""
+from llama.batching import MixedPromptStage, PromptBank, Sampling
+from llama.chat import DEFAULT_TEMPLATE, run_chat
+from llama.data import format_prompt
+from llama.distributed import PeerLost, report_and_exit
+from llama.errors import BadInput, run_cli
+from llama.prompt import load_prompt
+from llama.runtime import start_stage
+
+
+def main(ckpt_dir: str, prompt: str = None, template: str = None, max_gen_len: int = 256,
+         temperature: float = 0.6, top_p: float = 0.9, seed: int = 0, tokenizer_path: str = None,
+         max_seq_len: int = None, device: str = None, dtype: str = None, timeout_s: float = 300.0):
+    """Chat in the terminal through the pipeline (rank 0 reads your lines, the reply streams).
+
+    The KV cache is kept across turns, so a turn only prefills its new text; when the history
+    outgrows max_seq_len the oldest turns are dropped with a note. /reset clears the history,
+    /exit or Ctrl+D quits, Ctrl+C stops the current reply.
+
+    ckpt_dir: the model: a split folder (split_model.py), a Meta folder, a llama2.c .bin or a
+        Hugging Face folder
+    prompt: a soft prompt's folder (ft_main.py's --out, or a PEFT prompt-tuning export); none
+        chats with the base model
+    template: alpaca, plain or none: how each of your lines is wrapped (default: the prompt's
+        own template, else plain)
+    max_gen_len: the most tokens of one reply
+    temperature: 0 picks the likeliest token (greedy); above 0 samples, with top-p
+    top_p: sampling keeps the likeliest tokens whose probabilities add up to top_p
+    seed: the random seed of sampling
+    tokenizer_path: the sentencepiece tokenizer.model (default: the one beside the checkpoint)
+    max_seq_len: the longest history in tokens, soft prompt included (default: the model's own)
+    device: cpu, cuda or cuda:N (default: this rank's GPU if there is one, else the CPU)
+    dtype: float32, float16 or bfloat16 for the weights (default: float16 on a GPU, float32 on
+        the CPU)
+    timeout_s: seconds to wait for another stage before giving up on it
+    """
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise BadInput(f"--temperature={temperature:g} must be >= 0 and --top_p={top_p:g} in (0, 1]")
+    ctx, model, tokenizer = start_stage(ckpt_dir, tokenizer_path, device, dtype, max_seq_len,
+                                        timeout_s)
+    try:
+        bank, info = None, {}
+        if ctx.is_first and prompt is not None:
+            weight, info = load_prompt(prompt, model.args)
+            bank = PromptBank(model.args.vocab_size, model.args.dim, {"prompt": weight})
+        template = template or info.get("template") or DEFAULT_TEMPLATE
+        format_prompt({"instruction": ""}, template)  # an unknown template is refused here
+        virtual_ids = bank.virtual_ids("prompt") if bank else []
+        if max_gen_len < 1 or len(virtual_ids) + 2 + max_gen_len > model.args.max_seq_len:
+            raise BadInput(f"--max_gen_len={max_gen_len} must be at least 1 and leave room in "
+                           f"max_seq_len={model.args.max_seq_len} for the soft prompt "
+                           f"({len(virtual_ids)} tokens) and a line: lower it")
+        banner = (f"chat with {ckpt_dir}" + (f" and the soft prompt {prompt}" if prompt else "")
+                  + f" (template {template})")
+        run_chat(MixedPromptStage(model, ctx, bank), tokenizer, template, virtual_ids,
+                 max_gen_len, Sampling(temperature, top_p, seed),
+                 heartbeat_s=min(2.0, timeout_s / 4), banner=banner)
+    except PeerLost as error:
+        report_and_exit(error, ctx.rank)
+    ctx.close()
+
+
+if __name__ == "__main__":
+    run_cli(main)

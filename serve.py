@@ -1,0 +1,94 @@
+"""Serve the model and any number of soft prompts over an OpenAI-compatible HTTP API.
+
+    python serve.py --ckpt_dir ckpts/stories260K_pp2 --prompts alpaca=runs/alpaca/prompt
+    torchrun --nproc_per_node 2 serve.py --ckpt_dir ckpts/stories260K_pp2 --port 8000
+"""
+import os
+import sys
+from pathlib import Path
+
+from llama.batching import MixedPromptStage, PromptBank
+from llama.distributed import PeerLost, report_and_exit
+from llama.errors import BadInput, run_cli
+from llama.prompt import load_prompt
+from llama.runtime import start_stage
+from llama.serving import Limits, Service, parse_served_prompts, run_server
+
+
+def main(ckpt_dir: str, prompts: str = "", host: str = "127.0.0.1", port: int = 8000,
+         api_key: str = None, max_batch: int = 8, max_wait_ms: float = 10.0,
+         max_tokens: int = 256, max_prompt_tokens: int = 0, max_body_bytes: int = 1 << 20,
+         base_name: str = None, tokenizer_path: str = None, max_seq_len: int = None,
+         device: str = None, dtype: str = None, timeout_s: float = 300.0, log: bool = False):
+    """Serve the model and soft prompts over HTTP: /v1/completions, /v1/chat/completions, /v1/models.
+
+    Rank 0 listens (standard library HTTP server); the other ranks follow. A request's "model"
+    picks the soft prompt (or the base model); concurrent requests run as one batch that may mix
+    prompts. See docs/serving.md.
+
+    ckpt_dir: the model: a split folder (split_model.py), a Meta folder, a llama2.c .bin or a
+        Hugging Face folder
+    prompts: the soft prompts to serve, NAME=FOLDER,NAME=FOLDER (each folder: ft_main.py's
+        --out or a PEFT prompt-tuning export)
+    host: the address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface)
+    port: the TCP port (0: any free port, printed at start)
+    api_key: when given, every request but /health needs 'Authorization: Bearer KEY' (default:
+        $LLAMA_API_KEY if set)
+    max_batch: the most requests generated together
+    max_wait_ms: how long a batch waits for more requests after its first
+    max_tokens: the most tokens one request may ask for
+    max_prompt_tokens: the longest prompt in tokens (0: whatever fits max_seq_len)
+    max_body_bytes: the largest request body
+    base_name: the model name of the base model, without a soft prompt (default: the
+        checkpoint's folder name)
+    tokenizer_path: the sentencepiece tokenizer.model (default: the one beside the checkpoint)
+    max_seq_len: the longest prompt + reply in tokens, soft prompt included (default: the
+        model's own)
+    device: cpu, cuda or cuda:N (default: this rank's GPU if there is one, else the CPU)
+    dtype: float32, float16 or bfloat16 for the weights (default: float16 on a GPU, float32 on
+        the CPU)
+    timeout_s: seconds to wait for another stage before giving up on it
+    log: print one line per HTTP request on stderr
+    """
+    named = parse_served_prompts(prompts)
+    base_name = base_name or Path(ckpt_dir).stem
+    if base_name in named:
+        raise BadInput(f"--prompts names {base_name!r}, the base model's name: rename the prompt "
+                       "or pass another --base_name")
+    for name, value in (("max_batch", max_batch), ("max_tokens", max_tokens),
+                        ("max_body_bytes", max_body_bytes)):
+        if value < 1:
+            raise BadInput(f"--{name}={value} must be at least 1")
+    if max_wait_ms < 0 or max_prompt_tokens < 0 or not 0 <= port <= 65535:
+        raise BadInput(f"--max_wait_ms={max_wait_ms:g} and --max_prompt_tokens="
+                       f"{max_prompt_tokens} must be >= 0, --port={port} in 0..65535")
+    ctx, model, tokenizer = start_stage(ckpt_dir, tokenizer_path, device, dtype, max_seq_len,
+                                        timeout_s)
+    try:
+        bank, templates = None, {}
+        if ctx.is_first:
+            loaded = {name: load_prompt(folder, model.args) for name, folder in named.items()}
+            bank = PromptBank(model.args.vocab_size, model.args.dim,
+                              {name: weight for name, (weight, _) in loaded.items()})
+            templates = {name: info.get("template") for name, (_, info) in loaded.items()}
+        limits = Limits(max_body_bytes, max_prompt_tokens, max_tokens, max_batch, max_wait_ms)
+
+        def service():
+            return Service(tokenizer, bank, templates, base_name, model.args.max_seq_len, limits,
+                           api_key or os.environ.get("LLAMA_API_KEY"))
+
+        def listening(server):
+            print(f"serving {', '.join(server.service.models())} on http://{server.host}:"
+                  f"{server.port} ({ctx.world_size} stage{'s' if ctx.world_size > 1 else ''}, "
+                  f"batches of up to {max_batch}; Ctrl+C stops)", flush=True)
+
+        run_server(MixedPromptStage(model, ctx, bank), service, host, port,
+                   heartbeat_s=min(2.0, timeout_s / 4), on_listen=listening,
+                   log=(lambda line: print(line, file=sys.stderr, flush=True)) if log else None)
+    except PeerLost as error:
+        report_and_exit(error, ctx.rank)
+    ctx.close()
+
+
+if __name__ == "__main__":
+    run_cli(main)

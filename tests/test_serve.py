@@ -1,0 +1,319 @@
+"""serve.py: every endpoint through real sockets on 127.0.0.1 with the standard library's client;
+streams joined equal whole answers; concurrent requests that mix soft prompts in one batch get
+exactly what each gets alone (and what generate() gives with that prompt); bad requests get
+OpenAI-style errors and the server keeps serving; a client leaving mid-stream; 2 ranks end to end
+and a lost stage (503, non-zero exit). Run: python -m pytest -q tests/test_serve.py
+"""
+import http.client
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+import split_model
+from launch import REPO, rank_env, free_port
+from llama.batching import MixedPromptStage, PromptBank, Steps
+from llama.checkpoint import load_model
+from llama.distributed import DistContext
+from llama.errors import BadInput
+from llama.generation import decode_continuation, generate
+from llama.pipeline import Stage
+from llama.prompt import SoftPrompt, load_prompt, save_prompt
+from llama.serving import Limits, Server, Service
+from llama.tokenizer import Tokenizer
+
+TEXTS = ["Once upon a time", "Tom and Lily went to the park. They saw", "The cat"]
+PROMPT_LENGTHS = {"short": 3, "long": 7}
+
+
+@pytest.fixture(scope="module")
+def model(model_bin):
+    return load_model(model_bin)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(assets):
+    return Tokenizer(str(assets / "stories260K" / "tok512.model"))
+
+
+@pytest.fixture(scope="module")
+def prompt_folders(model, tmp_path_factory):
+    """Two soft prompts of different lengths, at the scale of real embeddings."""
+    root, std = tmp_path_factory.mktemp("served_prompts"), float(model.tok_embeddings.weight.std())
+    folders = {}
+    for seed, (name, n_virtual) in enumerate(PROMPT_LENGTHS.items()):
+        weight = torch.randn(n_virtual, model.args.dim, generator=torch.Generator().manual_seed(seed))
+        save_prompt(root / name, weight * std * 3, model.args, {"template": "none"})
+        folders[name] = root / name
+    return folders
+
+
+@pytest.fixture(scope="module")
+def server(model_bin, tokenizer, prompt_folders):
+    # A model of its own: the server's thread sets up and clears KV caches on it while the
+    # tests run reference generations on theirs.
+    model = load_model(model_bin)
+    weights = {n: load_prompt(f, model.args)[0] for n, f in prompt_folders.items()}
+    bank = PromptBank(model.args.vocab_size, model.args.dim, weights)
+    service = Service(tokenizer, bank, {n: "none" for n in weights}, "base", model.args.max_seq_len,
+                      Limits(max_body_bytes=4096, max_tokens=64, max_batch=8, max_wait_ms=300))
+    running = Server(service, "127.0.0.1", 0)
+    thread = threading.Thread(target=running.run, args=(Steps(MixedPromptStage(model, DistContext(), bank)), 0.2),
+                              daemon=True)
+    thread.start()
+    yield running
+    running.stop()
+    thread.join(timeout=10)
+
+
+def call(port, method, path, body=None, headers=None, raw=None):
+    """(status, parsed JSON) of one request."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    connection.request(method, path, body=data, headers=headers or {})
+    response = connection.getresponse()
+    text = response.read()
+    connection.close()
+    return response.status, json.loads(text)
+
+
+def stream_events(port, path, body):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.request("POST", path, body=json.dumps({**body, "stream": True}))
+    response = connection.getresponse()
+    assert response.status == 200 and response.getheader("Content-Type") == "text/event-stream"
+    events = [line[len("data: "):] for line in response.read().decode().splitlines() if line]
+    connection.close()
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def complete(port, model, text, max_tokens=24, **extra):
+    status, answer = call(port, "POST", "/v1/completions",
+                          {"model": model, "prompt": text, "max_tokens": max_tokens,
+                           "temperature": 0, **extra})
+    assert status == 200, answer
+    return answer["choices"][0]["text"]
+
+
+def test_models_and_health(server):
+    status, models = call(server.port, "GET", "/v1/models")
+    assert status == 200 and [m["id"] for m in models["data"]] == ["base", "short", "long"]
+    status, health = call(server.port, "GET", "/health")
+    assert status == 200 and health["status"] == "ok"
+
+
+@pytest.mark.parametrize("name", ["base", "long"])
+def test_completion_equals_generation_with_that_prompt(server, model, tokenizer, prompt_folders,
+                                                       name):
+    ids = tokenizer.encode(TEXTS[0], bos=True, eos=False)
+    soft = SoftPrompt(load_prompt(prompt_folders[name], model.args)[0]) if name != "base" else None
+    stage = Stage(model, DistContext(), soft, soft.n_virtual_tokens if soft else 0)
+    expected = generate(stage, [ids], 24, stop_ids=tokenizer.stop_ids)[0]
+    status, answer = call(server.port, "POST", "/v1/completions",
+                          {"model": name, "prompt": TEXTS[0], "max_tokens": 24, "temperature": 0})
+    assert status == 200
+    assert answer["choices"][0]["text"] == decode_continuation(tokenizer, ids, expected)
+    assert answer["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(expected),
+                               "total_tokens": len(ids) + len(expected)}
+
+
+def test_streams_joined_equal_the_whole_answer(server):
+    body = {"model": "short", "prompt": TEXTS[1], "max_tokens": 20, "temperature": 0}
+    events = stream_events(server.port, "/v1/completions", body)
+    assert "".join(e["choices"][0]["text"] for e in events) == complete(server.port, "short", TEXTS[1], 20)
+    assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    chat = {"model": "long", "messages": [{"role": "system", "content": "Be short."},
+                                          {"role": "user", "content": "Tell a story"}],
+            "max_tokens": 20, "temperature": 0}
+    events = stream_events(server.port, "/v1/chat/completions", chat)
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    joined = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+    status, whole = call(server.port, "POST", "/v1/chat/completions", chat)
+    assert status == 200 and whole["choices"][0]["message"]["content"] == joined
+
+
+def test_concurrent_mixed_prompt_batch_rows_equal_each_alone(server):
+    requests = [(model, text) for model in ("short", "base", "long") for text in TEXTS[:2]]
+    alone = {r: complete(server.port, *r) for r in requests}
+    before = call(server.port, "GET", "/health")[1]["batches"]
+    together, barrier = {}, threading.Barrier(len(requests))
+
+    def client(request):
+        barrier.wait()
+        together[request] = complete(server.port, *request)
+
+    threads = [threading.Thread(target=client, args=(r,)) for r in requests]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert together == alone
+    health = call(server.port, "GET", "/health")[1]
+    assert health["batches"] - before < len(requests)  # some of them really ran together
+    assert health["largest_batch"] >= 3
+
+
+def test_stop_strings_and_seeded_sampling(server):
+    full = complete(server.port, "base", TEXTS[0])
+    stop = full[10:13]
+    assert complete(server.port, "base", TEXTS[0], stop=[stop]) == full[:full.index(stop)]
+    sampled = [complete(server.port, "base", TEXTS[0], temperature=1.0, seed=s) for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1] != sampled[2]
+
+
+BAD_REQUESTS = [
+    ("not JSON", dict(raw=b'{"model": "base"'), 400, "invalid_json"),
+    ("a JSON list", dict(body=["base"]), 400, "invalid_json"),
+    ("NaN", dict(raw=b'{"model": "base", "prompt": "a", "temperature": NaN}'), 400, "invalid_json"),
+    ("unknown model", dict(body={"model": "gpt-4", "prompt": "a"}), 404, "model_not_found"),
+    ("no prompt", dict(body={"model": "base"}), 400, "invalid_value"),
+    ("max_tokens 0", dict(body={"model": "base", "prompt": "a", "max_tokens": 0}), 400, "invalid_value"),
+    ("max_tokens text", dict(body={"model": "base", "prompt": "a", "max_tokens": "9"}), 400, "invalid_value"),
+    ("max_tokens over the limit", dict(body={"model": "base", "prompt": "a", "max_tokens": 65}), 400,
+     "invalid_value"),
+    ("temperature -1", dict(body={"model": "base", "prompt": "a", "temperature": -1}), 400, "invalid_value"),
+    ("top_p 2", dict(body={"model": "base", "prompt": "a", "top_p": 2}), 400, "invalid_value"),
+    ("five stop strings", dict(body={"model": "base", "prompt": "a", "stop": list("abcde")}), 400,
+     "invalid_value"),
+    ("n=2", dict(body={"model": "base", "prompt": "a", "n": 2}), 400, "unsupported_value"),
+    ("prompt too long", dict(body={"model": "long", "prompt": "a b " * 300}), 400,
+     "context_length_exceeded"),
+    ("body too large", dict(body={"model": "base", "prompt": "a" * 5000}), 413, "body_too_large"),
+    ("chat ending with the assistant", dict(path="/v1/chat/completions", body={
+        "model": "base", "messages": [{"role": "assistant", "content": "hi"}]}), 400, "invalid_value"),
+    ("chat with a bad role", dict(path="/v1/chat/completions", body={
+        "model": "base", "messages": [{"role": "robot", "content": "hi"}]}), 400, "invalid_value"),
+    ("unknown path", dict(path="/v1/embeddings", body={}), 404, "not_found"),
+]
+
+
+@pytest.mark.parametrize("name, request_, status, code", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, name, request_, status,
+                                                                     code):
+    got, answer = call(server.port, "POST", request_.get("path", "/v1/completions"),
+                       request_.get("body"), raw=request_.get("raw"))
+    assert (got, answer["error"]["code"]) == (status, code), answer
+    assert answer["error"]["message"] and answer["error"]["type"] == "invalid_request_error"
+    assert complete(server.port, "base", TEXTS[2], 4)
+
+
+def test_api_key_is_required_when_set(server):
+    server.service.api_key = "s3cret"
+    try:
+        body = {"model": "base", "prompt": "a", "max_tokens": 2}
+        assert call(server.port, "POST", "/v1/completions", body)[0] == 401
+        assert call(server.port, "GET", "/v1/models", headers={"Authorization": "Bearer wrong"})[0] == 401
+        assert call(server.port, "POST", "/v1/completions", body,
+                    headers={"Authorization": "Bearer s3cret"})[0] == 200
+        assert call(server.port, "GET", "/health")[0] == 200  # a health check needs no key
+    finally:
+        server.service.api_key = None
+
+
+def test_a_client_leaving_mid_stream_disturbs_no_one(server):
+    expected = complete(server.port, "long", TEXTS[1], 64)
+    body = json.dumps({"model": "base", "prompt": TEXTS[0], "max_tokens": 64, "stream": True,
+                       "temperature": 0}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as leaving:
+        leaving.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                        + str(len(body)).encode() + b"\r\n\r\n" + body)
+        other = {}
+        thread = threading.Thread(target=lambda: other.update(
+            text=complete(server.port, "long", TEXTS[1], 64)))
+        thread.start()
+        received = b""
+        while b"data: " not in received:  # the stream has begun
+            received += leaving.recv(4096)
+    thread.join(timeout=60)
+    assert other["text"] == expected
+    assert call(server.port, "GET", "/health")[1]["cancelled"] >= 1  # its row left the batch
+    assert complete(server.port, "base", TEXTS[2], 8)
+
+
+def test_openai_client(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused")
+    answer = client.completions.create(model="short", prompt=TEXTS[0], max_tokens=12, temperature=0)
+    assert answer.choices[0].text == complete(server.port, "short", TEXTS[0], 12)
+    chunks = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=8, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks)
+
+
+def wait_for_port(log_path, process, timeout_s=90):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = log_path.read_text() if log_path.exists() else ""
+        if "http://127.0.0.1:" in text:
+            return int(text.split("http://127.0.0.1:")[1].split()[0])
+        assert process.poll() is None, f"rank 0 exited {process.returncode}: {text}"
+        time.sleep(0.2)
+    raise AssertionError("the server did not start listening")
+
+
+def test_two_rank_server_end_to_end_and_a_lost_stage(server, model_bin, prompt_folders, tmp_path):
+    split_model.main(str(model_bin), 2, out_dir=str(tmp_path / "pp2"))
+    argv = [sys.executable, "serve.py", "--ckpt_dir", str(tmp_path / "pp2"), "--port", "0",
+            "--base_name", "base", "--prompts", f"long={prompt_folders['long']}",
+            "--timeout_s", "20"]
+    port = free_port()
+    logs = [(open(tmp_path / f"{r}.out", "w"), open(tmp_path / f"{r}.err", "w")) for r in range(2)]
+    ranks = [subprocess.Popen(argv, cwd=REPO, env=rank_env(r, 2, port), stdout=logs[r][0],
+                              stderr=logs[r][1]) for r in range(2)]
+    try:
+        listening = wait_for_port(tmp_path / "0.out", ranks[0])
+        for name in ("base", "long"):
+            assert complete(listening, name, TEXTS[1]) == complete(server.port, name, TEXTS[1])
+        ranks[1].send_signal(signal.SIGKILL)
+        ranks[1].wait()
+        status, answer = call(listening, "POST", "/v1/completions",
+                              {"model": "base", "prompt": TEXTS[0], "max_tokens": 8})
+        assert status == 503 and answer["error"]["code"] == "stage_lost"
+        assert ranks[0].wait(timeout=60) not in (0, None)
+        assert "error:" in (tmp_path / "0.err").read_text()
+    finally:
+        for process in ranks:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def test_sigterm_stops_the_server_cleanly(model_bin, tmp_path):
+    process = subprocess.Popen([sys.executable, "serve.py", "--ckpt_dir", str(model_bin), "--port", "0"],
+                               cwd=REPO, env=rank_env(0, 1, free_port()),
+                               stdout=open(tmp_path / "0.out", "w"), stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(tmp_path / "0.out", process)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"prompts": "a=x,a=y"}, "--prompts names 'a' twice"),
+    ({"max_batch": 0}, "--max_batch=0 must be at least 1"),
+])
+def test_serve_refuses_bad_settings_before_any_work(model_bin, flags, message):
+    import serve
+    with pytest.raises(BadInput, match=re.escape(message)):
+        serve.main(str(model_bin), **flags)
+
+
+def test_serve_command_line_refusals(model_bin):
+    done = subprocess.run([sys.executable, "serve.py", "--ckpt_dir", str(model_bin), "--prompts",
+                           "runs/x"], cwd=REPO, env=rank_env(0, 1, free_port()),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == ["error: --prompts item 'runs/x' must be NAME=FOLDER (for "
+                                        "example alpaca=runs/alpaca/prompt)"]
