@@ -1,7 +1,7 @@
 """Split a LLaMA checkpoint into one file per pipeline stage, optionally quantized.
 
     python split_model.py --ckpt_dir ckpts/7B --n_stages 4        # writes ckpts/7B_pp4/
-    python split_model.py --ckpt_dir ckpts/7B --stage_memory 4,8 --quantize int4
+    python split_model.py --ckpt_dir ckpts/7B --n_stages 2 --stage_memory 4,8 --quantize int4
 Reads the Meta, llama2.c or Hugging Face layout; see llama/checkpoint.py for the output format.
 """
 import time
@@ -12,7 +12,7 @@ from llama.checkpoint import find_tokenizer, is_split_dir, open_source, read_spl
 from llama.errors import BadInput, run_cli
 
 
-def main(ckpt_dir: str, n_stages: int = None, out_dir: str = None, dtype: str = "auto",
+def main(ckpt_dir: str, n_stages: int, out_dir: str = None, dtype: str = "auto",
          tokenizer_path: str = None, overwrite: bool = False, quantize: str = None,
          group_size: int = None, stage_memory: Sequence[float] = None,
          layers: Sequence[int] = None):
@@ -22,7 +22,6 @@ def main(ckpt_dir: str, n_stages: int = None, out_dir: str = None, dtype: str = 
 
     ckpt_dir: the checkpoint: a Meta folder, a llama2.c .bin or a Hugging Face folder
     n_stages: how many pipeline stages (processes) to split into, from 1 to the model's layers
-        (default: one per --stage_memory or --layers entry)
     out_dir: the folder to write (default: <ckpt_dir>_pp<n_stages>[_int8|_int4])
     dtype: auto keeps the checkpoint's own precision; float16, bfloat16 or float32 converts
     tokenizer_path: the tokenizer.model to copy beside the stages (default: found beside the
@@ -40,12 +39,6 @@ def main(ckpt_dir: str, n_stages: int = None, out_dir: str = None, dtype: str = 
         what = f"a split quantized to {stored['scheme']}" if stored else "a split"
         raise BadInput(f"{ckpt_dir} is already {what} (split.json): give the float checkpoint "
                        "it was split from")
-    counts = [len(v) for v in (stage_memory, layers) if isinstance(v, (list, tuple))]
-    if n_stages is None:
-        if not counts:
-            raise BadInput("give --n_stages, --stage_memory (GiB per card) or --layers "
-                           "(layers per stage)")
-        n_stages = counts[0]
     source = open_source(ckpt_dir)
     if out_dir is None:
         out_dir = f"{str(ckpt_dir).rstrip('/')}_pp{n_stages}" + (f"_{quantize}" if quantize else "")

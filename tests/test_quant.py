@@ -164,7 +164,7 @@ def test_int8_keeps_cross_entropy_within_half_a_percent_and_the_greedy_text(
     int8_model = load_model(splits["int8"])
     assert mean_cross_entropy(int8_model, tokenizer, sentences) == pytest.approx(fp32, rel=5e-3)
     int4 = mean_cross_entropy(load_model(splits["int4"]), tokenizer, sentences)
-    assert int4 == pytest.approx(fp32, rel=0.03)  # measured 0.6% (docs/quantization.md)
+    assert int4 == pytest.approx(fp32, rel=0.03)  # measured +1.4% at group 4 (docs/quantization.md)
     case = reference["greedy_from_prompt"]
     prompt = case["prompt_ids"]
     expected = case["ids"][:len(prompt) + 64]
@@ -199,11 +199,11 @@ def test_stage_memory_gives_the_bigger_card_more_layers():
 
 
 def test_stage_memory_and_layers_are_recorded_and_respected(model_bin, tmp_path):
-    split_model.main(str(model_bin), out_dir=str(tmp_path / "mem"), stage_memory=(1.0, 3.0))
+    split_model.main(str(model_bin), 2, out_dir=str(tmp_path / "mem"), stage_memory=(1.0, 3.0))
     _, manifest = read_split(tmp_path / "mem")
     assert manifest["stage_memory_gib"] == [1.0, 3.0]
     assert [s["layers"] for s in manifest["stages"]] == [[0, 1], [1, 5]]
-    split_model.main(str(model_bin), out_dir=str(tmp_path / "lay"), layers=(3, 2))
+    split_model.main(str(model_bin), 2, out_dir=str(tmp_path / "lay"), layers=(3, 2))
     _, manifest = read_split(tmp_path / "lay")
     assert [s["layers"] for s in manifest["stages"]] == [[0, 3], [3, 5]]
     assert list(load_model(tmp_path / "lay", 1, 2).layers) == ["3", "4"]
@@ -246,13 +246,13 @@ def test_stage_memory_with_fewer_entries_than_stages(model_bin, tmp_path):
 def test_stage_memory_too_small_for_the_model(model_bin, tmp_path):
     refused(tmp_path, r"--stage_memory \[0.0001, 0.0001\] GiB is too small for this model: its "
                       r"weights alone need 0.00109 GiB \(0.00063, 0.000461 by stage\)",
-            ckpt_dir=str(model_bin), stage_memory=(0.0001, 0.0001))
+            ckpt_dir=str(model_bin), n_stages=2, stage_memory=(0.0001, 0.0001))
 
 
 def test_layers_that_do_not_add_up_to_the_model(model_bin, tmp_path):
     refused(tmp_path, r"--layers \[1, 3\] must be one positive number of layers per stage, "
                       r"adding up to the model's n_layers=5", ckpt_dir=str(model_bin),
-            layers=(1, 3))
+            n_stages=2, layers=(1, 3))
 
 
 def copy_split(source, target):
