@@ -1,32 +1,47 @@
-"""Split a LLaMA checkpoint into one file per pipeline stage.
+"""Split a LLaMA checkpoint into one file per pipeline stage, optionally quantized.
 
     python split_model.py --ckpt_dir ckpts/7B --n_stages 4        # writes ckpts/7B_pp4/
+    python split_model.py --ckpt_dir ckpts/7B --n_stages 2 --stage_memory 4,8 --quantize int4
 Reads the Meta, llama2.c or Hugging Face layout; see llama/checkpoint.py for the output format.
 """
 import time
 from pathlib import Path
+from typing import Sequence
 
-from llama.checkpoint import find_tokenizer, open_source, write_split
+from llama.checkpoint import find_tokenizer, is_split_dir, open_source, read_split, write_split
 from llama.errors import BadInput, run_cli
 
 
 def main(ckpt_dir: str, n_stages: int, out_dir: str = None, dtype: str = "auto",
-         tokenizer_path: str = None, overwrite: bool = False):
+         tokenizer_path: str = None, overwrite: bool = False, quantize: str = None,
+         group_size: int = None, stage_memory: Sequence[float] = None,
+         layers: Sequence[int] = None):
     """Split a LLaMA checkpoint into one file per pipeline stage, for torchrun or one process.
 
     Writes <out_dir> with params.json, split.json and stage.NN.pth (each stage's weights only).
 
     ckpt_dir: the checkpoint: a Meta folder, a llama2.c .bin or a Hugging Face folder
     n_stages: how many pipeline stages (processes) to split into, from 1 to the model's layers
-    out_dir: the folder to write (default: <ckpt_dir>_pp<n_stages>)
+    out_dir: the folder to write (default: <ckpt_dir>_pp<n_stages>[_int8|_int4])
     dtype: auto keeps the checkpoint's own precision; float16, bfloat16 or float32 converts
     tokenizer_path: the tokenizer.model to copy beside the stages (default: found beside the
         checkpoint)
     overwrite: replace an existing split at out_dir
+    quantize: int8 (a scale per output channel) or int4 (a scale and zero per group) for the
+        block linears; embeddings, norms and head stay in --dtype (docs/quantization.md)
+    group_size: int4 inputs per scale (default: the largest power of two up to 128 dividing
+        every width)
+    stage_memory: GiB of each stage's card, e.g. 4,4,8: layers are shared in proportion
+    layers: the number of layers of each stage, e.g. 12,10,10 (instead of a balanced split)
     """
+    if is_split_dir(ckpt_dir):
+        stored = read_split(ckpt_dir)[1].get("quantization")
+        what = f"a split quantized to {stored['scheme']}" if stored else "a split"
+        raise BadInput(f"{ckpt_dir} is already {what} (split.json): give the float checkpoint "
+                       "it was split from")
     source = open_source(ckpt_dir)
     if out_dir is None:
-        out_dir = f"{str(ckpt_dir).rstrip('/')}_pp{n_stages}"
+        out_dir = f"{str(ckpt_dir).rstrip('/')}_pp{n_stages}" + (f"_{quantize}" if quantize else "")
     try:
         tokenizer_path = tokenizer_path or find_tokenizer(ckpt_dir)
     except BadInput:
@@ -37,10 +52,13 @@ def main(ckpt_dir: str, n_stages: int, out_dir: str = None, dtype: str = "auto",
         print(f"{line} ({time.monotonic() - started:.1f} s)", flush=True)
 
     manifest = write_split(source, out_dir, n_stages, dtype, tokenizer_path, overwrite,
-                           log=log_with_time, reads=[ckpt_dir])
+                           log=log_with_time, reads=[ckpt_dir], quantize=quantize,
+                           group_size=group_size, stage_memory=stage_memory, layer_counts=layers)
     total = sum(stage["bytes"] for stage in manifest["stages"])
+    scheme = manifest.get("quantization", {}).get("scheme")
     print(f"wrote {Path(out_dir)}: {n_stages} stages, {total / 2**20:.1f} MiB in all "
-          f"({manifest['dtype']}) in {time.monotonic() - started:.1f} s")
+          f"({manifest['dtype']}{', block linears ' + scheme if scheme else ''}) in "
+          f"{time.monotonic() - started:.1f} s")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
     python -m bench.memory_estimate --shape 7B --n_stages 4,2 --micro_batch 1,2,4,8,32
     python -m bench.memory_estimate --shape tiny --check    # formula vs what autograd saves
 
-Which switches a memory target needs, before a GPU is at hand. The formulas are in
+Which switches a memory target needs, before a GPU is at hand. The arithmetic is llama/memory.py
+(python -m llama.plan uses it to say what fits on given cards); the formulas are in
 docs/PERFORMANCE.md; `--check` runs one block and compares the formula with the bytes that
 autograd really saves on this device (with fp16 and flash attention on a GPU, fp32 on a CPU).
 """
@@ -13,72 +14,12 @@ from bench import common
 from bench.shapes import model_args, random_model, shape_name
 from llama.checkpoint import stage_plan
 from llama.errors import BadInput, run_cli
+from llama.memory import saved_bytes_per_token, stage_estimates
 from llama.model import ModelArgs, rotary_tables
-from llama.partition import parameter_costs
-from llama.pipeline import LOSS_CHUNK_TOKENS
 from llama.precision import DTYPES, dtype_named
-
-GIB = 2**30
 TABLE = ["n_stages", "stage", "layers", "micro_batch", "in_flight", "weights_gib",
          "kept_plain_gib", "kept_recompute_gib", "kept_offload_gib", "peak_plain_gib",
          "peak_recompute_gib", "peak_offload_gib"]
-
-
-def saved_bytes_per_token(args: ModelArgs, dtype_bytes: int) -> int:
-    """Bytes autograd keeps per token per block when only the block's input needs a gradient.
-
-    Frozen weights mean no linear layer keeps its input. What stays: each RMSNorm's fp32 input
-    and its 1/rms (two norms); SDPA's q, k, v and output (dtype) and log-sum-exp (fp32, per
-    head); SwiGLU's three hidden-wide tensors (w1 x, silu(w1 x), w3 x).
-    """
-    kv_dim = args.n_kv_heads * args.head_dim
-    norms = 2 * (4 * args.dim + 4)
-    attention = dtype_bytes * (2 * args.dim + 2 * kv_dim) + 4 * args.n_heads
-    feed_forward = 3 * dtype_bytes * args.hidden_dim
-    return norms + attention + feed_forward
-
-
-def head_bytes_per_target(args: ModelArgs, dtype_bytes: int) -> int:
-    """The loss's peak per target position of one chunk: dtype logits, fp32 logits, fp32
-    log-probabilities (saved) and their fp32 gradient."""
-    return args.vocab_size * (dtype_bytes + 4 + 4 + 4)
-
-
-def stage_estimates(args, n_stages, global_batch, micro_batch, seq_len, n_virtual_tokens,
-                    dtype_bytes, schedule, target_fraction):
-    """One dict per stage: weights, what one micro-batch keeps, how many are in flight, peaks."""
-    layer, embeddings, head = parameter_costs(args)
-    n_micro = global_batch // micro_batch
-    tokens = micro_batch * (seq_len + n_virtual_tokens)  # of one micro-batch
-    targets = micro_batch * max(1, round(target_fraction * (seq_len - 1)))
-    hidden = tokens * dtype_bytes * args.dim  # one (b, T, dim) activation
-    per_layer = tokens * saved_bytes_per_token(args, dtype_bytes)
-    ffn_grads = tokens * 3 * dtype_bytes * args.hidden_dim  # SwiGLU's gradients in backward
-    rows = []
-    for stage, ((first, last), has_embeddings, has_head) in enumerate(stage_plan(args, n_stages)):
-        n_layers = last - first
-        weights = dtype_bytes * (n_layers * layer + has_embeddings * embeddings + has_head * head)
-        in_flight = n_micro if schedule == "gpipe" else min(n_stages - stage, n_micro)
-        # kept until the micro-batch's backward; + one hidden: the stage's output (or input)
-        kept = {"plain": n_layers * per_layer + hidden,
-                "recompute": (n_layers + 1) * hidden,
-                "offload": hidden}  # the layer inputs wait in pinned CPU memory instead
-        # the transient of one micro-batch's backward through one block
-        working = {"plain": ffn_grads, "recompute": per_layer + ffn_grads,
-                   "offload": per_layer + ffn_grads}
-        # The loss runs in chunks (llama/pipeline.py): one chunk's logits at a time, plus the
-        # picked hidden states of every target position, saved to recompute each chunk.
-        loss = (min(targets, LOSS_CHUNK_TOKENS) * head_bytes_per_target(args, dtype_bytes)
-                + targets * dtype_bytes * args.dim) if has_head else 0
-        row = {"bench": "memory_estimate", "n_stages": n_stages, "stage": stage,
-               "layers": [first, last], "micro_batch": micro_batch, "n_micro": n_micro,
-               "in_flight": in_flight, "weights_gib": weights / GIB,
-               "cpu_pinned_offload_gib": in_flight * n_layers * hidden / GIB}
-        for mode in ("plain", "recompute", "offload"):
-            row[f"kept_{mode}_gib"] = kept[mode] / GIB
-            row[f"peak_{mode}_gib"] = (weights + in_flight * kept[mode] + working[mode] + loss) / GIB
-        rows.append(row)
-    return rows
 
 
 def measured_saved_bytes_per_token(args: ModelArgs, dtype, device, batch=2, seq_len=64) -> float:
@@ -120,8 +61,9 @@ def main(shape: str = "7B", n_stages=(4, 2), global_batch: int = 32, micro_batch
         for b in common.as_list(micro_batch):
             if global_batch % b:
                 raise BadInput(f"--micro_batch {b} does not divide --global_batch {global_batch}")
-            rows += stage_estimates(args, p, global_batch, b, seq_len, n_virtual_tokens,
-                                    dtype_bytes, schedule, target_fraction)
+            rows += [{"bench": "memory_estimate", **row} for row in stage_estimates(
+                args, stage_plan(args, p), global_batch, b, seq_len, n_virtual_tokens,
+                dtype_bytes, schedule, target_fraction)]
     for row in rows:
         common.emit({**row, "shape": shape_name(shape), "dtype": dtype, "schedule": schedule,
                      "global_batch": global_batch, "seq_len": seq_len,

@@ -18,10 +18,15 @@ from llama.files import (atomic_torch_save, atomic_write_text, check_output_fold
 from llama.formats import (HFSource, Llama2cSource, MetaSource, TensorSource, model_args_from_dict,
                            read_json, safe_torch_load)
 from llama.model import ModelArgs, Transformer
-from llama.partition import balanced_ranges, describe_stage
+from llama.partition import balanced_ranges, describe_stage, ranges_from_counts
 from llama.precision import dtype_named
+from llama.quant import (SCHEMES, apply_quantization, check_group_size, largest_group_size,
+                         quantizing_fetch)
 
 SPLIT_FORMAT = 1
+# A quantized split says format 2, so that a reader from before quantization refuses it at once
+# ("not a format-1 split manifest") instead of failing on its packed weights.
+QUANTIZED_SPLIT_FORMAT = 2
 
 
 def params_digest(args: ModelArgs) -> str:
@@ -57,14 +62,79 @@ def refuse_unknown_tensors(source: TensorSource, where):
                        "a LLaMA checkpoint")
 
 
-def stage_plan(args: ModelArgs, n_stages: int):
-    """[(layer_range, has_embeddings, has_head)] for each stage."""
+def stage_plan(args: ModelArgs, n_stages: int, capacities=None, layer_counts=None):
+    """[(layer_range, has_embeddings, has_head)] for each stage: balanced by parameters, in
+    proportion to each card's capacity (GiB) if given, or the given number of layers a stage."""
     if isinstance(n_stages, bool) or not isinstance(n_stages, int) or \
             not 1 <= n_stages <= args.n_layers:
         raise BadInput(f"n_stages={n_stages!r} must be an integer from 1 to the model's "
                        f"n_layers={args.n_layers}")
-    ranges = balanced_ranges(args, n_stages)
+    if layer_counts is not None:
+        try:
+            ranges = ranges_from_counts(args.n_layers, list(layer_counts))
+        except (ValueError, TypeError):
+            raise BadInput(f"--layers {list(layer_counts)} must be one positive number of layers "
+                           f"per stage, adding up to the model's n_layers={args.n_layers}") from None
+        if len(ranges) != n_stages:
+            raise BadInput(f"--layers {list(layer_counts)} gives {len(ranges)} stages but "
+                           f"--n_stages is {n_stages}: give one count per stage")
+    elif capacities is not None:
+        ranges = balanced_ranges(args, n_stages, check_stage_memory(capacities, n_stages))
+    else:
+        ranges = balanced_ranges(args, n_stages)
     return [(r, i == 0, i == n_stages - 1) for i, r in enumerate(ranges)]
+
+
+def check_stage_memory(stage_memory, n_stages: int) -> list:
+    sizes = list(stage_memory) if isinstance(stage_memory, (list, tuple)) else [stage_memory]
+    if len(sizes) != n_stages or any(isinstance(g, bool) or not isinstance(g, (int, float))
+                                     or not g > 0 for g in sizes):
+        raise BadInput(f"--stage_memory {sizes} must give one size in GiB per stage "
+                       f"({n_stages} stages): e.g. --stage_memory {','.join(['4'] * n_stages)}")
+    return sizes
+
+
+def quantization_entry(args: ModelArgs, quantize, group_size):
+    """split.json's "quantization" (None for float weights); int4's group size defaults to the
+    largest power of two up to 128 that divides every block linear's input width."""
+    if quantize is None:
+        if group_size is not None:
+            raise BadInput(f"--group_size {group_size} is for --quantize int4: add it or drop "
+                           "--group_size")
+        return None
+    if quantize not in SCHEMES:
+        raise BadInput(f"--quantize {quantize!r} must be one of {', '.join(SCHEMES)} "
+                       "(or left out for float weights)")
+    entry = {"scheme": quantize, "tensors": "block linears (attention.wq/wk/wv/wo, "
+             "feed_forward.w1/w2/w3); embeddings, norms and output stay float"}
+    if quantize == "int4":
+        entry["group_size"] = largest_group_size(args.dim, args.hidden_dim) \
+            if group_size is None else group_size
+    check_quantizable(args, entry)
+    return entry
+
+
+def check_quantizable(args: ModelArgs, quantization):
+    """Every block linear's input width must be a whole number of int4 groups."""
+    if quantization["scheme"] == "int4":
+        for width, name in ((args.dim, "attention.wq"), (args.hidden_dim, "feed_forward.w2")):
+            check_group_size(quantization.get("group_size"), width, f"layers.*.{name}.weight")
+
+
+def quantization_args(quantization) -> dict:
+    return {"scheme": quantization["scheme"], "group_size": quantization.get("group_size")}
+
+
+def check_weights_fit(args, plan, stage_memory, float_bytes: int, quantization):
+    """--stage_memory: each card must hold at least its stage's weights (the activations come
+    on top: python -m llama.plan tells whether training fits)."""
+    from llama.memory import GIB, stage_weight_bytes
+    weights = [stage_weight_bytes(args, stage, float_bytes, quantization) for stage in plan]
+    if any(w > g * GIB for w, g in zip(weights, stage_memory)):
+        by_stage = ", ".join(f"{w / GIB:.3g}" for w in weights)
+        raise BadInput(f"--stage_memory {list(stage_memory)} GiB is too small for this model: "
+                       f"its weights alone need {sum(weights) / GIB:.3g} GiB ({by_stage} by stage); "
+                       "give bigger cards, more stages or --quantize int8/int4")
 
 
 # ---- opening checkpoints ----
@@ -122,18 +192,26 @@ SPLIT_FILE_NAMES = r"params\.json|split\.json|tokenizer\.model|stage\.\d+\.pth"
 
 
 def write_split(source: TensorSource, out_dir, n_stages: int, dtype: str = "auto",
-                tokenizer_path=None, overwrite: bool = False, log=print, reads=()):
+                tokenizer_path=None, overwrite: bool = False, log=print, reads=(),
+                quantize=None, group_size=None, stage_memory=None, layer_counts=None):
     """Write out_dir/{params.json, split.json, stage.NN.pth, tokenizer.model}, atomically as a folder.
 
     One stage's tensors are in memory at a time, each cloned so a file never carries the bytes
     of a bigger tensor it was a view of. An existing out_dir is replaced only when it is a split
     (with overwrite) and holds none of `reads` (the checkpoint's path) nor the tokenizer.
+    quantize ("int8"/"int4") stores the block linears packed (llama/quant.py); stage_memory
+    (GiB per card) or layer_counts (layers per stage) size the stages to unequal cards.
     """
     out_dir = Path(out_dir)
     check_output_folder(out_dir, "--out_dir", "a split folder that split_model.py wrote",
                         "split.json", SPLIT_FILE_NAMES, [*reads, tokenizer_path], overwrite)
     target_dtype = None if dtype == "auto" else dtype_named(dtype)
-    plan = stage_plan(source.args, n_stages)
+    quantization = quantization_entry(source.args, quantize, group_size)
+    plan = stage_plan(source.args, n_stages, stage_memory, layer_counts)
+    if stage_memory is not None:
+        float_bytes = target_dtype.itemsize if target_dtype else \
+            source.load(source.names()[0]).dtype.itemsize
+        check_weights_fit(source.args, plan, stage_memory, float_bytes, quantization)
     refuse_unknown_tensors(source, source.description.get("path", "the checkpoint"))
     tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -141,13 +219,20 @@ def write_split(source: TensorSource, out_dir, n_stages: int, dtype: str = "auto
     try:
         stages, stored_dtype = [], None
         for index, (layer_range, embeddings, head) in enumerate(plan):
-            names = stage_tensor_names(source.args, layer_range, embeddings, head)
-            tensors = {}
-            for name in names:
+            def load_float(name):
                 tensor = source.load(name)
-                tensor = tensor if target_dtype is None else tensor.to(target_dtype)
-                tensors[name] = tensor.detach().clone().contiguous()
-            stored_dtype = str(next(iter(tensors.values())).dtype).replace("torch.", "")
+                return tensor if target_dtype is None else tensor.to(target_dtype)
+            names, fetch = stage_tensor_names(source.args, layer_range, embeddings, head), load_float
+            if quantization:
+                with torch.device("meta"):
+                    model = apply_quantization(Transformer(source.args, layer_range, embeddings,
+                                                           head), **quantization_args(quantization))
+                names = list(model.state_dict())
+                fetch = quantizing_fetch(load_float, model, **quantization_args(quantization))
+            tensors = {name: fetch(name).detach().clone().contiguous() for name in names}
+            # the dtype of the float tensors (a norm's weight), not of the packed codes
+            stored_dtype = str(tensors[names[-1]].dtype if not quantization else next(
+                t.dtype for t in tensors.values() if t.is_floating_point())).replace("torch.", "")
             file_name = f"stage.{index:02d}.pth"
             atomic_torch_save(tensors, tmp_dir / file_name)
             size = (tmp_dir / file_name).stat().st_size
@@ -156,9 +241,14 @@ def write_split(source: TensorSource, out_dir, n_stages: int, dtype: str = "auto
             log(f"stage {index}: {describe_stage(layer_range, embeddings, head)}: "
                 f"{size / 2**20:.1f} MiB")
             del tensors
-        manifest = {"format": SPLIT_FORMAT, "n_stages": n_stages, "n_layers": source.args.n_layers,
+        manifest = {"format": QUANTIZED_SPLIT_FORMAT if quantization else SPLIT_FORMAT,
+                    "n_stages": n_stages, "n_layers": source.args.n_layers,
                     "stages": stages, "source": source.description, "dtype": stored_dtype,
                     "params_digest": params_digest(source.args)}
+        if quantization:
+            manifest["quantization"] = quantization
+        if stage_memory is not None:
+            manifest["stage_memory_gib"] = list(stage_memory)
         atomic_write_text(tmp_dir / "params.json", json.dumps(args_to_params(source.args), indent=2))
         atomic_write_text(tmp_dir / "split.json", json.dumps(manifest, indent=2))
         if tokenizer_path:
@@ -188,9 +278,16 @@ def read_split(split_dir, **overrides):
     manifest = read_json(split_dir / "split.json")
     written = model_args_from_dict(read_json(split_dir / "params.json"), str(split_dir / "params.json"))
     stages = manifest.get("stages") if isinstance(manifest, dict) else None
-    if manifest.get("format") != SPLIT_FORMAT or not isinstance(stages, list) or not stages:
+    if isinstance(manifest, dict) and isinstance(manifest.get("format"), int) and \
+            manifest["format"] > QUANTIZED_SPLIT_FORMAT:
+        raise BadInput(f"{split_dir / 'split.json'} is format {manifest['format']}, newer than "
+                       f"this reader (up to {QUANTIZED_SPLIT_FORMAT}): update the project or "
+                       "split the model again with this one")
+    if manifest.get("format") not in (SPLIT_FORMAT, QUANTIZED_SPLIT_FORMAT) or \
+            not isinstance(stages, list) or not stages:
         raise BadInput(f"{split_dir / 'split.json'} is not a format-{SPLIT_FORMAT} split manifest; "
                        "split the model again with split_model.py")
+    check_manifest_quantization(split_dir, manifest, written)
     if manifest.get("n_layers") != written.n_layers or \
             manifest.get("params_digest") != params_digest(written):
         raise BadInput(f"{split_dir / 'split.json'} was written for another model than "
@@ -209,6 +306,22 @@ def read_split(split_dir, **overrides):
         raise BadInput(f"{split_dir / 'split.json'}: stages cover layers 0..{expected_start - 1} "
                        f"of {args.n_layers}; split the model again")
     return args, manifest
+
+
+def check_manifest_quantization(split_dir, manifest, args):
+    """A quantized split must say format 2 and a scheme and group size this reader knows."""
+    quantization = manifest.get("quantization")
+    if quantization is None and manifest["format"] == SPLIT_FORMAT:
+        return
+    scheme = quantization.get("scheme") if isinstance(quantization, dict) else None
+    if manifest["format"] != QUANTIZED_SPLIT_FORMAT or scheme not in SCHEMES:
+        raise BadInput(f"{split_dir / 'split.json'} records quantization {quantization!r}, which "
+                       f"this reader does not know (it reads {' and '.join(SCHEMES)} in format "
+                       f"{QUANTIZED_SPLIT_FORMAT}): update the project or split the model again")
+    try:
+        check_quantizable(args, quantization)
+    except BadInput as error:
+        raise BadInput(f"{split_dir / 'split.json'}: {error}") from None
 
 
 def load_stage_tensors(split_dir, manifest, index: int, verify: bool = True) -> dict:
@@ -245,28 +358,41 @@ def _split_stage_source(ckpt_dir, stage: int, n_stages: int, overrides: dict, ve
     tensors = {}
     for i in files:
         tensors.update(load_stage_tensors(ckpt_dir, manifest, i, verify))
-    return args, plan, tensors
+    return args, plan, tensors, manifest.get("quantization")
 
 
 def load_model(ckpt_dir, stage: int = 0, n_stages: int = 1, device="cpu", dtype=torch.float32,
-               max_seq_len=None, verify: bool = True):
+               max_seq_len=None, verify: bool = True, quantize=None, group_size=None):
     """The Transformer for `stage` of `n_stages`, weights loaded strictly, frozen, on device.
 
     From a split directory the stages are the split's own (n_stages must match); from any other
     checkpoint the layers are balanced on the fly and only this stage's tensors are read.
+    A quantized split loads its packed weights as they are; quantize ("int8"/"int4") quantizes
+    a float checkpoint's block linears while loading, one layer at a time.
     """
     overrides = {"max_seq_len": max_seq_len} if max_seq_len else {}
     split = is_split_dir(ckpt_dir)
+    stored_quantization = None
     if split:
-        args, plan, tensors = _split_stage_source(ckpt_dir, stage, n_stages, overrides, verify)
+        args, plan, tensors, stored_quantization = _split_stage_source(ckpt_dir, stage, n_stages,
+                                                                       overrides, verify)
         fetch, available = tensors.__getitem__, set(tensors)
     else:
         source = open_source(ckpt_dir, **overrides)
         refuse_unknown_tensors(source, ckpt_dir)
         args, plan = source.args, stage_plan(source.args, n_stages)[stage]
         fetch, available = source.load, set(source.names())
+    if stored_quantization and quantize is not None:
+        raise BadInput(f"{ckpt_dir} is already quantized ({stored_quantization['scheme']}): drop "
+                       "--quantize, or give the float checkpoint")
+    quantization = stored_quantization or quantization_entry(args, quantize, group_size)
     with torch.device("meta"):
         model = Transformer(args, *plan)
+        if quantization:
+            model = apply_quantization(model, **quantization_args(quantization))
+    if quantization and not stored_quantization:
+        fetch = quantizing_fetch(fetch, model, **quantization_args(quantization))
+        available |= set(model.state_dict())
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     missing = [name for name in expected if name not in available]
     if missing:
@@ -282,6 +408,7 @@ def load_model(ckpt_dir, stage: int = 0, n_stages: int = 1, device="cpu", dtype=
         if tuple(tensor.shape) != shape:
             raise BadInput(f"{ckpt_dir}: {name} has shape {tuple(tensor.shape)}, the model expects "
                            f"{shape} (params.json does not match the weights)")
-        state[name] = tensor.to(device=device, dtype=dtype)
+        # packed integer codes keep their type; floats (scales too) take the run's dtype
+        state[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
     model.load_state_dict(state, strict=True, assign=True)
     return model.requires_grad_(False).eval()

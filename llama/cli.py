@@ -172,6 +172,8 @@ def convert_list(name: str, text: str, item_type):
         return (text,)
     value = literal(name, text) if item_type is str else fire_value(text)
     items = value if isinstance(value, (list, tuple)) else (value,)
+    if item_type is float:  # "4,8" GiB are numbers too
+        items = [float(i) if isinstance(i, int) and not isinstance(i, bool) else i for i in items]
     for item in items:
         if not isinstance(item, item_type) or isinstance(item, bool) is not (item_type is bool):
             example = '\'["first text", "second text"]\'' if item_type is str else "1,2,3"

@@ -24,30 +24,36 @@ def parameter_costs(args: ModelArgs):
 
 
 def stage_layer_ranges(n_layers: int, n_stages: int, layer_cost: float = 1.0,
-                       embed_cost: float = 0.0, head_cost: float = 0.0):
+                       embed_cost: float = 0.0, head_cost: float = 0.0, capacities=None):
     """Split layers 0..n_layers-1 into n_stages contiguous [start, end) ranges of balanced cost.
 
-    Minimises the cost of the most expensive stage (each stage keeps at least one layer); among
-    equally good splits the earliest boundaries win, so the answer is deterministic.
+    Minimises the cost of the most expensive stage (each stage keeps at least one layer), where
+    a stage's cost is divided by its card's capacity when `capacities` (one per stage, e.g. GiB)
+    are given; among equally good splits the earliest boundaries win, so the answer is
+    deterministic.
     """
     if not isinstance(n_stages, int) or not 1 <= n_stages <= n_layers:
         raise ValueError(f"n_stages={n_stages} must be an integer from 1 to n_layers={n_layers}")
+    capacities = list(capacities) if capacities is not None else [1.0] * n_stages
+    if len(capacities) != n_stages or min(capacities) <= 0:
+        raise ValueError(f"capacities={capacities} must be {n_stages} positive numbers")
 
-    def stage_cost(start, end):
+    def stage_cost(start, end, stage):
         cost = (end - start) * layer_cost
         cost += embed_cost if start == 0 else 0.0
         cost += head_cost if end == n_layers else 0.0
-        return cost
+        return cost / capacities[stage]
 
     @lru_cache(maxsize=None)
     def best(start, stages_left):
         """(max cost, ends) for layers start..n_layers-1 split into stages_left stages."""
+        stage = n_stages - stages_left
         if stages_left == 1:
-            return stage_cost(start, n_layers), (n_layers,)
+            return stage_cost(start, n_layers, stage), (n_layers,)
         options = []
         for end in range(start + 1, n_layers - stages_left + 2):
             rest_cost, rest_ends = best(end, stages_left - 1)
-            options.append((max(stage_cost(start, end), rest_cost), (end,) + rest_ends))
+            options.append((max(stage_cost(start, end, stage), rest_cost), (end,) + rest_ends))
         return min(options)
 
     ends = best(0, n_stages)[1]
@@ -55,10 +61,20 @@ def stage_layer_ranges(n_layers: int, n_stages: int, layer_cost: float = 1.0,
     return [(s, e) for s, e in zip(starts, ends)]
 
 
-def balanced_ranges(args: ModelArgs, n_stages: int):
-    """stage_layer_ranges with the model's own parameter costs."""
+def balanced_ranges(args: ModelArgs, n_stages: int, capacities=None):
+    """stage_layer_ranges with the model's own parameter costs (per card capacity if given)."""
     layer, embeddings, head = parameter_costs(args)
-    return stage_layer_ranges(args.n_layers, n_stages, layer, embeddings, head)
+    return stage_layer_ranges(args.n_layers, n_stages, layer, embeddings, head, capacities)
+
+
+def ranges_from_counts(n_layers: int, layer_counts):
+    """[(start, end)] from the number of layers of each stage, e.g. (12, 10, 10)."""
+    if not layer_counts or any(isinstance(c, bool) or not isinstance(c, int) or c < 1
+                               for c in layer_counts) or sum(layer_counts) != n_layers:
+        raise ValueError(f"layer counts {list(layer_counts)} must be positive integers adding "
+                         f"up to n_layers={n_layers}")
+    ends = [sum(layer_counts[:i + 1]) for i in range(len(layer_counts))]
+    return list(zip([0] + ends[:-1], ends))
 
 
 def describe_stage(layer_range, embeddings: bool, head: bool) -> str:

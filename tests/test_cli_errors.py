@@ -491,7 +491,7 @@ def test_help_says_what_the_script_does_and_every_option(name, monkeypatch, caps
     assert status == 0 and err == "", err
     assert out.splitlines()[0].startswith(FIRST_LINES[name]), out
     assert "INFO:" not in out and "Optional[" not in out and "..." not in out.replace(
-        "[TEXT, ...]", "").replace("[INT, ...]", "")
+        "[TEXT, ...]", "").replace("[INT, ...]", "").replace("[FLOAT, ...]", "")
     for param_name, param in inspect.signature(main).parameters.items():
         block = re.search(rf"^  --{param_name} ([^\n]+?) \((required|default [^\n]*)\)\n"
                           rf"((?:      \S[^\n]*\n?)+)", out, re.M)

@@ -1,0 +1,257 @@
+"""Frozen weights in int8 (one scale per output channel) or int4 (a scale and a zero per group of
+`group_size` inputs): quantizing a tensor, the QuantizedLinear that runs on the packed weights,
+and the transform that swaps a stage's block linears for it.
+
+    model = apply_quantization(model, "int4", group_size=32)   # on a loaded float stage
+
+A stage file of a quantized split stores, per block linear, `<name>.weight` packed (int8 (out, in),
+or uint8 (out, in/2) with two 4-bit codes a byte: the even input column in the high nibble),
+`<name>.scales` and, for int4, `<name>.zeros` (out, in/group_size), so that
+w = (code - 8) * scale + zero (torch's own int4 convention). docs/quantization.md has the numbers.
+"""
+import torch
+from torch import nn
+
+from llama.errors import BadInput
+
+SCHEMES = ("int8", "int4")
+# The linears inside each block. The embeddings and the output head stay in the stage's float
+# dtype: they are a small share of 7B (6%) and the head's logits feed the loss directly.
+QUANTIZED_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                     "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+# torch's fused int4 kernels take these group sizes only.
+KERNEL_GROUP_SIZES = (32, 64, 128, 256)
+DEFAULT_GROUP_SIZE = 128
+
+
+# ---- tensors ----
+
+def quantize_int8(weight):
+    """(int8 codes (out, in), scales (out,)): symmetric, one scale per output channel."""
+    w = weight.float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    codes = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return codes, scales
+
+
+def quantize_int4(weight, group_size: int):
+    """(packed uint8 (out, in/2), scales, zeros (out, in/group_size)): asymmetric per group, so
+    the 16 codes span each group's own [min, max]."""
+    out_features, in_features = weight.shape
+    groups = weight.float().reshape(out_features, in_features // group_size, group_size)
+    low, high = groups.amin(dim=2), groups.amax(dim=2)
+    scales = ((high - low) / 15).clamp(min=1e-12)
+    codes = torch.round((groups - low[..., None]) / scales[..., None]).clamp(0, 15)
+    zeros = low + 8 * scales  # w = (code - 8) * scale + zero
+    return pack_int4(codes.reshape(out_features, in_features).to(torch.uint8)), scales, zeros
+
+
+def pack_int4(codes):
+    """uint8 codes 0..15 (out, in) -> (out, in/2), the even column in the high nibble."""
+    return (codes[:, 0::2] << 4) | codes[:, 1::2]
+
+
+def unpack_int4(packed):
+    """(out, in/2) -> uint8 codes (out, in)."""
+    return torch.stack((packed >> 4, packed & 15), dim=-1).flatten(1)
+
+
+def dequantize(scheme: str, weight, scales, zeros, dtype):
+    """The float matrix (out, in) that the packed weight stands for, in dtype."""
+    if scheme == "int8":
+        return weight.to(dtype) * scales.to(dtype)[:, None]
+    codes = unpack_int4(weight).to(dtype) - 8
+    group_size = codes.shape[1] // scales.shape[1]
+    scale = scales.to(dtype).repeat_interleave(group_size, dim=1)
+    zero = zeros.to(dtype).repeat_interleave(group_size, dim=1)
+    return codes * scale + zero
+
+
+def check_group_size(group_size, in_features: int, name: str):
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or \
+            group_size % 2:
+        raise BadInput(f"--group_size {group_size!r} must be an even integer of at least 2 "
+                       f"(default {DEFAULT_GROUP_SIZE})")
+    if in_features % group_size:
+        raise BadInput(f"--group_size {group_size} does not divide the width {in_features} of "
+                       f"{name}: pick a divisor of it, such as {largest_group_size(in_features)}")
+
+
+def largest_group_size(*widths) -> int:
+    """The largest power of two up to DEFAULT_GROUP_SIZE dividing every width: the default."""
+    size = DEFAULT_GROUP_SIZE
+    while size > 2 and any(width % size for width in widths):
+        size //= 2
+    return size
+
+
+def quantized_tensors(prefix: str, weight, scheme: str, group_size):
+    """{prefix.weight, prefix.scales[, prefix.zeros]} of one float weight (out, in)."""
+    if scheme == "int8":
+        codes, scales = quantize_int8(weight)
+        return {f"{prefix}.weight": codes, f"{prefix}.scales": scales.to(weight.dtype)}
+    check_group_size(group_size, weight.shape[1], f"{prefix}.weight")
+    packed, scales, zeros = quantize_int4(weight, group_size)
+    return {f"{prefix}.weight": packed, f"{prefix}.scales": scales.to(weight.dtype),
+            f"{prefix}.zeros": zeros.to(weight.dtype)}
+
+
+# ---- the module ----
+
+class _FrozenQuantizedMatmul(torch.autograd.Function):
+    """x @ W.T for a frozen quantized W: the input gradient only, and nothing saved but the
+    module (its packed weight is dequantized again in backward, one layer at a time)."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return layer.matmul(x)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        weight = ctx.layer.dequantized(grad_output.dtype)
+        return grad_output @ weight, None
+
+
+class QuantizedLinear(nn.Module):
+    """A bias-free nn.Linear whose frozen weight is stored packed; see the module docstring."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: str, group_size=None,
+                 scale_dtype=torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.scheme, self.group_size = scheme, group_size
+        if scheme == "int8":
+            self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8,
+                                                       device=device))
+            self.register_buffer("scales", torch.empty(out_features, dtype=scale_dtype,
+                                                       device=device))
+            self.zeros = None
+        else:
+            groups = (out_features, in_features // group_size)
+            self.register_buffer("weight", torch.empty(out_features, in_features // 2,
+                                                       dtype=torch.uint8, device=device))
+            self.register_buffer("scales", torch.empty(groups, dtype=scale_dtype, device=device))
+            self.register_buffer("zeros", torch.empty(groups, dtype=scale_dtype, device=device))
+        # Whether forward tries torch's fused weight-only kernel; turned off for this layer when
+        # the kernel refuses (a private op: its dtypes and shapes vary by device and version).
+        self.use_kernel = True
+        self.int4_kernel_weight = None  # the int4 kernel's own packing, made by prepare_int4_kernel
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.scheme == "int4" else ""
+        return f"{self.in_features}, {self.out_features}, {self.scheme}{group}"
+
+    def dequantized(self, dtype):
+        return dequantize(self.scheme, self.weight, self.scales, self.zeros, dtype)
+
+    def forward(self, x):
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _FrozenQuantizedMatmul.apply(x, self)
+        return self.matmul(x)
+
+    def matmul(self, x):
+        """(..., in) -> (..., out): the fused kernel where it runs, else dequantize this layer."""
+        rows = x.reshape(-1, self.in_features)
+        out = self.kernel_matmul(rows) if self.use_kernel else None
+        if out is None:
+            out = rows @ self.dequantized(x.dtype).t()
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def kernel_matmul(self, rows):
+        try:
+            if self.scheme == "int8" and rows.dtype in (torch.float32, torch.float16,
+                                                        torch.bfloat16):
+                return torch._weight_int8pack_mm(rows.contiguous(), self.weight,
+                                                 self.scales.to(rows.dtype))
+            if self.scheme == "int4" and self.int4_kernel_weight is not None:
+                return int4_kernel(rows.contiguous(), self.int4_kernel_weight, self.group_size,
+                                   self.scales_and_zeros(rows.dtype))
+        except (RuntimeError, NotImplementedError, AttributeError):
+            self.use_kernel = False
+        return None
+
+    def scales_and_zeros(self, dtype):
+        """(in/group, out, 2): the int4 kernels' layout of scales and zeros."""
+        return torch.stack((self.scales.t(), self.zeros.t()), dim=-1).to(dtype).contiguous()
+
+    def prepare_int4_kernel(self) -> bool:
+        """Repack the int4 codes for torch's fused kernel on this device. Costs a second copy
+        of the packed weight (half a byte a parameter), so it is a choice (use_int4_kernels)."""
+        if self.scheme != "int4" or self.group_size not in KERNEL_GROUP_SIZES:
+            return False
+        try:
+            if self.weight.device.type == "cuda":
+                self.int4_kernel_weight = torch._convert_weight_to_int4pack(self.weight, 2)
+            else:
+                codes = unpack_int4(self.weight).to(torch.int32)
+                self.int4_kernel_weight = \
+                    torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        except (RuntimeError, NotImplementedError, AttributeError):
+            return False
+        return True
+
+
+def int4_kernel(rows, packed, group_size: int, scales_and_zeros):
+    if rows.device.type == "cuda":
+        return torch._weight_int4pack_mm(rows, packed, group_size, scales_and_zeros)
+    return torch._weight_int4pack_mm_for_cpu(rows, packed, group_size, scales_and_zeros)
+
+
+# ---- transforms ----
+
+def quantized_linear_names(model):
+    """Names ('layers.3.attention.wq') of the linears a quantized stage stores packed."""
+    return [f"layers.{index}.{name}" for index in model.layers for name in QUANTIZED_LINEARS]
+
+
+def check_scheme(scheme, group_size):
+    if scheme not in SCHEMES:
+        raise BadInput(f"--quantize {scheme!r} must be one of {', '.join(SCHEMES)} "
+                       "(or left out for float weights)")
+    if scheme == "int4":
+        check_group_size(group_size, 0, "a layer")  # the type and sign; widths are checked per layer
+
+
+def apply_quantization(model, scheme: str, group_size=None):
+    """Swap the block linears of a stage for QuantizedLinear, in place: a float model's weights
+    are quantized one layer at a time; a meta-device model gets empty buffers to load into."""
+    check_scheme(scheme, group_size)
+    for name in quantized_linear_names(model):
+        parent_name, attr = name.rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, attr)
+        weight = linear.weight
+        if scheme == "int4":
+            check_group_size(group_size, linear.in_features, f"{name}.weight")
+        layer = QuantizedLinear(linear.in_features, linear.out_features, scheme, group_size,
+                                weight.dtype, weight.device)
+        if weight.device.type != "meta":
+            state = quantized_tensors("", weight.detach(), scheme, group_size)
+            layer.load_state_dict({k[1:]: v for k, v in state.items()}, assign=True)
+        setattr(parent, attr, layer.requires_grad_(False))
+    return model
+
+
+def use_int4_kernels(model) -> int:
+    """Repack every int4 layer for torch's fused kernel (faster forward, +0.5 byte/parameter);
+    returns how many layers took it."""
+    return sum(layer.prepare_int4_kernel() for layer in model.modules()
+               if isinstance(layer, QuantizedLinear))
+
+
+def quantizing_fetch(fetch, model, scheme: str, group_size):
+    """A fetch(name) for a stage with quantized linears that reads float weights with `fetch`
+    and quantizes each linear's weight when its first tensor is asked for."""
+    prefixes = set(quantized_linear_names(model))
+    done = {}
+
+    def fetch_quantized(name):
+        prefix, field = name.rsplit(".", 1)
+        if prefix not in prefixes:
+            return fetch(name)
+        if prefix not in done:
+            done.clear()  # one layer's tensors at a time
+            done[prefix] = quantized_tensors(prefix, fetch(f"{prefix}.weight"), scheme, group_size)
+        return done[prefix][name]
+    return fetch_quantized
