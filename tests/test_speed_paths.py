@@ -13,12 +13,14 @@ from llama.checkpoint import load_model
 from llama.compiling import apply_compile, compiler_missing
 from llama.data import MicroBatch
 from llama.distributed import DistContext
+from llama.errors import BadInput
 from llama.fused import apply_fused_projections
 from llama.generation import generate
-from llama import offload
+from llama import compiling, offload
 from llama.offload import apply_recompute
 from llama.pipeline import Stage
 from llama.prompt import SoftPrompt
+from llama.runtime import compile_blocks
 from llama.tokenizer import Tokenizer
 
 MAX_GEN_LEN = 16
@@ -153,3 +155,12 @@ def test_compiled_blocks_give_the_same_losses_and_gradient(stories, plain_gradie
     loss, grad = prompt_gradient(stories, lambda model: apply_compile(model, backend))
     assert loss == pytest.approx(plain_gradient[0], rel=1e-5)
     torch.testing.assert_close(grad, plain_gradient[1], rtol=1e-4, atol=1e-6)
+
+
+def test_compile_without_a_compiler_is_refused_in_one_line(model, monkeypatch):
+    monkeypatch.setattr(compiling.shutil, "which", lambda name: None)
+    with pytest.raises(BadInput, match=r"^--compile: torch\.compile's inductor backend needs a "
+                                       r"C/C\+\+ compiler \(cc, gcc or clang\) on PATH; install "
+                                       r"one or leave out --compile$"):
+        compile_blocks(model, True)
+    assert compile_blocks(model, False) is model  # off: untouched

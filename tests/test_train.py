@@ -382,6 +382,10 @@ def test_empty_dataset_after_filtering(model_bin, alpaca_records, tmp_path):
     ({"offload": "optimizer,gpu"}, r"--offload 'gpu' is not one of optimizer, activations, "
                                    r"weights"),
     ({"max_skipped_steps": 0}, r"--max_skipped_steps=0 must be a positive integer"),
+    ({"recompute_mode": "partial"}, r"--recompute_mode 'partial' must be one of full, selective"),
+    ({"recompute_mode": "selective", "offload": "activations"},
+     r"--recompute_mode selective keeps activations on the device, so it cannot go with "
+     r"--offload activations: use --recompute_mode full with offload, or leave offload out"),
 ])
 def test_bad_settings_are_refused_before_anything_is_written(model_bin, alpaca_small, tmp_path,
                                                              overrides, message):
