@@ -40,12 +40,14 @@ def start_stage(ckpt_dir, tokenizer_path=None, device=None, dtype=None, max_seq_
     return ctx, model, tokenizer
 
 
-def compile_blocks(model, compile: bool):
+def compile_blocks(model, compile):
     """--compile: torch.compile each block (after any recompute wrapper); refused with one line
-    when this machine cannot build the compiled kernels."""
+    when this machine cannot build the compiled kernels. compile: False, True (inductor) or a
+    backend's name (the benchmarks' CPU rehearsal uses aot_eager, which builds no kernels)."""
     if not compile:
         return model
-    missing = compiler_missing()
+    backend = compile if isinstance(compile, str) else "inductor"
+    missing = compiler_missing(backend)
     if missing:
         raise BadInput(f"--compile: {missing}; install one or leave out --compile")
-    return apply_compile(model)
+    return apply_compile(model, backend)
