@@ -288,7 +288,7 @@ def test_fp16_overflow_skips_the_step_on_every_stage_and_training_goes_on(
 
 # ---- recompute and offload change nothing (float32, CPU) ----
 
-@pytest.mark.parametrize("switch", [{"recompute": True},
+@pytest.mark.parametrize("switch", [{"recompute": True}, {"recompute_mode": "selective"},
                                     {"offload": "optimizer,activations,weights"}])
 def test_recompute_and_offload_give_the_plain_runs_losses(model_bin, alpaca_small, reference,
                                                           tmp_path, switch):
