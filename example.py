@@ -7,14 +7,15 @@ from llama.errors import run_cli
 from llama.faults import PeerLost, report_and_exit
 from llama.generation import generate
 from llama.pipeline import Stage
-from llama.runtime import start_stage
+from llama.runtime import compile_blocks, start_stage
 
 DEFAULT_PROMPTS = ("Once upon a time", "Tom and Lily went to the park. They saw", "The cat")
 
 
 def main(ckpt_dir: str, tokenizer_path: str = None, prompts: tuple[str, ...] = DEFAULT_PROMPTS,
          max_gen_len: int = 64, temperature: float = 0.0, top_p: float = 0.9, seed: int = 0,
-         max_seq_len: int = None, device: str = None, dtype: str = None, timeout_s: float = 300.0):
+         max_seq_len: int = None, device: str = None, dtype: str = None, timeout_s: float = 300.0,
+         cuda_graph: bool = False, compile: bool = False):
     """Generate text with a LLaMA checkpoint (the base model, no soft prompt), one stage per process.
 
     Each prompt is continued until EOS, BOS (which models such as stories260K emit to end a
@@ -33,12 +34,17 @@ def main(ckpt_dir: str, tokenizer_path: str = None, prompts: tuple[str, ...] = D
     dtype: float32, float16 or bfloat16 for the weights (default: float16 on a GPU, float32 on
         the CPU)
     timeout_s: seconds to wait for another stage before giving up on it
+    cuda_graph: decode with a static KV cache, each step replayed as a CUDA graph on a GPU (on a
+        CPU the same static path runs uncaptured); the same ids as without it
+    compile: torch.compile each transformer block first (slow to start; needs a C++ compiler)
     """
-    ctx, model, tokenizer = start_stage(ckpt_dir, tokenizer_path, device, dtype, max_seq_len, timeout_s)
+    ctx, model, tokenizer = start_stage(ckpt_dir, tokenizer_path, device, dtype, max_seq_len,
+                                        timeout_s, fuse_projections=True)
+    compile_blocks(model, compile)
     try:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         ids = [tokenizer.encode(p, bos=True, eos=False) for p in prompts]
-        outputs = generate(Stage(model, ctx), ids, max_gen_len, temperature, top_p,
+        outputs = generate(Stage(model, ctx, cuda_graph=cuda_graph), ids, max_gen_len, temperature, top_p,
                            stop_ids=tokenizer.stop_ids, seed=seed,
                            progress_every_s=10.0 if ctx.rank == 0 else None)
         for prompt_ids, out in zip(ids, outputs):

@@ -9,7 +9,7 @@ from llama.faults import PeerLost, report_and_exit
 from llama.generation import decode_continuation, generate
 from llama.pipeline import Stage
 from llama.prompt import SoftPrompt, load_prompt
-from llama.runtime import start_stage
+from llama.runtime import compile_blocks, start_stage
 
 DEFAULT_PROMPTS = ("Give three tips for staying healthy.", "Once upon a time")
 
@@ -17,7 +17,8 @@ DEFAULT_PROMPTS = ("Give three tips for staying healthy.", "Once upon a time")
 def main(ckpt_dir: str, prompt: str, tokenizer_path: str = None,
          prompts: tuple[str, ...] = DEFAULT_PROMPTS, template: str = None, max_gen_len: int = 64,
          temperature: float = 0.0, top_p: float = 0.9, seed: int = 0, compare: bool = False,
-         max_seq_len: int = None, device: str = None, dtype: str = None, timeout_s: float = 300.0):
+         max_seq_len: int = None, device: str = None, dtype: str = None, timeout_s: float = 300.0,
+         cuda_graph: bool = False, compile: bool = False):
     """Generate with a trained soft prompt (this project's or PEFT's layout), one stage per process.
 
     Each text is wrapped in the template the prompt was trained with (from prompt.json).
@@ -39,8 +40,13 @@ def main(ckpt_dir: str, prompt: str, tokenizer_path: str = None,
     dtype: float32, float16 or bfloat16 for the weights (default: float16 on a GPU, float32 on
         the CPU)
     timeout_s: seconds to wait for another stage before giving up on it
+    cuda_graph: decode with a static KV cache, each step replayed as a CUDA graph on a GPU (on a
+        CPU the same static path runs uncaptured); the same ids as without it
+    compile: torch.compile each transformer block first (slow to start; needs a C++ compiler)
     """
-    ctx, model, tokenizer = start_stage(ckpt_dir, tokenizer_path, device, dtype, max_seq_len, timeout_s)
+    ctx, model, tokenizer = start_stage(ckpt_dir, tokenizer_path, device, dtype, max_seq_len,
+                                        timeout_s, fuse_projections=True)
+    compile_blocks(model, compile)
     try:
         soft_prompt, info = None, None
         if ctx.is_first:
@@ -48,7 +54,7 @@ def main(ckpt_dir: str, prompt: str, tokenizer_path: str = None,
             soft_prompt = SoftPrompt(weight).to(ctx.device)
         info = ctx.broadcast_object(info)  # the other stages only need its length and template
         n_virtual = ctx.broadcast_object(soft_prompt.n_virtual_tokens if soft_prompt else None)
-        stage = Stage(model, ctx, soft_prompt, n_virtual)
+        stage = Stage(model, ctx, soft_prompt, n_virtual, cuda_graph=cuda_graph)
         template = template or info.get("template") or "none"
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
         ids = [tokenizer.encode(format_prompt({"instruction": t, "input": ""}, template),

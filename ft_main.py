@@ -26,7 +26,8 @@ def main(ckpt_dir: str, data: str, out: str, tokenizer_path: str = None,
          lr: float = 3e-2, lr_schedule: str = "cosine", warmup_steps: int = 10,
          weight_decay: float = 0.0, max_grad_norm: float = 1.0, seed: int = 0,
          # precision and memory
-         device: str = None, dtype: str = None, recompute: bool = False, offload: str = None,
+         device: str = None, dtype: str = None, recompute: bool = False, recompute_mode: str = "full",
+         offload: str = None, compile: bool = False,
          # bookkeeping
          log_every: int = 10, eval_every: int = 50, save_every: int = 100,
          resume: Union[bool, str] = None, overwrite: bool = False, base_model: str = None,
@@ -69,7 +70,11 @@ def main(ckpt_dir: str, data: str, out: str, tokenizer_path: str = None,
     dtype: float16 (default on a GPU, with dynamic loss scaling), bfloat16 or float32 (default
         on the CPU) for the frozen weights
     recompute: recompute each layer in backward instead of keeping its activations
+    recompute_mode: full (keep only each layer's input) or selective (also keep the matrix
+        products' outputs, redo only norms, rotary and SiLU: faster, more memory; implies
+        --recompute; not with --offload activations or weights)
     offload: comma-separated optimizer,activations,weights: what to keep in CPU memory
+    compile: torch.compile each transformer block (slow first step; needs a C++ compiler)
     log_every: print a line every this many steps
     eval_every: compute the held-out loss every this many steps
     save_every: write checkpoint.pt every this many steps (0 for only at the end)

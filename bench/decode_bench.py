@@ -4,8 +4,10 @@
     python -m bench.decode_bench --shape 7B --n_stages 4 --compare_single_stage
     python -m bench.decode_bench --shape tiny --gen_len 8      # CPU check that it still runs
 
-Eager only: the product has no CUDA-graph decode step yet.
-One JSON line per batch size, then a short table.
+--cuda_graph: the product's static-cache decode (llama/static_decode.py), each step a CUDA graph
+on a GPU; on a CPU the same static path uncaptured ("mode": "static"). --compile: torch.compile
+of each block (True for inductor, or a backend's name). The projections are fused, as in
+example.py. One JSON line per batch size, then a short table.
 """
 import gc
 import sys
@@ -16,11 +18,12 @@ from bench import common
 from bench.shapes import model_args, parameter_bytes, random_stage, shape_name
 from llama.distributed import DistContext, init_distributed
 from llama.errors import BadInput, run_cli
+from llama.fused import apply_fused_projections
 from llama.generation import generate
 from llama.pipeline import Stage
-from llama.runtime import pick_dtype
+from llama.runtime import compile_blocks, pick_dtype
 
-TABLE = ["impl", "n_stages", "batch", "decode_tokens_per_s", "bandwidth_limit_tokens_per_s",
+TABLE = ["impl", "mode", "n_stages", "batch", "decode_tokens_per_s", "bandwidth_limit_tokens_per_s",
          "bandwidth_share", "copy_bandwidth_gb_s", "model_gb"]
 
 
@@ -59,7 +62,8 @@ def fastest_times(make_tokens, clock, gen_len: int, repeats: int):
     return min(t for t, _ in times), min(t for _, t in times)
 
 
-def decode_record(impl, batch, gen_len, full_s, prefill_s, model_bytes, bandwidth):
+def decode_record(impl, batch, gen_len, full_s, prefill_s, model_bytes, bandwidth,
+                  mode="eager"):
     """tokens/s of the gen_len - 1 steps after the prefill, and their share of the limit.
 
     Each decode step reads every weight once for the whole batch, so the limit is
@@ -69,20 +73,28 @@ def decode_record(impl, batch, gen_len, full_s, prefill_s, model_bytes, bandwidt
     # Only timing noise makes gen_len tokens faster than one; then there is no figure to give.
     tokens_per_s = batch * (gen_len - 1) / decode_s if decode_s > 0 else None
     limit = batch * bandwidth / model_bytes
-    return {"bench": "decode", "impl": impl, "mode": "eager", "batch": batch, "gen_len": gen_len,
+    return {"bench": "decode", "impl": impl, "mode": mode, "batch": batch, "gen_len": gen_len,
             "decode_tokens_per_s": tokens_per_s, "end_to_end_tokens_per_s": batch * gen_len / full_s,
             "prefill_s": prefill_s, "model_bytes": model_bytes, "model_gb": model_bytes / 1e9,
             "copy_bandwidth_gb_s": bandwidth / 1e9, "bandwidth_limit_tokens_per_s": limit,
             "bandwidth_share": tokens_per_s / limit if tokens_per_s else None}
 
 
-def run_ours(ctx, args, dtype, batches, prompt_len, gen_len, repeats, bandwidth, seed):
+def decode_mode(cuda_graph: bool, device) -> str:
+    if not cuda_graph:
+        return "eager"
+    return "cuda_graph" if torch.device(device).type == "cuda" else "static"
+
+
+def run_ours(ctx, args, dtype, batches, prompt_len, gen_len, repeats, bandwidth, seed,
+             cuda_graph=False, compile=False):
     """Every batch size through this rank's stage; records on rank 0."""
     common.reset_peak_memory(ctx.device)
     model = random_stage(args, ctx.rank, ctx.world_size, ctx.device, dtype, seed)
     model_bytes = sum(ctx.gather_objects(parameter_bytes(model)) or [0])
     model_bytes = ctx.broadcast_object(model_bytes)
-    stage = Stage(model, ctx)
+    compile_blocks(apply_fused_projections(model), compile)
+    stage = Stage(model, ctx, cuda_graph=cuda_graph)
     records = []
     for batch in batches:
         prompts = random_prompts(args.vocab_size, batch, prompt_len, seed)
@@ -91,14 +103,16 @@ def run_ours(ctx, args, dtype, batches, prompt_len, gen_len, repeats, bandwidth,
             common.Clock(ctx.device), gen_len, repeats)
         peaks = ctx.gather_objects(round(common.peak_memory_gib(ctx.device), 3))
         if ctx.rank == 0:
-            record = decode_record("ours", batch, gen_len, full_s, prefill_s, model_bytes, bandwidth)
-            records.append({**record, "n_stages": ctx.world_size, "backend": ctx.backend,
+            record = decode_record("ours", batch, gen_len, full_s, prefill_s, model_bytes, bandwidth,
+                                   decode_mode(cuda_graph, ctx.device))
+            records.append({**record, "compile": compile, "n_stages": ctx.world_size, "backend": ctx.backend,
                             "prompt_len": prompt_len, "dtype": str(dtype).replace("torch.", ""),
                             "peak_mem_gib": peaks})
     return records
 
 
-def run_hf(args, dtype, device, batches, prompt_len, gen_len, repeats, bandwidth, seed):
+def run_hf(args, dtype, device, batches, prompt_len, gen_len, repeats, bandwidth, seed,
+           **ours_only):
     """HF greedy generate of the same shape, for the side-by-side ratio."""
     from bench import hf
     model = hf.random_llama(args, device, dtype, use_cache=True).eval()
@@ -118,13 +132,16 @@ def run_hf(args, dtype, device, batches, prompt_len, gen_len, repeats, bandwidth
 
 def main(shape: str = "tiny", n_stages: int = None, batch=(1, 8), prompt_len: int = 32,
          gen_len: int = 128, dtype: str = "auto", repeats: int = 3, copy_mib: int = None,
-         compare_hf: bool = False, compare_single_stage: bool = False,
-         device: str = None, seed: int = 0, timeout_s: float = 600.0):
+         compare_hf: bool = False, compare_single_stage: bool = False, cuda_graph: bool = False,
+         compile=False, device: str = None, seed: int = 0, timeout_s: float = 600.0):
     """Greedy decode tokens/s at each batch size (no early stop), with the model's bytes, the
     measured copy bandwidth (default 1 GiB copied on a GPU, 64 MiB on a CPU) and the share of
     the bandwidth limit. compare_hf: the same through transformers' generate (skipped, with a
     note, when not installed); compare_single_stage: after n stages, one process with the whole
-    model, for the pipeline's loss."""
+    model, for the pipeline's loss. cuda_graph: the static-cache decode, captured on a GPU;
+    compile: torch.compile each block (True: inductor; or a backend's name, e.g. aot_eager)."""
+    if not isinstance(cuda_graph, bool):
+        raise BadInput(f"--cuda_graph {cuda_graph!r} must be True or False")
     if n_stages is not None and (isinstance(n_stages, bool) or not isinstance(n_stages, int)
                                  or n_stages < 1):
         raise BadInput(f"--n_stages {n_stages!r} must be a positive integer")
@@ -146,7 +163,7 @@ def main(shape: str = "tiny", n_stages: int = None, batch=(1, 8), prompt_len: in
     bandwidth = ctx.broadcast_object(copy_bandwidth(ctx.device, copy_bytes) if ctx.rank == 0 else None)
     env = {"shape": shape_name(shape), **common.environment(ctx.device)}
     run_args = dict(prompt_len=prompt_len, gen_len=gen_len, repeats=repeats, bandwidth=bandwidth,
-                    seed=seed)
+                    seed=seed, cuda_graph=cuda_graph, compile=compile)
     records = run_ours(ctx, args, dtype, batches, **run_args)
     gc.collect()  # this rank's stage, before another model is built
     for record in records:

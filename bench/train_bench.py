@@ -2,6 +2,7 @@
 
     python -m bench.train_bench --shape 7B --n_stages 4 --global_batch 32 --micro_batch 2 --recompute
     python -m bench.train_bench --shape tiny --steps 2        # CPU check that it still runs
+    python -m bench.train_bench --shape 7B --recompute --recompute_mode selective --compile --fused
 
 With --n_stages n > 1 it starts itself as n processes (torch.distributed.run, this machine);
 under torchrun it runs as started. One JSON line per configuration, then a short table.
@@ -18,15 +19,17 @@ from llama.checkpoint import stage_plan
 from llama.data import MicroBatch
 from llama.distributed import DistContext, init_distributed
 from llama.errors import BadInput, run_cli
-from llama.offload import apply_recompute, apply_weight_streaming, optimizer_device
+from llama.fused import apply_fused_projections
+from llama.offload import RECOMPUTE_MODES, apply_recompute, apply_weight_streaming, optimizer_device
 from llama.pipeline import SCHEDULES, Stage
 from llama.precision import LossScaler, ScaledAdamW, finish_step
 from llama.prompt import SoftPrompt, init_prompt_weight
-from llama.runtime import pick_dtype
+from llama.runtime import compile_blocks, pick_dtype
 from llama.trace import Tracer, bubble_fraction, ideal_bubble_fraction, write_chrome_trace
 from llama.config import parse_offload
 
-TABLE = ["impl", "n_stages", "schedule", "global_batch", "micro_batch", "recompute", "offload",
+TABLE = ["impl", "n_stages", "schedule", "global_batch", "micro_batch", "recompute", "mode",
+         "compile", "offload",
          "tokens_per_s", "step_time_s", "peak_mem_gib", "bubble_measured", "bubble_ideal"]
 
 
@@ -75,15 +78,19 @@ def configurations(global_batch, micro_batch, schedule, recompute):
 class PipelineRun:
     """This rank's stage with random weights, its soft prompt and optimizer, as train.py sets them up."""
 
-    def __init__(self, ctx, args, dtype, n_virtual_tokens, recompute, offload, seed):
+    def __init__(self, ctx, args, dtype, n_virtual_tokens, recompute, offload, seed,
+                 recompute_mode="full", compile=False, fused=False):
         self.ctx = ctx
         common.reset_peak_memory(ctx.device)
         model = random_stage(args, ctx.rank, ctx.world_size, ctx.device, dtype, seed)
         self.weight_bytes = parameter_bytes(model)
+        if fused:
+            apply_fused_projections(model)
         if recompute or offload & {"activations", "weights"}:
-            apply_recompute(model, offload_activations="activations" in offload)
+            apply_recompute(model, offload_activations="activations" in offload, mode=recompute_mode)
         if "weights" in offload:
             apply_weight_streaming(model, ctx.device)
+        compile_blocks(model, compile)
         self.prompt = None
         if ctx.is_first:
             weight = init_prompt_weight("random", n_virtual_tokens, model.tok_embeddings.weight,
@@ -114,9 +121,10 @@ class PipelineRun:
 
 
 def run_ours(ctx, args, dtype, cfg, n_virtual_tokens, offload, steps, warmup_steps, seq_len,
-             target_fraction, seed, trace_dir):
-    """One configuration on every rank; the record (complete on rank 0)."""
-    run = PipelineRun(ctx, args, dtype, n_virtual_tokens, cfg["recompute"], offload, seed)
+             target_fraction, seed, trace_dir, speed):
+    """One configuration on every rank; the record (complete on rank 0). speed: recompute_mode,
+    compile and fused, the same for every configuration."""
+    run = PipelineRun(ctx, args, dtype, n_virtual_tokens, cfg["recompute"], offload, seed, **speed)
     batches, _ = synthetic_batches(args.vocab_size, cfg["global_batch"], cfg["micro_batch"],
                                    seq_len, target_fraction, seed)
     clock = common.Clock(ctx.device)
@@ -148,7 +156,8 @@ def run_ours(ctx, args, dtype, cfg, n_virtual_tokens, offload, steps, warmup_ste
                            {"n_micro_batches": n_micro, "schedule": cfg["schedule"]})
     tokens = cfg["global_batch"] * seq_len
     return {"bench": "train", "impl": "ours", "name": name, "n_stages": ctx.world_size,
-            "backend": ctx.backend, **cfg, "n_micro": n_micro, "seq_len": seq_len,
+            "backend": ctx.backend, **cfg, **speed,
+            "mode": speed["recompute_mode"] if cfg["recompute"] else None, "n_micro": n_micro, "seq_len": seq_len,
             "n_virtual_tokens": n_virtual_tokens, "dtype": str(dtype).replace("torch.", ""),
             "offload": sorted(offload), "steps": steps, "warmup_steps": warmup_steps,
             "step_time_s": step_time, "tokens_per_s": tokens / step_time,
@@ -161,7 +170,7 @@ def run_ours(ctx, args, dtype, cfg, n_virtual_tokens, offload, steps, warmup_ste
 
 
 def run_hf(args, dtype, device, cfg, n_virtual_tokens, steps, warmup_steps, seq_len,
-           target_fraction, seed):
+           target_fraction, seed, speed=None):
     """The same configuration through transformers + peft in this process (one device)."""
     from bench import hf
     common.reset_peak_memory(device)
@@ -211,6 +220,7 @@ def main(shape: str = "tiny", n_stages: int = None, schedule="1f1b", global_batc
          seq_len: int = 512, n_virtual_tokens: int = 32, dtype: str = "auto", recompute=False,
          offload=None, steps: int = 5, warmup_steps: int = 2, target_fraction: float = 1.0,
          compare_hf: bool = False, compare_single_stage: bool = False, trace_dir: str = None,
+         recompute_mode: str = "full", compile=False, fused: bool = False,
          device: str = None, seed: int = 0, timeout_s: float = 1800.0):
     """Tokens/s (text tokens: global_batch x seq_len per step; the virtual tokens ride along),
     step time, every stage's peak memory and the traced bubble, per configuration.
@@ -221,7 +231,14 @@ def main(shape: str = "tiny", n_stages: int = None, schedule="1f1b", global_batc
     configurations through transformers + peft in one process (skipped, with a note, when they are
     not installed); compare_single_stage runs them in one process holding the whole model, the
     anchor for the pipeline's overhead. Both run after the pipeline's processes have finished.
+    recompute_mode: full or selective, for the configurations that recompute; compile: torch.compile
+    each block (True: inductor, or a backend's name such as aot_eager); fused: one wqkv and one
+    w13 matrix per block (llama/fused.py).
     """
+    if recompute_mode not in RECOMPUTE_MODES:
+        raise BadInput(f"--recompute_mode {recompute_mode!r} must be one of {', '.join(RECOMPUTE_MODES)}")
+    if not isinstance(fused, bool):
+        raise BadInput(f"--fused {fused!r} must be True or False")
     if n_stages is not None and (isinstance(n_stages, bool) or not isinstance(n_stages, int)
                                  or n_stages < 1):
         raise BadInput(f"--n_stages {n_stages!r} must be a positive integer")
@@ -234,6 +251,9 @@ def main(shape: str = "tiny", n_stages: int = None, schedule="1f1b", global_batc
     if not 0 < target_fraction <= 1:
         raise BadInput(f"--target_fraction {target_fraction} must be in (0, 1]")
     offload = parse_offload(offload)
+    if recompute_mode == "selective" and offload & {"activations", "weights"}:
+        raise BadInput("--recompute_mode selective keeps activations on the device: it cannot go "
+                       "with --offload activations or weights")
     configs = configurations(global_batch, micro_batch, schedule, recompute)
     if offload & {"activations", "weights"}:  # both work through recomputation
         configs = [c for c in configs if c["recompute"]] or [{**c, "recompute": True} for c in configs]
@@ -243,7 +263,8 @@ def main(shape: str = "tiny", n_stages: int = None, schedule="1f1b", global_batc
         raise BadInput(f"torchrun started {ctx.world_size} processes but --n_stages is {n_stages}")
     dtype = pick_dtype(dtype, ctx.device)
     run_args = dict(n_virtual_tokens=n_virtual_tokens, steps=steps, warmup_steps=warmup_steps,
-                    seq_len=seq_len, target_fraction=target_fraction, seed=seed)
+                    seq_len=seq_len, target_fraction=target_fraction, seed=seed,
+                    speed={"recompute_mode": recompute_mode, "compile": compile, "fused": fused})
     env = common.environment(ctx.device)
     records = []
     for cfg in configs:

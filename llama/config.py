@@ -10,7 +10,7 @@ from typing import Optional, Union
 
 from llama.data import END_TARGETS
 from llama.errors import BadInput
-from llama.offload import OFFLOAD_CHOICES
+from llama.offload import OFFLOAD_CHOICES, RECOMPUTE_MODES
 from llama.pipeline import SCHEDULES
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
@@ -51,7 +51,9 @@ class RunConfig:
     device: Optional[str]
     dtype: Optional[str]
     recompute: bool
+    recompute_mode: str
     offload: frozenset
+    compile: bool
     # bookkeeping
     log_every: int
     eval_every: int
@@ -90,6 +92,12 @@ class RunConfig:
             raise BadInput("--resume and --overwrite contradict each other: pass --resume to "
                            "continue the run in --out, or --overwrite to start it again")
         object.__setattr__(self, "offload", parse_offload(self.offload))
+        self._one_of("recompute_mode", RECOMPUTE_MODES)
+        moved = self.offload & {"activations", "weights"}
+        if self.recompute_mode == "selective" and moved:
+            raise BadInput(f"--recompute_mode selective keeps activations on the device, so it "
+                           f"cannot go with --offload {','.join(sorted(moved))}: use "
+                           "--recompute_mode full with offload, or leave offload out")
         steps = self.debug_overflow_steps
         object.__setattr__(self, "debug_overflow_steps",
                            (steps,) if isinstance(steps, int) else tuple(steps or ()))
@@ -103,8 +111,10 @@ class RunConfig:
 
     @property
     def recomputes(self) -> bool:
-        """Per-layer recomputation: asked for, or needed by activation offload / weight streaming."""
-        return self.recompute or bool(self.offload & {"activations", "weights"})
+        """Recomputation: asked for (selective implies it), or needed by activation offload /
+        weight streaming."""
+        return self.recompute or self.recompute_mode == "selective" or \
+            bool(self.offload & {"activations", "weights"})
 
     def _positive_int(self, name):
         self._int_at_least(name, 1, "a positive integer")

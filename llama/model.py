@@ -58,14 +58,16 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def rotary_tables(head_dim: int, theta: float, start_pos: int, length: int, device):
+def rotary_tables(head_dim: int, theta: float, start_pos, length: int, device):
     """cos and sin of the rotary angles for positions [start_pos, start_pos + length).
 
     Meta's convention: pair i of a head is (x[2i], x[2i+1]) and turns at theta^(-2i/head_dim)
     per position. Computed on the fly in float32: it is tiny next to the matrix products.
+    start_pos is an int, or a one-element tensor on the device (static decode: no host value).
     """
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    positions = torch.arange(start_pos, start_pos + length, device=device, dtype=torch.float32)
+    # Whole numbers are exact in float32, so this equals arange(start_pos, start_pos + length).
+    positions = torch.arange(length, device=device, dtype=torch.float32) + start_pos
     angles = torch.outer(positions, inv_freq)  # (T, head_dim/2)
     return angles.cos(), angles.sin()
 
@@ -89,9 +91,18 @@ class KVCache:
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
 
-    def update(self, start_pos: int, keys, values):
-        """Store keys/values (B, T, kv_heads, hd) at start_pos; return all up to start_pos + T."""
+    def update(self, start_pos, keys, values):
+        """Store keys/values (B, T, kv_heads, hd) at start_pos; return all up to start_pos + T.
+
+        With start_pos a device tensor every shape stays fixed (what a CUDA graph needs): the
+        write is an in-place index copy and the whole cache comes back; a mask hides the rest.
+        """
         B, T = keys.shape[:2]
+        if torch.is_tensor(start_pos):
+            positions = start_pos + torch.arange(T, device=keys.device)
+            self.keys[:B].index_copy_(1, positions, keys)
+            self.values[:B].index_copy_(1, positions, values)
+            return self.keys[:B], self.values[:B]
         self.keys[:B, start_pos:start_pos + T] = keys
         self.values[:B, start_pos:start_pos + T] = values
         return self.keys[:B, :start_pos + T], self.values[:B, :start_pos + T]
@@ -102,9 +113,13 @@ class KVCache:
         self.keys, self.values = self.keys[index], self.values[index]
 
 
-def causal_mask(n_queries: int, n_keys: int, device):
-    """Boolean mask (T, S): query t, at position S - T + t, sees keys up to its own position."""
-    offset = n_keys - n_queries
+def causal_mask(n_queries: int, n_keys: int, device, start_pos=None):
+    """Boolean mask (T, S): query t, at position start_pos + t, sees keys up to its own position.
+
+    start_pos defaults to S - T (the keys end with the queries); a device tensor for the static
+    cache, whose S is its whole length.
+    """
+    offset = n_keys - n_queries if start_pos is None else start_pos
     key_pos = torch.arange(n_keys, device=device)
     query_pos = torch.arange(n_queries, device=device) + offset
     return key_pos[None, :] <= query_pos[:, None]
@@ -118,13 +133,22 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.wqkv: Optional[nn.Linear] = None  # wq, wk, wv as one matrix (llama/fused.py)
         self.cache: Optional[KVCache] = None  # set by Transformer.setup_kv_cache for generation
 
-    def forward(self, x, cos, sin, start_pos: int):
+    def project_qkv(self, x):
+        """(q, k, v) of x: three matrix products, or one once the projections are fused."""
+        if self.wqkv is None:
+            return self.wq(x), self.wk(x), self.wv(x)
+        kv_width = self.n_kv_heads * self.head_dim
+        return self.wqkv(x).split([self.n_heads * self.head_dim, kv_width, kv_width], dim=-1)
+
+    def forward(self, x, cos, sin, start_pos):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = self.project_qkv(x)
+        q = q.reshape(B, T, self.n_heads, self.head_dim)
+        k = k.reshape(B, T, self.n_kv_heads, self.head_dim)
+        v = v.reshape(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)  # (B, start_pos + T, kv_heads, hd)
@@ -132,8 +156,11 @@ class Attention(nn.Module):
         n_keys = k.shape[2]
         # Without earlier positions the plain causal flag does it (and picks the fast kernels);
         # one new query sees every cached key; a chunk after a prefix needs the offset mask.
-        is_causal = n_keys == T and T > 1
-        mask = causal_mask(T, n_keys, x.device) if (n_keys > T and T > 1) else None
+        # A device-side start_pos means the whole static cache came back: always masked.
+        static = torch.is_tensor(start_pos)
+        is_causal = n_keys == T and T > 1 and not static
+        mask = causal_mask(T, n_keys, x.device, start_pos if static else None) \
+            if static or (n_keys > T and T > 1) else None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                              enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
@@ -145,9 +172,14 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w13: Optional[nn.Linear] = None  # w1 and w3 as one matrix (llama/fused.py)
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13 is None:
+            gate, up = self.w1(x), self.w3(x)
+        else:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -158,7 +190,7 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.hidden_dim)
 
-    def forward(self, x, cos, sin, start_pos: int):
+    def forward(self, x, cos, sin, start_pos):
         h = x + self.attention(self.attention_norm(x), cos, sin, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -195,8 +227,11 @@ class Transformer(nn.Module):
         """(B, T) token ids -> (B, T, dim) hidden states."""
         return self.tok_embeddings(tokens)
 
-    def run_layers(self, h, start_pos: int = 0):
-        """Pass hidden states (B, T, dim) at positions start_pos.. through this stage's blocks."""
+    def run_layers(self, h, start_pos=0):
+        """Pass hidden states (B, T, dim) at positions start_pos.. through this stage's blocks.
+
+        start_pos: an int, or a one-element device tensor for the static KV cache (fixed shapes).
+        """
         cos, sin = rotary_tables(self.args.head_dim, self.args.rope_theta, start_pos, h.shape[1],
                                  h.device)
         for block in self.layers.values():
@@ -214,7 +249,7 @@ class Transformer(nn.Module):
         return self.logits(h) if self.has_head else h
 
     def setup_kv_cache(self, batch_size: int, max_seq_len: int):
-        weight = next(iter(self.layers.values())).attention.wq.weight
+        weight = next(iter(self.layers.values())).attention.wo.weight
         for block in self.layers.values():
             block.attention.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads,
                                             self.args.head_dim, weight.dtype, weight.device)

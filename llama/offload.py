@@ -2,15 +2,21 @@
 
 - recompute (+ activation offload): a block keeps only its input during the forward pass and
   recomputes its insides in the backward pass; with offload that input waits in pinned CPU memory.
+- selective recompute: a block keeps its matrix products' outputs (and attention's) and
+  recomputes only the cheap elementwise work (RMSNorm, rotary, SiLU x up) in the backward pass.
 - optimizer offload: the prompt's fp32 master copy, its gradient and AdamW state live on the CPU
   and the step runs there (precision.ScaledAdamW does the step; this file only says where).
 - weight streaming: a stage's blocks stay in pinned CPU memory and each is copied to the GPU just
   before it runs (the next one already on its way), for stages that do not fit at all.
 """
+import functools
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 OFFLOAD_CHOICES = ("optimizer", "activations", "weights")
+RECOMPUTE_MODES = ("full", "selective")
 
 
 def pinned_like(tensor):
@@ -71,10 +77,49 @@ class RecomputedBlock(nn.Module):
         return _RecomputeBlock.apply(h, cos, sin, self, start_pos, self.offload)
 
 
-def apply_recompute(model, offload_activations: bool = False):
-    """Wrap every block of the stage for per-layer recomputation (after loading its weights)."""
+def _matrix_products():
+    """The ops whose outputs selective recomputation keeps: what costs FLOPs to redo."""
+    aten = torch.ops.aten
+    names = ("mm", "bmm", "addmm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+             "_scaled_dot_product_flash_attention_for_cpu")
+    return {getattr(aten, name).default for name in names if hasattr(aten, name)}
+
+
+def _keep_matrix_products(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _matrix_products() else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+class SelectiveRecomputedBlock(nn.Module):
+    """A block under torch.utils.checkpoint with a policy: matrix-product and attention outputs
+    are saved in the forward pass, everything elementwise between them is recomputed."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, h, cos, sin, start_pos: int):
+        if not torch.is_grad_enabled():
+            return self.block(h, cos, sin, start_pos)
+        return checkpoint(self.block, h, cos, sin, start_pos, use_reentrant=False,
+                          context_fn=functools.partial(create_selective_checkpoint_contexts,
+                                                       _keep_matrix_products))
+
+
+def apply_recompute(model, offload_activations: bool = False, mode: str = "full"):
+    """Wrap every block of the stage for recomputation (after loading its weights).
+
+    mode full: per-layer (only the block's input is kept); selective: the matrix products'
+    outputs are kept too, which costs memory but no second pass of GEMMs. Activation offload
+    and weight streaming work on full recomputation only.
+    """
+    if mode not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute mode {mode!r} is not one of {RECOMPUTE_MODES}")
+    if mode == "selective" and offload_activations:
+        raise ValueError("selective recomputation keeps activations on the device: no offload")
     for name, block in list(model.layers.items()):
-        model.layers[name] = RecomputedBlock(block, offload_activations)
+        model.layers[name] = SelectiveRecomputedBlock(block) if mode == "selective" \
+            else RecomputedBlock(block, offload_activations)
     return model
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from llama.errors import BadInput
+from llama.static_decode import StaticDecoder
 
 SCHEDULES = ("gpipe", "1f1b")
 
@@ -65,7 +66,8 @@ def loss_sum(stage_model, h, targets):
 class Stage:
     """One rank's part of the pipeline: its layers, the soft prompt (first stage), the transport."""
 
-    def __init__(self, model, ctx, soft_prompt=None, n_virtual: int = 0, tracer=None):
+    def __init__(self, model, ctx, soft_prompt=None, n_virtual: int = 0, tracer=None,
+                 cuda_graph: bool = False):
         self.model, self.ctx, self.soft_prompt = model, ctx, soft_prompt
         self.n_virtual = n_virtual  # every stage must know it: it lengthens every sequence
         self.dtype = next(model.parameters()).dtype
@@ -73,6 +75,9 @@ class Stage:
         self.tracer = tracer
         self.step = 0  # the training step, for the trace
         self.in_flight = {}  # micro-batch -> what its backward needs
+        # cuda_graph: decode steps with a static cache, each replayed as a CUDA graph on a GPU
+        # (run uncaptured on a CPU); prefill stays eager.
+        self.static_decoder = StaticDecoder(model, ctx.device) if cuda_graph else None
 
     @property
     def is_first(self):
@@ -184,8 +189,12 @@ class Stage:
     # ---- generation ----
 
     def start_generation(self, batch_size: int, length: int):
-        """A KV cache for this stage's layers: batch_size rows of length positions."""
-        self.model.setup_kv_cache(batch_size, length)
+        """A KV cache for this stage's layers: batch_size rows of length positions (the static
+        decoder's is always max_seq_len long, kept for the next generation of that batch size)."""
+        if self.static_decoder is not None:
+            self.static_decoder.start(batch_size)
+        else:
+            self.model.setup_kv_cache(batch_size, length)
 
     def end_generation(self):
         self.model.clear_kv_cache()
@@ -195,10 +204,17 @@ class Stage:
         """Run tokens chunk (B, T) at cache positions start_pos.. through every stage; the last
         stage turns its last position's logits into one id per row with pick(logits), and every
         rank gets those ids (on the CPU). with_prompt: the soft prompt enters before the chunk."""
-        h = self.model.run_layers(self.hidden_in(chunk, with_prompt), start_pos)
-        self.hidden_out(h)
+        if self.static_decoder is not None and chunk.shape[1] == 1 and not with_prompt:
+            x = chunk if self.is_first else self.hidden_in(chunk, with_prompt=False)
+            out = self.static_decoder.step(x, start_pos)  # logits on the last stage, else h
+        else:
+            out = self.model.run_layers(self.hidden_in(chunk, with_prompt), start_pos)
+            if self.is_last:
+                out = self.model.logits(out[:, -1])
+        if not self.is_last:
+            self.hidden_out(out)
         self.ctx.flush_sends()
         chosen = torch.zeros(chunk.shape[0], dtype=torch.long)
         if self.is_last:
-            chosen = pick(self.model.logits(h[:, -1])).cpu()
+            chosen = pick(out).cpu()
         return self.ctx.broadcast_tensor(chosen.to(self.device), src=self.ctx.world_size - 1).cpu()

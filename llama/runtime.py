@@ -6,7 +6,9 @@ import torch
 
 from llama.checkpoint import find_tokenizer, is_split_dir, load_model, read_split
 from llama.distributed import init_distributed
+from llama.compiling import apply_compile, compiler_missing
 from llama.errors import BadInput
+from llama.fused import apply_fused_projections
 from llama.precision import dtype_named
 from llama.tokenizer import Tokenizer
 
@@ -20,8 +22,11 @@ def pick_dtype(name, device: torch.device):
 
 
 def start_stage(ckpt_dir, tokenizer_path=None, device=None, dtype=None, max_seq_len=None,
-                timeout_s: float = 300.0):
-    """(ctx, model of this rank's stage, tokenizer) for a split directory or any checkpoint."""
+                timeout_s: float = 300.0, fuse_projections: bool = False):
+    """(ctx, model of this rank's stage, tokenizer) for a split directory or any checkpoint.
+
+    fuse_projections: one wqkv and one w13 matrix per block (llama/fused.py; generation uses it:
+    decode steps measured faster, see docs/PERFORMANCE.md)."""
     if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 2):
         raise BadInput(f"--max_seq_len={max_seq_len!r} must be an integer of at least 2")
     expected = len(read_split(ckpt_dir)[1]["stages"]) if is_split_dir(ckpt_dir) else None
@@ -30,4 +35,19 @@ def start_stage(ckpt_dir, tokenizer_path=None, device=None, dtype=None, max_seq_
                        pick_dtype(dtype, ctx.device), max_seq_len)
     tokenizer = Tokenizer(tokenizer_path or find_tokenizer(ckpt_dir))
     tokenizer.check_matches(model.args.vocab_size)
+    if fuse_projections:
+        apply_fused_projections(model)
     return ctx, model, tokenizer
+
+
+def compile_blocks(model, compile):
+    """--compile: torch.compile each block (after any recompute wrapper); refused with one line
+    when this machine cannot build the compiled kernels. compile: False, True (inductor) or a
+    backend's name (the benchmarks' CPU rehearsal uses aot_eager, which builds no kernels)."""
+    if not compile:
+        return model
+    backend = compile if isinstance(compile, str) else "inductor"
+    missing = compiler_missing(backend)
+    if missing:
+        raise BadInput(f"--compile: {missing}; install one or leave out --compile")
+    return apply_compile(model, backend)

@@ -29,7 +29,7 @@ from llama.resume import (checkpoint_path, restore, resume_path, run_identity,
                           save_training_state)
 from llama.run_folder import claim_out
 from llama.runlog import RunLog, memory_slots, step_record, write_trace
-from llama.runtime import start_stage
+from llama.runtime import compile_blocks, start_stage
 from llama.trace import Tracer
 
 
@@ -153,9 +153,11 @@ def set_up(cfg, ctx, model, tokenizer, held) -> Run:
     if ctx.rank == 0:  # before any work: a second run into the same --out stops here at once
         held.enter_context(claim_out(Path(cfg.out), cfg.resume, cfg.overwrite, ctx.log))
     if cfg.recomputes:
-        apply_recompute(model, offload_activations="activations" in cfg.offload)
+        apply_recompute(model, offload_activations="activations" in cfg.offload,
+                        mode=cfg.recompute_mode)
     if "weights" in cfg.offload:
         apply_weight_streaming(model, ctx.device)
+    compile_blocks(model, cfg.compile)
     sync = torch.cuda.synchronize if ctx.device.type == "cuda" else None
     tracer = Tracer(ctx.rank, enabled=bool(cfg.trace), synchronize=sync)
     stage = Stage(model, ctx, prompt, cfg.n_virtual_tokens, tracer)

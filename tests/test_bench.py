@@ -77,6 +77,28 @@ def test_decode_bench_two_stages_then_one_stage():
     assert "decode_tokens_per_s" in header and len(rows) == 4
 
 
+def test_decode_bench_static_cache_path_with_compiled_blocks():
+    """--cuda_graph runs the product's static decode (captured only on a GPU); --compile aot_eager
+    traces the blocks without building kernels, so the rehearsal stays quick on a CPU."""
+    lines, done = run_bench("decode_bench", *TINY, "--batch", "1", "--prompt_len", "4",
+                            "--gen_len", "4", "--repeats", "1", "--copy_mib", "4", "--cuda_graph",
+                            "--compile", "aot_eager")
+    (record,) = [r for r in lines if r.get("bench") == "decode"]
+    assert record["mode"] == "static" and record["compile"] == "aot_eager"
+    assert record["decode_tokens_per_s"] > 0
+    assert "static" in table_after_json(done.stdout)[1]
+
+
+def test_train_bench_selective_recompute_compiled_and_fused():
+    lines, _ = run_bench("train_bench", *TINY, "--seq_len", "12", "--n_virtual_tokens", "4",
+                         "--global_batch", "2", "--micro_batch", "1", "--recompute", "True",
+                         "--recompute_mode", "selective", "--compile", "aot_eager", "--fused",
+                         "--steps", "1", "--warmup_steps", "1")
+    (record,) = [r for r in lines if r.get("bench") == "train"]
+    assert (record["mode"], record["compile"], record["fused"]) == ("selective", "aot_eager", True)
+    assert record["tokens_per_s"] > 0 and record["loss"] > 0
+
+
 def test_memory_estimate_formula_matches_what_autograd_saves():
     lines, _ = run_bench("memory_estimate", "--shape", "tiny", "--n_stages", "2",
                          "--micro_batch", "1,2", "--global_batch", "4", "--seq_len", "12",

@@ -61,14 +61,16 @@ def test_single_process_batch_equals_each_prompt_alone(stories, prompts, single_
     assert single_process["sampled"] != single_process["greedy"]  # sampling really sampled
 
 
-@pytest.mark.parametrize("n_stages", [2, 3])
+@pytest.mark.parametrize("n_stages, cuda_graph", [(2, False), (3, False), (2, True)])
 def test_pipeline_generates_what_one_process_generates(splits, prompts, single_process, n_stages,
-                                                       tmp_path):
+                                                       cuda_graph, tmp_path):
+    """cuda_graph: the static decode path (uncaptured on the CPU) on every stage, against the
+    eager path of one process."""
     out = tmp_path / "ids.json"
     argv = [os.path.join("tests", "workers", "gen_worker.py"), "--ckpt", str(splits[n_stages]),
             "--out", str(out), "--prompts", json.dumps(prompts), "--max_gen_len", str(MAX_GEN_LEN),
             "--temperature", str(SETTINGS["temperature"]), "--top_p", str(SETTINGS["top_p"]),
-            "--seed", str(SETTINGS["seed"])]
+            "--seed", str(SETTINGS["seed"]), f"--cuda_graph={cuda_graph}"]
     check_all_ok(launch(argv, n_stages, timeout_s=120))
     assert json.loads(out.read_text()) == single_process
 

@@ -291,8 +291,9 @@ def test_fp16_overflow_skips_the_step_on_every_stage_and_training_goes_on(
 
 # ---- recompute and offload: each switch alone changes no loss, and moves what it claims ----
 
-MEMORY_SWITCHES = {"recompute": {"recompute": True}, "activations": {"offload": "activations"},
-                   "optimizer": {"offload": "optimizer"}, "weights": {"offload": "weights"}}
+MEMORY_SWITCHES = {"recompute": {"recompute": True}, "selective": {"recompute_mode": "selective"},
+                   "activations": {"offload": "activations"}, "optimizer": {"offload": "optimizer"},
+                   "weights": {"offload": "weights"}}
 
 
 @pytest.mark.parametrize("switch", MEMORY_SWITCHES.values(), ids=MEMORY_SWITCHES.keys())
@@ -498,6 +499,10 @@ def test_empty_dataset_after_filtering(model_bin, alpaca_records, tmp_path):
     ({"offload": "optimizer,gpu"}, r"--offload 'gpu' is not one of optimizer, activations, "
                                    r"weights"),
     ({"max_skipped_steps": 0}, r"--max_skipped_steps=0 must be a positive integer"),
+    ({"recompute_mode": "partial"}, r"--recompute_mode 'partial' must be one of full, selective"),
+    ({"recompute_mode": "selective", "offload": "activations"},
+     r"--recompute_mode selective keeps activations on the device, so it cannot go with "
+     r"--offload activations: use --recompute_mode full with offload, or leave offload out"),
 ])
 def test_bad_settings_are_refused_before_anything_is_written(model_bin, alpaca_small, tmp_path,
                                                              overrides, message):

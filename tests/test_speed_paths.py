@@ -1,0 +1,166 @@
+"""The speed paths give what the plain paths give: static-cache (CUDA-graph) decode the same ids,
+fused projections the same logits and state dict, --compile the same losses, selective
+recomputation the same gradient. All on the CPU with stories260K or the tiny shape.
+Run: python3 -m pytest -q tests/test_speed_paths.py
+"""
+import os
+
+import pytest
+import torch
+from torch.utils.checkpoint import CheckpointPolicy
+
+from llama.checkpoint import load_model
+from llama.compiling import apply_compile, compiler_missing
+from llama.data import MicroBatch
+from llama.distributed import DistContext
+from llama.errors import BadInput
+from llama.fused import apply_fused_projections
+from llama.generation import generate
+from llama import compiling, offload
+from llama.offload import apply_recompute
+from llama.pipeline import Stage
+from llama.prompt import SoftPrompt
+from llama.runtime import compile_blocks
+from llama.tokenizer import Tokenizer
+
+MAX_GEN_LEN = 16
+SETTINGS = dict(top_p=0.9, seed=0, stop_ids=(1, 2))
+
+
+@pytest.fixture(scope="module")
+def stories(assets):
+    return assets / "stories260K"
+
+
+@pytest.fixture(scope="module")
+def model(stories):
+    return load_model(stories / "stories260K.bin")
+
+
+@pytest.fixture(scope="module")
+def prompts(stories):
+    tokenizer = Tokenizer(str(stories / "tok512.model"))
+    texts = ["Once upon a time", "Tom and Lily went to the park. They saw", "The cat"]
+    return [tokenizer.encode(t, bos=True, eos=False) for t in texts] + [[1]]
+
+
+@pytest.fixture(scope="module")
+def soft_prompt(model):
+    weight = model.tok_embeddings.weight[torch.arange(20, 26)].clone()
+    return SoftPrompt(weight)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("with_soft_prompt", [False, True])
+def test_static_decode_generates_the_ids_of_the_eager_path(model, prompts, soft_prompt,
+                                                           temperature, with_soft_prompt):
+    extra = (soft_prompt, soft_prompt.n_virtual_tokens) if with_soft_prompt else ()
+    eager = Stage(model, DistContext(), *extra)
+    static = Stage(model, DistContext(), *extra, cuda_graph=True)
+    expected = generate(eager, prompts, MAX_GEN_LEN, temperature, **SETTINGS)
+    assert generate(static, prompts, MAX_GEN_LEN, temperature, **SETTINGS) == expected
+    assert set(static.static_decoder.steps) == {len(prompts)}  # the decode steps really ran there
+    # The static cache is kept and reused: a second run, and another batch size, still agree.
+    assert generate(static, prompts, MAX_GEN_LEN, temperature, **SETTINGS) == expected
+    assert generate(static, prompts[:1], MAX_GEN_LEN, temperature, **SETTINGS) == \
+        generate(eager, prompts[:1], MAX_GEN_LEN, temperature, **SETTINGS)
+
+
+# ---- fused projections ----
+
+def test_fused_projections_give_the_same_logits_and_the_same_state_dict(stories, prompts):
+    plain = load_model(stories / "stories260K.bin")
+    fused = apply_fused_projections(load_model(stories / "stories260K.bin"))
+    assert fused.layers["0"].attention.wq is None and fused.layers["0"].feed_forward.w13 is not None
+    tokens = torch.tensor([prompts[1]])
+    torch.testing.assert_close(fused(tokens), plain(tokens), rtol=1e-5, atol=1e-5)
+    # Files keep Meta's names: the same keys and tensors come out, and go back in strictly.
+    saved, expected = fused.state_dict(), plain.state_dict()
+    assert list(saved) == list(expected)
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
+    again = apply_fused_projections(load_model(stories / "stories260K.bin"))
+    again.load_state_dict({k: torch.zeros_like(v) for k, v in expected.items()}, strict=True)
+    assert not again.layers["0"].attention.wqkv.weight.any()
+    again.load_state_dict(expected, strict=True)
+    torch.testing.assert_close(again(tokens), plain(tokens), rtol=1e-5, atol=1e-5)
+
+
+# ---- training: --compile and selective recomputation ----
+
+def prompt_gradient(stories, transform):
+    """(loss, prompt gradient) of one 1F1B step of stories260K with a 4-token soft prompt, after
+    transform(model)."""
+    model = transform(load_model(stories / "stories260K.bin"))
+    weight = load_model(stories / "stories260K.bin").tok_embeddings.weight[10:14]
+    prompt = SoftPrompt(weight)
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(2):
+        tokens = torch.randint(3, 512, (2, 12), generator=generator)
+        targets = torch.full_like(tokens, -100)
+        targets[:, 4:-1] = tokens[:, 5:]
+        batches.append(MicroBatch(tokens, targets, int((targets != -100).sum())))
+    loss, _ = Stage(model, DistContext(), prompt, 4).train_step(batches, "1f1b")
+    return loss, prompt.weight.grad
+
+
+@pytest.fixture(scope="module")
+def plain_gradient(stories):
+    return prompt_gradient(stories, lambda model: model)
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_recompute_modes_give_the_same_gradient(stories, plain_gradient, mode):
+    loss, grad = prompt_gradient(stories, lambda model: apply_recompute(model, mode=mode))
+    assert loss == pytest.approx(plain_gradient[0], rel=1e-6)
+    torch.testing.assert_close(grad, plain_gradient[1], rtol=1e-5, atol=1e-7)
+
+
+def test_selective_recompute_keeps_every_matrix_product(stories, monkeypatch):
+    """The forward pass marks every GEMM's output (7 per block) to be kept, and the elementwise
+    work to be redone in the backward pass (torch answers the kept ones from storage there)."""
+    decisions, policy = [], offload._keep_matrix_products
+
+    def recording_policy(ctx, op, *args, **kwargs):
+        decision = policy(ctx, op, *args, **kwargs)
+        if not ctx.is_recompute:
+            decisions.append((str(op), decision))
+        return decision
+
+    model = apply_recompute(load_model(stories / "stories260K.bin"), mode="selective")
+    h = torch.randn(2, 12, model.args.dim, requires_grad=True)
+    monkeypatch.setattr(offload, "_keep_matrix_products", recording_policy)
+    model.run_layers(h).sum().backward()
+    kept = [op for op, d in decisions if d == CheckpointPolicy.MUST_SAVE]
+    redone = {op for op, d in decisions if d == CheckpointPolicy.PREFER_RECOMPUTE}
+    assert kept.count("aten.mm.default") == 7 * len(model.layers)
+    assert "aten.mm.default" not in redone and {"aten.rsqrt.default", "aten.silu.default"} <= redone
+
+
+def compile_backends():
+    """aot_eager always (the graph capture, quick); inductor (kernels built with the system's
+    C++ compiler: minutes on a busy 2-core CPU) when LLAMA_TEST_INDUCTOR=1."""
+    inductor_skip = compiler_missing("inductor") or (
+        None if os.environ.get("LLAMA_TEST_INDUCTOR") == "1" else
+        "inductor builds C++ kernels for minutes on a small CPU: set LLAMA_TEST_INDUCTOR=1")
+    return ["aot_eager", pytest.param("inductor", marks=pytest.mark.skipif(
+        bool(inductor_skip), reason=inductor_skip or ""))]
+
+
+@pytest.mark.parametrize("backend", compile_backends())
+def test_compiled_blocks_give_the_same_losses_and_gradient(stories, plain_gradient, backend):
+    missing = compiler_missing(backend)
+    if missing:
+        pytest.skip(missing)
+    loss, grad = prompt_gradient(stories, lambda model: apply_compile(model, backend))
+    assert loss == pytest.approx(plain_gradient[0], rel=1e-5)
+    torch.testing.assert_close(grad, plain_gradient[1], rtol=1e-4, atol=1e-6)
+
+
+def test_compile_without_a_compiler_is_refused_in_one_line(model, monkeypatch):
+    monkeypatch.setattr(compiling.shutil, "which", lambda name: None)
+    with pytest.raises(BadInput, match=r"^--compile: torch\.compile's inductor backend needs a "
+                                       r"C/C\+\+ compiler \(cc, gcc or clang\) on PATH; install "
+                                       r"one or leave out --compile$"):
+        compile_blocks(model, True)
+    assert compile_blocks(model, False) is model  # off: untouched
