@@ -30,7 +30,6 @@ class _RecomputeBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, cos, sin, wrapper, start_pos, offload):
-        block = wrapper.block
         ctx.wrapper, ctx.start_pos, ctx.cos, ctx.sin = wrapper, start_pos, cos, sin
         ctx.device = h.device
         # With offload the kept input is a copy in host memory and h itself can go. A run on the

@@ -12,7 +12,7 @@ import torch
 
 from llama.checkpoint import is_split_dir, open_source, read_split, stage_plan
 from llama.errors import BadInput, run_cli
-from llama.memory import GIB, stage_estimates
+from llama.memory import stage_estimates
 from llama.partition import parameter_costs
 from llama.precision import DTYPES
 from llama.quant import largest_group_size
