@@ -9,7 +9,6 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import split_model
 from launch import check_all_ok, launch
@@ -22,7 +21,7 @@ from llama.memory import GIB, stage_estimates, stage_weight_bytes
 from llama.partition import stage_layer_ranges
 from llama.pipeline import Stage
 from llama.prompt import SoftPrompt, init_prompt_weight
-from llama.quant import QuantizedLinear, apply_quantization, quantized_tensors, use_int4_kernels
+from llama.quant import QuantizedLinear, quantized_tensors, use_int4_kernels
 from llama.tokenizer import Tokenizer
 
 
