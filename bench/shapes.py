@@ -12,6 +12,7 @@ from llama.checkpoint import stage_plan
 from llama.errors import BadInput
 from llama.formats import model_args_from_dict, read_json
 from llama.model import ModelArgs, Transformer
+from llama.quant import apply_quantization
 
 # Meta's params.json for LLaMA-1/2 7B and 13B (hidden_dim follows: 11008 and 13824), and a tiny
 # shape of the stories260K family for checking on a CPU that a benchmark still runs.
@@ -70,11 +71,46 @@ def random_model(args: ModelArgs, layer_range=None, embeddings: bool = True, hea
 
 
 def random_stage(args: ModelArgs, stage: int, n_stages: int, device="cpu", dtype=torch.float32,
-                 seed: int = 0) -> Transformer:
-    """Stage `stage` of `n_stages` as the runtime would split the model (balanced_ranges)."""
+                 seed: int = 0, quantize: str = None, group_size: int = None) -> Transformer:
+    """Stage `stage` of `n_stages` as the runtime would split the model (balanced_ranges); with
+    quantize, its block linears hold random int8/int4 codes (made where they run: a quantized 7B
+    stage never exists in float)."""
     layer_range, embeddings, head = stage_plan(args, n_stages)[stage]
-    return random_model(args, layer_range, embeddings, head, device, dtype, seed)
+    if quantize is None:
+        return random_model(args, layer_range, embeddings, head, device, dtype, seed)
+    return random_quantized_model(args, layer_range, embeddings, head, device, dtype, seed,
+                                  quantize, group_size)
+
+
+def random_quantized_model(args, layer_range, embeddings, head, device, dtype, seed, scheme,
+                           group_size):
+    """Random codes and scales of the size a real quantized stage has; the float parts
+    (embeddings, norms, head) as random_model makes them. Speed and memory, not text."""
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = Transformer(args, layer_range, embeddings, head).to(dtype)
+    apply_quantization(model, scheme, group_size)
+    model = model.to_empty(device=device)
+    model.requires_grad_(False)  # frozen, and filled in place below
+    generator = torch.Generator(device=device)
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        generator.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        if not tensor.is_floating_point():  # packed codes: any byte is a valid code
+            low, high = (-127, 128) if tensor.dtype == torch.int8 else (0, 256)
+            tensor.random_(low, high, generator=generator)
+        elif tensor.dim() == 1 and not name.endswith(("scales", "zeros")):  # RMSNorm gains
+            tensor.fill_(1.0)
+        elif name.endswith("scales"):  # codes of +-127 (int8) or +-8 (int4) reach ~3 INIT_STD
+            tensor.fill_(3 * INIT_STD / (127 if scheme == "int8" else 8))
+        elif name.endswith("zeros"):
+            tensor.zero_()
+        else:
+            tensor.normal_(0.0, INIT_STD, generator=generator)
+    return model.eval()
 
 
 def parameter_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """The bytes of the weights: float parameters and, in a quantized stage, the packed codes
+    and scales that QuantizedLinear keeps as buffers."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)

@@ -23,6 +23,7 @@ from llama.fused import apply_fused_projections
 from llama.offload import RECOMPUTE_MODES, apply_recompute, apply_weight_streaming, optimizer_device
 from llama.pipeline import SCHEDULES, Stage
 from llama.precision import LossScaler, ScaledAdamW, finish_step
+from llama.quant import check_scheme, largest_group_size
 from llama.prompt import SoftPrompt, init_prompt_weight
 from llama.runtime import compile_blocks, pick_dtype
 from llama.trace import Tracer, bubble_fraction, ideal_bubble_fraction, write_chrome_trace
@@ -75,14 +76,29 @@ def configurations(global_batch, micro_batch, schedule, recompute):
     return configs
 
 
+def cap_memory(device, cap_gib):
+    """Let this process allocate at most cap_gib of the GPU: a small card on a big one."""
+    if cap_gib is None:
+        return
+    if isinstance(cap_gib, bool) or not isinstance(cap_gib, (int, float)) or cap_gib <= 0:
+        raise BadInput(f"--memory_cap_gib {cap_gib!r} must be a positive number of GiB")
+    if device.type != "cuda":
+        print(f"note: --memory_cap_gib {cap_gib} applies to GPUs only; {device} is not capped")
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total), device)
+
+
 class PipelineRun:
     """This rank's stage with random weights, its soft prompt and optimizer, as train.py sets them up."""
 
     def __init__(self, ctx, args, dtype, n_virtual_tokens, recompute, offload, seed,
-                 recompute_mode="full", compile=False, fused=False):
+                 recompute_mode="full", compile=False, fused=False, quantize=None,
+                 group_size=None):
         self.ctx = ctx
         common.reset_peak_memory(ctx.device)
-        model = random_stage(args, ctx.rank, ctx.world_size, ctx.device, dtype, seed)
+        model = random_stage(args, ctx.rank, ctx.world_size, ctx.device, dtype, seed, quantize,
+                             group_size)
         self.weight_bytes = parameter_bytes(model)
         if fused:
             apply_fused_projections(model)
@@ -220,7 +236,8 @@ def main(shape: str = "tiny", n_stages: int = None, schedule="1f1b", global_batc
          seq_len: int = 512, n_virtual_tokens: int = 32, dtype: str = "auto", recompute=False,
          offload=None, steps: int = 5, warmup_steps: int = 2, target_fraction: float = 1.0,
          compare_hf: bool = False, compare_single_stage: bool = False, trace_dir: str = None,
-         recompute_mode: str = "full", compile=False, fused: bool = False,
+         recompute_mode: str = "full", compile=False, fused: bool = False, quantize: str = None,
+         group_size: int = None, memory_cap_gib: float = None,
          device: str = None, seed: int = 0, timeout_s: float = 1800.0):
     """Tokens/s (text tokens: global_batch x seq_len per step; the virtual tokens ride along),
     step time, every stage's peak memory and the traced bubble, per configuration.
@@ -233,7 +250,10 @@ def main(shape: str = "tiny", n_stages: int = None, schedule="1f1b", global_batc
     anchor for the pipeline's overhead. Both run after the pipeline's processes have finished.
     recompute_mode: full or selective, for the configurations that recompute; compile: torch.compile
     each block (True: inductor, or a backend's name such as aot_eager); fused: one wqkv and one
-    w13 matrix per block (llama/fused.py).
+    w13 matrix per block (llama/fused.py). quantize: int8 or int4 block linears with random codes
+    (llama/quant.py; group_size for int4, default as split_model.py picks it: 128 for 7B). memory_cap_gib: each process may allocate
+    at most this much GPU memory (torch.cuda.set_per_process_memory_fraction), so one large GPU
+    shows whether a stage fits a small card; a stage that hits it stops the run, named.
     """
     if recompute_mode not in RECOMPUTE_MODES:
         raise BadInput(f"--recompute_mode {recompute_mode!r} must be one of {', '.join(RECOMPUTE_MODES)}")
@@ -262,9 +282,15 @@ def main(shape: str = "tiny", n_stages: int = None, schedule="1f1b", global_batc
     if n_stages is not None and ctx.world_size != n_stages:
         raise BadInput(f"torchrun started {ctx.world_size} processes but --n_stages is {n_stages}")
     dtype = pick_dtype(dtype, ctx.device)
+    cap_memory(ctx.device, memory_cap_gib)
+    if quantize == "int4" and group_size is None:
+        group_size = largest_group_size(args.dim, args.hidden_dim)  # as split_model.py picks it
+    if quantize is not None:
+        check_scheme(quantize, group_size)
     run_args = dict(n_virtual_tokens=n_virtual_tokens, steps=steps, warmup_steps=warmup_steps,
                     seq_len=seq_len, target_fraction=target_fraction, seed=seed,
-                    speed={"recompute_mode": recompute_mode, "compile": compile, "fused": fused})
+                    speed={"recompute_mode": recompute_mode, "compile": compile, "fused": fused,
+                           "quantize": quantize, "group_size": group_size})
     env = common.environment(ctx.device)
     records = []
     for cfg in configs:
@@ -273,8 +299,10 @@ def main(shape: str = "tiny", n_stages: int = None, schedule="1f1b", global_batc
                               **run_args)
         except torch.cuda.OutOfMemoryError:
             if ctx.distributed:  # torchrun stops the other stages when this one fails
-                raise BadInput(f"stage {ctx.rank} ran out of GPU memory in {cfg}: try "
-                               "--recompute, a smaller --micro_batch or --offload") from None
+                cap = f" of --memory_cap_gib {memory_cap_gib}" if memory_cap_gib else ""
+                raise BadInput(f"stage {ctx.rank} ran out of GPU memory{cap} in {cfg} (peak "
+                               f"{common.peak_memory_gib(ctx.device):.2f} GiB): try --recompute, "
+                               "a smaller --micro_batch or --offload") from None
             record = {"bench": "train", "impl": "ours", **cfg, "error": "out of GPU memory"}
             gc.collect()
         if record is not None:

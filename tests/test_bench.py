@@ -123,3 +123,19 @@ def test_synthetic_batches_train_the_same_positions_as_hf_labels(monkeypatch):
         # HF predicts labels[t + 1] at position t; ours stores that target at t itself
         assert (batch.targets[:, :-1] == labels[:, 1:]).all() and (batch.targets[:, -1] == -100).all()
         assert batch.n_targets == int((labels != -100).sum()) == 2 * 4
+
+
+def test_train_bench_quantized_stages_hold_fewer_weight_bytes():
+    """--quantize gives each stage random int8 / int4 codes of a real quantized stage's size (the
+    GPU check runs 7B int4 on 2 stages and int8 on 4 under --memory_cap_gib, a no-op on a CPU)."""
+    weight_bytes = {}
+    for scheme in (None, "int8", "int4"):
+        argv = [*TINY, "--seq_len", "8", "--n_virtual_tokens", "2", "--global_batch", "2",
+                "--micro_batch", "1", "--steps", "1", "--warmup_steps", "1",
+                "--memory_cap_gib", "4"]
+        lines, done = run_bench("train_bench", *argv, *(["--quantize", scheme] if scheme else []))
+        (record,) = [r for r in lines if r.get("bench") == "train"]
+        assert record["quantize"] == scheme and record["loss"] > 0
+        weight_bytes[scheme] = record["weight_bytes"][0]
+        assert "applies to GPUs only" in done.stdout
+    assert weight_bytes[None] > weight_bytes["int8"] > weight_bytes["int4"]
