@@ -562,7 +562,7 @@ def test_nan_loss_that_does_not_recover_stops_and_keeps_the_last_good_checkpoint
     metrics = read_metrics(out)
     assert [m["skipped"] for m in metrics] == [False, True, True, True]
     state = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert state["step"] == 3 and torch.isfinite(state["prompt"]).all()
+    assert state["step"] == 3 and torch.isfinite(state["trainable"]["prompt"]).all()
     assert not (out / "prompt.pt").exists()
     # Intact: the same run resumes from it (without the injected overflows) and finishes.
     ft_main.main(**args, resume=True)
