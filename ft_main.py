@@ -35,7 +35,8 @@ def main(ckpt_dir: str, data: str, out: str, tokenizer_path: str = None,
          max_skipped_steps: int = 20, debug_overflow_steps: tuple[int, ...] = ()):
     """Train a soft prompt for a frozen LLaMA, one pipeline stage per process (or all in one).
 
-    Writes <out>/prompt.pt, prompt.json, peft/ (PEFT's layout), metrics.jsonl and checkpoint.pt.
+    Writes <out>/prompt.pt + prompt.json (tuning.pt + tuning.json for --method prefix|adapter),
+    peft/ (PEFT's layout), metrics.jsonl and checkpoint.pt.
 
     ckpt_dir: the model: a split folder (split_model.py), a Meta folder, a llama2.c .bin or a
         Hugging Face folder
@@ -49,8 +50,8 @@ def main(ckpt_dir: str, data: str, out: str, tokenizer_path: str = None,
         prompt, in tokens
     adapter_layers: with --method adapter, how many of the top layers get an adaption prompt
         (default: all)
-    init: how the prompt starts (--method prompt; prefixes and adaption prompts start from a
-        seeded normal draw): text (embeddings of --init_text), vocab (random vocabulary
+    init: how the prompt starts (a prefix: as the keys and values of those tokens; adaption
+        prompts always from a seeded normal draw): text (embeddings of --init_text), vocab (random vocabulary
         rows) or random (at the embeddings' scale)
     init_text: the text whose embeddings start the prompt (with --init text)
     template: how a record becomes text: alpaca, plain or none

@@ -220,3 +220,37 @@ def apply_saved(model, method: str, tensors: dict, is_first: bool) -> Tuning:
     weight = tensors["prompt"]
     prompt = SoftPrompt(weight).to(next(model.parameters()).device) if is_first else None
     return apply_prompt(prompt, weight.shape[0])
+
+
+def init_ids(init: str, n_virtual: int, tokenizer, text: str, seed: int):
+    """The tokens a prefix starts from: the text's, repeated to fill (--init text), or random
+    vocabulary entries (--init vocab), as the prompt method's inits pick them."""
+    if init == "text":
+        ids = tokenizer.encode(text, bos=False, eos=False) if text else []
+        if not ids:
+            raise BadInput(f"--init_text {text!r} has no tokens: give a few words, or use "
+                           "--init vocab or --init random")
+        return (ids * math.ceil(n_virtual / len(ids)))[:n_virtual]
+    low = 259 if tokenizer.n_words > 1000 else 3
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(low, tokenizer.n_words, (n_virtual,), generator=generator).tolist()
+
+
+@torch.no_grad()
+def init_prefix_from_tokens(stage, ids):
+    """Every layer's prefix starts as the keys and values the plain model computes for `ids` at
+    positions 0..n_virtual-1: the tuned model then starts exactly as the plain model reading
+    those tokens first (P-tuning v2's point that real activations start better than noise).
+    Run through the pipeline like a prefill (every stage at once), before any memory transform."""
+    stage.start_generation(1, len(ids))
+    try:
+        with stage.tuning.off():
+            h = stage.model.run_layers(stage.hidden_in(torch.tensor([ids]), with_prompt=False))
+        stage.hidden_out(h)
+        stage.ctx.flush_sends()
+        for key, prefix in stage.tuning.trainable.items():
+            cache = stage.model.layers[layer_of(key)].attention.cache
+            prefix[0].copy_(cache.keys[0, :len(ids)])
+            prefix[1].copy_(cache.values[0, :len(ids)])
+    finally:
+        stage.end_generation()

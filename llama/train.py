@@ -26,7 +26,8 @@ from llama.errors import BadInput
 from llama.faults import PeerLost, report_and_exit
 from llama.offload import apply_recompute, apply_weight_streaming, optimizer_device
 from llama.method_files import export_peft_method, save_tuning
-from llama.methods import apply_adapter, apply_prefix, apply_prompt
+from llama.methods import (apply_adapter, apply_prefix, apply_prompt, init_ids,
+                           init_prefix_from_tokens)
 from llama.pipeline import Stage
 from llama.precision import LossScaler, ScaledAdamW, finish_step
 from llama.prompt import SoftPrompt, export_peft, init_prompt_weight, save_prompt
@@ -205,7 +206,11 @@ def set_up(cfg, ctx, model, tokenizer, held) -> Run:
 def build_tuning(cfg, model, tokenizer, ctx):
     """The --method transform on this stage's part of the model (seeded per global layer)."""
     if cfg.method == "prefix":
-        return apply_prefix(model, cfg.n_virtual_tokens, cfg.seed)
+        tuning = apply_prefix(model, cfg.n_virtual_tokens, cfg.seed)
+        if cfg.init != "random":  # else PEFT's N(0, 1)
+            ids = init_ids(cfg.init, cfg.n_virtual_tokens, tokenizer, cfg.init_text, cfg.seed)
+            init_prefix_from_tokens(Stage(model, ctx, tuning=tuning), ids)
+        return tuning
     if cfg.method == "adapter":
         return apply_adapter(model, cfg.n_virtual_tokens, cfg.adapter_layers, cfg.seed)
     prompt = None

@@ -178,6 +178,7 @@ def test_prefix_trained_on_two_stages_generates_the_same_on_one_and_three(
         model_bin, two_stage_run, tmp_path, capsys):
     split3 = tmp_path / "pp3"
     split_model.main(str(model_bin), 3, out_dir=str(split3))
+    capsys.readouterr()
     args = ["--prompts", "Once upon a time", "--max_gen_len", "12", "--template", "none",
             "--compare", "True"]
     example_ft.main(str(model_bin), str(two_stage_run), prompts="Once upon a time",

@@ -378,7 +378,8 @@ def test_optimizer_offload_keeps_the_master_copy_and_adamw_state_apart_from_the_
     for _ in range(3):
         grad = torch.randn(4, 8, generator=generator)
         prompt.grad, expected.grad = grad * 1024.0, grad.clone()
-        optimizer.step(lr=0.1, loss_scale=1024.0, max_grad_norm=0.0)
+        norm = optimizer.unscale(loss_scale=1024.0) ** 0.5  # before the step's all-reduce
+        optimizer.step(lr=0.1, grad_norm=norm, max_grad_norm=0.0)
         adamw.step()
         assert prompt.grad is None
         moments = optimizer.optimizer.state[optimizer.master]
