@@ -1,4 +1,4 @@
-"""Generate with a tuned soft prompt (ours or PEFT's layout), one pipeline stage per process.
+"""Generate with a tuned soft prompt, prefix or adapter (ours or PEFT's layout), one stage per process.
 
     torchrun --nproc_per_node 4 example_ft.py --ckpt_dir ckpts/7B_pp4 --prompt ckpts/prompts/alpaca
     python example_ft.py --ckpt_dir ckpts/stories260K_pp2 --prompt runs/demo/prompt --compare
@@ -7,8 +7,9 @@ from llama.data import format_prompt
 from llama.errors import run_cli
 from llama.faults import PeerLost, report_and_exit
 from llama.generation import decode_continuation, generate
+from llama.method_files import load_tuning
+from llama.methods import apply_saved
 from llama.pipeline import Stage
-from llama.prompt import SoftPrompt, load_prompt
 from llama.runtime import compile_blocks, start_stage
 
 DEFAULT_PROMPTS = ("Give three tips for staying healthy.", "Once upon a time")
@@ -25,8 +26,9 @@ def main(ckpt_dir: str, prompt: str, tokenizer_path: str = None,
 
     ckpt_dir: the model: a split folder (split_model.py), a Meta folder, a llama2.c .bin or a
         Hugging Face folder
-    prompt: the soft prompt's folder: prompt.pt + prompt.json (ft_main.py's --out), or a PEFT
-        prompt-tuning export (adapter_model.bin + adapter_config.json)
+    prompt: the folder ft_main.py --out wrote (prompt.pt + prompt.json, or tuning.pt +
+        tuning.json for --method prefix|adapter), or a PEFT export (adapter_model.bin +
+        adapter_config.json) of prompt tuning, prefix tuning or adaption prompts
     tokenizer_path: the sentencepiece tokenizer.model (default: the one beside the checkpoint)
     prompts: the texts (instructions) to answer: one text, or several as a list '["a", "b"]'
     template: alpaca, plain or none (default: the one the prompt was trained with)
@@ -48,13 +50,11 @@ def main(ckpt_dir: str, prompt: str, tokenizer_path: str = None,
                                         timeout_s, fuse_projections=True)
     compile_blocks(model, compile)
     try:
-        soft_prompt, info = None, None
-        if ctx.is_first:
-            weight, info = load_prompt(prompt, model.args)
-            soft_prompt = SoftPrompt(weight).to(ctx.device)
-        info = ctx.broadcast_object(info)  # the other stages only need its length and template
-        n_virtual = ctx.broadcast_object(soft_prompt.n_virtual_tokens if soft_prompt else None)
-        stage = Stage(model, ctx, soft_prompt, n_virtual, cuda_graph=cuda_graph)
+        # Rank 0 reads and checks the folder; every stage keeps the tensors of its own layers.
+        loaded = load_tuning(prompt, model.args) if ctx.rank == 0 else None
+        method, tensors, info = ctx.broadcast_object(loaded)
+        stage = Stage(model, ctx, tuning=apply_saved(model, method, tensors, ctx.is_first),
+                      cuda_graph=cuda_graph)
         template = template or info.get("template") or "none"
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
         ids = [tokenizer.encode(format_prompt({"instruction": t, "input": ""}, template),

@@ -1,4 +1,4 @@
-"""Learn a soft prompt for a frozen LLaMA split into pipeline stages (one stage per process).
+"""Learn a soft prompt (or per-layer prefixes, or adaption prompts) for a frozen LLaMA split into pipeline stages (one stage per process).
 
     torchrun --nproc_per_node 4 ft_main.py --ckpt_dir ckpts/7B_pp4 --data datasets/alpaca_data.json --out ckpts/prompts/alpaca
     python ft_main.py --ckpt_dir ckpts/stories260K --data datasets/alpaca_data_1k.json --out runs/p
@@ -13,8 +13,9 @@ from llama.train import train
 
 
 def main(ckpt_dir: str, data: str, out: str, tokenizer_path: str = None,
-         # the prompt
-         n_virtual_tokens: int = 32, init: str = "text", init_text: str = ALPACA_PREAMBLE,
+         # the tuning method and its prompt
+         method: str = "prompt", n_virtual_tokens: int = 32, adapter_layers: int = None,
+         init: str = "text", init_text: str = ALPACA_PREAMBLE,
          # data
          template: str = "alpaca", train_on_prompt: bool = False, strict: bool = False,
          eval_fraction: float = 0.05, max_seq_len: int = 512, cache_dir: str = None,
@@ -35,15 +36,23 @@ def main(ckpt_dir: str, data: str, out: str, tokenizer_path: str = None,
          max_skipped_steps: int = 20, debug_overflow_steps: tuple[int, ...] = ()):
     """Train a soft prompt for a frozen LLaMA, one pipeline stage per process (or all in one).
 
-    Writes <out>/prompt.pt, prompt.json, peft/ (PEFT's layout), metrics.jsonl and checkpoint.pt.
+    Writes <out>/prompt.pt + prompt.json (tuning.pt + tuning.json for --method prefix|adapter),
+    peft/ (PEFT's layout), metrics.jsonl and checkpoint.pt.
 
     ckpt_dir: the model: a split folder (split_model.py), a Meta folder, a llama2.c .bin or a
         Hugging Face folder
     data: the training data: Alpaca JSON (instruction, input, output) or JSONL records
     out: the folder for the prompt, its metrics and the checkpoint for --resume
     tokenizer_path: the sentencepiece tokenizer.model (default: the one beside the checkpoint)
-    n_virtual_tokens: length of the soft prompt in tokens
-    init: how the prompt starts: text (embeddings of --init_text), vocab (random vocabulary
+    method: what trains: prompt (a soft prompt before the text), prefix (keys and values before
+        the text in every layer, prefix tuning / P-tuning v2) or adapter (LLaMA-Adapter's gated
+        adaption prompts in the top --adapter_layers layers)
+    n_virtual_tokens: length of the soft prompt, of each layer's prefix, or of each adaption
+        prompt, in tokens
+    adapter_layers: with --method adapter, how many of the top layers get an adaption prompt
+        (default: all)
+    init: how the prompt starts (a prefix: as the keys and values of those tokens; adaption
+        prompts always from a seeded normal draw): text (embeddings of --init_text), vocab (random vocabulary
         rows) or random (at the embeddings' scale)
     init_text: the text whose embeddings start the prompt (with --init text)
     template: how a record becomes text: alpaca, plain or none

@@ -10,6 +10,7 @@ from typing import Optional, Union
 
 from llama.data import END_TARGETS
 from llama.errors import BadInput
+from llama.methods import method_named
 from llama.offload import OFFLOAD_CHOICES, RECOMPUTE_MODES
 from llama.pipeline import SCHEDULES
 
@@ -22,8 +23,10 @@ class RunConfig:
     data: str
     out: str
     tokenizer_path: Optional[str]
-    # the prompt
+    # the tuning method and its prompt
+    method: str
     n_virtual_tokens: int
+    adapter_layers: Optional[int]
     init: str
     init_text: str
     # data
@@ -78,6 +81,9 @@ class RunConfig:
         if self.global_batch_size % self.micro_batch_size:
             raise BadInput(f"--micro_batch_size={self.micro_batch_size} does not divide "
                            f"--global_batch_size={self.global_batch_size}")
+        method_named(self.method)
+        if self.adapter_layers is not None:
+            self._positive_int("adapter_layers")
         self._one_of("schedule", SCHEDULES)
         self._one_of("lr_schedule", LR_SCHEDULES, "--lr_schedule {!r} must be cosine, linear or constant")
         if not (_number(self.lr) and self.lr > 0):
@@ -103,7 +109,8 @@ class RunConfig:
                            (steps,) if isinstance(steps, int) else tuple(steps or ()))
 
     def check_fits(self, model_max_seq_len: int):
-        """The virtual tokens must leave room for text in the model's (or --max_seq_len's) length."""
+        """The virtual tokens must leave room for text in the model's (or --max_seq_len's) length
+        (an adapter's prompt takes no positions, but is held to the same bound)."""
         if self.n_virtual_tokens >= model_max_seq_len - 1:
             raise BadInput(f"--n_virtual_tokens={self.n_virtual_tokens} leaves no room for text in "
                            f"max_seq_len={model_max_seq_len}: use fewer virtual tokens or a larger "

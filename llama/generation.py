@@ -65,7 +65,7 @@ def generate(stage, prompts, max_gen_len: int, temperature: float = 0.0, top_p: 
         previous = 0
         for current in range(shortest, total_len):
             chosen = decode_step(stage, tokens[:, previous:current], previous, n_virtual,
-                                 temperature, top_p, generator)
+                                 use_prompt, temperature, top_p, generator)
             chosen = torch.where(is_prompt[:, current], tokens[:, current], chosen)
             tokens[:, current] = chosen
             finished |= ~is_prompt[:, current] & torch.isin(chosen, stop)
@@ -79,15 +79,15 @@ def generate(stage, prompts, max_gen_len: int, temperature: float = 0.0, top_p: 
             for i, p in enumerate(prompts)]
 
 
-def decode_step(stage, chunk, previous: int, n_virtual: int, temperature, top_p, generator):
+def decode_step(stage, chunk, previous: int, n_virtual: int, use_prompt: bool, temperature,
+                top_p, generator):
     """One id per row after tokens chunk (B, T), which sits at text positions previous..
 
-    The soft prompt enters at prefill only: it takes cache positions 0..n_virtual-1, so later
-    chunks start at n_virtual + previous.
+    A soft prompt or prefix enters at prefill only: it takes cache positions 0..n_virtual-1, so
+    later chunks start at n_virtual + previous.
     """
-    prefill = previous == 0
-    start_pos = 0 if prefill else n_virtual + previous
-    return stage.next_ids(chunk, start_pos, with_prompt=prefill and n_virtual > 0,
+    start_pos = 0 if previous == 0 else n_virtual + previous
+    return stage.next_ids(chunk, start_pos, with_prompt=use_prompt,
                           pick=lambda logits: next_tokens(logits, temperature, top_p, generator))
 
 

@@ -135,6 +135,10 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.wqkv: Optional[nn.Linear] = None  # wq, wk, wv as one matrix (llama/fused.py)
         self.cache: Optional[KVCache] = None  # set by Transformer.setup_kv_cache for generation
+        # Optional keys/values every query sees before the text (prefix tuning): a function
+        # returning ((P, kv_heads, hd) keys, values), or None. With a cache they sit in its
+        # first P positions instead (written there by whoever set the prefix).
+        self.prefix = None
 
     def project_qkv(self, x):
         """(q, k, v) of x: three matrix products, or one once the projections are fused."""
@@ -152,6 +156,9 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)  # (B, start_pos + T, kv_heads, hd)
+        elif self.prefix is not None and (prefix := self.prefix()) is not None:
+            k, v = (torch.cat([p.to(x.dtype).expand(B, -1, -1, -1), t], dim=1)
+                    for p, t in zip(prefix, (k, v)))  # (B, P + T, kv_heads, hd)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T|S, hd)
         n_keys = k.shape[2]
         # Without earlier positions the plain causal flag does it (and picks the fast kernels);

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from llama.errors import BadInput
+from llama.methods import Tuning, apply_prompt
 from llama.static_decode import StaticDecoder
 
 SCHEDULES = ("gpipe", "1f1b")
@@ -64,12 +65,17 @@ def loss_sum(stage_model, h, targets):
 
 
 class Stage:
-    """One rank's part of the pipeline: its layers, the soft prompt (first stage), the transport."""
+    """One rank's part of the pipeline: its layers, what its tuning method trains, the transport.
+
+    soft_prompt + n_virtual is the prompt method's short form; `tuning` (llama/methods.py) any
+    method's.
+    """
 
     def __init__(self, model, ctx, soft_prompt=None, n_virtual: int = 0, tracer=None,
-                 cuda_graph: bool = False):
-        self.model, self.ctx, self.soft_prompt = model, ctx, soft_prompt
-        self.n_virtual = n_virtual  # every stage must know it: it lengthens every sequence
+                 tuning: Tuning = None, cuda_graph: bool = False):
+        self.model, self.ctx = model, ctx
+        self.tuning = tuning if tuning is not None else apply_prompt(soft_prompt, n_virtual)
+        self.n_virtual = self.tuning.n_virtual  # every stage must know it: positions before text
         self.dtype = next(model.parameters()).dtype
         self.device = ctx.device
         self.tracer = tracer
@@ -96,15 +102,28 @@ class Stage:
             return contextlib.nullcontext()
         return self.tracer.span(name, category, step=self.step, **args)
 
+    def hidden_virtual(self, with_prompt: bool) -> int:
+        """Positions the method adds before the text in the hidden states (the prompt's)."""
+        return self.tuning.hidden_virtual if with_prompt else 0
+
+    def text_start(self, with_prompt: bool) -> int:
+        """The first rotary position of what the stage's layers run (after a prefix's keys)."""
+        return self.n_virtual - self.tuning.hidden_virtual if with_prompt else 0
+
+    def run_layers(self, h, with_prompt: bool, start_pos: int = 0):
+        if with_prompt:
+            return self.model.run_layers(h, start_pos + self.text_start(True))
+        with self.tuning.off():
+            return self.model.run_layers(h, start_pos)
+
     def hidden_in(self, tokens, with_prompt: bool):
-        """First stage: embed tokens (B, T) and prepend the soft prompt; others: receive h."""
+        """First stage: embed tokens (B, T) and let the method prepend (the prompt); others:
+        receive h."""
         B, T = tokens.shape
         if self.is_first:
             h = self.model.embed(tokens.to(self.device))
-            if with_prompt and self.soft_prompt is not None:
-                h = self.soft_prompt.prepend(h)
-            return h
-        length = T + (self.n_virtual if with_prompt else 0)
+            return self.tuning.prepend(h) if with_prompt else h
+        length = T + self.hidden_virtual(with_prompt)
         with self.span("recv h", "recv_wait"):
             return self.ctx.recv((B, length, self.model.args.dim), self.dtype, self.ctx.rank - 1)
 
@@ -118,13 +137,15 @@ class Stage:
     def forward_micro_batch(self, i: int, batch, loss_weight: float):
         with self.span(f"F{i}", "forward", micro_batch=i):
             h_in = self.hidden_in(batch.tokens, with_prompt=True)
-            if not self.is_first:
+            if not h_in.requires_grad:
                 # The received activation is a leaf here; asking for its gradient is what makes
                 # backward produce dL/dh to send upstream (the weights themselves are frozen).
+                # On the first stage, without a prompt, it gives backward a path through a
+                # recomputed block to the layers' own trainable tensors.
                 h_in.requires_grad_(True)
-            h_out = self.model.run_layers(h_in)
+            h_out = self.run_layers(h_in, with_prompt=True)
             if self.is_last:
-                summed = loss_sum(self.model, h_out[:, self.n_virtual:], batch.targets)
+                summed = loss_sum(self.model, h_out[:, self.hidden_virtual(True):], batch.targets)
                 self.in_flight[i] = (h_in, summed * loss_weight)
                 return summed.detach()
             self.hidden_out(h_out)
@@ -170,10 +191,10 @@ class Stage:
         with_prompt=False measures the frozen model alone, the baseline a prompt must beat.
         """
         total, n_targets = 0.0, 0
-        skip = self.n_virtual if with_prompt else 0
+        skip = self.hidden_virtual(with_prompt)
         for i, batch in enumerate(micro_batches):
             with self.span(f"E{i}", "eval", micro_batch=i):
-                h = self.model.run_layers(self.hidden_in(batch.tokens, with_prompt))
+                h = self.run_layers(self.hidden_in(batch.tokens, with_prompt), with_prompt)
                 if self.is_last:
                     total += float(loss_sum(self.model, h[:, skip:], batch.targets))
                 self.hidden_out(h)
@@ -203,14 +224,22 @@ class Stage:
     def next_ids(self, chunk, start_pos: int, with_prompt: bool, pick):
         """Run tokens chunk (B, T) at cache positions start_pos.. through every stage; the last
         stage turns its last position's logits into one id per row with pick(logits), and every
-        rank gets those ids (on the CPU). with_prompt: the soft prompt enters before the chunk."""
-        if self.static_decoder is not None and chunk.shape[1] == 1 and not with_prompt:
-            x = chunk if self.is_first else self.hidden_in(chunk, with_prompt=False)
-            out = self.static_decoder.step(x, start_pos)  # logits on the last stage, else h
-        else:
-            out = self.model.run_layers(self.hidden_in(chunk, with_prompt), start_pos)
-            if self.is_last:
-                out = self.model.logits(out[:, -1])
+        rank gets those ids (on the CPU). with_prompt: the tuned model. The prefill (start_pos 0)
+        is where a prompt enters before the chunk and a prefix fills the first cache positions;
+        later chunks come with start_pos counting them. A one-token decode step goes through the
+        static decoder when there is one (a CUDA graph per batch size and tuning on or off)."""
+        prefill = start_pos == 0
+        with self.tuning.off() if not with_prompt else contextlib.nullcontext():
+            if with_prompt and prefill:
+                self.tuning.fill_cache(self.model)
+                out = self.run_layers(self.hidden_in(chunk, True), True)
+            elif self.static_decoder is not None and chunk.shape[1] == 1:
+                x = chunk if self.is_first else self.hidden_in(chunk, False)
+                out = self.static_decoder.step(x, start_pos, variant=with_prompt)
+            else:
+                out = self.model.run_layers(self.hidden_in(chunk, False), start_pos)
+        if self.is_last and out.dim() == 3:  # h (B, T, dim); the static decoder gives logits
+            out = self.model.logits(out[:, -1])
         if not self.is_last:
             self.hidden_out(out)
         self.ctx.flush_sends()

@@ -1,13 +1,16 @@
 """fp16 training of a few fp32 tensors: the loss scale, the overflow check, unscale, clip, step.
 
 The last stage multiplies the loss by `scale` so small activation gradients survive fp16; the
-stage that owns the trainable tensor finds inf/NaN in its gradient; that one flag is shared with
+stages that own trainable tensors find inf/NaN in their gradients; that one flag is shared with
 every rank (the training loop's all-reduce), and every rank applies the same update, so all
 stages always hold the same scale and skip the same steps. The whole idea reads in this file:
 
     loss, n = stage.train_step(batches, schedule, scaler.scale)   # backward of scale * loss
-    found_inf = all_reduce_max(optimizer.found_overflow())
-    skipped, grad_norm = finish_step(scaler, optimizer, found_inf, lr, max_grad_norm)
+    overflow = optimizer.found_overflow()
+    squared = optimizer.unscale(scaler.scale)                     # this stage's squared norm
+    found_inf, *squares = all_reduce_max([overflow, *one_slot_per_rank(squared)])
+    skipped, grad_norm = finish_step(scaler, optimizer, found_inf, lr, max_grad_norm,
+                                     math.sqrt(sum(squares)))    # clip by the GLOBAL norm
 """
 import math
 
@@ -63,62 +66,100 @@ class LossScaler:
 
 
 class ScaledAdamW:
-    """AdamW for one trainable tensor whose gradient arrives multiplied by the loss scale.
+    """AdamW for a stage's trainable tensors, whose gradients arrive multiplied by the loss scale.
 
-    The update runs on an fp32 master copy on `master_device` (the tensor's own device, or the
-    CPU with optimizer offload: offload.optimizer_device decides), which also holds AdamW's
-    moments; only the new value is copied back into the tensor after each step. One path for
-    both places, and the copy costs one tensor of the size of what trains.
+    `params`: one tensor, or {global key: tensor}. The update runs on fp32 master copies on
+    `master_device` (the tensors' own device, or the CPU with optimizer offload:
+    offload.optimizer_device decides), which also hold AdamW's moments; only the new values are
+    copied back into the tensors after each step. One path for both places, and the copy costs
+    one tensor of the size of what trains.
+
+    A step has two halves around the step's all-reduce: `unscale` (this stage's squared gradient
+    norm, which the all-reduce turns into the global norm) and `step` (clip by the global norm,
+    update).
     """
 
-    def __init__(self, param, lr: float, weight_decay: float, betas, master_device):
-        self.param = param
-        self.master = nn.Parameter(param.detach().to(master_device, torch.float32, copy=True))
-        self.optimizer = torch.optim.AdamW([self.master], lr=lr, weight_decay=weight_decay,
-                                           betas=tuple(betas))
+    def __init__(self, params, lr: float, weight_decay: float, betas, master_device):
+        self.params = params if isinstance(params, dict) else {"prompt": params}
+        self.masters = {key: nn.Parameter(p.detach().to(master_device, torch.float32, copy=True))
+                        for key, p in self.params.items()}
+        self.optimizer = torch.optim.AdamW(list(self.masters.values()), lr=lr,
+                                           weight_decay=weight_decay, betas=tuple(betas))
+
+    @property
+    def param(self):
+        """The one tensor of a single-tensor optimizer (the prompt)."""
+        (param,) = self.params.values()
+        return param
+
+    @property
+    def master(self):
+        (master,) = self.masters.values()
+        return master
 
     def found_overflow(self) -> bool:
-        return LossScaler.has_overflow(self.param.grad)
+        return any(LossScaler.has_overflow(p.grad) for p in self.params.values())
 
     def zero_grad(self):
-        self.param.grad = None
+        for p in list(self.params.values()) + list(self.masters.values()):
+            p.grad = None
 
-    def step(self, lr: float, loss_scale: float, max_grad_norm: float) -> float:
-        """Unscale, clip and apply the gradient; returns the unclipped gradient norm."""
-        grad = self.param.grad.detach().to(self.master.device, torch.float32) / loss_scale
-        norm = float(grad.norm())
-        if max_grad_norm and norm > max_grad_norm:
-            grad *= max_grad_norm / (norm + 1e-6)
-        self.master.grad = grad
+    def unscale(self, loss_scale: float) -> float:
+        """Move the gradients, divided by loss_scale, to the masters; this stage's squared norm.
+
+        The sum of the tensors' squared norms, each the float32 norm torch computes, squared in
+        float64: for one tensor the global norm sqrt(sum) is that float32 norm exactly."""
+        squared = 0.0
+        for key, p in self.params.items():
+            grad = (p.grad.detach().to(self.masters[key].device, torch.float32) / loss_scale
+                    if p.grad is not None else torch.zeros_like(self.masters[key]))
+            self.masters[key].grad = grad
+            squared += float(grad.norm()) ** 2
+            p.grad = None
+        return squared
+
+    def step(self, lr: float, grad_norm: float, max_grad_norm: float):
+        """Clip by the global gradient norm (of every stage's tensors) and apply the update."""
+        for master in self.masters.values():
+            if max_grad_norm and grad_norm > max_grad_norm:
+                master.grad *= max_grad_norm / (grad_norm + 1e-6)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
-        self.master.grad = None
         with torch.no_grad():
-            self.param.copy_(self.master, non_blocking=True)
+            for key, p in self.params.items():
+                p.copy_(self.masters[key], non_blocking=True)
         self.zero_grad()
-        return norm
 
     def state_dict(self):
-        return {"optimizer": self.optimizer.state_dict(), "master": self.master.detach().cpu().clone()}
+        """By global key, so the state loads onto whatever stage holds the key."""
+        state = self.optimizer.state
+        return {key: {"master": m.detach().cpu().clone(),
+                      **{name: v.detach().cpu().clone() for name, v in state.get(m, {}).items()}}
+                for key, m in self.masters.items()}
 
     def load_state_dict(self, state):
-        self.optimizer.load_state_dict(state["optimizer"])
         with torch.no_grad():
-            self.master.copy_(state["master"])
-            self.param.copy_(self.master)
+            for key, master in self.masters.items():
+                saved = state[key]
+                master.copy_(saved["master"])
+                self.params[key].copy_(master)
+                moments = {name: v.to(master.device) if name != "step" else v.clone()
+                           for name, v in saved.items() if name != "master"}
+                if moments:
+                    self.optimizer.state[master] = moments
 
 
 def finish_step(scaler: LossScaler, optimizer, found_inf: bool, lr: float,
-                max_grad_norm: float):
+                max_grad_norm: float, grad_norm: float):
     """(skipped, gradient norm): after an overflow anywhere the step is skipped on every stage
     and the scale backs off; otherwise the stage's optimizer (None on stages that train
-    nothing) unscales, clips and steps with the scale the step's loss was multiplied by."""
-    loss_scale = scaler.scale
+    nothing) clips by the global norm (every stage's, from the step's all-reduce) and steps."""
     skipped = scaler.update(found_inf)
-    if optimizer is None:
-        return skipped, math.nan
     if skipped:
-        optimizer.zero_grad()
+        if optimizer is not None:
+            optimizer.zero_grad()
         return True, math.nan
-    return False, optimizer.step(lr, loss_scale, max_grad_norm)
+    if optimizer is not None:
+        optimizer.step(lr, grad_norm, max_grad_norm)
+    return False, grad_norm

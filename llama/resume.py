@@ -1,8 +1,10 @@
 """Resume: the training checkpoint (checkpoint.pt) a run writes, and how a new run continues it.
 
-One file, written atomically by rank 0: the prompt, its optimizer, the loss scaler, the data
-position, the RNG, the step, the losses so far, and the settings that identify the run (a
-resumed run must share them) and the model (its params.json digest).
+One file, written atomically by rank 0: every stage's trainable tensors and their optimizer
+state by global key (gathered from the stages), the loss scaler, the data position, the RNG, the
+step, the losses so far, and the settings that identify the run (a resumed run must share them,
+the method among them) and the model (its params.json digest). On resume every stage takes its
+own keys back.
 """
 import json
 from pathlib import Path
@@ -15,11 +17,11 @@ from llama.formats import safe_torch_load
 from llama.run_folder import CHECKPOINT_FILE
 
 # The settings a resumed run must share with the run it continues.
-RUN_IDENTITY = ("data", "template", "n_virtual_tokens", "global_batch_size", "micro_batch_size",
+RUN_IDENTITY = ("method", "adapter_layers", "data", "template", "n_virtual_tokens", "global_batch_size", "micro_batch_size",
                 "seed", "eval_fraction", "train_on_prompt", "max_seq_len", "steps", "epochs",
                 "eos_target")
 # The field of each part of the file, as save_training_state writes it.
-FIELD_KINDS = {"step": int, "prompt": torch.Tensor, "optimizer": dict, "scaler": dict,
+FIELD_KINDS = {"step": int, "trainable": dict, "optimizer": dict, "scaler": dict,
                "loader": dict, "identity": str, "losses": str, "rng": torch.Tensor}
 
 
@@ -37,10 +39,14 @@ def resume_path(cfg) -> Path:
     return checkpoint_path(cfg) if cfg.resume is True else Path(cfg.resume)
 
 
-def save_training_state(path, step, prompt, optimizer, scaler, loader, identity, digest, losses):
-    """Everything a resumed run needs, in one file written atomically (rank 0 only)."""
-    atomic_torch_save({"step": step, "prompt": prompt.weight.detach().cpu().clone(),
-                       "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+def save_training_state(path, step, optimizer_states, scaler, loader, identity, digest, losses):
+    """Everything a resumed run needs, in one file written atomically (rank 0 only).
+
+    optimizer_states: each stage's ScaledAdamW.state_dict() ({global key: {"master", moments}}).
+    """
+    optimizer = {k: v for part in optimizer_states for k, v in part.items()}
+    atomic_torch_save({"step": step, "trainable": {k: v["master"] for k, v in optimizer.items()},
+                       "optimizer": optimizer, "scaler": scaler.state_dict(),
                        "loader": loader.state_dict(), "identity": json.dumps(identity),
                        "params_digest": digest, "losses": json.dumps(losses),
                        "rng": torch.get_rng_state()}, path)
@@ -82,22 +88,21 @@ def _saved_identity(path, state) -> dict:
     return saved
 
 
-def restore(path, ctx, identity, digest, prompt, optimizer, scaler, loader):
+def restore(path, ctx, identity, digest, optimizer, scaler, loader):
     """Load the checkpoint into this rank's parts; (the step it ends, the losses so far).
 
-    Rank 0 reads and checks the file; the step, scaler, data position and losses are what every
-    stage needs, so they are broadcast; the prompt, its optimizer and the RNG stay on rank 0.
+    Rank 0 reads and checks the file; the step, scaler, data position, losses and the optimizer
+    states are broadcast (each stage takes the keys of its own tensors); the RNG is rank 0's.
     """
     state = read_training_state(path, identity, digest) if ctx.rank == 0 else None
-    shared = ctx.broadcast_object(None if state is None else
-                                  {k: state[k] for k in ("step", "scaler", "loader", "losses")})
+    shared = ctx.broadcast_object(None if state is None else {
+        k: state[k] for k in ("step", "scaler", "loader", "losses", "optimizer")})
     try:
         scaler.load_state_dict(shared["scaler"])
         loader.load_state_dict(shared["loader"])
-        if prompt is not None:
-            with torch.no_grad():
-                prompt.weight.copy_(state["prompt"])
-            optimizer.load_state_dict(state["optimizer"])
+        if optimizer is not None:
+            optimizer.load_state_dict(shared["optimizer"])
+        if state is not None:
             torch.set_rng_state(state["rng"])
         return shared["step"], json.loads(shared["losses"])
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:

@@ -21,7 +21,7 @@ class StaticDecoder:
         self.model, self.device = model, torch.device(device)
         self.capture = self.device.type == "cuda"
         self.caches = {}  # batch size -> [KVCache per block]
-        self.steps = {}  # batch size -> _Step
+        self.steps = {}  # (batch size, variant) -> _Step
 
     def start(self, batch_size: int):
         """Give the model's blocks this batch size's cache (zeroed): max_seq_len positions."""
@@ -34,12 +34,15 @@ class StaticDecoder:
             cache.values.zero_()
             block.attention.cache = cache
 
-    def step(self, x, start_pos: int):
-        """Run one position (x: (B, 1) ids or (B, 1, dim) hidden states) at cache start_pos."""
-        batch = x.shape[0]
-        if batch not in self.steps:
-            self.steps[batch] = _Step(self._compute, x, self.device, self.capture)
-        return self.steps[batch](x, start_pos)
+    def step(self, x, start_pos: int, variant=None):
+        """Run one position (x: (B, 1) ids or (B, 1, dim) hidden states) at cache start_pos.
+
+        variant names what else the step depends on (a tuning method switched on or off): a
+        captured graph replays what it recorded, so each variant gets its own."""
+        key = (x.shape[0], variant)
+        if key not in self.steps:
+            self.steps[key] = _Step(self._compute, x, self.device, self.capture)
+        return self.steps[key](x, start_pos)
 
     def _compute(self, x, position):
         model = self.model

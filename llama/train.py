@@ -1,8 +1,11 @@
 """The soft-prompt training loop, run by every pipeline rank (ft_main.py is its command line).
 
-Every rank builds the same batches; stage 0 owns the prompt and its optimizer; the last stage
-owns the loss. Once per step all ranks agree, in one small all-reduce, on whether the step
-overflowed, whether to stop, and what to report; so every rank takes the same decisions.
+Every rank builds the same batches; each stage owns the trainable tensors of its tuning method
+(llama/methods.py: the prompt on stage 0, every layer's prefix on the stage that runs the layer)
+and their optimizer; the last stage owns the loss. Once per step all ranks agree, in one small
+all-reduce, on whether the step overflowed, whether to stop, what to report and every stage's
+squared gradient norm (one slot per rank: the max fills in the others, the sum is the global
+norm); so every rank takes the same decisions and clips by the same norm.
 Set-up happens once (`set_up`); then `_train`'s loop is the whole step: forward and backward
 through the pipeline, agree, unscale + clip + AdamW (llama/precision.py), log, save.
 """
@@ -22,6 +25,9 @@ from llama.data import (BatchLoader, eval_batches, load_dataset, model_stop_toke
 from llama.errors import BadInput
 from llama.faults import PeerLost, report_and_exit
 from llama.offload import apply_recompute, apply_weight_streaming, optimizer_device
+from llama.method_files import export_peft_method, save_tuning
+from llama.methods import (apply_adapter, apply_prefix, apply_prompt, init_ids,
+                           init_prefix_from_tokens)
 from llama.pipeline import Stage
 from llama.precision import LossScaler, ScaledAdamW, finish_step
 from llama.prompt import SoftPrompt, export_peft, init_prompt_weight, save_prompt
@@ -66,8 +72,8 @@ class StopRequest:
 class Run:
     """What set_up builds once: this rank's part of the pipeline and everything around it."""
     stage: Stage
-    prompt: SoftPrompt  # None on every stage but the first
-    optimizer: ScaledAdamW  # None where there is no prompt
+    tuning: object  # a methods.Tuning: what this stage trains
+    optimizer: ScaledAdamW  # None where the stage trains nothing
     scaler: LossScaler
     loader: BatchLoader
     held_out: list  # micro-batches of the held-out examples ([] for none)
@@ -81,10 +87,13 @@ class Run:
                     or (cfg.save_every and step % cfg.save_every == 0))
 
     def save(self, cfg, step: int, losses: dict):
-        """checkpoint.pt for --resume (rank 0 owns the prompt and writes it)."""
-        if self.stage.is_first:
-            save_training_state(checkpoint_path(cfg), step, self.prompt,
-                                self.optimizer, self.scaler, self.loader, run_identity(cfg),
+        """checkpoint.pt for --resume: every stage's tensors and optimizer state, gathered by
+        global key to rank 0, which writes the one file."""
+        optimizer_states = self.stage.ctx.gather_objects(
+            self.optimizer.state_dict() if self.optimizer is not None else {})
+        if self.stage.ctx.rank == 0:
+            save_training_state(checkpoint_path(cfg), step, optimizer_states, self.scaler,
+                                self.loader, run_identity(cfg),
                                 params_digest(self.stage.model.args), losses)
 
     def optimizer_span(self, step: int):
@@ -119,13 +128,14 @@ def _train(cfg, ctx, model, tokenizer, stop, held):
         forced = step + 1 in cfg.debug_overflow_steps  # test hook: this step's loss overflows
         loss, n_targets = run_train_step(run.stage, batches, cfg,
                                          math.inf if forced else loss_scale, ctx)
-        found_inf, stop_now, loss, *peaks = ctx.all_reduce_max(
-            [run.optimizer is not None and run.optimizer.found_overflow(), stop.requested,
-             loss or 0.0, *memory_slots(ctx)])
+        overflow, squared = unscale(run.optimizer, loss_scale)
+        found_inf, stop_now, loss, *slots = ctx.all_reduce_max(
+            [overflow, stop.requested, loss or 0.0, *memory_slots(ctx), *rank_slot(ctx, squared)])
+        peaks, squares = slots[:ctx.world_size], slots[ctx.world_size:]
         lr = lr_at(step, run.total_steps, cfg.lr, cfg.warmup_steps, cfg.lr_schedule)
         with run.optimizer_span(step):
             skipped, grad_norm = finish_step(run.scaler, run.optimizer, bool(found_inf), lr,
-                                             cfg.max_grad_norm)
+                                             cfg.max_grad_norm, math.sqrt(sum(squares)))
         record = step_record(step, loss / max(n_targets, 1), lr, loss_scale, skipped, grad_norm,
                              batches, time.perf_counter() - started, peaks)
         if run.held_out and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
@@ -147,9 +157,27 @@ def _train(cfg, ctx, model, tokenizer, stop, held):
     return finish(cfg, ctx, run, tokenizer, start_step, losses)
 
 
+def unscale(optimizer, loss_scale: float):
+    """(overflow, squared gradient norm) of this stage; its gradients unscaled for the step."""
+    if optimizer is None:
+        return False, 0.0
+    overflow = optimizer.found_overflow()
+    squared = optimizer.unscale(loss_scale)
+    return overflow, squared if math.isfinite(squared) else 0.0
+
+
+def rank_slot(ctx, value: float):
+    """One slot per rank holding value in this rank's: after the max-reduce, every rank's."""
+    slots = [0.0] * ctx.world_size
+    slots[ctx.rank] = value
+    return slots
+
+
 def set_up(cfg, ctx, model, tokenizer, held) -> Run:
     cfg.check_fits(model.args.max_seq_len)
-    prompt = build_prompt(cfg, model, tokenizer, ctx)  # before --out: a bad --init_text leaves none
+    # Before --out: a bad --init_text or --adapter_layers leaves nothing behind. Before the
+    # memory transforms too: a method attaches to the plain blocks.
+    tuning = build_tuning(cfg, model, tokenizer, ctx)
     if ctx.rank == 0:  # before any work: a second run into the same --out stops here at once
         held.enter_context(claim_out(Path(cfg.out), cfg.resume, cfg.overwrite, ctx.log))
     if cfg.recomputes:
@@ -160,27 +188,39 @@ def set_up(cfg, ctx, model, tokenizer, held) -> Run:
     compile_blocks(model, cfg.compile)
     sync = torch.cuda.synchronize if ctx.device.type == "cuda" else None
     tracer = Tracer(ctx.rank, enabled=bool(cfg.trace), synchronize=sync)
-    stage = Stage(model, ctx, prompt, cfg.n_virtual_tokens, tracer)
-    max_len = model.args.max_seq_len - cfg.n_virtual_tokens
+    stage = Stage(model, ctx, tracer=tracer, tuning=tuning)
+    max_len = model.args.max_seq_len - tuning.n_virtual
     end_target = cfg.eos_target if cfg.eos_target != "auto" else model_stop_token(
         cfg.data, tokenizer, cfg.template, cfg.train_on_prompt, max_len, cfg.micro_batch_size,
-        lambda batches: Stage(model, ctx).mean_loss(batches, with_prompt=False), log=ctx.log)
+        lambda batches: Stage(model, ctx, tuning=tuning).mean_loss(batches, with_prompt=False),
+        log=ctx.log)
     loader, held_out = build_data(cfg, ctx, tokenizer, max_len, end_target)
     optimizer = None
-    if prompt is not None:
-        optimizer = ScaledAdamW(prompt.weight, cfg.lr, cfg.weight_decay, (0.9, 0.999),
-                                optimizer_device(prompt.weight, "optimizer" in cfg.offload))
+    if tuning.trainable:
+        first = next(iter(tuning.trainable.values()))
+        optimizer = ScaledAdamW(tuning.trainable, cfg.lr, cfg.weight_decay, (0.9, 0.999),
+                                optimizer_device(first, "optimizer" in cfg.offload))
     scaler = LossScaler(enabled=next(model.parameters()).dtype == torch.float16)
     total_steps = cfg.steps or cfg.epochs * loader.steps_per_epoch
-    return Run(stage, prompt, optimizer, scaler, loader, held_out, total_steps, end_target, tracer)
+    return Run(stage, tuning, optimizer, scaler, loader, held_out, total_steps, end_target, tracer)
 
 
-def build_prompt(cfg, model, tokenizer, ctx):
-    if not ctx.is_first:
-        return None
-    weight = init_prompt_weight(cfg.init, cfg.n_virtual_tokens, model.tok_embeddings.weight,
-                                tokenizer, cfg.init_text, cfg.seed)
-    return SoftPrompt(weight).to(ctx.device)
+def build_tuning(cfg, model, tokenizer, ctx):
+    """The --method transform on this stage's part of the model (seeded per global layer)."""
+    if cfg.method == "prefix":
+        tuning = apply_prefix(model, cfg.n_virtual_tokens, cfg.seed)
+        if cfg.init != "random":  # else PEFT's N(0, 1)
+            ids = init_ids(cfg.init, cfg.n_virtual_tokens, tokenizer, cfg.init_text, cfg.seed)
+            init_prefix_from_tokens(Stage(model, ctx, tuning=tuning), ids)
+        return tuning
+    if cfg.method == "adapter":
+        return apply_adapter(model, cfg.n_virtual_tokens, cfg.adapter_layers, cfg.seed)
+    prompt = None
+    if ctx.is_first:
+        weight = init_prompt_weight(cfg.init, cfg.n_virtual_tokens, model.tok_embeddings.weight,
+                                    tokenizer, cfg.init_text, cfg.seed)
+        prompt = SoftPrompt(weight).to(ctx.device)
+    return apply_prompt(prompt, cfg.n_virtual_tokens)
 
 
 def build_data(cfg, ctx, tokenizer, max_len, end_target):
@@ -212,8 +252,8 @@ def start_or_resume(cfg, ctx, run: Run):
     if cfg.resume:
         path = resume_path(cfg)
         start_step, losses = restore(path, ctx, run_identity(cfg),
-                                     params_digest(run.stage.model.args), run.prompt,
-                                     run.optimizer, run.scaler, run.loader)
+                                     params_digest(run.stage.model.args), run.optimizer,
+                                     run.scaler, run.loader)
         ctx.log(f"resumed from {path} at step {start_step}")
         return start_step, losses
     losses = {}
@@ -253,13 +293,23 @@ def finish(cfg, ctx, run: Run, tokenizer, start_step: int, losses: dict):
     if cfg.trace and run.total_steps - start_step < cfg.trace_steps:
         write_trace(cfg.trace, ctx, run.tracer, cfg.schedule,
                     cfg.global_batch_size // cfg.micro_batch_size)
+    # Every stage's tensors under their global keys, gathered to rank 0, which writes the files.
+    tensors = ctx.gather_objects({k: p.detach().cpu().clone() for k, p in run.tuning.trainable.items()})
     if ctx.rank == 0:
         out, args = Path(cfg.out), run.stage.model.args
+        tensors = {k: v for part in tensors for k, v in part.items()}
         metadata = {"init": cfg.init, "init_text": cfg.init_text if cfg.init == "text" else None,
                     "data": str(cfg.data), "template": cfg.template, "eos_target": run.end_target,
                     "steps": run.total_steps, "ckpt_dir": str(cfg.ckpt_dir),
                     "tokenizer": tokenizer.path, "losses": losses, "base_model": cfg.base_model}
-        save_prompt(out, run.prompt.weight, args, metadata)
-        export_peft(out / "peft", run.prompt.weight, args, metadata)
-        ctx.log(f"saved the prompt to {out}/prompt.pt (+ prompt.json, PEFT layout in {out}/peft)")
+        if cfg.method == "prompt":
+            save_prompt(out, tensors["prompt"], args, metadata)
+            export_peft(out / "peft", tensors["prompt"], args, metadata)
+            ctx.log(f"saved the prompt to {out}/prompt.pt (+ prompt.json, PEFT layout in {out}/peft)")
+        else:
+            metadata.update(adapter_layers=cfg.adapter_layers)
+            save_tuning(out, cfg.method, tensors, args, metadata)
+            export_peft_method(out / "peft", cfg.method, tensors, args, metadata)
+            ctx.log(f"saved the {cfg.method} tensors to {out}/tuning.pt (+ tuning.json, PEFT "
+                    f"layout in {out}/peft)")
     return losses
