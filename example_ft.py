@@ -19,7 +19,8 @@ def main(ckpt_dir: str, prompt: str, tokenizer_path: str = None,
          prompts: tuple[str, ...] = DEFAULT_PROMPTS, template: str = None, max_gen_len: int = 64,
          temperature: float = 0.0, top_p: float = 0.9, seed: int = 0, compare: bool = False,
          max_seq_len: int = None, device: str = None, dtype: str = None, timeout_s: float = 300.0,
-         cuda_graph: bool = False, compile: bool = False):
+         cuda_graph: bool = False, compile: bool = False, quantize: str = None,
+         group_size: int = None):
     """Generate with a trained soft prompt (this project's or PEFT's layout), one stage per process.
 
     Each text is wrapped in the template the prompt was trained with (from prompt.json).
@@ -45,9 +46,14 @@ def main(ckpt_dir: str, prompt: str, tokenizer_path: str = None,
     cuda_graph: decode with a static KV cache, each step replayed as a CUDA graph on a GPU (on a
         CPU the same static path runs uncaptured); the same ids as without it
     compile: torch.compile each transformer block first (slow to start; needs a C++ compiler)
+    quantize: int8 or int4: quantize a float checkpoint's block linears while loading (a split
+        made with split_model.py --quantize is already quantized)
+    group_size: inputs per int4 scale (default: the largest power of two up to 128 dividing
+        every width)
     """
     ctx, model, tokenizer = start_stage(ckpt_dir, tokenizer_path, device, dtype, max_seq_len,
-                                        timeout_s, fuse_projections=True)
+                                        timeout_s, fuse_projections=True,
+                                        quantize=quantize, group_size=group_size)
     compile_blocks(model, compile)
     try:
         # Rank 0 reads and checks the folder; every stage keeps the tensors of its own layers.

@@ -28,7 +28,7 @@ def main(ckpt_dir: str, data: str, out: str, tokenizer_path: str = None,
          weight_decay: float = 0.0, max_grad_norm: float = 1.0, seed: int = 0,
          # precision and memory
          device: str = None, dtype: str = None, recompute: bool = False, recompute_mode: str = "full",
-         offload: str = None, compile: bool = False,
+         offload: str = None, compile: bool = False, quantize: str = None, group_size: int = None,
          # bookkeeping
          log_every: int = 10, eval_every: int = 50, save_every: int = 100,
          resume: Union[bool, str] = None, overwrite: bool = False, base_model: str = None,
@@ -84,6 +84,10 @@ def main(ckpt_dir: str, data: str, out: str, tokenizer_path: str = None,
         --recompute; not with --offload activations or weights)
     offload: comma-separated optimizer,activations,weights: what to keep in CPU memory
     compile: torch.compile each transformer block (slow first step; needs a C++ compiler)
+    quantize: int8 or int4: quantize a float checkpoint's frozen block linears while loading (a
+        split made with split_model.py --quantize is already quantized)
+    group_size: inputs per int4 scale (default: the largest power of two up to 128 dividing
+        every width)
     log_every: print a line every this many steps
     eval_every: compute the held-out loss every this many steps
     save_every: write checkpoint.pt every this many steps (0 for only at the end)

@@ -57,6 +57,8 @@ class RunConfig:
     recompute_mode: str
     offload: frozenset
     compile: bool
+    quantize: Optional[str]
+    group_size: Optional[int]
     # bookkeeping
     log_every: int
     eval_every: int

@@ -63,8 +63,14 @@ def apply_fused_projections(model):
     """
     for block in model.layers.values():
         block = getattr(block, "block", block)  # under apply_recompute's wrapper
-        if block.attention.wqkv is None:
+        if block.attention.wqkv is None and _plain(block.attention, ATTENTION_PARTS[1]):
             _fuse(block.attention, *ATTENTION_PARTS)
-        if block.feed_forward.w13 is None:
+        if block.feed_forward.w13 is None and _plain(block.feed_forward, FEED_FORWARD_PARTS[1]):
             _fuse(block.feed_forward, *FEED_FORWARD_PARTS)
     return model
+
+
+def _plain(module, part_names) -> bool:
+    """Float nn.Linear projections; a quantized stage's (llama/quant.py) stay as they are: their
+    packed codes and per-row scales would need their own fused layout."""
+    return all(type(getattr(module, name)) is nn.Linear for name in part_names)

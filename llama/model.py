@@ -256,7 +256,8 @@ class Transformer(nn.Module):
         return self.logits(h) if self.has_head else h
 
     def setup_kv_cache(self, batch_size: int, max_seq_len: int):
-        weight = next(iter(self.layers.values())).attention.wo.weight
+        # the activations' dtype: a norm's gain is float even when the linears hold packed codes
+        weight = next(iter(self.layers.values())).attention_norm.weight
         for block in self.layers.values():
             block.attention.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads,
                                             self.args.head_dim, weight.dtype, weight.device)

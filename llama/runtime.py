@@ -13,7 +13,6 @@ from llama.precision import dtype_named
 from llama.tokenizer import Tokenizer
 
 
-
 def pick_dtype(name, device: torch.device):
     """fp16 on a GPU and fp32 on the CPU unless asked otherwise."""
     if name in (None, "auto"):
@@ -22,17 +21,20 @@ def pick_dtype(name, device: torch.device):
 
 
 def start_stage(ckpt_dir, tokenizer_path=None, device=None, dtype=None, max_seq_len=None,
-                timeout_s: float = 300.0, fuse_projections: bool = False):
+                timeout_s: float = 300.0, fuse_projections: bool = False, quantize=None,
+                group_size=None):
     """(ctx, model of this rank's stage, tokenizer) for a split directory or any checkpoint.
 
     fuse_projections: one wqkv and one w13 matrix per block (llama/fused.py; generation uses it:
-    decode steps measured faster, see docs/PERFORMANCE.md)."""
+    decode steps measured faster, see docs/PERFORMANCE.md). quantize: int8 or int4 frozen block
+    linears made while a float checkpoint loads, one layer at a time (llama/quant.py)."""
     if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 2):
         raise BadInput(f"--max_seq_len={max_seq_len!r} must be an integer of at least 2")
     expected = len(read_split(ckpt_dir)[1]["stages"]) if is_split_dir(ckpt_dir) else None
     ctx = init_distributed(device, timeout_s, expected_world_size=expected)
     model = load_model(ckpt_dir, ctx.rank, ctx.world_size, ctx.device,
-                       pick_dtype(dtype, ctx.device), max_seq_len)
+                       pick_dtype(dtype, ctx.device), max_seq_len, quantize=quantize,
+                       group_size=group_size)
     tokenizer = Tokenizer(tokenizer_path or find_tokenizer(ckpt_dir))
     tokenizer.check_matches(model.args.vocab_size)
     if fuse_projections:

@@ -104,7 +104,8 @@ class Run:
 
 def train(cfg: RunConfig):
     ctx, model, tokenizer = start_stage(cfg.ckpt_dir, cfg.tokenizer_path, cfg.device, cfg.dtype,
-                                        cfg.max_seq_len, cfg.timeout_s)
+                                        cfg.max_seq_len, cfg.timeout_s, quantize=cfg.quantize,
+                                        group_size=cfg.group_size)
     stop = StopRequest()  # only now: before this point a signal has nothing to save
     try:
         with contextlib.ExitStack() as held:

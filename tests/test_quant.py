@@ -326,3 +326,25 @@ def test_planner_says_plainly_when_nothing_fits(capsys):
 def test_planner_refuses_a_bad_gpu_list():
     with pytest.raises(BadInput, match=r"--gpus \[0\] must be one size in GiB per card"):
         plan.main("7B", gpus=(0,))
+
+
+def test_scripts_generate_and_train_on_quantized_weights(splits, model_bin, tmp_path, capsys):
+    """example.py on an int8 split (its projections stay unfused: packed codes are not fused),
+    the same text from the float checkpoint quantized at load time (--quantize int8), and
+    ft_main.py training a prompt on int4 weights quantized while loading."""
+    import example
+    import ft_main
+    settings = dict(prompts="Once upon a time", max_gen_len=24)
+    example.main(str(splits["int8"]), **settings)
+    from_split = capsys.readouterr().out
+    example.main(str(model_bin), quantize="int8", **settings)
+    assert capsys.readouterr().out == from_split and "Once upon a time" in from_split
+    data = tmp_path / "stories.jsonl"
+    data.write_text("".join(json.dumps({"text": "Tom and Lily went to the park. They saw a dog."})
+                            + "\n" for _ in range(8)))
+    out = tmp_path / "run"
+    ft_main.main(str(model_bin), str(data), str(out), quantize="int4", group_size=4,
+                 template="none", n_virtual_tokens=4, steps=2, global_batch_size=4,
+                 micro_batch_size=2, eval_fraction=0, max_seq_len=64, device="cpu",
+                 dtype="float32", log_every=1)
+    assert (out / "prompt.pt").is_file()
