@@ -6,8 +6,8 @@
 from llama.batching import MixedPromptStage, PromptBank, Sampling
 from llama.chat import DEFAULT_TEMPLATE, run_chat
 from llama.data import format_prompt
-from llama.distributed import PeerLost, report_and_exit
 from llama.errors import BadInput, run_cli
+from llama.faults import PeerLost, report_and_exit
 from llama.prompt import load_prompt
 from llama.runtime import start_stage
 

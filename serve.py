@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from llama.batching import MixedPromptStage, PromptBank
-from llama.distributed import PeerLost, report_and_exit
 from llama.errors import BadInput, run_cli
+from llama.faults import PeerLost, report_and_exit
 from llama.prompt import load_prompt
 from llama.runtime import start_stage
 from llama.serving import Limits, Service, parse_served_prompts, run_server

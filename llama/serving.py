@@ -18,8 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from llama.batching import Row, Sampling, Steps, follow, run_batch
 from llama.chat import DEFAULT_TEMPLATE, conversation_ids
-from llama.distributed import PeerLost
 from llama.errors import BadInput
+from llama.faults import PeerLost
 
 UNSUPPORTED = {  # field -> the only values accepted (anything else is refused, not ignored)
     "n": (None, 1), "best_of": (None, 1), "echo": (None, False), "logprobs": (None, False, 0),
