@@ -28,6 +28,7 @@ from llama.prompt import SoftPrompt, init_prompt_weight
 from llama.runtime import compile_blocks, pick_dtype
 from llama.trace import Tracer, bubble_fraction, ideal_bubble_fraction, write_chrome_trace
 from llama.config import parse_offload
+from llama.train import agree
 
 TABLE = ["impl", "n_stages", "schedule", "global_batch", "micro_batch", "recompute", "mode",
          "compile", "offload",
@@ -124,13 +125,13 @@ class PipelineRun:
 
     def step(self, batches, schedule) -> float:
         """One training step exactly as llama.train runs it; the global batch's mean loss."""
-        loss, n_targets = self.stage.train_step(batches, schedule, self.scaler.scale)
-        overflow = self.optimizer is not None and self.optimizer.found_overflow()
-        found_inf, loss = self.ctx.all_reduce_max([overflow, loss or 0.0])
+        loss_scale = self.scaler.scale
+        loss, n_targets = self.stage.train_step(batches, schedule, loss_scale)
+        found_inf, _, loss, _, grad_norm = agree(self.ctx, self.optimizer, loss_scale, loss, False)
         traced = self.tracer.span("optimizer step", "optimizer", step=self.stage.step) \
             if self.optimizer is not None else contextlib.nullcontext()
         with traced:
-            skip, _ = finish_step(self.scaler, self.optimizer, bool(found_inf), 1e-3, 1.0)
+            skip, _ = finish_step(self.scaler, self.optimizer, found_inf, 1e-3, 1.0, grad_norm)
         self.skipped += int(skip)
         self.stage.step += 1
         return loss / max(n_targets, 1)

@@ -23,13 +23,6 @@ def peak_memory_gib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def memory_slots(ctx):
-    """One slot per rank holding that rank's peak memory; the max-reduce fills in the others."""
-    slots = [0.0] * ctx.world_size
-    slots[ctx.rank] = peak_memory_gib(ctx.device)
-    return slots
-
-
 def step_record(step: int, loss: float, lr: float, loss_scale: float, skipped: bool,
                 grad_norm: float, batches, seconds: float, peaks) -> dict:
     """One line of metrics.jsonl; steps are numbered from 1, as in the log."""

@@ -34,7 +34,7 @@ from llama.prompt import SoftPrompt, export_peft, init_prompt_weight, save_promp
 from llama.resume import (checkpoint_path, restore, resume_path, run_identity,
                           save_training_state)
 from llama.run_folder import claim_out
-from llama.runlog import RunLog, memory_slots, step_record, write_trace
+from llama.runlog import RunLog, peak_memory_gib, step_record, write_trace
 from llama.runtime import compile_blocks, start_stage
 from llama.trace import Tracer
 
@@ -129,14 +129,12 @@ def _train(cfg, ctx, model, tokenizer, stop, held):
         forced = step + 1 in cfg.debug_overflow_steps  # test hook: this step's loss overflows
         loss, n_targets = run_train_step(run.stage, batches, cfg,
                                          math.inf if forced else loss_scale, ctx)
-        overflow, squared = unscale(run.optimizer, loss_scale)
-        found_inf, stop_now, loss, *slots = ctx.all_reduce_max(
-            [overflow, stop.requested, loss or 0.0, *memory_slots(ctx), *rank_slot(ctx, squared)])
-        peaks, squares = slots[:ctx.world_size], slots[ctx.world_size:]
+        found_inf, stop_now, loss, peaks, grad_norm = agree(ctx, run.optimizer, loss_scale, loss,
+                                                            stop.requested)
         lr = lr_at(step, run.total_steps, cfg.lr, cfg.warmup_steps, cfg.lr_schedule)
         with run.optimizer_span(step):
-            skipped, grad_norm = finish_step(run.scaler, run.optimizer, bool(found_inf), lr,
-                                             cfg.max_grad_norm, math.sqrt(sum(squares)))
+            skipped, grad_norm = finish_step(run.scaler, run.optimizer, found_inf, lr,
+                                             cfg.max_grad_norm, grad_norm)
         record = step_record(step, loss / max(n_targets, 1), lr, loss_scale, skipped, grad_norm,
                              batches, time.perf_counter() - started, peaks)
         if run.held_out and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
@@ -156,6 +154,18 @@ def _train(cfg, ctx, model, tokenizer, stop, held):
             return None
     log.close()
     return finish(cfg, ctx, run, tokenizer, start_step, losses)
+
+
+def agree(ctx, optimizer, loss_scale: float, loss, stop_requested: bool):
+    """The step's one all-reduce, after which every rank takes the same decisions: (an overflow
+    on any stage, a stop asked on any rank, the loss (the last stage's), every rank's peak
+    memory, the global gradient norm (each stage's squared norm in its own slot))."""
+    overflow, squared = unscale(optimizer, loss_scale)
+    found_inf, stop_now, loss, *slots = ctx.all_reduce_max(
+        [overflow, stop_requested, loss or 0.0, *rank_slot(ctx, peak_memory_gib(ctx.device)),
+         *rank_slot(ctx, squared)])
+    peaks, squares = slots[:ctx.world_size], slots[ctx.world_size:]
+    return bool(found_inf), bool(stop_now), loss, peaks, math.sqrt(sum(squares))
 
 
 def unscale(optimizer, loss_scale: float):
