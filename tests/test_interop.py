@@ -105,17 +105,21 @@ def test_tuning_trained_here_runs_in_peft_as_here(model_bin, hf_dir, tmp_path, m
                         theirs)
 
 
-def peft_config(method: str):
-    if method == "prompt":
-        return peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
-    if method == "prefix":
-        return peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
-    return peft.AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=4, adapter_layers=2)
+PEFT_CONFIGS = {
+    "prompt": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+    "prefix": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+    # save_pretrained stores the projected prefix, so this too reads as a plain prefix
+    "prefix-projection": lambda: peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=True,
+        encoder_hidden_size=16),
+    "adapter": lambda: peft.AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=4,
+                                                 adapter_layers=2)}
 
 
-@pytest.mark.parametrize("method", ["prompt", "prefix", "adapter"])
-def test_adapter_made_by_peft_runs_here_as_in_peft(model_bin, hf_dir, tmp_path, method):
-    theirs = peft.get_peft_model(hf_model(hf_dir), peft_config(method))
+@pytest.mark.parametrize("kind", list(PEFT_CONFIGS))
+def test_adapter_made_by_peft_runs_here_as_in_peft(model_bin, hf_dir, tmp_path, kind):
+    method = kind.split("-")[0]
+    theirs = peft.get_peft_model(hf_model(hf_dir), PEFT_CONFIGS[kind]())
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # PEFT starts gates at zero and prompts small: make them count
         for _, parameter in theirs.named_parameters():
