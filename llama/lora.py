@@ -27,10 +27,12 @@ from llama.model import ModelArgs
 PEFT_PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<kind>A|B)(\.[\w-]+)?\.weight")
 LORA_EMBEDDING_KEY = re.compile(r"(?P<module>.+)\.lora_embedding_(?P<kind>A|B)(\.[\w-]+)?")
-# A modules_to_save tensor: current PEFT saves 'model.embed_tokens.weight', older versions left
-# 'modules_to_save[.<adapter name>]' in the key.
+# A whole embed_tokens/lm_head tensor: current PEFT saves a modules_to_save one as
+# 'model.embed_tokens.weight', older versions left 'modules_to_save[.<adapter name>]' in the key;
+# when LoRA targets the layer itself, PEFT saves its base weight as '<layer>.base_layer.weight'
+# (save_embedding_layers, on by default then) and loads it over the model's before the LoRA adds.
 SAVED_MODULE_KEY = re.compile(r"(?P<module>model\.embed_tokens|lm_head)"
-                              r"(\.modules_to_save(\.[\w-]+)?)?\.weight")
+                              r"(\.modules_to_save(\.[\w-]+)?|\.base_layer)?\.weight")
 SAVABLE_MODULES = {"embed_tokens": "model.embed_tokens", "lm_head": "lm_head"}
 
 
