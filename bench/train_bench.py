@@ -22,13 +22,12 @@ from llama.errors import BadInput, run_cli
 from llama.fused import apply_fused_projections
 from llama.offload import RECOMPUTE_MODES, apply_recompute, apply_weight_streaming, optimizer_device
 from llama.pipeline import SCHEDULES, Stage
-from llama.precision import LossScaler, ScaledAdamW, finish_step
+from llama.precision import LossScaler, ScaledAdamW, agree, finish_step
 from llama.quant import check_scheme, largest_group_size
 from llama.prompt import SoftPrompt, init_prompt_weight
 from llama.runtime import compile_blocks, pick_dtype
 from llama.trace import Tracer, bubble_fraction, ideal_bubble_fraction, write_chrome_trace
 from llama.config import parse_offload
-from llama.train import agree
 
 TABLE = ["impl", "n_stages", "schedule", "global_batch", "micro_batch", "recompute", "mode",
          "compile", "offload",
@@ -127,7 +126,8 @@ class PipelineRun:
         """One training step exactly as llama.train runs it; the global batch's mean loss."""
         loss_scale = self.scaler.scale
         loss, n_targets = self.stage.train_step(batches, schedule, loss_scale)
-        found_inf, _, loss, _, grad_norm = agree(self.ctx, self.optimizer, loss_scale, loss, False)
+        found_inf, _, loss, _, grad_norm = agree(self.ctx, self.optimizer, loss_scale, loss,
+                                                  False, 0.0)
         traced = self.tracer.span("optimizer step", "optimizer", step=self.stage.step) \
             if self.optimizer is not None else contextlib.nullcontext()
         with traced:

@@ -6,11 +6,11 @@ every rank (the training loop's all-reduce), and every rank applies the same upd
 stages always hold the same scale and skip the same steps. The whole idea reads in this file:
 
     loss, n = stage.train_step(batches, schedule, scaler.scale)   # backward of scale * loss
-    overflow = optimizer.found_overflow()
-    squared = optimizer.unscale(scaler.scale)                     # this stage's squared norm
-    found_inf, *squares = all_reduce_max([overflow, *one_slot_per_rank(squared)])
-    skipped, grad_norm = finish_step(scaler, optimizer, found_inf, lr, max_grad_norm,
-                                     math.sqrt(sum(squares)))    # clip by the GLOBAL norm
+    found_inf, stop, loss, peaks, grad_norm = agree(ctx, optimizer, scaler.scale, loss, ...)
+    #   (unscale this stage's gradients, then the step's one all-reduce: an overflow anywhere,
+    #    every stage's squared norm in its own slot -> the GLOBAL norm)
+    skipped, grad_norm = finish_step(scaler, optimizer, found_inf, lr_at(step, ...),
+                                     max_grad_norm, grad_norm)    # skip, or clip + AdamW
 """
 import math
 
@@ -163,3 +163,43 @@ def finish_step(scaler: LossScaler, optimizer, found_inf: bool, lr: float,
     if optimizer is not None:
         optimizer.step(lr, grad_norm, max_grad_norm)
     return False, grad_norm
+
+
+def agree(ctx, optimizer, loss_scale: float, loss, stop_requested: bool, peak_memory: float):
+    """The step's one all-reduce, after which every rank takes the same decisions: (an overflow
+    on any stage, a stop asked on any rank, the loss (the last stage's), every rank's peak
+    memory, the global gradient norm (each stage's squared norm in its own slot)). Before it,
+    this stage's gradients are unscaled onto the optimizer's masters."""
+    overflow, squared = unscale(optimizer, loss_scale)
+    found_inf, stop_now, loss, *slots = ctx.all_reduce_max(
+        [overflow, stop_requested, loss or 0.0, *rank_slot(ctx, peak_memory),
+         *rank_slot(ctx, squared)])
+    peaks, squares = slots[:ctx.world_size], slots[ctx.world_size:]
+    return bool(found_inf), bool(stop_now), loss, peaks, math.sqrt(sum(squares))
+
+
+def unscale(optimizer, loss_scale: float):
+    """(overflow, squared gradient norm) of this stage; its gradients unscaled for the step."""
+    if optimizer is None:
+        return False, 0.0
+    overflow = optimizer.found_overflow()
+    squared = optimizer.unscale(loss_scale)
+    return overflow, squared if math.isfinite(squared) else 0.0
+
+
+def rank_slot(ctx, value: float):
+    """One slot per rank holding value in this rank's: after the max-reduce, every rank's."""
+    slots = [0.0] * ctx.world_size
+    slots[ctx.rank] = value
+    return slots
+
+
+def lr_at(step: int, total: int, base: float, warmup: int, schedule: str, min_ratio: float = 0.1):
+    """Linear warmup to `base`, then cosine or linear decay (to min_ratio * base) or constant."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return base
+    progress = (step - warmup) / max(total - warmup, 1)
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    return base * (min_ratio + (1 - min_ratio) * shape)

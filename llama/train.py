@@ -29,7 +29,7 @@ from llama.method_files import export_peft_method, save_tuning
 from llama.methods import (apply_adapter, apply_prefix, apply_prompt, init_ids,
                            init_prefix_from_tokens)
 from llama.pipeline import Stage
-from llama.precision import LossScaler, ScaledAdamW, finish_step
+from llama.precision import LossScaler, ScaledAdamW, agree, finish_step, lr_at
 from llama.prompt import SoftPrompt, export_peft, init_prompt_weight, save_prompt
 from llama.resume import (checkpoint_path, restore, resume_path, run_identity,
                           save_training_state)
@@ -37,17 +37,6 @@ from llama.run_folder import claim_out
 from llama.runlog import RunLog, peak_memory_gib, step_record, write_trace
 from llama.runtime import compile_blocks, start_stage
 from llama.trace import Tracer
-
-
-def lr_at(step: int, total: int, base: float, warmup: int, schedule: str, min_ratio: float = 0.1):
-    """Linear warmup to `base`, then cosine or linear decay (to min_ratio * base) or constant."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    if schedule == "constant" or total <= warmup:
-        return base
-    progress = (step - warmup) / max(total - warmup, 1)
-    shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
-    return base * (min_ratio + (1 - min_ratio) * shape)
 
 
 class StopRequest:
@@ -129,8 +118,8 @@ def _train(cfg, ctx, model, tokenizer, stop, held):
         forced = step + 1 in cfg.debug_overflow_steps  # test hook: this step's loss overflows
         loss, n_targets = run_train_step(run.stage, batches, cfg,
                                          math.inf if forced else loss_scale, ctx)
-        found_inf, stop_now, loss, peaks, grad_norm = agree(ctx, run.optimizer, loss_scale, loss,
-                                                            stop.requested)
+        found_inf, stop_now, loss, peaks, grad_norm = agree(
+            ctx, run.optimizer, loss_scale, loss, stop.requested, peak_memory_gib(ctx.device))
         lr = lr_at(step, run.total_steps, cfg.lr, cfg.warmup_steps, cfg.lr_schedule)
         with run.optimizer_span(step):
             skipped, grad_norm = finish_step(run.scaler, run.optimizer, found_inf, lr,
@@ -154,34 +143,6 @@ def _train(cfg, ctx, model, tokenizer, stop, held):
             return None
     log.close()
     return finish(cfg, ctx, run, tokenizer, start_step, losses)
-
-
-def agree(ctx, optimizer, loss_scale: float, loss, stop_requested: bool):
-    """The step's one all-reduce, after which every rank takes the same decisions: (an overflow
-    on any stage, a stop asked on any rank, the loss (the last stage's), every rank's peak
-    memory, the global gradient norm (each stage's squared norm in its own slot))."""
-    overflow, squared = unscale(optimizer, loss_scale)
-    found_inf, stop_now, loss, *slots = ctx.all_reduce_max(
-        [overflow, stop_requested, loss or 0.0, *rank_slot(ctx, peak_memory_gib(ctx.device)),
-         *rank_slot(ctx, squared)])
-    peaks, squares = slots[:ctx.world_size], slots[ctx.world_size:]
-    return bool(found_inf), bool(stop_now), loss, peaks, math.sqrt(sum(squares))
-
-
-def unscale(optimizer, loss_scale: float):
-    """(overflow, squared gradient norm) of this stage; its gradients unscaled for the step."""
-    if optimizer is None:
-        return False, 0.0
-    overflow = optimizer.found_overflow()
-    squared = optimizer.unscale(loss_scale)
-    return overflow, squared if math.isfinite(squared) else 0.0
-
-
-def rank_slot(ctx, value: float):
-    """One slot per rank holding value in this rank's: after the max-reduce, every rank's."""
-    slots = [0.0] * ctx.world_size
-    slots[ctx.rank] = value
-    return slots
 
 
 def set_up(cfg, ctx, model, tokenizer, held) -> Run:
