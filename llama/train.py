@@ -115,9 +115,8 @@ def _train(cfg, ctx, model, tokenizer, stop, held):
     for step in range(start_step, run.total_steps):
         started, batches = time.perf_counter(), run.loader.next_global_batch()
         run.stage.step, loss_scale = step, run.scaler.scale
-        forced = step + 1 in cfg.debug_overflow_steps  # test hook: this step's loss overflows
         loss, n_targets = run_train_step(run.stage, batches, cfg,
-                                         math.inf if forced else loss_scale, ctx)
+                                         scale_for_step(cfg, step, loss_scale), ctx)
         found_inf, stop_now, loss, peaks, grad_norm = agree(
             ctx, run.optimizer, loss_scale, loss, stop.requested, peak_memory_gib(ctx.device))
         lr = lr_at(step, run.total_steps, cfg.lr, cfg.warmup_steps, cfg.lr_schedule)
@@ -137,12 +136,21 @@ def _train(cfg, ctx, model, tokenizer, stop, held):
         if cfg.trace and step + 1 == start_step + cfg.trace_steps:
             write_trace(cfg.trace, ctx, run.tracer, cfg.schedule, len(batches))
         if stop_now:
-            ctx.log(f"stopped by a signal after step {step + 1}; checkpoint saved to "
-                    f"{checkpoint_path(cfg)}; continue with --resume")
-            log.close()
-            return None
+            return stopped_by_signal(cfg, ctx, step, log)
     log.close()
     return finish(cfg, ctx, run, tokenizer, start_step, losses)
+
+
+def scale_for_step(cfg, step: int, loss_scale: float) -> float:
+    """The loss scale this step's backward uses: --debug_overflow_steps (numbered from 1, as in
+    the log) forces an overflow with an infinite one, to show the loss scaler at work."""
+    return math.inf if step + 1 in cfg.debug_overflow_steps else loss_scale
+
+
+def stopped_by_signal(cfg, ctx, step: int, log):
+    ctx.log(f"stopped by a signal after step {step + 1}; checkpoint saved to "
+            f"{checkpoint_path(cfg)}; continue with --resume")
+    log.close()
 
 
 def set_up(cfg, ctx, model, tokenizer, held) -> Run:
