@@ -9,12 +9,25 @@ REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("LLAMA_TEST_ASSETS", REPO.parent / "shared" / "assets"))
 
 
+def asset_files() -> dict:
+    """Every file under the assets folder with its size and modification time."""
+    return {str(p.relative_to(ASSETS)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in ASSETS.rglob("*")}
+
+
 @pytest.fixture(scope="session")
 def assets() -> Path:
+    """The real assets, read where they lie. Nothing may be written beside them (the folder is
+    a user's data, read-only for users): the session ends with an error if anything was."""
     if not (ASSETS / "stories260K" / "stories260K.bin").is_file():
         pytest.fail(f"test assets not found at {ASSETS}: clone ../shared beside the repository "
                     "or set LLAMA_TEST_ASSETS")
-    return ASSETS
+    before = asset_files()
+    yield ASSETS
+    changed = sorted(set(asset_files().items()) ^ set(before.items()))
+    if changed:
+        pytest.fail(f"the tests wrote beside the assets in {ASSETS}: {changed[0][0]} (and "
+                    f"{len(changed) - 1} more): the product must never write beside a user's data")
 
 
 @pytest.fixture(scope="session", autouse=True)
