@@ -140,3 +140,19 @@ def hf_missing():
     except ImportError as error:
         return f"transformers + peft are not installed ({error}); the HF comparison was skipped"
     return None
+
+
+def autograd_saved_bytes(run, left_out=()) -> int:
+    """Bytes of the distinct tensors autograd saves while run() executes, tensors in left_out (the
+    frozen weights, shared tables) excluded: what llama/memory.py's arithmetic is checked against."""
+    skip = {t.data_ptr() for t in left_out}
+    saved = {}
+
+    def pack(tensor):
+        if tensor.data_ptr() not in skip:
+            saved[tensor.data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(saved.values())

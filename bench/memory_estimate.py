@@ -28,18 +28,10 @@ def measured_saved_bytes_per_token(args: ModelArgs, dtype, device, batch=2, seq_
     model = random_model(args, (0, 1), False, False, device, dtype)
     block = model.layers["0"]
     cos, sin = rotary_tables(args.head_dim, args.rope_theta, 0, seq_len, device)
-    left_out = {t.data_ptr() for t in [*block.parameters(), cos, sin]}
-    saved = {}
-
-    def pack(tensor):
-        if tensor.data_ptr() not in left_out:
-            saved[tensor.data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
     h = torch.randn(batch, seq_len, args.dim, device=device, dtype=dtype, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        block(h, cos, sin, 0)
-    return sum(saved.values()) / (batch * seq_len)
+    saved = common.autograd_saved_bytes(lambda: block(h, cos, sin, 0),
+                                        [*block.parameters(), cos, sin])
+    return saved / (batch * seq_len)
 
 
 def main(shape: str = "7B", n_stages=(4, 2), global_batch: int = 32, micro_batch=(1, 2, 4, 8, 32),

@@ -8,8 +8,6 @@ proportion to the cards (split_model.py --stage_memory makes the same split).
 """
 from typing import Sequence
 
-import torch
-
 from llama.checkpoint import is_split_dir, open_source, read_split, stage_plan
 from llama.errors import BadInput, run_cli
 from llama.memory import stage_estimates
@@ -129,25 +127,6 @@ def main(model: str = "7B", gpus: Sequence[float] = (4.0, 4.0), global_batch: in
         print(f"nothing fits: the closest is {describe(closest)}, {short:.2f} GiB short on its "
               "fullest card; add a card, use bigger ones, or shorten --seq_len")
     return fits
-
-
-def measured_kept_bytes(model, batch: int, seq_len: int) -> int:
-    """Bytes of the distinct tensors autograd keeps when hidden states (batch, seq_len, dim)
-    that need a gradient go through a stage's blocks (weights and buffers left out): the CPU
-    check of llama/memory.py's activation arithmetic."""
-    left_out = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    saved = {}
-
-    def pack(tensor):
-        if tensor.data_ptr() not in left_out:
-            saved[tensor.data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    first_param = next(model.parameters())
-    h = torch.randn(batch, seq_len, model.args.dim, dtype=first_param.dtype, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model.run_layers(h)
-    return sum(saved.values())
 
 
 if __name__ == "__main__":
