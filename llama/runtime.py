@@ -5,8 +5,8 @@ One function for example.py, example_ft.py and ft_main.py, so they cannot drift 
 import torch
 
 from llama.checkpoint import find_tokenizer, is_split_dir, load_model, read_split
-from llama.distributed import init_distributed
 from llama.compiling import apply_compile, compiler_missing
+from llama.distributed import init_distributed
 from llama.errors import BadInput
 from llama.fused import apply_fused_projections
 from llama.precision import dtype_named
