@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-import fire
+from llama.errors import run_cli
 
 import ft_main
 import split_model
@@ -63,4 +63,4 @@ def main(script, crash, file=None, nth: int = 1, **script_args):
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

@@ -5,7 +5,7 @@ greedy run and of a sampled run (same seed) to --out as JSON. --cuda_graph: the 
 """
 import json
 
-import fire
+from llama.errors import run_cli
 
 from llama.checkpoint import load_model
 from llama.distributed import init_distributed
@@ -29,4 +29,4 @@ def main(ckpt, out, prompts, max_gen_len=12, temperature=0.8, top_p=0.9, seed=0,
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

@@ -10,7 +10,7 @@ import os
 import signal
 from pathlib import Path
 
-import fire
+from llama.errors import run_cli
 
 from llama.distributed import init_distributed
 from llama.faults import PeerLost, report_and_exit
@@ -30,4 +30,4 @@ def main(rank_dir, victim: int = 1, at: int = 20, how: str = "kill", timeout_s: 
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

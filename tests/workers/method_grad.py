@@ -5,7 +5,7 @@ token ids with unequal lengths, right padding and response masks (prompt_grad.py
 Rank 0 saves {schedule: {"grads": {global key: gradient}, "loss": summed loss}} to --out. The
 adapter's gates start at 0.5 here, not 0, so that its prompts get a gradient to compare too.
 """
-import fire
+from llama.errors import run_cli
 import torch
 
 from llama.checkpoint import load_model
@@ -59,4 +59,4 @@ def main(ckpt, out, method="prefix", schedules="1f1b", n_micro=4, micro_batch_si
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

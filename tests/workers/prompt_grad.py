@@ -7,7 +7,7 @@ JSON) cut into micro-batches of --micro_batch_size, each padded to its own longe
 """
 import json
 
-import fire
+from llama.errors import run_cli
 import torch
 
 from llama.checkpoint import load_model
@@ -70,4 +70,4 @@ def main(ckpt, out, schedules="1f1b", n_micro=4, micro_batch_size=2, n_virtual=4
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-import fire
+from llama.errors import run_cli
 
 import ft_main
 from llama import train
@@ -39,4 +39,4 @@ def main(probe_dir, **ft_args):
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)
