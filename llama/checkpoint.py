@@ -6,14 +6,14 @@ tensors; split.json records which layers each file holds and its sha256.
 """
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from llama.errors import BadInput
-from llama.files import (atomic_torch_save, atomic_write_text, check_output_folder, fsync_dir,
+from llama.files import (atomic_torch_save, atomic_write_text, check_output_folder,
+                         clean_stale_folders_beside, folder_beside, fsync_dir, replace_folder,
                          sha256_of)
 from llama.formats import (HFSource, Llama2cSource, MetaSource, TensorSource, model_args_from_dict,
                            read_json, safe_torch_load)
@@ -203,6 +203,7 @@ def write_split(source: TensorSource, out_dir, n_stages: int, dtype: str = "auto
     (GiB per card) or layer_counts (layers per stage) size the stages to unequal cards.
     """
     out_dir = Path(out_dir)
+    clean_stale_folders_beside(out_dir)
     check_output_folder(out_dir, "--out_dir", "a split folder that split_model.py wrote",
                         "split.json", SPLIT_FILE_NAMES, [*reads, tokenizer_path], overwrite)
     target_dtype = None if dtype == "auto" else dtype_named(dtype)
@@ -213,7 +214,7 @@ def write_split(source: TensorSource, out_dir, n_stages: int, dtype: str = "auto
             source.load(source.names()[0]).dtype.itemsize
         check_weights_fit(source.args, plan, stage_memory, float_bytes, quantization)
     refuse_unknown_tensors(source, source.description.get("path", "the checkpoint"))
-    tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    tmp_dir = folder_beside(out_dir, "tmp")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
     try:
@@ -254,19 +255,7 @@ def write_split(source: TensorSource, out_dir, n_stages: int, dtype: str = "auto
         if tokenizer_path:
             shutil.copyfile(tokenizer_path, tmp_dir / "tokenizer.model")
         fsync_dir(tmp_dir)
-        # The old split is renamed aside, not deleted in place: a crash while deleting it would
-        # leave a half-deleted split under out_dir. Only between the two renames is there none.
-        old_dir = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        if out_dir.exists():
-            os.replace(out_dir, old_dir)
-        try:
-            os.replace(tmp_dir, out_dir)
-        except OSError:
-            if old_dir.exists():
-                os.replace(old_dir, out_dir)
-            raise
-        fsync_dir(out_dir.parent)
-        shutil.rmtree(old_dir, ignore_errors=True)
+        replace_folder(tmp_dir, out_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return manifest

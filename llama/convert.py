@@ -8,7 +8,6 @@ merging PEFT LoRA adapters on the way and checking files against a published sha
         [--tokenizer_path lora_b/tokenizer.model] [--sha256 SHA256.md] [--to hf]
 """
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -19,7 +18,8 @@ from llama.checkpoint import (find_tokenizer, is_split_dir, load_stage_tensors,
                               stage_tensor_names)
 from llama.checksums import Sha256List, check_files, format_list
 from llama.errors import BadInput, run_cli
-from llama.files import atomic_write_text, check_output_folder, sha256_of
+from llama.files import (atomic_write_text, check_output_folder, clean_stale_folders_beside,
+                         folder_beside, replace_folder, sha256_of)
 from llama.formats import META_SHARD_DIM, save_hf_safetensors, save_meta
 from llama.lora import describe, merged_tensor, plan_shapes, read_adapter
 from llama.precision import dtype_named
@@ -142,6 +142,7 @@ def main(src: str, dst: str, n_shards: int = 1, dtype: str = "auto", overwrite: 
     lora_folders = [Path(str(p).strip()) for p in
                     (lora.split(",") if isinstance(lora, str) else lora or []) if str(p).strip()]
     dst = Path(dst)
+    clean_stale_folders_beside(dst)
     try:
         base_tokenizer = find_tokenizer(src)
     except BadInput:
@@ -165,7 +166,7 @@ def main(src: str, dst: str, n_shards: int = 1, dtype: str = "auto", overwrite: 
         print(f"note: no tokenizer found beside {src}; copy tokenizer.model into {dst} yourself")
     dtype_name = str(next(iter(tensors.values())).dtype).replace("torch.", "")
     # Written beside dst and renamed at the end: a failure leaves no half-converted folder.
-    tmp_dir = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp_dir = folder_beside(dst, "tmp")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     try:
         write_layout(tensors, args, tmp_dir, to, n_shards)
@@ -185,9 +186,7 @@ def main(src: str, dst: str, n_shards: int = 1, dtype: str = "auto", overwrite: 
                   "source_format": what, "layout": to, "n_shards": n_shards, "dtype": dtype_name,
                   "lora": [describe(adapter) for adapter in adapters], "sha256": hashes}
         atomic_write_text(tmp_dir / MARKER, json.dumps(marker, indent=2))
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp_dir, dst)
+        replace_folder(tmp_dir, dst)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     merged = f", {len(adapters)} LoRA adapter(s) merged" if adapters else ""
