@@ -13,7 +13,7 @@ import torch
 
 from llama.errors import BadInput
 from llama.files import (atomic_torch_save, atomic_write_text, check_output_folder,
-                         clean_stale_folders_beside, folder_beside, fsync_dir, replace_folder,
+                         clean_stale_folders_beside, fsync_dir, make_temp_folder, replace_folder,
                          sha256_of)
 from llama.formats import (HFSource, Llama2cSource, MetaSource, TensorSource, model_args_from_dict,
                            read_json, safe_torch_load)
@@ -214,9 +214,7 @@ def write_split(source: TensorSource, out_dir, n_stages: int, dtype: str = "auto
             source.load(source.names()[0]).dtype.itemsize
         check_weights_fit(source.args, plan, stage_memory, float_bytes, quantization)
     refuse_unknown_tensors(source, source.description.get("path", "the checkpoint"))
-    tmp_dir = folder_beside(out_dir, "tmp")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
+    tmp_dir = make_temp_folder(out_dir, "--out_dir")
     try:
         stages, stored_dtype = [], None
         for index, (layer_range, embeddings, head) in enumerate(plan):

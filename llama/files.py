@@ -125,6 +125,21 @@ def folder_beside(folder, role: str) -> Path:
     return folder.with_name(f".{folder.name}.{role}-{os.getpid()}")
 
 
+def make_temp_folder(folder, flag: str) -> Path:
+    """A new empty folder_beside(folder, 'tmp') to write into; a folder that cannot be written
+    (read-only, full, a file in the path) is refused in one line naming it."""
+    folder = Path(folder)
+    tmp_dir = folder_beside(folder, "tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    try:
+        tmp_dir.mkdir(parents=True)
+    except OSError as error:
+        raise BadInput(f"{flag} {folder} cannot be written: its folder {folder.parent} does not "
+                       f"take new files ({error.strerror or error}); pick a writable place for "
+                       f"{flag}") from None
+    return tmp_dir
+
+
 def replace_folder(new_dir, folder):
     """Rename new_dir to folder. An existing folder is renamed aside first and deleted only once
     the new one is in place: deleting it first, a kill in between would lose both. A kill

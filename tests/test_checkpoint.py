@@ -445,3 +445,25 @@ def test_stale_temp_folder_of_a_dead_split_is_removed(bin_path, tmp_path):
     (stale / "stage.00.pth").write_bytes(b"half")
     write_split(open_source(bin_path), tmp_path / "pp2", 2, log=quiet)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pp2"]
+
+
+def test_split_and_convert_into_a_read_only_folder_say_so_in_one_line(bin_path, tmp_path,
+                                                                      monkeypatch):
+    """root writes into a read-only folder anyway, so the kernel's refusal is simulated."""
+    real_mkdir = type(tmp_path).mkdir
+
+    def read_only_mkdir(path, *args, **kwargs):
+        if path.parent == tmp_path / "ro":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(type(tmp_path), "mkdir", read_only_mkdir)
+    with pytest.raises(BadInput, match=r"--out_dir \S+ro/pp2 cannot be written: its folder "
+                                       r"\S+ro does not take new files \(Permission denied\); "
+                                       r"pick a writable place for --out_dir"):
+        split_model.main(str(bin_path), 2, out_dir=str(tmp_path / "ro" / "pp2"))
+    with pytest.raises(BadInput, match=r"--dst \S+ro/conv cannot be written: its folder \S+ro "
+                                       r"does not take new files \(Permission denied\)"):
+        convert.main(str(bin_path), str(tmp_path / "ro" / "conv"))
+    assert list((tmp_path / "ro").iterdir()) == []

@@ -331,6 +331,19 @@ def test_planner_refuses_a_bad_gpu_list():
         plan.main("7B", gpus=(0,))
 
 
+@pytest.mark.parametrize("flags, message", [
+    ({"global_batch": 0}, r"--global_batch=0 must be a positive integer"),
+    ({"seq_len": -1}, r"--seq_len=-1 must be a positive integer"),
+    ({"top": 0}, r"--top=0 must be a positive integer"),
+    ({"n_virtual_tokens": -1}, r"--n_virtual_tokens=-1 must be a whole number, 0 or more"),
+    ({"reserve_gib": float("nan")}, r"--reserve_gib=nan must be a number of GiB, 0 or more"),
+])
+def test_planner_refuses_counts_that_are_not_positive(flags, message):
+    """--global_batch 0 used to end in a raw ValueError from max() of no configurations."""
+    with pytest.raises(BadInput, match=message):
+        plan.main("7B", **flags)
+
+
 def test_scripts_generate_and_train_on_quantized_weights(splits, model_bin, tmp_path, capsys):
     """example.py on an int8 split (its projections stay unfused: packed codes are not fused),
     the same text from the float checkpoint quantized at load time (--quantize int8), and
