@@ -6,6 +6,7 @@ tensors; split.json records which layers each file holds and its sha256.
 """
 import hashlib
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -87,10 +88,15 @@ def stage_plan(args: ModelArgs, n_stages: int, capacities=None, layer_counts=Non
 
 def check_stage_memory(stage_memory, n_stages: int) -> list:
     sizes = list(stage_memory) if isinstance(stage_memory, (list, tuple)) else [stage_memory]
-    if len(sizes) != n_stages or any(isinstance(g, bool) or not isinstance(g, (int, float))
-                                     or not g > 0 for g in sizes):
+    example = f"e.g. --stage_memory {','.join(['4'] * n_stages)}"
+    if len(sizes) != n_stages:
         raise BadInput(f"--stage_memory {sizes} must give one size in GiB per stage "
-                       f"({n_stages} stages): e.g. --stage_memory {','.join(['4'] * n_stages)}")
+                       f"({n_stages} stages): {example}")
+    wrong = [g for g in sizes if isinstance(g, bool) or not isinstance(g, (int, float))
+             or not 0 < g < math.inf]
+    if wrong:
+        raise BadInput(f"--stage_memory {sizes}: every size must be a positive number of GiB, "
+                       f"not {wrong[0]!r}: {example}")
     return sizes
 
 
@@ -105,6 +111,9 @@ def quantization_entry(args: ModelArgs, quantize, group_size):
     if quantize not in SCHEMES:
         raise BadInput(f"--quantize {quantize!r} must be one of {', '.join(SCHEMES)} "
                        "(or left out for float weights)")
+    if quantize != "int4" and group_size is not None:
+        raise BadInput(f"--group_size {group_size} is for --quantize int4 only ({quantize} keeps "
+                       "one scale per output channel): drop --group_size, or use --quantize int4")
     entry = {"scheme": quantize, "tensors": "block linears (attention.wq/wk/wv/wo, "
              "feed_forward.w1/w2/w3); embeddings, norms and output stay float"}
     if quantize == "int4":

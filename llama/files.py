@@ -89,10 +89,8 @@ def check_output_folder(folder, flag: str, kind: str, marker: str, own_name, rea
     of the paths in `reads`: the command is reading them while it writes.
     """
     folder = Path(folder)
-    if not folder.exists():
-        return
-    if not folder.is_dir():
-        raise BadInput(f"{flag} {folder} is a file, not a folder: choose another {flag}")
+    # Checked before the folder exists too: resolve() follows the links of its nearest
+    # existing parent, so a new --dst inside --src (through a link or '..') is caught.
     where = folder.resolve()
     for read in (Path(r).resolve() for r in reads if r):
         if read == where or where in read.parents:
@@ -101,6 +99,10 @@ def check_output_folder(folder, flag: str, kind: str, marker: str, own_name, rea
         if read in where.parents:
             raise BadInput(f"{flag} {folder} lies inside {read}, which this command reads, so it "
                            f"is never replaced: choose another {flag}")
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise BadInput(f"{flag} {folder} is a file, not a folder: choose another {flag}")
     names = sorted(p.name for p in folder.iterdir())
     if not names:
         return

@@ -226,6 +226,21 @@ def test_overwrite_never_replaces_a_folder_that_holds_or_lies_in_the_source(user
     assert sorted(p.name for p in user_ckpts.parent.iterdir()) == ["ckpts"]  # no temp folder
 
 
+def test_new_dst_inside_the_source_is_refused_before_it_exists(user_ckpts, tmp_path):
+    """It used to be accepted (the check ran only on a folder that existed): the converted model
+    was written into the checkpoint being read."""
+    model = user_ckpts / "stories260K"
+    (tmp_path / "link").symlink_to(model)
+    before = folder_contents(user_ckpts)
+    for dst in (model / "converted", tmp_path / "link" / "converted"):
+        with pytest.raises(BadInput, match=rf"--dst {dst} lies inside \S+stories260K, which this "
+                                           r"command reads"):
+            convert.main(str(model), str(dst))
+        with pytest.raises(BadInput, match=r"--out_dir \S+converted lies inside"):
+            split_model.main(str(model), 2, out_dir=str(dst))
+    assert folder_contents(user_ckpts) == before
+
+
 def test_overwrite_never_replaces_a_folder_of_other_files(user_ckpts, splits, tmp_path):
     before = folder_contents(user_ckpts)
     model = user_ckpts / "stories260K"

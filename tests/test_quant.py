@@ -243,6 +243,19 @@ def test_stage_memory_with_fewer_entries_than_stages(model_bin, tmp_path):
             stage_memory=(4.0,))
 
 
+def test_stage_memory_that_is_not_positive_says_so(model_bin, tmp_path):
+    """It used to say "give one size per stage" to a user who had given one per stage."""
+    refused(tmp_path, r"--stage_memory \[0.0, 4.0\]: every size must be a positive number of "
+                      r"GiB, not 0.0: e.g. --stage_memory 4,4", ckpt_dir=str(model_bin),
+            n_stages=2, stage_memory=(0.0, 4.0))
+
+
+def test_group_size_with_int8_is_refused(model_bin, tmp_path):
+    refused(tmp_path, r"--group_size 32 is for --quantize int4 only \(int8 keeps one scale per "
+                      r"output channel\): drop --group_size, or use --quantize int4",
+            ckpt_dir=str(model_bin), n_stages=2, quantize="int8", group_size=32)
+
+
 def test_stage_memory_too_small_for_the_model(model_bin, tmp_path):
     refused(tmp_path, r"--stage_memory \[0.0001, 0.0001\] GiB is too small for this model: its "
                       r"weights alone need 0.00109 GiB \(0.00063, 0.000461 by stage\)",
