@@ -6,14 +6,15 @@ tensors; split.json records which layers each file holds and its sha256.
 """
 import hashlib
 import json
-import os
+import math
 import shutil
 from pathlib import Path
 
 import torch
 
 from llama.errors import BadInput
-from llama.files import (atomic_torch_save, atomic_write_text, check_output_folder, fsync_dir,
+from llama.files import (atomic_torch_save, atomic_write_text, check_output_folder,
+                         clean_stale_folders_beside, fsync_dir, make_temp_folder, replace_folder,
                          sha256_of)
 from llama.formats import (HFSource, Llama2cSource, MetaSource, TensorSource, model_args_from_dict,
                            read_json, safe_torch_load)
@@ -87,10 +88,15 @@ def stage_plan(args: ModelArgs, n_stages: int, capacities=None, layer_counts=Non
 
 def check_stage_memory(stage_memory, n_stages: int) -> list:
     sizes = list(stage_memory) if isinstance(stage_memory, (list, tuple)) else [stage_memory]
-    if len(sizes) != n_stages or any(isinstance(g, bool) or not isinstance(g, (int, float))
-                                     or not g > 0 for g in sizes):
+    example = f"e.g. --stage_memory {','.join(['4'] * n_stages)}"
+    if len(sizes) != n_stages:
         raise BadInput(f"--stage_memory {sizes} must give one size in GiB per stage "
-                       f"({n_stages} stages): e.g. --stage_memory {','.join(['4'] * n_stages)}")
+                       f"({n_stages} stages): {example}")
+    wrong = [g for g in sizes if isinstance(g, bool) or not isinstance(g, (int, float))
+             or not 0 < g < math.inf]
+    if wrong:
+        raise BadInput(f"--stage_memory {sizes}: every size must be a positive number of GiB, "
+                       f"not {wrong[0]!r}: {example}")
     return sizes
 
 
@@ -105,6 +111,9 @@ def quantization_entry(args: ModelArgs, quantize, group_size):
     if quantize not in SCHEMES:
         raise BadInput(f"--quantize {quantize!r} must be one of {', '.join(SCHEMES)} "
                        "(or left out for float weights)")
+    if quantize != "int4" and group_size is not None:
+        raise BadInput(f"--group_size {group_size} is for --quantize int4 only ({quantize} keeps "
+                       "one scale per output channel): drop --group_size, or use --quantize int4")
     entry = {"scheme": quantize, "tensors": "block linears (attention.wq/wk/wv/wo, "
              "feed_forward.w1/w2/w3); embeddings, norms and output stay float"}
     if quantize == "int4":
@@ -203,6 +212,7 @@ def write_split(source: TensorSource, out_dir, n_stages: int, dtype: str = "auto
     (GiB per card) or layer_counts (layers per stage) size the stages to unequal cards.
     """
     out_dir = Path(out_dir)
+    clean_stale_folders_beside(out_dir)
     check_output_folder(out_dir, "--out_dir", "a split folder that split_model.py wrote",
                         "split.json", SPLIT_FILE_NAMES, [*reads, tokenizer_path], overwrite)
     target_dtype = None if dtype == "auto" else dtype_named(dtype)
@@ -213,9 +223,7 @@ def write_split(source: TensorSource, out_dir, n_stages: int, dtype: str = "auto
             source.load(source.names()[0]).dtype.itemsize
         check_weights_fit(source.args, plan, stage_memory, float_bytes, quantization)
     refuse_unknown_tensors(source, source.description.get("path", "the checkpoint"))
-    tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
+    tmp_dir = make_temp_folder(out_dir, "--out_dir")
     try:
         stages, stored_dtype = [], None
         for index, (layer_range, embeddings, head) in enumerate(plan):
@@ -254,19 +262,7 @@ def write_split(source: TensorSource, out_dir, n_stages: int, dtype: str = "auto
         if tokenizer_path:
             shutil.copyfile(tokenizer_path, tmp_dir / "tokenizer.model")
         fsync_dir(tmp_dir)
-        # The old split is renamed aside, not deleted in place: a crash while deleting it would
-        # leave a half-deleted split under out_dir. Only between the two renames is there none.
-        old_dir = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        if out_dir.exists():
-            os.replace(out_dir, old_dir)
-        try:
-            os.replace(tmp_dir, out_dir)
-        except OSError:
-            if old_dir.exists():
-                os.replace(old_dir, out_dir)
-            raise
-        fsync_dir(out_dir.parent)
-        shutil.rmtree(old_dir, ignore_errors=True)
+        replace_folder(tmp_dir, out_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return manifest

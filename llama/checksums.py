@@ -53,6 +53,9 @@ def json_pairs(text: str, path) -> list:
         data = json.loads(text)
     except ValueError as error:
         raise BadInput(f"--sha256 {path} is not valid JSON ({error})") from None
+    except RecursionError:  # json recurses once per bracket: 100,000 '[' exhaust the stack
+        raise BadInput(f"--sha256 {path} nests lists or objects too deeply to be a sha256 list: "
+                       "pass a JSON object {\"file\": \"hash\"} or 'hash  file' lines") from None
     items = data.items() if isinstance(data, dict) else [
         (entry.get("file", entry.get("name", entry.get("path"))),
          entry.get("sha256", entry.get("hash"))) for entry in data if isinstance(entry, dict)]

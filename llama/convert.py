@@ -8,7 +8,6 @@ merging PEFT LoRA adapters on the way and checking files against a published sha
         [--tokenizer_path lora_b/tokenizer.model] [--sha256 SHA256.md] [--to hf]
 """
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -19,7 +18,8 @@ from llama.checkpoint import (find_tokenizer, is_split_dir, load_stage_tensors,
                               stage_tensor_names)
 from llama.checksums import Sha256List, check_files, format_list
 from llama.errors import BadInput, run_cli
-from llama.files import atomic_write_text, check_output_folder, sha256_of
+from llama.files import (atomic_write_text, check_output_folder, clean_stale_folders_beside,
+                         make_temp_folder, replace_folder, sha256_of)
 from llama.formats import META_SHARD_DIM, save_hf_safetensors, save_meta
 from llama.lora import describe, merged_tensor, plan_shapes, read_adapter
 from llama.precision import dtype_named
@@ -105,6 +105,21 @@ def tokenizer_for(tokenizer_path, base_tokenizer, adapters, args, base_vocab: in
     return tokenizer
 
 
+def check_outputs(tmp_dir: Path, dst: Path, sha_list, checked: dict) -> dict:
+    """{file name: sha256} of what was written, checked against the --sha256 list if any."""
+    written = {p.name: p for p in files_in(tmp_dir)}
+    hashes = {name: sha256_of(path) for name, path in written.items()}
+    if sha_list:
+        checked.update(check_files(sha_list, [(dst / name, p) for name, p in written.items()],
+                                   "output", set(checked.values()),
+                                   {written[name]: digest for name, digest in hashes.items()}))
+        if not checked:
+            raise BadInput(f"--sha256 {sha_list.path} names none of the files read or written "
+                           f"(first listed: {next(iter(sha_list.hashes))}): list them as "
+                           "'hash  file name'")
+    return hashes
+
+
 def write_layout(tensors: dict, args, folder: Path, to: str, n_shards: int):
     if to == "hf":
         save_hf_safetensors(tensors, args, folder)
@@ -142,6 +157,7 @@ def main(src: str, dst: str, n_shards: int = 1, dtype: str = "auto", overwrite: 
     lora_folders = [Path(str(p).strip()) for p in
                     (lora.split(",") if isinstance(lora, str) else lora or []) if str(p).strip()]
     dst = Path(dst)
+    clean_stale_folders_beside(dst)
     try:
         base_tokenizer = find_tokenizer(src)
     except BadInput:
@@ -155,39 +171,28 @@ def main(src: str, dst: str, n_shards: int = 1, dtype: str = "auto", overwrite: 
     inputs += [Path(t) for t in (tokenizer_path, base_tokenizer) if t and Path(t).is_file()]
     checked = check_files(sha_list, [(p, p) for p in inputs], "input") if sha_list else {}
 
-    args, tensors, what = read_all_tensors(src)
-    base_vocab = args.vocab_size
-    args, tensors, adapters = merge_adapters(args, tensors, lora_folders, target_dtype)
-    tokenizer = tokenizer_for(tokenizer_path, base_tokenizer, adapters, args, base_vocab)
-    if to == "meta":
-        check_shardable(tensors, n_shards)
-    if tokenizer is None:
-        print(f"note: no tokenizer found beside {src}; copy tokenizer.model into {dst} yourself")
-    dtype_name = str(next(iter(tensors.values())).dtype).replace("torch.", "")
-    # Written beside dst and renamed at the end: a failure leaves no half-converted folder.
-    tmp_dir = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
+    # Written beside dst and renamed at the end: a failure, whatever it is, leaves no
+    # half-converted folder; made before the work so an unwritable --dst is refused at once.
+    tmp_dir = make_temp_folder(dst, "--dst")
     try:
+        args, tensors, what = read_all_tensors(src)
+        base_vocab = args.vocab_size
+        args, tensors, adapters = merge_adapters(args, tensors, lora_folders, target_dtype)
+        tokenizer = tokenizer_for(tokenizer_path, base_tokenizer, adapters, args, base_vocab)
+        if to == "meta":
+            check_shardable(tensors, n_shards)
+        if tokenizer is None:
+            print(f"note: no tokenizer found beside {src}; copy tokenizer.model into {dst} yourself")
+        dtype_name = str(next(iter(tensors.values())).dtype).replace("torch.", "")
         write_layout(tensors, args, tmp_dir, to, n_shards)
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp_dir / "tokenizer.model")
-        written = {p.name: p for p in files_in(tmp_dir)}
-        hashes = {name: sha256_of(path) for name, path in written.items()}
-        if sha_list:
-            checked.update(check_files(sha_list, [(dst / name, p) for name, p in written.items()],
-                                       "output", set(checked.values()),
-                                       {written[name]: digest for name, digest in hashes.items()}))
-            if not checked:
-                raise BadInput(f"--sha256 {sha256} names none of the files read or written "
-                               f"(first listed: {next(iter(sha_list.hashes))}): list them as "
-                               "'hash  file name'")
+        hashes = check_outputs(tmp_dir, dst, sha_list, checked)
         marker = {"written_by": "llama.convert", "source": str(Path(src).resolve()),
                   "source_format": what, "layout": to, "n_shards": n_shards, "dtype": dtype_name,
                   "lora": [describe(adapter) for adapter in adapters], "sha256": hashes}
         atomic_write_text(tmp_dir / MARKER, json.dumps(marker, indent=2))
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp_dir, dst)
+        replace_folder(tmp_dir, dst)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     merged = f", {len(adapters)} LoRA adapter(s) merged" if adapters else ""

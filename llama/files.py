@@ -7,6 +7,7 @@ file or the new one.
 import hashlib
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -88,10 +89,8 @@ def check_output_folder(folder, flag: str, kind: str, marker: str, own_name, rea
     of the paths in `reads`: the command is reading them while it writes.
     """
     folder = Path(folder)
-    if not folder.exists():
-        return
-    if not folder.is_dir():
-        raise BadInput(f"{flag} {folder} is a file, not a folder: choose another {flag}")
+    # Checked before the folder exists too: resolve() follows the links of its nearest
+    # existing parent, so a new --dst inside --src (through a link or '..') is caught.
     where = folder.resolve()
     for read in (Path(r).resolve() for r in reads if r):
         if read == where or where in read.parents:
@@ -100,6 +99,10 @@ def check_output_folder(folder, flag: str, kind: str, marker: str, own_name, rea
         if read in where.parents:
             raise BadInput(f"{flag} {folder} lies inside {read}, which this command reads, so it "
                            f"is never replaced: choose another {flag}")
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise BadInput(f"{flag} {folder} is a file, not a folder: choose another {flag}")
     names = sorted(p.name for p in folder.iterdir())
     if not names:
         return
@@ -113,3 +116,77 @@ def check_output_folder(folder, flag: str, kind: str, marker: str, own_name, rea
     if not overwrite:
         raise BadInput(f"{folder} already exists ({kind}): pass --overwrite to replace it, or "
                        f"choose another {flag}")
+
+
+# ---- folders written beside their target and renamed into place ----
+
+def folder_beside(folder, role: str) -> Path:
+    """`.<name>.<role>-<pid>` beside folder: 'tmp' while it is written, 'old' for the folder it
+    replaces. The pid tells a later run whether the process that made it is gone."""
+    folder = Path(folder)
+    return folder.with_name(f".{folder.name}.{role}-{os.getpid()}")
+
+
+def make_temp_folder(folder, flag: str) -> Path:
+    """A new empty folder_beside(folder, 'tmp') to write into; a folder that cannot be written
+    (read-only, full, a file in the path) is refused in one line naming it."""
+    folder = Path(folder)
+    tmp_dir = folder_beside(folder, "tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    try:
+        tmp_dir.mkdir(parents=True)
+    except OSError as error:
+        raise BadInput(f"{flag} {folder} cannot be written: its folder {folder.parent} does not "
+                       f"take new files ({error.strerror or error}); pick a writable place for "
+                       f"{flag}") from None
+    return tmp_dir
+
+
+def replace_folder(new_dir, folder):
+    """Rename new_dir to folder. An existing folder is renamed aside first and deleted only once
+    the new one is in place: deleting it first, a kill in between would lose both. A kill
+    between the two renames leaves the old one at `.<name>.old-<pid>`, which
+    clean_stale_folders_beside puts back."""
+    new_dir, folder = Path(new_dir), Path(folder)
+    old_dir = folder_beside(folder, "old")
+    if folder.exists():
+        os.replace(folder, old_dir)
+    try:
+        os.replace(new_dir, folder)
+    except OSError:
+        if old_dir.exists():
+            os.replace(old_dir, folder)
+        raise
+    fsync_dir(folder.parent)
+    shutil.rmtree(old_dir, ignore_errors=True)
+
+
+def process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but is another user's: alive
+        return True
+    return True
+
+
+def clean_stale_folders_beside(folder):
+    """Undo what a killed run left beside folder: a temp folder (as big as the model) of a dead
+    process is deleted, an old folder renamed aside is put back if folder is missing (else
+    deleted). Only names of the form folder_beside writes are touched, and only when their
+    process is gone: a live run's folders are its own."""
+    folder = Path(folder)
+    if not folder.parent.is_dir():
+        return
+    ours = re.compile(rf"\.{re.escape(folder.name)}\.(tmp|old)-(\d+)")
+    for path in sorted(folder.parent.iterdir(), key=lambda p: p.name):  # 'old' before 'tmp'
+        match = ours.fullmatch(path.name)
+        if not match or not path.is_dir() or process_is_alive(int(match.group(2))):
+            continue
+        if match.group(1) == "old" and not folder.exists():
+            os.replace(path, folder)
+            print(f"note: put back {folder}, which a killed run (pid {match.group(2)}) had "
+                  "moved aside to replace it")
+        else:
+            shutil.rmtree(path, ignore_errors=True)

@@ -428,6 +428,25 @@ def hf_rope_theta(config: dict, where: str) -> float:
     return next(iter(given.values()), 10000.0)
 
 
+# Older transformers saved rotary's inverse frequencies as a buffer: they follow from
+# rope_theta, which config.json gives, so they carry no weight of their own.
+HF_DERIVED_BUFFER = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+HF_LLAMA = {"model_type": "llama", "architectures": "LlamaForCausalLM"}
+
+
+def refuse_other_architectures(config: dict, where: str):
+    """Refuse, by name, a checkpoint of another architecture: a Qwen2 or Mistral folder looks
+    like a LLaMA's, but its config lacks the settings (Qwen2's biases are implied by its
+    model_type) that would tell the rest of this reader that it computes something else."""
+    model_type, architectures = config.get("model_type"), config.get("architectures")
+    if model_type is not None and model_type != HF_LLAMA["model_type"]:
+        raise BadInput(f"{where}: model_type={model_type!r} is not a LLaMA (only model_type "
+                       f"'llama', {HF_LLAMA['architectures']}): {CANNOT_RUN_HERE}")
+    if architectures is not None and architectures != [HF_LLAMA["architectures"]]:
+        raise BadInput(f"{where}: architectures={architectures!r} is not a LLaMA (only "
+                       f"['{HF_LLAMA['architectures']}'], model_type 'llama'): {CANNOT_RUN_HERE}")
+
+
 class HFSource(TensorSource):
     """config.json + model*.safetensors or pytorch_model*.bin, read without transformers."""
 
@@ -437,6 +456,7 @@ class HFSource(TensorSource):
         if not isinstance(config, dict):
             raise BadInput(f"{folder / 'config.json'} must hold a JSON object (a Hugging Face config)")
         where = str(folder / "config.json")
+        refuse_other_architectures(config, where)
         refuse_hf_settings_not_implemented(config, where)
         # Defaults are LlamaConfig's own, for configs written by hand without them.
         params = {"dim": config.get("hidden_size"), "n_layers": config.get("num_hidden_layers"),
@@ -449,24 +469,31 @@ class HFSource(TensorSource):
         self.args = model_args_from_dict({k: v for k, v in params.items() if v is not None},
                                          where, **overrides)
         self.tied = bool(config.get("tie_word_embeddings", False))
-        self.where = {}  # Meta name -> (reader, HF name)
+        self.where = {}  # Meta name -> reader
         for path in sorted(folder.glob("*.safetensors")):
             data_start, header = read_safetensors_header(path)
             for hf_name, entry in header.items():
-                self._register(hf_name, lambda e=entry, p=path, s=data_start: read_safetensor(p, s, e))
+                self._register(path, hf_name,
+                               lambda e=entry, p=path, s=data_start: read_safetensor(p, s, e))
         if not self.where:
             for path in sorted(folder.glob("pytorch_model*.bin")):
                 state = state_dict_of_tensors(safe_torch_load(path), path)
                 for hf_name in state:
-                    self._register(hf_name, lambda s=state, n=hf_name: s[n])
+                    self._register(path, hf_name, lambda s=state, n=hf_name: s[n])
         if not self.where:
             raise BadInput(f"{folder} has no model*.safetensors or pytorch_model*.bin weights")
         self.description = {"format": "hf", "path": folder.name}
 
-    def _register(self, hf_name, reader):
+    def _register(self, path, hf_name, reader):
+        """Strict, as for the Meta layout: every tensor is used or refused by name. Skipping one
+        would drop it silently (Qwen2's q/k/v biases, say) and the model would print garbage."""
         meta_name = hf_to_meta_name(hf_name)
         if meta_name is not None:
             self.where[meta_name] = reader
+        elif not HF_DERIVED_BUFFER.fullmatch(hf_name):
+            raise BadInput(f"{path} holds {hf_name!r}, which a LLaMA does not have (a bias, or a "
+                           "module of another architecture): this model cannot use it, so the "
+                           "checkpoint cannot be run here")
 
     def names(self):
         names = list(self.where)
@@ -487,33 +514,45 @@ class HFSource(TensorSource):
         return tensor
 
 
-def save_hf_safetensors(tensors: dict, args: ModelArgs, folder):
-    """Write the HF Llama layout: one model.safetensors (q/k rows permuted for rotate-half, as
-    HF expects) and a config.json that transformers 4 (rope_theta at the top) and 5
-    (rope_parameters) read alike. Tensors are written one at a time, never joined in memory."""
-    dtype_name = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+def write_safetensors(path, tensors: dict, prepare=None):
+    """Write {name: tensor} as one safetensors file, each tensor passed through
+    prepare(name, tensor) (same shape and dtype) only as it is written, so no second copy of
+    the model is ever joined in memory."""
+    dtype_name = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
     header, offset = {}, 0
     for name, tensor in tensors.items():
         size = tensor.numel() * tensor.element_size()
-        header[meta_to_hf_name(name)] = {"dtype": dtype_name[tensor.dtype],
-                                         "shape": list(tensor.shape),
-                                         "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": dtype_name[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
         offset += size
     head = json.dumps(header).encode()
 
     def write(file):
         file.write(struct.pack("<Q", len(head)) + head)
         for name, tensor in tensors.items():
-            if name.endswith("attention.wq.weight"):
-                tensor = interleaved_to_rotate_half(tensor, args.n_heads)
-            elif name.endswith("attention.wk.weight"):
-                tensor = interleaved_to_rotate_half(tensor, args.n_kv_heads)
+            tensor = prepare(name, tensor) if prepare else tensor
             if tensor.numel():
                 file.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
 
+    atomic_write(path, write)
+
+
+def save_hf_safetensors(tensors: dict, args: ModelArgs, folder):
+    """Write the HF Llama layout: one model.safetensors (q/k rows permuted for rotate-half, as
+    HF expects) and a config.json that transformers 4 (rope_theta at the top) and 5
+    (rope_parameters) read alike. Tensors are written one at a time, never joined in memory."""
+    def rotate_half_rows(hf_name, tensor):
+        if hf_name.endswith("self_attn.q_proj.weight"):
+            return interleaved_to_rotate_half(tensor, args.n_heads)
+        if hf_name.endswith("self_attn.k_proj.weight"):
+            return interleaved_to_rotate_half(tensor, args.n_kv_heads)
+        return tensor
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / "model.safetensors", write)
+    write_safetensors(folder / "model.safetensors",
+                      {meta_to_hf_name(name): tensor for name, tensor in tensors.items()},
+                      rotate_half_rows)
     stored = str(next(iter(tensors.values())).dtype).replace("torch.", "")
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
               "intermediate_size": args.hidden_dim, "num_attention_heads": args.n_heads,

@@ -34,6 +34,10 @@ LORA_EMBEDDING_KEY = re.compile(r"(?P<module>.+)\.lora_embedding_(?P<kind>A|B)(\
 SAVED_MODULE_KEY = re.compile(r"(?P<module>model\.embed_tokens|lm_head)"
                               r"(\.modules_to_save(\.[\w-]+)?|\.base_layer)?\.weight")
 SAVABLE_MODULES = {"embed_tokens": "model.embed_tokens", "lm_head": "lm_head"}
+# A LoRA update is a correction: PEFT starts B at zero, and a trained update stays a fraction of
+# the weight it corrects. One whose root-mean-square is over this many times the weight's comes
+# from damaged values (1e30) or a wrong lora_alpha, and the merged model would print garbage.
+MAX_DELTA_RATIO = 100.0
 
 
 def hf_module_names(args: ModelArgs) -> list:
@@ -108,7 +112,11 @@ def check_config(config: dict, where, args: ModelArgs):
     positive_number(config, "r", where, integer=True)
     positive_number(config, "lora_alpha", where, integer=False)
     for key in ("rank_pattern", "alpha_pattern"):
-        for pattern, value in (config.get(key) or {}).items():
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise BadInput(f"{where}: {key} must be a JSON object of module pattern: value")
+        for pattern, value in patterns.items():
+            check_regex(pattern, f"{key} pattern", where)
             positive_number({f"{key}[{pattern!r}]": value}, f"{key}[{pattern!r}]", where,
                             integer=key == "rank_pattern")
     if config.get("use_dora"):
@@ -116,6 +124,8 @@ def check_config(config: dict, where, args: ModelArgs):
                        "merge it with peft, or use a plain LoRA adapter")
     modules = hf_module_names(args)
     targets = config.get("target_modules")
+    if isinstance(targets, str):
+        check_regex(targets, "target_modules", where)
     wanted = [targets] if isinstance(targets, str) else list(targets or [])
     for target in wanted:
         if not isinstance(target, str) or not any(
@@ -130,20 +140,38 @@ def check_config(config: dict, where, args: ModelArgs):
                            "lm_head can be merged into a LLaMA: the adapter is for another model")
 
 
+def check_regex(pattern: str, what: str, where):
+    """PEFT reads these names as regular expressions: a broken one is the user's to fix."""
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise BadInput(f"{where}: {what} {pattern!r} is not a valid regular expression "
+                       f"({error}): fix it in adapter_config.json") from None
+
+
 def adapter_tensor_loaders(folder: Path) -> dict:
     """{key: (shape, loader)} of adapter_model.safetensors, else adapter_model.bin."""
     safetensors = folder / "adapter_model.safetensors"
     if safetensors.is_file():
         data_start, header = read_safetensors_header(safetensors)
-        return {key: (tuple(entry["shape"]),
-                      lambda e=entry: read_safetensor(safetensors, data_start, e))
+        return {key: (tuple(entry["shape"]), lambda e=entry, k=key: finite(
+                    read_safetensor(safetensors, data_start, e), k, safetensors))
                 for key, entry in header.items()}
     pickled = folder / "adapter_model.bin"
     if pickled.is_file():
         state = state_dict_of_tensors(safe_torch_load(pickled), pickled)
-        return {key: (tuple(t.shape), lambda t=t: t) for key, t in state.items()}
+        return {key: (tuple(t.shape), lambda t=t, k=key: finite(t, k, pickled))
+                for key, t in state.items()}
     raise BadInput(f"--lora {folder} has neither adapter_model.safetensors nor adapter_model.bin: "
                    "pass the folder PEFT saved the adapter in")
+
+
+def finite(tensor: torch.Tensor, key: str, path) -> torch.Tensor:
+    """tensor, refused when it holds NaN or inf: merged, it would spread them through the model."""
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise BadInput(f"{path}: {key} holds NaN or inf values: the adapter is damaged; use "
+                       "another copy or an earlier checkpoint of it")
+    return tensor
 
 
 def read_adapter(folder, args: ModelArgs) -> Adapter:
@@ -183,6 +211,10 @@ def read_adapter(folder, args: ModelArgs) -> Adapter:
                            "for another model or incomplete")
         adapter.pairs[meta_name] = LoraPair(module, pair["A"], pair["B"],
                                             scaling_of(config, module), embedding)
+    if not adapter.pairs and not adapter.replacements:
+        raise BadInput(f"--lora {folder} holds no tensors to merge (no lora_A/lora_B pair and no "
+                       "saved embed_tokens/lm_head): pass the folder PEFT saved a trained "
+                       "adapter in")
     return adapter
 
 
@@ -266,8 +298,27 @@ def merged_tensor(meta_name: str, base: torch.Tensor, adapters: list, args: Mode
         if meta_name in adapter.pairs:
             if total is None:
                 total = base.double()
-            total = total + lora_delta(adapter.pairs[meta_name], args, meta_name)
-    return base.to(dtype) if total is None else total.to(dtype)
+            delta = lora_delta(adapter.pairs[meta_name], args, meta_name)
+            check_delta_size(adapter, adapter.pairs[meta_name], delta, total)
+            total = total + delta
+    if total is None:
+        return base.to(dtype)
+    merged = total.to(dtype)
+    if not torch.isfinite(merged).all():
+        raise BadInput(f"merging {', '.join(str(a.folder) for a in adapters)} makes {meta_name} "
+                       f"NaN or inf in {str(dtype).replace('torch.', '')}: the adapters' values "
+                       "are too large for it; check them, or pick a wider --dtype")
+    return merged
+
+
+def check_delta_size(adapter: Adapter, pair: LoraPair, delta: torch.Tensor, weight: torch.Tensor):
+    """Refuse an update absurdly large next to the weight it corrects (see MAX_DELTA_RATIO)."""
+    delta_rms, weight_rms = delta.square().mean().sqrt(), weight.square().mean().sqrt()
+    if weight_rms > 0 and not delta_rms <= MAX_DELTA_RATIO * weight_rms:
+        raise BadInput(f"{adapter.folder}: the LoRA update of {pair.module} has an RMS of "
+                       f"{float(delta_rms):.3g}, over {MAX_DELTA_RATIO:g} times its weight's "
+                       f"({float(weight_rms):.3g}): the adapter is damaged or its lora_alpha is "
+                       "wrong, and merging it would ruin the model")
 
 
 def describe(adapter: Adapter) -> dict:

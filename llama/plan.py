@@ -6,6 +6,7 @@ offload) of pipelined soft-prompt training, each stage's estimated peak and marg
 Arithmetic only (llama/memory.py), nothing runs; stages are one per card, layers shared in
 proportion to the cards (split_model.py --stage_memory makes the same split).
 """
+import math
 from typing import Sequence
 
 from llama.checkpoint import is_split_dir, open_source, read_split, stage_plan
@@ -88,6 +89,13 @@ def describe(config) -> str:
             f"~{config['step_s']:.1f} s/step")
 
 
+def check_counts(**counts):
+    """Each of these flags counts something, so it must be a positive integer."""
+    for flag, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise BadInput(f"--{flag}={value!r} must be a positive integer")
+
+
 def main(model: str = "7B", gpus: Sequence[float] = (4.0, 4.0), global_batch: int = 32,
          seq_len: int = 512, n_virtual_tokens: int = 32, dtype: str = "float16",
          schedule: str = "1f1b", reserve_gib: float = 0.5, top: int = 10):
@@ -110,6 +118,13 @@ def main(model: str = "7B", gpus: Sequence[float] = (4.0, 4.0), global_batch: in
     if dtype not in DTYPES or schedule not in ("1f1b", "gpipe"):
         raise BadInput(f"--dtype {dtype!r} must be one of {', '.join(DTYPES)} and --schedule "
                        f"{schedule!r} 1f1b or gpipe")
+    check_counts(global_batch=global_batch, seq_len=seq_len, top=top)
+    if isinstance(n_virtual_tokens, bool) or not isinstance(n_virtual_tokens, int) or \
+            n_virtual_tokens < 0:
+        raise BadInput(f"--n_virtual_tokens={n_virtual_tokens!r} must be a whole number, 0 or more")
+    if isinstance(reserve_gib, bool) or not isinstance(reserve_gib, (int, float)) or \
+            not 0 <= reserve_gib < math.inf:
+        raise BadInput(f"--reserve_gib={reserve_gib!r} must be a number of GiB, 0 or more")
     args = model_args_for(model)
     if len(sizes) > args.n_layers:
         raise BadInput(f"--gpus lists {len(sizes)} cards but the model has {args.n_layers} layers")

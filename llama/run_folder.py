@@ -20,9 +20,17 @@ LOCK_FILE = ".lock"
 
 
 @contextlib.contextmanager
-def claim_out(out: Path, resume, overwrite: bool, log):
+def claim_out(out: Path, resume, overwrite: bool, log, checkpoint=None):
     """Hold --out for the run's life: one run at a time, and a used folder only with --resume
-    or --overwrite. Files that are not a run's (RUN_FILES) are never touched."""
+    or --overwrite. Files that are not a run's (RUN_FILES) are never touched, and --out never
+    lies in the checkpoint the run reads (a split folder's files are checked against split.json,
+    and --overwrite of a split would delete the run)."""
+    if checkpoint is not None:
+        where, read = out.resolve(), Path(checkpoint).resolve()
+        if where == read or read in where.parents:
+            raise BadInput(f"--out {out} lies inside the checkpoint {checkpoint} that this run "
+                           "reads: pick an --out outside it (e.g. runs/<name>)")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -42,6 +50,9 @@ def claim_out(out: Path, resume, overwrite: bool, log):
         yield
     finally:
         _unlock_folder(out, lock)
+        if created:  # a run that failed before writing anything leaves no empty --out behind
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only succeeds when the folder is empty
 
 
 def _lock_folder(out: Path):

@@ -7,13 +7,14 @@ import json
 import math
 import resource
 import time
+from pathlib import Path
 
 import torch
 
 from llama.errors import BadInput
 from llama.files import atomic_write_text
 from llama.progress import elapsed_and_eta
-from llama.run_folder import METRICS_FILE
+from llama.run_folder import CHECKPOINT_FILE, METRICS_FILE
 from llama.trace import write_chrome_trace
 
 
@@ -70,9 +71,12 @@ class RunLog:
             self.metrics.write(json.dumps(record) + "\n")
             self.metrics.flush()
         except OSError as error:  # a full disk, most likely
+            checkpoint = Path(self.metrics.name).with_name(CHECKPOINT_FILE)
+            kept = f"the last checkpoint, {checkpoint}, is kept: continue with --resume" \
+                if checkpoint.is_file() else "no checkpoint was saved yet (every --save_every " \
+                "steps), so start the run again"
             raise BadInput(f"could not write {self.metrics.name} ({error.strerror or error}) "
-                           f"after step {record['step']}: free some space; the last checkpoint "
-                           "is kept, continue with --resume") from None
+                           f"after step {record['step']}: free some space; {kept}") from None
 
     def close(self):
         if self.metrics is not None:

@@ -159,7 +159,8 @@ def set_up(cfg, ctx, model, tokenizer, held) -> Run:
     # memory transforms too: a method attaches to the plain blocks.
     tuning = build_tuning(cfg, model, tokenizer, ctx)
     if ctx.rank == 0:  # before any work: a second run into the same --out stops here at once
-        held.enter_context(claim_out(Path(cfg.out), cfg.resume, cfg.overwrite, ctx.log))
+        held.enter_context(claim_out(Path(cfg.out), cfg.resume, cfg.overwrite, ctx.log,
+                                     cfg.ckpt_dir))
     if cfg.recomputes:
         apply_recompute(model, offload_activations="activations" in cfg.offload,
                         mode=cfg.recompute_mode)
@@ -223,6 +224,12 @@ def build_data(cfg, ctx, tokenizer, max_len, end_target):
     held_out_batches = eval_batches(held_out, cfg.micro_batch_size, tokenizer.pad_id) \
         if len(held_out) else []
     ctx.log(f"data: {len(train_set)} training and {len(held_out)} held-out examples from {cfg.data}")
+    if cfg.eval_fraction > 0 and not len(held_out):
+        # split_dataset keeps the only example for training: say so, or the user waits for a
+        # held-out loss that never comes
+        ctx.log(f"note: --eval_fraction {cfg.eval_fraction} holds out nothing: {cfg.data} has "
+                f"only {len(dataset)} usable example, which is kept for training, so no held-out "
+                "loss is reported; add data for one, or pass --eval_fraction 0")
     return loader, held_out_batches
 
 

@@ -6,11 +6,14 @@ Run: python3 -m pytest -q tests/test_checkpoint.py
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import split_model
+from launch import REPO
 from llama import convert
 from llama.checkpoint import (load_model, open_source, read_split, stage_tensor_names,
                               write_split)
@@ -223,6 +226,21 @@ def test_overwrite_never_replaces_a_folder_that_holds_or_lies_in_the_source(user
     assert sorted(p.name for p in user_ckpts.parent.iterdir()) == ["ckpts"]  # no temp folder
 
 
+def test_new_dst_inside_the_source_is_refused_before_it_exists(user_ckpts, tmp_path):
+    """It used to be accepted (the check ran only on a folder that existed): the converted model
+    was written into the checkpoint being read."""
+    model = user_ckpts / "stories260K"
+    (tmp_path / "link").symlink_to(model)
+    before = folder_contents(user_ckpts)
+    for dst in (model / "converted", tmp_path / "link" / "converted"):
+        with pytest.raises(BadInput, match=rf"--dst {dst} lies inside \S+stories260K, which this "
+                                           r"command reads"):
+            convert.main(str(model), str(dst))
+        with pytest.raises(BadInput, match=r"--out_dir \S+converted lies inside"):
+            split_model.main(str(model), 2, out_dir=str(dst))
+    assert folder_contents(user_ckpts) == before
+
+
 def test_overwrite_never_replaces_a_folder_of_other_files(user_ckpts, splits, tmp_path):
     before = folder_contents(user_ckpts)
     model = user_ckpts / "stories260K"
@@ -382,3 +400,85 @@ def test_convert_refuses_bad_arguments(bin_path, tmp_path):
     with pytest.raises(BadInput, match="does not exist"):
         convert.main(str(tmp_path / "nothing"), str(tmp_path / "x"))
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# ---- a convert killed midway (issue 18, item 8) ----
+
+KILLED_AT_MOVE_IN = """
+import os, signal, sys
+from pathlib import Path
+real_replace = os.replace
+
+def replace(src, dst):  # SIGKILL at the moment the new folder would take the old one's name
+    if Path(src).is_dir() and Path(dst).name == "conv":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst)
+
+os.replace = replace
+from llama import convert
+convert.main(sys.argv[1], sys.argv[2], n_shards=int(sys.argv[3]), overwrite=True)
+"""
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (and been reaped)."""
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    return int(child.stdout)
+
+
+def test_convert_killed_while_replacing_keeps_the_old_folder_and_leaves_no_temp(bin_path,
+                                                                              tmp_path):
+    conv = tmp_path / "conv"
+    convert.main(str(bin_path), str(conv))
+    before = folder_contents(conv)
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT_MOVE_IN, str(bin_path), str(conv),
+                             "2"], cwd=REPO, capture_output=True)
+    assert killed.returncode == -9, killed.stderr
+    assert any(p.name.startswith(".conv.tmp-") for p in tmp_path.iterdir())
+    # Folders of a live process (this one's parent) and names not ours are never touched.
+    alive = tmp_path / f".conv.tmp-{os.getppid()}"
+    foreign = [tmp_path / ".conv.tmp-x1", tmp_path / f".other.tmp-{dead_pid()}"]
+    for folder in (alive, *foreign):
+        folder.mkdir()
+    # The next convert puts the old folder back, then refuses to replace it without --overwrite,
+    # and deletes the dead run's model-sized temporary folder.
+    with pytest.raises(BadInput, match=r"conv already exists .*pass --overwrite"):
+        convert.main(str(bin_path), str(conv))
+    assert folder_contents(conv) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["conv", alive.name, *(f.name for f in foreign)])
+    convert.main(str(bin_path), str(conv), n_shards=2, overwrite=True)
+    assert (conv / "consolidated.01.pth").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["conv", alive.name, *(f.name for f in foreign)])
+
+
+def test_stale_temp_folder_of_a_dead_split_is_removed(bin_path, tmp_path):
+    stale = tmp_path / f".pp2.tmp-{dead_pid()}"
+    stale.mkdir()
+    (stale / "stage.00.pth").write_bytes(b"half")
+    write_split(open_source(bin_path), tmp_path / "pp2", 2, log=quiet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pp2"]
+
+
+def test_split_and_convert_into_a_read_only_folder_say_so_in_one_line(bin_path, tmp_path,
+                                                                      monkeypatch):
+    """root writes into a read-only folder anyway, so the kernel's refusal is simulated."""
+    real_mkdir = type(tmp_path).mkdir
+
+    def read_only_mkdir(path, *args, **kwargs):
+        if path.parent == tmp_path / "ro":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(type(tmp_path), "mkdir", read_only_mkdir)
+    with pytest.raises(BadInput, match=r"--out_dir \S+ro/pp2 cannot be written: its folder "
+                                       r"\S+ro does not take new files \(Permission denied\); "
+                                       r"pick a writable place for --out_dir"):
+        split_model.main(str(bin_path), 2, out_dir=str(tmp_path / "ro" / "pp2"))
+    with pytest.raises(BadInput, match=r"--dst \S+ro/conv cannot be written: its folder \S+ro "
+                                       r"does not take new files \(Permission denied\)"):
+        convert.main(str(bin_path), str(tmp_path / "ro" / "conv"))
+    assert list((tmp_path / "ro").iterdir()) == []

@@ -314,7 +314,21 @@ def test_scripts_exit_with_one_error_line_and_write_nothing(bin_path, split, met
         (["-m", "llama.convert", "--src", str(meta_dir), "--dst", str(tmp_path / "converted")],
          r"params\.json is missing", tmp_path / "converted"),
         (["example.py", "--ckpt_dir", str(split)], r"stage\.01\.pth is missing", None),
+        # a folder that cannot take files (as a read-only one; root writes into those anyway)
+        (["split_model.py", "--ckpt_dir", str(bin_path), "--n_stages", "2",
+          "--out_dir", str(tmp_path / "marker.txt" / "pp2")],
+         r"--out_dir \S+marker\.txt/pp2 cannot be written: its folder \S+marker\.txt does not "
+         r"take new files \(Not a directory\)", None),
+        (["-m", "llama.convert", "--src", str(bin_path), "--dst",
+          str(tmp_path / "marker.txt" / "conv")], r"--dst \S+conv cannot be written", None),
+        (["-m", "llama.convert", "--src", str(bin_path), "--dst", str(tmp_path / "conv"),
+          "--sha256", str(tmp_path / "nested.json")],
+         r"--sha256 \S+nested\.json nests lists or objects too deeply", tmp_path / "conv"),
+        (["-m", "llama.plan", "--global_batch", "0"], r"--global_batch=0 must be a positive "
+                                                      r"integer", None),
     ]
+    (tmp_path / "marker.txt").write_text("a file where a folder is asked for")
+    (tmp_path / "nested.json").write_text("[" * 100_000)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         env.pop(key, None)

@@ -435,22 +435,30 @@ def test_full_disk_under_metrics_and_split_files(model_bin, splits, data, tmp_pa
     real_open = open
 
     class FullAfterTwoLines(io.StringIO):
-        name = str(out / "metrics.jsonl")
+        def __init__(self, path):
+            super().__init__()
+            self.name = str(path)
 
         def flush(self):
             if self.getvalue().count("\n") > 2:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     def open_metrics(path, mode="r", *args, **kwargs):
-        return FullAfterTwoLines() if Path(path).name == "metrics.jsonl" and "a" in mode else \
+        return FullAfterTwoLines(path) if Path(path).name == "metrics.jsonl" and "a" in mode else \
             real_open(path, mode, *args, **kwargs)
     monkeypatch.setattr(runlog, "open", open_metrics, raising=False)
     with pytest.raises(BadInput, match=r"could not write \S*metrics\.jsonl \(No space left on "
                                        r"device\) after step 3: free some space; the last "
-                                       r"checkpoint is kept"):
+                                       r"checkpoint, \S+run/checkpoint\.pt, is kept: continue "
+                                       r"with --resume"):
         ft_main.main(**run_args(model_bin, data, out, steps=6, log_every=100))
-    monkeypatch.undo()
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 2
+    # with no checkpoint saved yet, the message does not promise one
+    with pytest.raises(BadInput, match=r"after step 3: free some space; no checkpoint was saved "
+                                       r"yet \(every --save_every steps\), so start the run again"):
+        ft_main.main(**run_args(model_bin, data, tmp_path / "early", steps=6, log_every=100,
+                                save_every=0))
+    monkeypatch.undo()
 
     # split_model over an existing split: the first stage file does not fit; the old split stays
     split = shutil.copytree(splits / "pp2", tmp_path / "pp")

@@ -11,7 +11,8 @@ import torch
 
 from llama.checkpoint import load_model
 from llama.errors import BadInput
-from llama.formats import HFSource, save_hf_safetensors, save_meta
+from llama.formats import (HFSource, interleaved_to_rotate_half, meta_to_hf_name,
+                           save_hf_safetensors, save_meta, write_safetensors)
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +169,69 @@ def test_tied_embeddings_use_the_embedding_as_transformers_does(source, tensors,
         expected = load_model(source.path)(tokens)  # stories260K's classifier is its embedding
     for folder in (with_head, without_head):
         assert (logits(folder, tokens) - expected).abs().max().item() <= 1e-5
+
+
+# ---- other architectures and tensors a LLaMA does not have (issue 18, item 13) ----
+
+def qwen2_folder(tmp_path, tensors, args, config: dict, name="qwen2"):
+    """A Qwen2 checkpoint in miniature: a LLaMA's tensors plus q/k/v biases, and a config.json
+    as Qwen2Config writes it (no attention_bias field: Qwen2 always has them)."""
+    folder = hf_folder(tmp_path, tensors, args, config, name)
+    hf = {meta_to_hf_name(n): t for n, t in tensors.items()}
+    for layer in range(args.n_layers):
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            weight = hf[f"model.layers.{layer}.self_attn.{proj}.weight"]
+            hf[f"model.layers.{layer}.self_attn.{proj}.bias"] = torch.ones(weight.shape[0])
+    write_safetensors(folder / "model.safetensors", hf)
+    return folder
+
+
+def qwen2_config(args, **changes) -> dict:
+    config = transformers4_config(args, architectures=["Qwen2ForCausalLM"], model_type="qwen2",
+                                  sliding_window=None, use_sliding_window=False, **changes)
+    for key in ("attention_bias", "mlp_bias", "head_dim", "pretraining_tp"):
+        config.pop(key)
+    return config
+
+
+def test_qwen2_checkpoint_is_refused_by_architecture_and_its_biases_by_name(source, tensors,
+                                                                            tmp_path):
+    args = source.args
+    folder = qwen2_folder(tmp_path, tensors, args, qwen2_config(args))
+    with pytest.raises(BadInput, match=r"qwen2/config\.json: model_type='qwen2' is not a LLaMA "
+                                       r"\(only model_type 'llama', LlamaForCausalLM\): this "
+                                       r"model does not implement it"):
+        load_model(folder)
+    # Even a config relabelled as a LLaMA does not let its biases be dropped silently.
+    (folder / "config.json").write_text(json.dumps(transformers4_config(args)))
+    with pytest.raises(BadInput, match=r"qwen2/model\.safetensors holds "
+                                       r"'model\.layers\.0\.self_attn\.q_proj\.bias', which a "
+                                       r"LLaMA does not have"):
+        HFSource(folder)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]},
+     r"model_type='mistral' is not a LLaMA"),
+    ({"architectures": ["Qwen2ForCausalLM"]},
+     r"architectures=\['Qwen2ForCausalLM'\] is not a LLaMA \(only \['LlamaForCausalLM'\]"),
+])
+def test_other_architectures_are_refused_by_name(change, message, source, tensors, tmp_path):
+    folder = hf_folder(tmp_path, tensors, source.args, transformers4_config(source.args, **change))
+    with pytest.raises(BadInput, match=message):
+        load_model(folder)
+
+
+def test_rotary_inverse_frequencies_of_older_transformers_are_accepted(source, tensors, tmp_path,
+                                                                      tokens):
+    """Older transformers saved rotary's inv_freq buffers; they follow from rope_theta."""
+    args = source.args
+    folder = hf_folder(tmp_path, tensors, args, transformers4_config(args))
+    plain = logits(folder, tokens)
+    heads = {"q_proj": args.n_heads, "k_proj": args.n_kv_heads}
+    hf = {meta_to_hf_name(n): t for n, t in tensors.items()}
+    hf["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(args.head_dim // 2)
+    write_safetensors(folder / "model.safetensors", hf, lambda name, t: next(
+        (interleaved_to_rotate_half(t, n) for proj, n in heads.items()
+         if name.endswith(f"{proj}.weight")), t))
+    assert torch.equal(logits(folder, tokens), plain)

@@ -351,3 +351,64 @@ def test_adapter_files_that_cannot_be_merged_are_refused(model_bin, base, tmp_pa
     refused(tmp_path / "bias", r"has neither adapter_model\.safetensors nor adapter_model\.bin")
     refused(tmp_path / "nowhere", r"--lora \S+nowhere is not a folder")
     assert not (tmp_path / "merged").exists()
+
+
+# ---- adapters whose values would ruin the model (issue 18, item 5) ----
+
+def adapter_with_value(folder, args, tensors, value, key_end="q_proj.lora_A.weight"):
+    """A LoRA adapter with `value` written into one element of the tensor ending in key_end."""
+    make_adapter(folder, args, tensors, seed=11)
+    weights = folder / "adapter_model.safetensors"
+    from llama.formats import read_safetensors_header, read_safetensor
+    data_start, header = read_safetensors_header(weights)
+    loaded = {key: read_safetensor(weights, data_start, entry) for key, entry in header.items()}
+    key = next(k for k in loaded if k.endswith("layers.0.self_attn." + key_end))
+    loaded[key] = loaded[key].clone()
+    loaded[key][0, 0] = value
+    write_safetensors(loaded, weights)
+    return key
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_adapter_holding_nan_or_inf_is_refused_naming_the_tensor(model_bin, base, tmp_path, value):
+    args, tensors = base
+    key = adapter_with_value(tmp_path / "lora", args, tensors, value)
+    with pytest.raises(BadInput, match=rf"adapter_model\.safetensors: {key} holds NaN or inf "
+                                       r"values: the adapter is damaged"):
+        convert.main(str(model_bin), str(tmp_path / "merged"), lora=str(tmp_path / "lora"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]
+
+
+def test_update_absurdly_larger_than_the_weight_is_refused(model_bin, base, tmp_path):
+    args, tensors = base
+    adapter_with_value(tmp_path / "lora", args, tensors, 1e30)
+    with pytest.raises(BadInput, match=r"the LoRA update of model\.layers\.0\.self_attn\.q_proj "
+                                       r"has an RMS of \S+, over 100 times its weight's"):
+        convert.main(str(model_bin), str(tmp_path / "merged"), lora=str(tmp_path / "lora"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]
+
+
+def test_merge_that_overflows_the_stored_dtype_is_refused(model_bin, base, tmp_path):
+    args, tensors = base
+    big = {name: torch.full_like(t, 1e5) if name == "tok_embeddings.weight" else t
+           for name, t in tensors.items()}
+    make_adapter(tmp_path / "lora", args, tensors, seed=12, saved={
+        "tok_embeddings.weight": big["tok_embeddings.weight"],
+        "output.weight": tensors["output.weight"]})
+    with pytest.raises(BadInput, match=r"makes tok_embeddings\.weight NaN or inf in float16"):
+        convert.main(str(model_bin), str(tmp_path / "merged"), lora=str(tmp_path / "lora"),
+                     dtype="float16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]
+
+
+def test_adapter_without_tensors_and_with_a_bad_pattern_is_refused(model_bin, base, tmp_path):
+    args, tensors = base
+    make_adapter(tmp_path / "empty", args, tensors, seed=13, layers=())
+    with pytest.raises(BadInput, match=r"--lora \S+empty holds no tensors to merge"):
+        convert.main(str(model_bin), str(tmp_path / "merged"), lora=str(tmp_path / "empty"))
+    make_adapter(tmp_path / "regex", args, tensors, seed=13,
+                 config_changes={"rank_pattern": {"(": 2}})
+    with pytest.raises(BadInput, match=r"adapter_config\.json: rank_pattern pattern '\(' is not "
+                                       r"a valid regular expression"):
+        convert.main(str(model_bin), str(tmp_path / "merged"), lora=str(tmp_path / "regex"))
+    assert not (tmp_path / "merged").exists()

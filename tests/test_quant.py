@@ -243,6 +243,19 @@ def test_stage_memory_with_fewer_entries_than_stages(model_bin, tmp_path):
             stage_memory=(4.0,))
 
 
+def test_stage_memory_that_is_not_positive_says_so(model_bin, tmp_path):
+    """It used to say "give one size per stage" to a user who had given one per stage."""
+    refused(tmp_path, r"--stage_memory \[0.0, 4.0\]: every size must be a positive number of "
+                      r"GiB, not 0.0: e.g. --stage_memory 4,4", ckpt_dir=str(model_bin),
+            n_stages=2, stage_memory=(0.0, 4.0))
+
+
+def test_group_size_with_int8_is_refused(model_bin, tmp_path):
+    refused(tmp_path, r"--group_size 32 is for --quantize int4 only \(int8 keeps one scale per "
+                      r"output channel\): drop --group_size, or use --quantize int4",
+            ckpt_dir=str(model_bin), n_stages=2, quantize="int8", group_size=32)
+
+
 def test_stage_memory_too_small_for_the_model(model_bin, tmp_path):
     refused(tmp_path, r"--stage_memory \[0.0001, 0.0001\] GiB is too small for this model: its "
                       r"weights alone need 0.00109 GiB \(0.00063, 0.000461 by stage\)",
@@ -329,6 +342,19 @@ def test_planner_says_plainly_when_nothing_fits(capsys):
 def test_planner_refuses_a_bad_gpu_list():
     with pytest.raises(BadInput, match=r"--gpus \[0\] must be one size in GiB per card"):
         plan.main("7B", gpus=(0,))
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"global_batch": 0}, r"--global_batch=0 must be a positive integer"),
+    ({"seq_len": -1}, r"--seq_len=-1 must be a positive integer"),
+    ({"top": 0}, r"--top=0 must be a positive integer"),
+    ({"n_virtual_tokens": -1}, r"--n_virtual_tokens=-1 must be a whole number, 0 or more"),
+    ({"reserve_gib": float("nan")}, r"--reserve_gib=nan must be a number of GiB, 0 or more"),
+])
+def test_planner_refuses_counts_that_are_not_positive(flags, message):
+    """--global_batch 0 used to end in a raw ValueError from max() of no configurations."""
+    with pytest.raises(BadInput, match=message):
+        plan.main("7B", **flags)
 
 
 def test_scripts_generate_and_train_on_quantized_weights(splits, model_bin, tmp_path, capsys):

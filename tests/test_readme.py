@@ -48,3 +48,22 @@ def test_every_readme_command_reads_only_what_an_earlier_one_wrote():
             written.add(flag(words, "--out_dir") or
                         f"{flag(words, '--ckpt_dir')}_pp{flag(words, '--n_stages')}")
         written |= {flag(words, f) for f in ("--out", "--trace", "--dst")} - {None}
+
+
+def test_readme_commands_run_after_the_quickstart_without_torchruns_banner():
+    """After ./quickstart.sh, a split the README makes again must be replaced, not refused; and
+    torchrun prints its OMP_NUM_THREADS banner on every launch unless the variable is set."""
+    quickstart = (REPO / "quickstart.sh").read_text()
+    made_by_quickstart = {flag(words, "--out_dir") or
+                          f"{flag(words, '--ckpt_dir')}_pp{flag(words, '--n_stages')}"
+                          for words in (shlex.split(line, comments=True)
+                                        for line in quickstart.splitlines()
+                                        if "split_model.py" in line)}
+    for words in readme_commands():
+        if "split_model.py" in words:
+            out_dir = flag(words, "--out_dir") or \
+                f"{flag(words, '--ckpt_dir')}_pp{flag(words, '--n_stages')}"
+            assert out_dir not in made_by_quickstart or "--overwrite" in words, words
+        if "torchrun" in words:
+            assert words[:words.index("torchrun")] == ["OMP_NUM_THREADS=1"], words
+    assert "export OMP_NUM_THREADS=1" in quickstart

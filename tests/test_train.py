@@ -741,3 +741,39 @@ def test_end_target_follows_the_models_stop_token(model_bin, story_rows, tokeniz
     assert json.loads((out / "prompt.json").read_text())["eos_target"] == expected
     if eos_target == "auto":
         assert "end-of-text target: BOS (the model's stop token" in capsys.readouterr().out
+
+
+# ---- issue 18, item 11: a failed run leaves no empty --out; one example is not held out silently
+
+def test_failed_run_removes_the_out_it_created_while_empty(model_bin, alpaca_records, tmp_path):
+    data = write_jsonl(tmp_path / "long.jsonl", [{"instruction": "word " * 400, "output": "x"}])
+    with pytest.raises(BadInput, match="longer than max_len"):
+        ft_main.main(**run_args(model_bin, data, tmp_path / "new" / "out"))
+    assert not (tmp_path / "new" / "out").exists()
+    (tmp_path / "mine").mkdir()  # a folder the user made is theirs: it stays, empty or not
+    with pytest.raises(BadInput, match="longer than max_len"):
+        ft_main.main(**run_args(model_bin, data, tmp_path / "mine"))
+    assert (tmp_path / "mine").is_dir()
+
+
+def test_eval_fraction_on_one_example_says_nothing_is_held_out(model_bin, alpaca_records,
+                                                               tmp_path, capsys):
+    data = write_jsonl(tmp_path / "one.jsonl", alpaca_records[:1])
+    ft_main.main(**run_args(model_bin, data, tmp_path / "out", eval_fraction=0.5, steps=1,
+                            global_batch_size=1, micro_batch_size=1, save_every=0))
+    assert re.search(r"note: --eval_fraction 0\.5 holds out nothing: \S+one\.jsonl has only 1 "
+                     r"usable example, which is kept for training, so no held-out loss is "
+                     r"reported; add data for one, or pass --eval_fraction 0",
+                     capsys.readouterr().out)
+
+
+def test_out_inside_the_checkpoint_read_is_refused(model_bin, alpaca_small, tmp_path):
+    from llama.checkpoint import open_source, write_split
+    split = tmp_path / "pp2"
+    write_split(open_source(model_bin), split, 2, log=lambda *_: None)
+    before = sorted(p.name for p in split.iterdir())
+    with pytest.raises(BadInput, match=r"--out \S+pp2/run lies inside the checkpoint \S+pp2 that "
+                                       r"this run reads: pick an --out outside it"):
+        ft_main.main(**run_args(split, alpaca_small, split / "run"),
+                     tokenizer_path=str(model_bin.parent / "tok512.model"))
+    assert sorted(p.name for p in split.iterdir()) == before
