@@ -8,13 +8,16 @@ cores and the memory bandwidth are contended. Ends by itself after --seconds, or
 """
 import argparse
 import multiprocessing
+import os
+import signal
+import sys
 import time
 
 
-def keep_busy(until: float):
+def keep_busy(until: float, parent: int):
     buffer = bytearray(64 << 20)
     total, step = 0, 4096
-    while time.monotonic() < until:
+    while time.monotonic() < until and os.getppid() == parent:  # never outlive the parent
         for _ in range(200_000):
             total = (total * 1103515245 + 12345) & 0xFFFFFFFF
         for offset in range(0, len(buffer), step):  # one write a page: the caches are evicted
@@ -27,7 +30,9 @@ def main():
     parser.add_argument("--seconds", type=float, default=3600.0)
     args = parser.parse_args()
     until = time.monotonic() + args.seconds
-    workers = [multiprocessing.Process(target=keep_busy, args=(until,), daemon=True)
+    # SIGTERM ends the parent normally, and with it (daemon) the workers
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    workers = [multiprocessing.Process(target=keep_busy, args=(until, os.getpid()), daemon=True)
                for _ in range(args.cores)]
     for worker in workers:
         worker.start()
