@@ -391,18 +391,13 @@ def make_handler(service: Service, access: Access, log=None):
         protocol_version = "HTTP/1.1"
         server_version = "llama-pp-prompt"
         timeout = service.limits.idle_timeout_s  # per read or write: idle clients are dropped
+        # The standard library's default, HTTP/0.9, answers without a status line: requests it
+        # refuses before their version is read ("POST / FTP/1.1") and bare "GET /" lines.
+        default_request_version = "HTTP/1.0"
 
         def log_message(self, format, *args):
             if log:
                 log(f"{self.address_string()} {format % args}")
-
-        def parse_request(self):
-            ok = super().parse_request()
-            if ok and self.request_version == "HTTP/0.9":  # its answers have no status line
-                self.request_version = "HTTP/1.0"
-                self.send_error(505, "HTTP/0.9 is not served")
-                return False
-            return ok
 
         def do_GET(self):
             self.answer(self.get)

@@ -450,21 +450,29 @@ def test_sigterm_stops_the_server_cleanly(model_bin, tmp_path):
     ({"idle_timeout_s": 0}, "--idle_timeout_s=0 must be > 0"),
     ({"max_connections": 0}, "--max_connections=0 at least 1"),
 ])
-def test_serve_refuses_bad_settings_before_any_work(model_bin, flags, message):
+def test_serve_refuses_bad_settings_before_any_work(model_bin, flags, message, monkeypatch):
     import serve
+    monkeypatch.setattr(serve, "run_server", never_serve)
     with pytest.raises(BadInput, match=re.escape(message)):
         serve.main(str(model_bin), **flags)
 
 
+def never_serve(*_, **__):
+    pytest.fail("serve.main went on to serve")  # rather than listen until the test times out
+
+
 def test_serve_refuses_an_empty_api_key_in_the_environment(model_bin, monkeypatch):
     import serve
+    monkeypatch.setattr(serve, "run_server", never_serve)
     monkeypatch.setenv("LLAMA_API_KEY", "")
     with pytest.raises(BadInput, match=re.escape("$LLAMA_API_KEY is set but empty")):
         serve.main(str(model_bin))
 
 
-def test_a_served_prompt_with_an_unknown_template_is_refused_at_start(model, model_bin, tmp_path):
+def test_a_served_prompt_with_an_unknown_template_is_refused_at_start(model, model_bin, tmp_path,
+                                                                     monkeypatch):
     import serve
+    monkeypatch.setattr(serve, "run_server", never_serve)
     save_prompt(tmp_path / "odd", torch.zeros(2, model.args.dim), model.args, {"template": "chatml"})
     with pytest.raises(BadInput, match=re.escape(f"--prompts odd={tmp_path / 'odd'}: its prompt.json "
                                                  "has an unknown template 'chatml'")):
