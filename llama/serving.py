@@ -11,6 +11,7 @@ import json
 import math
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
@@ -335,6 +336,7 @@ def drain(jobs: queue.Queue) -> list:
 # ---- HTTP ----
 
 LOCAL_NAMES = ("localhost",)
+LINGER_S, LINGER_BYTES = 1.0, 1 << 20  # how long and how much a closing connection is drained
 
 
 @dataclass
@@ -622,7 +624,7 @@ class ConnectionCappedServer(ThreadingHTTPServer):
             self.open_connections += not full
         if full:  # answered here, without a thread: threads are what the cap protects
             refuse_busy(request, self.max_connections)
-            self.shutdown_request(request)
+            self.close_request(request)
             return
         super().process_request(request, client_address)
 
@@ -632,6 +634,23 @@ class ConnectionCappedServer(ThreadingHTTPServer):
         finally:
             with self.count_lock:
                 self.open_connections -= 1
+
+    def shutdown_request(self, request):
+        """Close gently: stop writing, then read what the client still sends for a moment.
+        Closing with its bytes unread (a refused body) would reset the connection, and a reset
+        can destroy the answer still in flight to it."""
+        try:
+            request.shutdown(socket.SHUT_WR)
+            request.settimeout(LINGER_S)
+            drained, deadline = 0, time.monotonic() + LINGER_S
+            while drained < LINGER_BYTES and time.monotonic() < deadline:
+                chunk = request.recv(65536)
+                if not chunk:
+                    break
+                drained += len(chunk)
+        except OSError:
+            pass  # gone already, or silent: either way it is closed now
+        self.close_request(request)
 
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]
