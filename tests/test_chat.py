@@ -161,8 +161,15 @@ def test_a_line_that_is_not_utf8_is_refused_and_the_chat_goes_on(model_bin, toke
     stage = MixedPromptStage(model, DistContext(), None)
     stdin = io.TextIOWrapper(io.BytesIO(b"\xed\xa0\x80 hello\nHi\n"), encoding="utf-8")
     out = io.StringIO()
-    conversation = run_chat(stage, tokenizer, "plain", [], MAX_GEN_LEN, Sampling(), heartbeat_s=0.5,
-                            stdin=stdin, stdout=out)
+    # A limit: before the fix the reading thread died and the chat waited forever for a line.
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail(f"the chat hung: {out.getvalue()}"))
+    signal.alarm(60)
+    try:
+        conversation = run_chat(stage, tokenizer, "plain", [], MAX_GEN_LEN, Sampling(),
+                                heartbeat_s=0.5, stdin=stdin, stdout=out)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     assert "which is not a Unicode character (bytes that are not UTF-8, or a lone surrogate): " \
            "give UTF-8 text)" in out.getvalue()
     assert [t.text for t in conversation.turns] == ["Hi"]
