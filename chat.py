@@ -8,6 +8,7 @@ from llama.chat import DEFAULT_TEMPLATE, run_chat
 from llama.data import format_prompt
 from llama.errors import BadInput, run_cli
 from llama.faults import PeerLost, report_and_exit
+from llama.generation import check_sampling
 from llama.prompt import load_prompt
 from llama.runtime import start_stage
 
@@ -38,8 +39,7 @@ def main(ckpt_dir: str, prompt: str = None, template: str = None, max_gen_len: i
         the CPU)
     timeout_s: seconds to wait for another stage before giving up on it
     """
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise BadInput(f"--temperature={temperature:g} must be >= 0 and --top_p={top_p:g} in (0, 1]")
+    check_sampling(temperature, top_p)
     ctx, model, tokenizer = start_stage(ckpt_dir, tokenizer_path, device, dtype, max_seq_len,
                                         timeout_s)
     try:

@@ -8,18 +8,22 @@ import sys
 from pathlib import Path
 
 from llama.batching import MixedPromptStage, PromptBank
+from llama.chat import DEFAULT_TEMPLATE
+from llama.data import format_prompt
 from llama.errors import BadInput, run_cli
 from llama.faults import PeerLost, report_and_exit
 from llama.prompt import load_prompt
 from llama.runtime import start_stage
-from llama.serving import Limits, Service, parse_served_prompts, run_server
+from llama.serving import Access, Limits, Service, parse_served_prompts, run_server
 
 
 def main(ckpt_dir: str, prompts: str = "", host: str = "127.0.0.1", port: int = 8000,
          api_key: str = None, max_batch: int = 8, max_wait_ms: float = 10.0,
          max_tokens: int = 256, max_prompt_tokens: int = 0, max_body_bytes: int = 1 << 20,
          base_name: str = None, tokenizer_path: str = None, max_seq_len: int = None,
-         device: str = None, dtype: str = None, timeout_s: float = 300.0, log: bool = False):
+         device: str = None, dtype: str = None, timeout_s: float = 300.0, log: bool = False,
+         idle_timeout_s: float = 30.0, max_connections: int = 64, allow_origins: str = "",
+         allow_hosts: str = ""):
     """Serve the model and soft prompts over HTTP: /v1/completions, /v1/chat/completions, /v1/models.
 
     Rank 0 listens (standard library HTTP server); the other ranks follow. A request's "model"
@@ -49,6 +53,14 @@ def main(ckpt_dir: str, prompts: str = "", host: str = "127.0.0.1", port: int = 
         the CPU)
     timeout_s: seconds to wait for another stage before giving up on it
     log: print one line per HTTP request on stderr
+    idle_timeout_s: seconds a connection may stay silent (between requests, or mid-request)
+        before it is closed
+    max_connections: the most connections open at once; more are answered 503 and closed
+    allow_origins: web pages that may call the server from a browser, by origin,
+        ORIGIN,ORIGIN (https://app.example; *: any page). Default: none, so a page you visit
+        cannot use a server on your machine
+    allow_hosts: more names than IP addresses and localhost by which clients reach the server,
+        NAME,NAME (*: any); others are refused, which defeats DNS rebinding
     """
     named = parse_served_prompts(prompts)
     base_name = base_name or Path(ckpt_dir).stem
@@ -59,6 +71,10 @@ def main(ckpt_dir: str, prompts: str = "", host: str = "127.0.0.1", port: int = 
                         ("max_body_bytes", max_body_bytes)):
         if value < 1:
             raise BadInput(f"--{name}={value} must be at least 1")
+    if not idle_timeout_s > 0 or max_connections < 1:  # "not >": NaN is refused too
+        raise BadInput(f"--idle_timeout_s={idle_timeout_s:g} must be > 0 and --max_connections="
+                       f"{max_connections} at least 1")
+    api_key = required_api_key(api_key)
     if max_wait_ms < 0 or max_prompt_tokens < 0 or not 0 <= port <= 65535:
         raise BadInput(f"--max_wait_ms={max_wait_ms:g} and --max_prompt_tokens="
                        f"{max_prompt_tokens} must be >= 0, --port={port} in 0..65535")
@@ -71,23 +87,56 @@ def main(ckpt_dir: str, prompts: str = "", host: str = "127.0.0.1", port: int = 
             bank = PromptBank(model.args.vocab_size, model.args.dim,
                               {name: weight for name, (weight, _) in loaded.items()})
             templates = {name: info.get("template") for name, (_, info) in loaded.items()}
-        limits = Limits(max_body_bytes, max_prompt_tokens, max_tokens, max_batch, max_wait_ms)
+            check_templates(templates, named)
+        limits = Limits(max_body_bytes, max_prompt_tokens, max_tokens, max_batch, max_wait_ms,
+                        idle_timeout_s, max_connections)
 
         def service():
             return Service(tokenizer, bank, templates, base_name, model.args.max_seq_len, limits,
-                           api_key or os.environ.get("LLAMA_API_KEY"))
+                           api_key)
 
         def listening(server):
+            key = "an API key is required" if api_key else \
+                "no API key: anyone who can reach the port can use it"
             print(f"serving {', '.join(server.service.models())} on http://{server.host}:"
                   f"{server.port} ({ctx.world_size} stage{'s' if ctx.world_size > 1 else ''}, "
-                  f"batches of up to {max_batch}; Ctrl+C stops)", flush=True)
+                  f"batches of up to {max_batch}; {key}; Ctrl+C stops)", flush=True)
 
+        access = Access(host, names(allow_origins), tuple(n.lower() for n in names(allow_hosts)))
         run_server(MixedPromptStage(model, ctx, bank), service, host, port,
                    heartbeat_s=min(2.0, timeout_s / 4), on_listen=listening,
-                   log=(lambda line: print(line, file=sys.stderr, flush=True)) if log else None)
+                   log=(lambda line: print(line, file=sys.stderr, flush=True)) if log else None,
+                   access=access)
     except PeerLost as error:
         report_and_exit(error, ctx.rank)
     ctx.close()
+
+
+def required_api_key(api_key):
+    """--api_key, else $LLAMA_API_KEY, else None (no key); an empty one is a mistake, not a wish
+    to serve without a key (an unset variable in a script)."""
+    from_env = api_key is None
+    api_key = os.environ.get("LLAMA_API_KEY") if from_env else api_key
+    if api_key is not None and not str(api_key).strip():
+        where = "$LLAMA_API_KEY is set but empty" if from_env else "--api_key is empty"
+        raise BadInput(f"{where}: give a key, or leave it out to serve without one")
+    return None if api_key is None else str(api_key).strip()
+
+
+def check_templates(templates: dict, named: dict):
+    """A served prompt's template is checked now, not at its first chat request."""
+    for name, template in templates.items():
+        try:
+            format_prompt({"instruction": ""}, template or DEFAULT_TEMPLATE)
+        except BadInput as error:
+            raise BadInput(f"--prompts {name}={named[name]}: its prompt.json has an {error} "
+                           "(its \"template\")") from None
+
+
+def names(text) -> tuple:
+    """'a,b' (or a list) -> ('a', 'b')."""
+    items = text if isinstance(text, (list, tuple)) else str(text or "").split(",")
+    return tuple(i.strip() for i in items if str(i).strip())
 
 
 if __name__ == "__main__":

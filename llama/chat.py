@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from llama.batching import Sampling, Steps, follow
 from llama.data import format_prompt
+from llama.errors import BadInput
 
 TURN_SEPARATOR = "\n\n"  # between a reply and the next turn's template
 DEFAULT_TEMPLATE = "plain"  # without a prompt, or when the prompt names none
@@ -98,8 +99,15 @@ class Terminal:
         threading.Thread(target=self._read, args=(stdin,), daemon=True).start()
 
     def _read(self, stdin):
-        for line in iter(stdin.readline, ""):
-            self.lines.put(line.rstrip("\n"))
+        # Bytes decoded here, not by the text stream: a line that is not UTF-8 then reaches the
+        # chat (which refuses it) with its bad bytes as surrogates, instead of a UnicodeDecodeError
+        # that would end this thread and the conversation with it.
+        binary = getattr(stdin, "buffer", None)
+        lines = iter(binary.readline, b"") if binary else iter(stdin.readline, "")
+        for line in lines:
+            if isinstance(line, bytes):
+                line = line.decode(stdin.encoding or "utf-8", errors="surrogateescape")
+            self.lines.put(line.rstrip("\r\n"))
         self.lines.put(None)  # Ctrl+D / end of input
 
     def write(self, text: str):
@@ -141,7 +149,11 @@ class Chat:
     def reply(self, text: str) -> list:
         """Stream the reply to text; returns its ids (also kept in the history)."""
         conversation, write = self.conversation, self.terminal.write
-        user, dropped = conversation.make_room(text)
+        try:
+            user, dropped = conversation.make_room(text)
+        except BadInput as error:  # text the tokenizer cannot read: the chat goes on
+            write(f"({error})\n")
+            return []
         if user is None:
             write(f"(that message does not fit max_seq_len={conversation.max_seq_len} with a "
                   f"reply of --max_gen_len={conversation.max_gen_len} tokens: say it shorter)\n")

@@ -4,17 +4,28 @@ Every rank runs the same loop over positions. Prefill sends the prompts (and, wi
 prompt, its virtual tokens) through the stages; each decode step sends one hidden vector per
 sequence; the last stage samples and the chosen ids are broadcast, so every rank knows them.
 """
+import math
+
 import torch
 
 from llama.errors import BadInput
 from llama.progress import Progress
 
 
+def check_sampling(temperature: float, top_p: float):
+    """Refuse sampling settings that no distribution comes from (NaN slips through every
+    comparison, so each test is written to fail on it)."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise BadInput(f"--temperature={temperature:g} must be a finite number >= 0 (0: greedy)")
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise BadInput(f"--top_p={top_p:g} must be a number in (0, 1] (1: no cut)")
+
+
 def sample_top_p(probs, top_p: float, generator):
     """Sample from the smallest set of tokens whose probability adds up to top_p."""
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
     before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    sorted_probs[before > top_p] = 0.0
+    sorted_probs[before > top_p] = 0.0  # the likeliest token has before == 0: it always stays
     sorted_probs /= sorted_probs.sum(dim=-1, keepdim=True)
     choice = torch.multinomial(sorted_probs, 1, generator=generator)
     return torch.gather(order, -1, choice).squeeze(-1)
@@ -23,7 +34,11 @@ def sample_top_p(probs, top_p: float, generator):
 def next_tokens(logits, temperature: float, top_p: float, generator):
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    # float64 with the maximum subtracted first: every scaled logit is <= 0 and the likeliest is
+    # exactly 0, so even a temperature of 1e-300 gives -inf for the others (greedy), never
+    # inf - inf = NaN; float32 would also round a temperature under 1e-45 to 0.
+    shifted = logits.double() - logits.double().amax(dim=-1, keepdim=True)
+    probs = torch.softmax(shifted / temperature, dim=-1)
     return sample_top_p(probs, top_p, generator)
 
 
@@ -47,6 +62,7 @@ def generate(stage, prompts, max_gen_len: int, temperature: float = 0.0, top_p: 
                        f"max_seq_len={stage.max_seq_len}: shorten it or raise --max_seq_len")
     if max_gen_len < 1:
         raise BadInput(f"--max_gen_len={max_gen_len} must be at least 1")
+    check_sampling(temperature, top_p)
     total_len = min(stage.max_seq_len - n_virtual, longest + max_gen_len)
     batch = len(prompts)
     tokens = torch.zeros((batch, total_len), dtype=torch.long)

@@ -6,10 +6,13 @@ pipelined batch in which every row may use a different soft prompt or none (llam
 The other ranks follow rank 0's steps. Run: see serve.py.
 """
 import hmac
+import ipaddress
 import json
 import math
 import queue
 import signal
+import socket
+import sys
 import threading
 import time
 import uuid
@@ -36,6 +39,8 @@ class Limits:
     max_tokens: int = 256
     max_batch: int = 8
     max_wait_ms: float = 10.0
+    idle_timeout_s: float = 30.0  # a connection silent this long is closed
+    max_connections: int = 64  # open at once; more are answered 503 and closed
 
 
 class ApiError(Exception):
@@ -129,12 +134,26 @@ def number(body: dict, name: str, default, low, high, integer=False):
     if value is None:
         return default
     kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) \
-            or not low <= value <= high:
+    # Python compares an int of any size with a float exactly; math.isfinite(int) would first
+    # convert it to a float, which overflows for 400 digits. So the finite test is for floats.
+    if isinstance(value, bool) or not isinstance(value, kinds) \
+            or (isinstance(value, float) and not math.isfinite(value)) or not low <= value <= high:
         what = "an integer" if integer else "a number"
-        raise ApiError(400, f"{name}={json.dumps(value)} must be {what} from {low} to {high}",
-                       param=name, code="invalid_value")
+        raise ApiError(400, f"{name}={shorten(json.dumps(value))} must be {what} from {low} to "
+                       f"{high}", param=name, code="invalid_value")
     return value
+
+
+def shorten(text: str, most: int = 40) -> str:
+    """A value quoted in an error, cut so that a 5,000-digit number does not fill the reply."""
+    return text if len(text) <= most else f"{text[:most]}… ({len(text)} characters)"
+
+
+def encode(tokenizer, text: str, param: str) -> list:
+    try:
+        return tokenizer.encode(text, bos=True, eos=False)
+    except BadInput as error:  # a lone surrogate ("\\ud800") is valid JSON but not text
+        raise ApiError(400, f"{param}: {error}", param=param, code="invalid_value") from None
 
 
 def stop_strings(body: dict) -> list:
@@ -215,7 +234,11 @@ class Service:
         prompt_name = None if model == self.base_name else model
         template = self.templates.get(prompt_name) or DEFAULT_TEMPLATE
         if kind == "chat":
-            ids = conversation_ids(self.tokenizer, template, chat_messages(body))
+            try:
+                ids = conversation_ids(self.tokenizer, template, chat_messages(body))
+            except BadInput as error:  # a lone surrogate in a message
+                raise ApiError(400, f"messages: {error}", param="messages",
+                               code="invalid_value") from None
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1:
@@ -223,7 +246,7 @@ class Service:
             if not isinstance(prompt, str):
                 raise ApiError(400, "prompt must be a string (or a list of one string)",
                                param="prompt", code="invalid_value")
-            ids = self.tokenizer.encode(prompt, bos=True, eos=False)
+            ids = encode(self.tokenizer, prompt, "prompt")
         virtual = self.bank.virtual_ids(prompt_name) if self.bank and prompt_name else []
         limit = self.limits.max_prompt_tokens or self.max_seq_len
         room = self.max_seq_len - len(virtual) - len(ids)
@@ -312,10 +335,67 @@ def drain(jobs: queue.Queue) -> list:
 
 # ---- HTTP ----
 
-def make_handler(service: Service, log=None):
+LOCAL_NAMES = ("localhost",)
+LINGER_S, LINGER_BYTES = 1.0, 1 << 20  # how long and how much a closing connection is drained
+
+
+@dataclass
+class Access:
+    """Which browsers' requests a server answers. A page the user visits may send requests to
+    127.0.0.1 too: under its own origin (refused by the Origin check), or under a DNS name of its
+    own that it re-points at 127.0.0.1 (DNS rebinding: refused by the Host check, since only IP
+    literals, localhost and the names given here are answered)."""
+    bound_host: str = "127.0.0.1"
+    allow_origins: tuple = ()  # origins (https://app.example) whose pages may call; "*": any
+    allow_hosts: tuple = ()  # more names the server is reached by; "*": any
+
+    def host_allowed(self, host) -> bool:
+        if host is None or "*" in self.allow_hosts:  # browsers always send a Host
+            return True
+        name = host_name(host)
+        if name in LOCAL_NAMES or name == self.bound_host.lower() or name in self.allow_hosts:
+            return True
+        try:
+            ipaddress.ip_address(name)
+            return True  # an IP literal: no DNS answer can re-point it
+        except ValueError:
+            return False
+
+    def origin_listed(self, origin) -> bool:
+        return origin is not None and ("*" in self.allow_origins or origin in self.allow_origins)
+
+    def origin_allowed(self, origin, host) -> bool:
+        return origin is None or origin == f"http://{host}" or self.origin_listed(origin)
+
+
+def host_name(host: str) -> str:
+    """'Example.com:8000' -> 'example.com'; '[::1]:8000' -> '::1'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0].rstrip(".") if host.count(":") == 1 else host.rstrip(".")
+
+
+def content_length(text: str, most: int) -> int:
+    """A Content-Length header -> the number of bytes, or an ApiError."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()):  # "²".isdigit() is True, int("²") fails
+        raise ApiError(400, f"Content-Length {shorten(repr(text))} is not a number of bytes",
+                       code="invalid_content_length")
+    if len(text) > 18 or int(text) > most:  # 18 digits: int() of thousands would be refused
+        raise ApiError(413, f"the body is {shorten(text)} bytes; this server takes at most "
+                       f"{most} (--max_body_bytes)", code="body_too_large")
+    return int(text)
+
+
+def make_handler(service: Service, access: Access, log=None):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "llama-pp-prompt"
+        timeout = service.limits.idle_timeout_s  # per read or write: idle clients are dropped
+        # The standard library's default, HTTP/0.9, answers without a status line: requests it
+        # refuses before their version is read ("POST / FTP/1.1") and bare "GET /" lines.
+        default_request_version = "HTTP/1.0"
 
         def log_message(self, format, *args):
             if log:
@@ -327,17 +407,80 @@ def make_handler(service: Service, log=None):
         def do_POST(self):
             self.answer(self.post)
 
+        def do_OPTIONS(self):
+            self.answer(self.preflight)
+
         def answer(self, route):
+            self.body_read = False
             try:
-                if self.path not in ("/health", "/v1/health") and \
-                        not service.authorized(self.headers.get("Authorization")):
-                    raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer "
-                                   "<key>'", code="invalid_api_key")
+                self.check_request()
                 route()
             except ApiError as error:
-                self.send_json(error.status, error.body())
-            except (BrokenPipeError, ConnectionResetError):
+                if self.body_unread():  # else its bytes would be read as the next request
+                    self.close_connection = True
+                try:
+                    self.send_json(error.status, error.body())
+                except (ConnectionError, TimeoutError):
+                    self.close_connection = True
+            except (ConnectionError, TimeoutError):
                 self.close_connection = True
+
+        def body_unread(self) -> bool:
+            announced = self.headers.get("Content-Length", "0").strip() != "0" or \
+                "Transfer-Encoding" in self.headers
+            return announced and not self.body_read
+
+        def check_request(self):
+            """Framing, Host and Origin, the API key, the Content-Type: in that order."""
+            for name in ("Host", "Content-Length", "Authorization", "Origin"):
+                if len(self.headers.get_all(name, [])) > 1:
+                    self.close_connection = True
+                    raise ApiError(400, f"the request has {name} twice", code="invalid_header")
+            if "Transfer-Encoding" in self.headers:  # with Content-Length: request smuggling
+                self.close_connection = True
+                raise ApiError(400, "Transfer-Encoding is not supported: send the body with a "
+                               "Content-Length", code="invalid_header")
+            if self.command != "POST" and self.body_unread():
+                self.close_connection = True  # only a POST's body is ever read
+            host, origin = self.headers.get("Host"), self.headers.get("Origin")
+            if not access.host_allowed(host):
+                raise ApiError(421, f"Host {shorten(repr(host))} is not a name of this server "
+                               "(a DNS name re-pointed here is refused): use its IP address or "
+                               "localhost, or start it with --allow_hosts NAME",
+                               code="host_not_allowed")
+            if not access.origin_allowed(origin, host):
+                raise ApiError(403, f"requests from pages of {shorten(repr(origin))} are "
+                               f"refused: start the server with --allow_origins {shorten(origin)} "
+                               "to let that site use it", code="origin_not_allowed")
+            if self.path not in ("/health", "/v1/health") and self.command != "OPTIONS" and \
+                    not service.authorized(self.headers.get("Authorization")):
+                raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer "
+                               "<key>'", code="invalid_api_key")
+            media = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+            if self.command == "POST" and media != "application/json":
+                # A form or a plain fetch() of another site can send text/plain without asking.
+                raise ApiError(415, f"a POST body must come with 'Content-Type: application/"
+                               f"json', not {shorten(repr(media or None))}",
+                               code="unsupported_media_type")
+
+        def preflight(self):
+            """A browser asks before a cross-origin POST with JSON: yes only to listed origins."""
+            if not access.origin_listed(self.headers.get("Origin")):
+                raise ApiError(403, "cross-origin requests are refused: start the server with "
+                               "--allow_origins ORIGIN to allow a site", code="origin_not_allowed")
+            self.send_response(204)
+            self.send_cors_headers()
+            self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+            self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
+            self.send_header("Access-Control-Max-Age", "600")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def send_cors_headers(self):
+            origin = self.headers.get("Origin")
+            if access.origin_listed(origin):
+                self.send_header("Access-Control-Allow-Origin", origin)
+                self.send_header("Vary", "Origin")
 
         def get(self):
             if self.path in ("/health", "/v1/health"):
@@ -349,13 +492,14 @@ def make_handler(service: Service, log=None):
                     {"id": name, "object": "model", "created": service.created,
                      "owned_by": "llama-pp-prompt"} for name in service.models()]})
             else:
-                raise ApiError(404, f"no such endpoint: GET {self.path}", code="not_found")
+                raise ApiError(404, f"no such endpoint: GET {shorten(self.path)}",
+                               code="not_found")
 
         def post(self):
             kinds = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
             if self.path not in kinds:
-                self.close_connection = True  # its body was not read
-                raise ApiError(404, f"no such endpoint: POST {self.path}", code="not_found")
+                raise ApiError(404, f"no such endpoint: POST {shorten(self.path)}",
+                               code="not_found")
             job = service.job(self.read_json(), kinds[self.path])
             service.submit(job)
             if job.stream:
@@ -365,20 +509,20 @@ def make_handler(service: Service, log=None):
 
         def read_json(self) -> dict:
             length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
-                self.close_connection = True
+            if length is None:
                 raise ApiError(411, "a request body needs a Content-Length header",
                                code="length_required")
-            if int(length) > service.limits.max_body_bytes:
-                self.close_connection = True  # the body stays unread
-                raise ApiError(413, f"the body is {length} bytes; this server takes at most "
-                               f"{service.limits.max_body_bytes} (--max_body_bytes)",
-                               code="body_too_large")
-            raw = self.rfile.read(int(length))
+            size = content_length(length, service.limits.max_body_bytes)
+            try:
+                raw = self.rfile.read(size)
+            except TimeoutError:
+                raise ApiError(408, f"the body did not arrive within {self.timeout:g} s "
+                               "(--idle_timeout_s)", code="request_timeout") from None
+            self.body_read = True
             try:
                 body = json.loads(raw.decode("utf-8"), parse_constant=refuse_constant)
             except (UnicodeDecodeError, ValueError, RecursionError) as error:
-                raise ApiError(400, f"the body is not valid JSON ({error})",
+                raise ApiError(400, f"the body is not valid JSON ({shorten(str(error), 120)})",
                                code="invalid_json") from None
             if not isinstance(body, dict):
                 raise ApiError(400, "the body must be a JSON object", code="invalid_json")
@@ -407,6 +551,7 @@ def make_handler(service: Service, log=None):
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
             self.send_header("Connection", "close")
+            self.send_cors_headers()
             self.end_headers()
             self.close_connection = True
             try:
@@ -423,7 +568,7 @@ def make_handler(service: Service, log=None):
                         self.event(job, "" if job.kind == "completion" else {}, event[1])
                         self.sse("[DONE]")
                         return
-            except (BrokenPipeError, ConnectionResetError):
+            except (ConnectionError, TimeoutError):
                 job.gone.set()  # its row leaves the batch at the next step
 
         def event(self, job: Job, piece, finish):
@@ -447,6 +592,7 @@ def make_handler(service: Service, log=None):
             self.send_header("Content-Length", str(len(data)))
             if self.close_connection:
                 self.send_header("Connection", "close")
+            self.send_cors_headers()
             self.end_headers()
             self.wfile.write(data)
 
@@ -462,18 +608,84 @@ def header(job: Job, suffix: str = "") -> dict:
     return {"id": job.id, "object": kind + suffix, "created": int(time.time()), "model": job.model}
 
 
+class ConnectionCappedServer(ThreadingHTTPServer):
+    """The standard library's threading server with a cap on open connections (a thread each),
+    quiet about clients that hang up or go silent: a log line at most, never a traceback."""
+    daemon_threads = True
+
+    def __init__(self, address, handler, max_connections: int, log=None):
+        self.max_connections, self.log = max_connections, log
+        self.open_connections, self.count_lock = 0, threading.Lock()
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        with self.count_lock:
+            full = self.open_connections >= self.max_connections
+            self.open_connections += not full
+        if full:  # answered here, without a thread: threads are what the cap protects
+            refuse_busy(request, self.max_connections)
+            self.close_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.count_lock:
+                self.open_connections -= 1
+
+    def shutdown_request(self, request):
+        """Close gently: stop writing, then read what the client still sends for a moment.
+        Closing with its bytes unread (a refused body) would reset the connection, and a reset
+        can destroy the answer still in flight to it."""
+        try:
+            request.shutdown(socket.SHUT_WR)
+            request.settimeout(LINGER_S)
+            drained, deadline = 0, time.monotonic() + LINGER_S
+            while drained < LINGER_BYTES and time.monotonic() < deadline:
+                chunk = request.recv(65536)
+                if not chunk:
+                    break
+                drained += len(chunk)
+        except OSError:
+            pass  # gone already, or silent: either way it is closed now
+        self.close_request(request)
+
+    def handle_error(self, request, client_address):
+        error = sys.exc_info()[1]
+        if not isinstance(error, (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)  # a bug: its traceback
+        elif self.log:
+            self.log(f"{client_address[0]} left ({type(error).__name__})")
+
+
+def refuse_busy(request, max_connections: int):
+    body = json.dumps(ApiError(503, f"this server has {max_connections} connections open, its "
+                               "most (--max_connections): retry later", kind="server_error",
+                               code="too_many_connections").body()).encode()
+    head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n")
+    try:
+        request.settimeout(1.0)  # never let one refusal hold up the accepting thread
+        request.sendall(head.encode() + body)
+    except OSError:
+        pass  # the client left already: nothing to tell it
+
+
 class Server:
     """The HTTP front on rank 0 (threads) over a Service; bound at construction (port 0: any
     free port, read back from .port)."""
 
-    def __init__(self, service: Service, host: str, port: int, log=None):
+    def __init__(self, service: Service, host: str, port: int, log=None, access: Access = None):
         self.service = service
+        handler = make_handler(service, access or Access(host), log)
         try:
-            self.httpd = ThreadingHTTPServer((host, port), make_handler(service, log))
+            self.httpd = ConnectionCappedServer((host, port), handler,
+                                                service.limits.max_connections, log)
         except OSError as error:
             raise BadInput(f"cannot listen on {host}:{port} ({error.strerror}): pick another "
                            "--port or --host") from None
-        self.httpd.daemon_threads = True
         self.host, self.port = host, self.httpd.server_address[1]
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -495,13 +707,13 @@ class Server:
 
 
 def run_server(stage, service_factory, host: str, port: int, heartbeat_s: float, on_listen=print,
-               log=None):
+               log=None, access: Access = None):
     """Rank 0 serves until SIGINT or SIGTERM (the batch running then is finished first); the
     other ranks follow it and all return together."""
     if not stage.ctx.is_first:
         follow(stage)
         return
-    server = Server(service_factory(), host, port, log)
+    server = Server(service_factory(), host, port, log, access)
     for number in (signal.SIGINT, signal.SIGTERM):  # a flag: never stop halfway through a step
         signal.signal(number, lambda *_: server.stop())
     on_listen(server)

@@ -33,6 +33,7 @@ class Tokenizer:
         self.stop_ids = (self.eos_id, self.bos_id)
 
     def encode(self, text: str, bos: bool, eos: bool) -> list:
+        check_text(text)
         ids = self.sp.EncodeAsIds(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
@@ -45,3 +46,15 @@ class Tokenizer:
             raise BadInput(f"tokenizer {self.path} has {self.n_words} pieces but the model's "
                            f"vocabulary has {vocab_size}: pass the tokenizer that matches the "
                            "checkpoint (--tokenizer_path)")
+
+
+def check_text(text: str):
+    """Refuse text that is not Unicode: a lone surrogate, as JSON's "\\ud800" makes, or as Python
+    makes of bytes that are not UTF-8 (command lines, stdin); sentencepiece cannot encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        shown = text[max(error.start - 10, 0):error.start + 10]
+        raise BadInput(f"the text {shown!r} holds {text[error.start]!r} at character "
+                       f"{error.start}, which is not a Unicode character (bytes that are not "
+                       "UTF-8, or a lone surrogate): give UTF-8 text") from None

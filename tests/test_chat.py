@@ -153,3 +153,25 @@ def test_two_ranks_chat_like_one_process_and_quit_together(model_bin, tokenizer,
     printed = (tmp_path / "0.out").read_text()
     assert HINT in printed
     assert printed.split(HINT, 1)[1] == out.getvalue().split(HINT, 1)[1]
+
+
+def test_a_line_that_is_not_utf8_is_refused_and_the_chat_goes_on(model_bin, tokenizer):
+    """Bytes as a terminal sends them: the invalid line is named in one line, the next answered."""
+    model = load_model(model_bin)
+    stage = MixedPromptStage(model, DistContext(), None)
+    stdin = io.TextIOWrapper(io.BytesIO(b"\xed\xa0\x80 hello\nHi\n"), encoding="utf-8")
+    out = io.StringIO()
+    # A limit: before the fix the reading thread died and the chat waited forever for a line.
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail(f"the chat hung: {out.getvalue()}"))
+    signal.alarm(60)
+    try:
+        conversation = run_chat(stage, tokenizer, "plain", [], MAX_GEN_LEN, Sampling(),
+                                heartbeat_s=0.5, stdin=stdin, stdout=out)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert "which is not a Unicode character (bytes that are not UTF-8, or a lone surrogate): " \
+           "give UTF-8 text)" in out.getvalue()
+    assert [t.text for t in conversation.turns] == ["Hi"]
+    assert conversation.turns[0].reply_ids == greedy_reply(model, tokenizer,
+                                                           history_before(conversation, 0))

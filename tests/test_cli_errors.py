@@ -466,6 +466,38 @@ def test_example_refuses_values_of_the_wrong_type(argv, message, calls, monkeypa
     assert calls == []
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--temperature", "nan"], r"--temperature=nan must be a finite number >= 0 \(0: greedy\)"),
+    (["--temperature", "inf"], r"--temperature=inf must be a finite number"),
+    (["--temperature", "0.8", "--top_p", "-1"], r"--top_p=-1 must be a number in \(0, 1\]"),
+    (["--top_p", "nan"], r"--top_p=nan must be a number in \(0, 1\]"),
+    (["--prompts", "\udced\udca0\udc80"],  # what Python makes of the bytes ED A0 80 in argv
+     r"the text '\\udced\\udca0\\udc80' holds '\\udced' at character 0, which is not a Unicode "
+     r"character \(bytes that are not UTF-8, or a lone surrogate\): give UTF-8 text"),
+])
+def test_generation_refuses_sampling_settings_and_text_it_cannot_use(model_bin, argv, message,
+                                                                     monkeypatch, capsys):
+    status, _, err = run_command(example.main, ["--ckpt_dir", str(model_bin), "--max_gen_len", "4",
+                                                *argv], monkeypatch, capsys)
+    line = one_error_line(status, err)
+    assert re.search(message, line), line
+
+
+def test_chat_refuses_a_temperature_of_nan(monkeypatch, capsys):
+    import chat
+    status, _, err = run_command(chat.main, ["--ckpt_dir", "m", "--temperature", "nan"],
+                                 monkeypatch, capsys)
+    assert "--temperature=nan must be a finite number" in one_error_line(status, err)
+
+
+def test_a_temperature_so_small_that_logits_overflow_is_greedy(model_bin, monkeypatch, capsys):
+    runs = [run_command(example.main, ["--ckpt_dir", str(model_bin), "--max_gen_len", "12",
+                                       *argv], monkeypatch, capsys)
+            for argv in ([], ["--temperature", "1e-40"], ["--temperature", "5e-324"])]
+    assert [status for status, _, _ in runs] == [0, 0, 0], runs
+    assert runs[0][1] == runs[1][1] == runs[2][1] and "Once upon a time" in runs[0][1]
+
+
 def test_a_misspelt_flag_stops_ft_main_before_it_reads_anything(model_bin, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "ft_main.py", "--ckpt_dir", str(model_bin), "--data",

@@ -9,6 +9,7 @@ import json
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -73,11 +74,14 @@ def server(model_bin, tokenizer, prompt_folders):
     thread.join(timeout=10)
 
 
+JSON = {"Content-Type": "application/json"}
+
+
 def call(port, method, path, body=None, headers=None, raw=None):
     """(status, parsed JSON) of one request."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    connection.request(method, path, body=data, headers=headers or {})
+    connection.request(method, path, body=data, headers={**JSON, **(headers or {})})
     response = connection.getresponse()
     text = response.read()
     connection.close()
@@ -86,7 +90,7 @@ def call(port, method, path, body=None, headers=None, raw=None):
 
 def stream_events(port, path, body):
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    connection.request("POST", path, body=json.dumps({**body, "stream": True}))
+    connection.request("POST", path, body=json.dumps({**body, "stream": True}), headers=JSON)
     response = connection.getresponse()
     assert response.status == 200 and response.getheader("Content-Type") == "text/event-stream"
     events = [line[len("data: "):] for line in response.read().decode().splitlines() if line]
@@ -101,6 +105,16 @@ def complete(port, model, text, max_tokens=24, **extra):
                            "temperature": 0, **extra})
     assert status == 200, answer
     return answer["choices"][0]["text"]
+
+
+def wait_until(condition, limit_s=60.0) -> bool:
+    """Poll condition() until it holds (True) or limit_s passes (False)."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def test_models_and_health(server):
@@ -192,6 +206,16 @@ BAD_REQUESTS = [
     ("chat with a bad role", dict(path="/v1/chat/completions", body={
         "model": "base", "messages": [{"role": "robot", "content": "hi"}]}), 400, "invalid_value"),
     ("unknown path", dict(path="/v1/embeddings", body={}), 404, "not_found"),
+    ("max_tokens of 400 digits", dict(body={"model": "base", "prompt": "a", "max_tokens": 10 ** 400}),
+     400, "invalid_value"),
+    ("seed of 400 digits", dict(body={"model": "base", "prompt": "a", "seed": -10 ** 400}), 400,
+     "invalid_value"),
+    ("temperature of 400 digits", dict(body={"model": "base", "prompt": "a", "temperature": 10 ** 400}),
+     400, "invalid_value"),
+    ("a lone surrogate in the prompt", dict(raw=b'{"model": "base", "prompt": "a\\ud800b"}'), 400,
+     "invalid_value"),
+    ("a lone surrogate in a message", dict(path="/v1/chat/completions", raw=b'{"model": "base", '
+     b'"messages": [{"role": "user", "content": "\\udc80"}]}'), 400, "invalid_value"),
 ]
 
 
@@ -203,6 +227,120 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, nam
     assert (got, answer["error"]["code"]) == (status, code), answer
     assert answer["error"]["message"] and answer["error"]["type"] == "invalid_request_error"
     assert complete(server.port, "base", TEXTS[2], 4)
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 5e-324, 1e-300])
+def test_a_temperature_so_small_it_overflows_the_logits_is_greedy(server, temperature):
+    greedy = complete(server.port, "base", TEXTS[0], 16)
+    assert complete(server.port, "base", TEXTS[0], 16, temperature=temperature) == greedy
+    assert complete(server.port, "long", TEXTS[0], 16, temperature=temperature, top_p=1e-30) == \
+        complete(server.port, "long", TEXTS[0], 16)
+
+
+def exchange(port, request: bytes, half_close=True) -> bytes:
+    """Everything the server sends back to raw request bytes, until it closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        connection.sendall(request)
+        if half_close:
+            connection.shutdown(socket.SHUT_WR)  # a keep-alive server then closes after answering
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+    return received
+
+
+def statuses(received: bytes) -> list:
+    return [int(s) for s in re.findall(rb"^HTTP/1\.[01] (\d{3}) ", received, re.M)]
+
+
+def post(headers: dict, body: bytes = b'{"model": "base", "prompt": "a", "max_tokens": 2}',
+         path="/v1/completions") -> bytes:
+    lines = [f"POST {path} HTTP/1.1", *(f"{k}: {v}" for k, v in headers.items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+GOOD = {"Host": "127.0.0.1", "Content-Type": "application/json"}
+
+
+@pytest.mark.parametrize("headers, status", [
+    ({**GOOD, "Content-Length": "\u00b2"}, 400),  # "²".isdigit() is True, int("²") fails
+    ({**GOOD, "Content-Length": "9" * 5000}, 413),
+    ({**GOOD, "Content-Length": "-5"}, 400),
+    ({**GOOD, "Content-Length": "49", "Transfer-Encoding": "chunked"}, 400),
+    ({**GOOD, "Content-Length": "49", "content-length": "50"}, 400),
+    ({"Host": "127.0.0.1", "Content-Length": "49"}, 415),  # no Content-Type: a form could send it
+    ({**GOOD, "Content-Type": "text/plain", "Content-Length": "49"}, 415),
+    ({**GOOD, "Host": "rebound.example:8000", "Content-Length": "49"}, 421),  # DNS rebinding
+    ({**GOOD, "Origin": "http://evil.example", "Content-Length": "49"}, 403),
+    ({**GOOD, "Content-Length": "49"}, 200),
+    ({**GOOD, "Host": "localhost:1", "Content-Type": "application/json; charset=utf-8",
+      "Content-Length": "49"}, 200),
+])
+def test_http_framing_and_browser_checks(server, headers, status):
+    received = exchange(server.port, post(headers))
+    assert statuses(received) == [status], received[:300]
+    assert complete(server.port, "base", TEXTS[2], 4)
+
+
+def test_same_origin_and_allowed_origins_are_answered(server):
+    own = f"127.0.0.1:{server.port}"
+    received = exchange(server.port, post({**GOOD, "Host": own, "Origin": f"http://{own}",
+                                           "Content-Length": "49"}))
+    assert statuses(received) == [200]
+    preflight = b"OPTIONS /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: https://app.example\r\n\r\n"
+    assert statuses(exchange(server.port, preflight)) == [403]
+
+
+def test_an_unread_body_is_never_answered_as_a_second_request(server):
+    """A 401 or 404 before the body is read: the body (here a whole GET) must not be served."""
+    smuggled = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    server.service.api_key = "s3cret"
+    try:
+        received = exchange(server.port, post({**GOOD, "Content-Length": str(len(smuggled))},
+                                              smuggled), half_close=False)
+    finally:
+        server.service.api_key = None
+    assert statuses(received) == [401]
+    received = exchange(server.port, post({**GOOD, "Content-Length": str(len(smuggled))}, smuggled,
+                                          path="/v1/nothing"), half_close=False)
+    assert statuses(received) == [404]
+
+
+def test_clients_that_hang_up_leave_no_traceback(server, capfd):
+    for i in range(20):
+        connection = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        # A reset (linger 0) right after a request that is answered with an error at once.
+        connection.sendall(post({**GOOD, "Content-Length": str(10 ** 9)}, b"")[:60 + i * 4])
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        connection.close()
+    assert wait_until(lambda: server.httpd.open_connections == 0)
+    assert complete(server.port, "base", TEXTS[2], 4)
+    assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.fixture
+def small_server(tokenizer):
+    """An HTTP front without generation (health and models only): 3 connections, 1 s idle."""
+    service = Service(tokenizer, None, {}, "base", 64, Limits(idle_timeout_s=1.0, max_connections=3))
+    running = Server(service, "127.0.0.1", 0)
+    running.thread.start()
+    yield running
+    running.httpd.shutdown()
+    running.httpd.server_close()
+
+
+def test_idle_connections_time_out_and_their_number_is_capped(small_server):
+    port = small_server.port
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(3)]
+    assert wait_until(lambda: small_server.httpd.open_connections == 3)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as extra:
+        refused = extra.recv(65536)  # answered at once, before it says anything
+    assert statuses(refused) == [503] and b"too_many_connections" in refused
+    for connection in idle:  # closed by the server once idle for --idle_timeout_s
+        assert connection.recv(1) == b""
+        connection.close()
+    assert wait_until(lambda: small_server.httpd.open_connections == 0)
+    assert statuses(exchange(port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")) == [200]
 
 
 def test_api_key_is_required_when_set(server):
@@ -223,8 +361,9 @@ def test_a_client_leaving_mid_stream_disturbs_no_one(server):
     body = json.dumps({"model": "base", "prompt": TEXTS[0], "max_tokens": 64, "stream": True,
                        "temperature": 0}).encode()
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as leaving:
-        leaving.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: "
-                        + str(len(body)).encode() + b"\r\n\r\n" + body)
+        leaving.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                        b"application/json\r\nContent-Length: " + str(len(body)).encode()
+                        + b"\r\n\r\n" + body)
         other = {}
         thread = threading.Thread(target=lambda: other.update(
             text=complete(server.port, "long", TEXTS[1], 64)))
@@ -234,7 +373,9 @@ def test_a_client_leaving_mid_stream_disturbs_no_one(server):
             received += leaving.recv(4096)
     thread.join(timeout=60)
     assert other["text"] == expected
-    assert call(server.port, "GET", "/health")[1]["cancelled"] >= 1  # its row left the batch
+    # The server learns that the client left only when a write to it fails, some steps later:
+    # wait for that event, not for a time.
+    assert wait_until(lambda: call(server.port, "GET", "/health")[1]["cancelled"] >= 1)
     assert complete(server.port, "base", TEXTS[2], 8)
 
 
@@ -287,11 +428,13 @@ def test_two_rank_server_end_to_end_and_a_lost_stage(server, model_bin, prompt_f
 
 
 def test_sigterm_stops_the_server_cleanly(model_bin, tmp_path):
+    env = {k: v for k, v in rank_env(0, 1, free_port()).items() if k != "LLAMA_API_KEY"}
     process = subprocess.Popen([sys.executable, "serve.py", "--ckpt_dir", str(model_bin), "--port", "0"],
-                               cwd=REPO, env=rank_env(0, 1, free_port()),
+                               cwd=REPO, env=env,
                                stdout=open(tmp_path / "0.out", "w"), stderr=subprocess.DEVNULL)
     try:
         wait_for_port(tmp_path / "0.out", process)
+        assert "no API key: anyone who can reach the port can use it" in (tmp_path / "0.out").read_text()
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
     finally:
@@ -303,11 +446,38 @@ def test_sigterm_stops_the_server_cleanly(model_bin, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     ({"prompts": "a=x,a=y"}, "--prompts names 'a' twice"),
     ({"max_batch": 0}, "--max_batch=0 must be at least 1"),
+    ({"api_key": ""}, "--api_key is empty: give a key, or leave it out to serve without one"),
+    ({"api_key": "  "}, "--api_key is empty"),
+    ({"idle_timeout_s": 0}, "--idle_timeout_s=0 must be > 0"),
+    ({"max_connections": 0}, "--max_connections=0 at least 1"),
 ])
-def test_serve_refuses_bad_settings_before_any_work(model_bin, flags, message):
+def test_serve_refuses_bad_settings_before_any_work(model_bin, flags, message, monkeypatch):
     import serve
+    monkeypatch.setattr(serve, "run_server", never_serve)
     with pytest.raises(BadInput, match=re.escape(message)):
         serve.main(str(model_bin), **flags)
+
+
+def never_serve(*_, **__):
+    pytest.fail("serve.main went on to serve")  # rather than listen until the test times out
+
+
+def test_serve_refuses_an_empty_api_key_in_the_environment(model_bin, monkeypatch):
+    import serve
+    monkeypatch.setattr(serve, "run_server", never_serve)
+    monkeypatch.setenv("LLAMA_API_KEY", "")
+    with pytest.raises(BadInput, match=re.escape("$LLAMA_API_KEY is set but empty")):
+        serve.main(str(model_bin))
+
+
+def test_a_served_prompt_with_an_unknown_template_is_refused_at_start(model, model_bin, tmp_path,
+                                                                     monkeypatch):
+    import serve
+    monkeypatch.setattr(serve, "run_server", never_serve)
+    save_prompt(tmp_path / "odd", torch.zeros(2, model.args.dim), model.args, {"template": "chatml"})
+    with pytest.raises(BadInput, match=re.escape(f"--prompts odd={tmp_path / 'odd'}: its prompt.json "
+                                                 "has an unknown template 'chatml'")):
+        serve.main(str(model_bin), prompts=f"odd={tmp_path / 'odd'}")
 
 
 def test_serve_command_line_refusals(model_bin):
