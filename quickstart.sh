@@ -2,10 +2,10 @@
 # The whole job on a real tiny model, on CPU, in a few minutes:
 # download -> split into 2 stages -> generate through a 2-process pipeline -> teach a trait with a
 # long hard prompt -> distil it into a 16-token soft prompt through the same pipeline -> compare.
-# Without internet, files come from ../shared/assets (or $LLAMA_MIRROR).
+# Files come from $LLAMA_MIRROR when set, else from ../shared/assets when it exists (llama.download
+# looks there by itself), else from the public sources.
 set -euo pipefail
 cd "$(dirname "$0")"
-if [ -z "${LLAMA_MIRROR:-}" ] && [ -d ../shared/assets ]; then export LLAMA_MIRROR=../shared/assets; fi
 export OMP_NUM_THREADS=1
 run2() { python -m torch.distributed.run --nproc_per_node 2 "$@"; }  # = torchrun --nproc_per_node 2
 step() { printf '\n== %s\n' "$*"; }

@@ -38,7 +38,8 @@ TEMPLATES = {
 }
 
 IGNORE_INDEX = -100  # the target value cross-entropy skips
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: the first records skipped, truncated and dropped are kept, with why
+N_NAMED = 3  # records named in a note on skipped, truncated or dropped records; the rest counted
 _ALPACA_FIELDS = ("instruction", "input", "output")
 
 
@@ -52,7 +53,10 @@ def load_records(path, strict: bool = False, log=print):
     Returns (records, n_skipped): each record is {"instruction", "input", "output"} (input "" when
     absent) or {"text"}. Unusable records are skipped and counted, or refused when strict.
     """
-    return _records_from_bytes(path, _read_bytes(path), strict, log)
+    records, skipped = _records_from_bytes(path, _read_bytes(path), strict)
+    if skipped:
+        log(f"note: {path}: " + passed_over_note("skipped", len(skipped), skipped[:N_NAMED]))
+    return [record for _, record in records], len(skipped)
 
 
 def _read_bytes(path) -> bytes:
@@ -67,7 +71,8 @@ def _read_bytes(path) -> bytes:
                        "or JSONL file") from None
 
 
-def _records_from_bytes(path, raw: bytes, strict: bool, log):
+def _records_from_bytes(path, raw: bytes, strict: bool):
+    """([(where, record)], [(where, why skipped)]): where names the record's place in the file."""
     try:
         text = raw.decode("utf-8-sig")  # -sig: tolerate the byte-order mark some editors write
     except UnicodeDecodeError as error:
@@ -75,24 +80,20 @@ def _records_from_bytes(path, raw: bytes, strict: bool, log):
                        "re-encode it as UTF-8") from None
     is_json_list = text.lstrip().startswith("[")
     located = _parse_json_list(path, text) if is_json_list else _parse_jsonl(path, text)
-    records, first_problem, n_skipped = [], None, 0
+    records, skipped = [], []
     for where, raw_record in located:
         record, problem = _check_record(raw_record)
         if record is not None:
-            records.append(record)
+            records.append((where, record))
             continue
         if strict:
             raise BadInput(f"data file {path}, {where}: {problem}; fix or remove that record, or "
                            "leave strict off to skip such records")
-        n_skipped += 1
-        first_problem = first_problem or f"{where}: {problem}"
-    if n_skipped:
-        log(f"{path}: skipped {n_skipped} of {len(located)} records that cannot be used (first: "
-            f"{first_problem}); pass --strict to refuse the file instead")
+        skipped.append((where, problem))
     if not records:
         raise BadInput(f"data file {path} holds no usable records: each needs a non-empty "
                        "'instruction' and 'output' (Alpaca) or a non-empty 'text'")
-    return records, n_skipped
+    return records, skipped
 
 
 def _parse_json_list(path, text: str):
@@ -138,17 +139,28 @@ def _is_text(value: str) -> bool:
     return True
 
 
+def _json_kind(value) -> str:
+    """What a JSON value is, in JSON's words: 'a number', 'null', 'a list' ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    kinds = {int: "a number", float: "a number", str: "a string", list: "a list",
+             dict: "an object"}
+    return kinds.get(type(value), f"a {type(value).__name__}")
+
+
 def _check_record(value):
     """(normalised record, None) when usable, else (None, what is wrong with it)."""
     if not isinstance(value, dict):
-        return None, f"a {type(value).__name__}, not an object"
+        return None, f"{_json_kind(value)}, not an object"
     if "instruction" in value or "output" in value:
         fields = {"input": ""} | {name: value[name] for name in _ALPACA_FIELDS if name in value}
         for name in _ALPACA_FIELDS:
             if name not in fields:
                 return None, f"field '{name}' is missing"
             if not isinstance(fields[name], str):
-                return None, f"field '{name}' is a {type(fields[name]).__name__}, not a string"
+                return None, f"field '{name}' is {_json_kind(fields[name])}, not a string"
             if not _is_text(fields[name]):
                 return None, f"field '{name}' holds a lone surrogate (\\ud800-\\udfff), not text"
         for name in ("instruction", "output"):
@@ -157,7 +169,7 @@ def _check_record(value):
         return fields, None
     if "text" in value:
         if not isinstance(value["text"], str):
-            return None, f"field 'text' is a {type(value['text']).__name__}, not a string"
+            return None, f"field 'text' is {_json_kind(value['text'])}, not a string"
         if not _is_text(value["text"]):
             return None, "field 'text' holds a lone surrogate (\\ud800-\\udfff), not text"
         if not value["text"].strip():
@@ -246,19 +258,49 @@ def model_stop_token(path, tokenizer, template: str, train_on_prompt: bool, max_
     return chosen
 
 
+PASSED_OVER = ("skipped", "truncated", "dropped")
+
+
+def _records(count: int) -> str:
+    return f"{count} record" if count == 1 else f"{count} records"
+
+
+def passed_over_note(kind: str, count: int, named, max_len: int = 0,
+                     max_len_said: str = "") -> str:
+    """One line on the records of a file that were skipped, truncated or dropped: how many, which
+    (the first few of them, named) and why. max_len_said: how the user set max_len."""
+    more = f"; and {count - len(named)} more" if count > len(named) else ""
+    if kind == "skipped":  # named: (where, why)
+        which = "; ".join(f"{where}: {why}" for where, why in named)
+        return (f"{_records(count)} skipped ({which}{more}); pass --strict to refuse the file "
+                "instead")
+    if kind == "truncated":  # named: (where, n_tokens)
+        which = "; ".join(f"{where}: {n_tokens} tokens" for where, n_tokens in named)
+        return (f"{_records(count)} longer than {max_len_said}, truncated to {max_len} tokens "
+                f"({which}{more}): the tokens past the cut are not trained")
+    # dropped, named: (where, n_tokens, first_target)
+    which = "; ".join(f"{where}: response from token {first_target} of {n_tokens}"
+                      for where, n_tokens, first_target in named)
+    its, it = ("its", "it") if count == 1 else ("their", "them")
+    return (f"{_records(count)} dropped: {its} response starts past {max_len_said} "
+            f"({which}{more}); raise --max_seq_len or use fewer virtual tokens to keep {it}")
+
+
 class TokenizedDataset:
     """Tokenised examples in flat arrays: example i is token_ids[offsets[i]:offsets[i + 1]].
 
     Stats describe the source file: n_skipped (unusable records), n_truncated (cut to max_len,
-    kept), n_dropped (cut so far that no target token was left).
+    kept), n_dropped (cut so far that no target token was left); named holds, for each of
+    those, the first N_NAMED records as passed_over_note takes them.
     """
 
     def __init__(self, token_ids, offsets, first_targets, n_skipped=0, n_truncated=0,
-                 n_dropped=0):
+                 n_dropped=0, named=None):
         self.token_ids = np.asarray(token_ids, dtype=np.int32)
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.first_targets = np.asarray(first_targets, dtype=np.int32)
         self.n_skipped, self.n_truncated, self.n_dropped = n_skipped, n_truncated, n_dropped
+        self.named = named or {kind: [] for kind in PASSED_OVER}
         self.cache_path = None
 
     def __len__(self) -> int:
@@ -273,6 +315,13 @@ class TokenizedDataset:
     def n_tokens(self) -> int:
         return int(self.offsets[-1])
 
+    def notes(self, max_len: int, max_len_said: str) -> list:
+        """A line for each kind of record passed over, naming the first few and why."""
+        counts = {"skipped": self.n_skipped, "truncated": self.n_truncated,
+                  "dropped": self.n_dropped}
+        return [passed_over_note(kind, counts[kind], self.named[kind], max_len, max_len_said)
+                for kind in PASSED_OVER if counts[kind]]
+
     def select(self, indices) -> "TokenizedDataset":
         """A new dataset of the given examples, in that order (stats carried over)."""
         indices = np.asarray(indices, dtype=np.int64)
@@ -281,28 +330,32 @@ class TokenizedDataset:
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         token_ids = np.concatenate(examples) if examples else np.zeros(0, np.int32)
         subset = TokenizedDataset(token_ids, offsets, self.first_targets[indices],
-                                  self.n_skipped, self.n_truncated, self.n_dropped)
+                                  self.n_skipped, self.n_truncated, self.n_dropped, self.named)
         subset.cache_path = self.cache_path
         return subset
 
 
-def _tokenize_records(records, tokenizer, template, max_len, train_on_prompt, n_skipped,
+def _tokenize_records(records, tokenizer, template, max_len, train_on_prompt, skipped,
                       end_target):
+    """records: [(where, record)]; skipped: [(where, why)] of the records that were unusable."""
     token_ids, offsets, first_targets = [], [0], []
-    n_truncated = n_dropped = 0
-    for record in records:
+    truncated, dropped = [], []
+    for where, record in records:
         ids, first_target = tokenize_record(record, tokenizer, template, train_on_prompt,
                                             end_target)
         if len(ids) > max_len:
             if first_target >= max_len:
-                n_dropped += 1
+                dropped.append([where, len(ids), first_target])
                 continue
+            truncated.append([where, len(ids)])
             ids = ids[:max_len]
-            n_truncated += 1
         token_ids.extend(ids)
         offsets.append(len(token_ids))
         first_targets.append(first_target)
-    return TokenizedDataset(token_ids, offsets, first_targets, n_skipped, n_truncated, n_dropped)
+    named = {"skipped": [list(entry) for entry in skipped[:N_NAMED]],
+             "truncated": truncated[:N_NAMED], "dropped": dropped[:N_NAMED]}
+    return TokenizedDataset(token_ids, offsets, first_targets, len(skipped), len(truncated),
+                            len(dropped), named)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,6 +379,7 @@ def _save_cache(cache_path: Path, dataset: TokenizedDataset):
     atomic_write(cache_path, lambda file: np.savez(
         file, token_ids=dataset.token_ids, offsets=dataset.offsets,
         first_targets=dataset.first_targets, stats=stats,
+        named=np.array(json.dumps(dataset.named)),
         format=np.array(CACHE_FORMAT_VERSION, dtype=np.int64)))
 
 
@@ -351,6 +405,7 @@ def _load_cache(cache_path: Path, vocab_size: int) -> TokenizedDataset:
             raise ValueError(f"format {int(arrays['format'])}, expected {CACHE_FORMAT_VERSION}")
         token_ids, offsets = arrays["token_ids"], arrays["offsets"]
         first_targets, stats = arrays["first_targets"], arrays["stats"]
+        named = json.loads(str(arrays["named"]))
     lengths = np.diff(offsets)
     consistent = (token_ids.ndim == 1 and offsets.ndim == 1 and len(offsets) >= 2
                   and stats.shape == (3,) and len(first_targets) == len(offsets) - 1
@@ -360,7 +415,11 @@ def _load_cache(cache_path: Path, vocab_size: int) -> TokenizedDataset:
                                                < vocab_size)))
     if not consistent:
         raise ValueError("arrays do not fit together")
-    return TokenizedDataset(token_ids, offsets, first_targets, *(int(s) for s in stats))
+    if not (isinstance(named, dict) and set(named) == set(PASSED_OVER)
+            and all(isinstance(entries, list) and len(entries) <= min(count, N_NAMED)
+                    for entries, count in zip((named[kind] for kind in PASSED_OVER), stats))):
+        raise ValueError("the named records do not fit the counts")
+    return TokenizedDataset(token_ids, offsets, first_targets, *(int(s) for s in stats), named)
 
 
 CACHE_OFF = ("none", "off")
@@ -379,10 +438,11 @@ def token_cache_folder(cache_dir=None):
 
 def load_dataset(path, tokenizer, template: str = "alpaca", max_len: int = 512,
                  train_on_prompt: bool = False, strict: bool = False, cache_dir=None,
-                 log=print, end_target: str = "eos") -> TokenizedDataset:
+                 log=print, end_target: str = "eos", max_len_said: str = "") -> TokenizedDataset:
     """Tokenised examples of a data file, from the cache when nothing they depend on changed.
 
     max_len counts BOS and the end target (pass max_seq_len minus the virtual tokens);
+    max_len_said: how the notes on records longer than that name it (default "max_len N").
     end_target: eos, bos or none, the token trained after each text. The cache lies in
     token_cache_folder(cache_dir) as <data name>.<key>.npz; "none" or "off" turns it off.
     """
@@ -407,20 +467,20 @@ def load_dataset(path, tokenizer, template: str = "alpaca", max_len: int = 512,
             log(f"token cache {cache_path} is unreadable ({type(error).__name__}: {error}); "
                 "rebuilding it")
     if dataset is not None and strict and dataset.n_skipped:
-        _records_from_bytes(path, raw, strict=True, log=log)  # raises, naming the bad record
+        _records_from_bytes(path, raw, strict=True)  # raises, naming the bad record
     if dataset is None:
-        records, n_skipped = _records_from_bytes(path, raw, strict, log)
+        records, skipped = _records_from_bytes(path, raw, strict)
         dataset = _tokenize_records(records, tokenizer, template, max_len, train_on_prompt,
-                                    n_skipped, end_target)
+                                    skipped, end_target)
         if len(dataset) == 0:
             raise BadInput(f"every example of {path} is longer than max_len {max_len} before its "
                            "response starts: raise max_seq_len or use fewer virtual tokens")
         if cache_path is not None:
             cache_path = _try_save_cache(cache_path, dataset, log)
     dataset.cache_path = cache_path
-    log(f"{path}: {len(dataset)} examples, {dataset.n_tokens} tokens; {dataset.n_truncated} "
-        f"truncated to {max_len} tokens, {dataset.n_dropped} dropped because their response "
-        f"was cut away entirely, {dataset.n_skipped} records skipped")
+    log(f"{path}: {len(dataset)} examples, {dataset.n_tokens} tokens")
+    for note in dataset.notes(max_len, max_len_said or f"max_len {max_len}"):
+        log("note: " + note)
     return dataset
 
 

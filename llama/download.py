@@ -1,8 +1,9 @@
 """Fetch public checkpoints, tokenizers and Alpaca data, checked by size and sha256.
 
     python -m llama.download --model stories260K --folder ckpts --data alpaca_1k
-    python -m llama.download --model none --data alpaca --mirror ../shared/assets
-(the mirror, a URL or a folder laid out like shared/assets, may also come from $LLAMA_MIRROR)
+    python -m llama.download --model none --data alpaca --mirror https://example.org/assets
+(the mirror, a URL or a folder laid out like shared/assets, may also come from $LLAMA_MIRROR;
+without either, ../shared/assets beside the repository is used when it exists)
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ CHUNK_BYTES = 1 << 20
 # to fill the disk.
 MODEL_CAP_BYTES = 64 << 30
 DATA_CAP_BYTES = 1 << 30
+# Where the repository's tests and quickstart find the assets without internet.
+ASSETS_BESIDE_REPO = Path(__file__).resolve().parents[2] / "shared" / "assets"
 MIRROR_HINT = ("retry, or pass --mirror (or set LLAMA_MIRROR) to a URL or folder laid out like "
                "shared/assets")
 
@@ -141,9 +144,15 @@ def parse_names(names, catalogue: dict, what: str) -> list:
 
 
 def mirror_base_url(mirror) -> Optional[str]:
-    """The base URL to fetch from, None for the public sources; a local folder becomes file://."""
+    """The base URL to fetch from, None for the public sources; a local folder becomes file://.
+    Without --mirror and $LLAMA_MIRROR, the assets beside the repository when they exist; an
+    empty --mirror '' (or LLAMA_MIRROR=) asks for the public sources."""
     if mirror is None:
         mirror = os.environ.get("LLAMA_MIRROR")
+    if mirror is None and ASSETS_BESIDE_REPO.is_dir():
+        log(f"no --mirror given: using the assets beside the repository, {ASSETS_BESIDE_REPO} "
+            "(--mirror '' fetches from the public sources)")
+        return ASSETS_BESIDE_REPO.as_uri() + "/"
     if mirror is None or str(mirror).strip() == "":
         return None
     mirror = str(mirror).strip()
@@ -276,21 +285,53 @@ def fetch(remote: RemoteFile, dest: Path, url: str, limit: int) -> str:
                        "again to restart it") from None
 
 
+def missing_folders(folder: Path) -> list:
+    """folder and those of its parents that do not exist yet, innermost first."""
+    missing = []
+    while not folder.exists() and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def remove_created(files: list, folders: list):
+    """Undo a failed entry: the files this run added, then the folders it made, where empty."""
+    for path in files:
+        path.unlink(missing_ok=True)
+    for folder in sorted(set(folders), key=lambda path: len(path.parts), reverse=True):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: something else was put there meanwhile, keep it
+            pass
+
+
 def download(names: list, catalogue: dict, folder, base_url: Optional[str], force: bool,
              cap_bytes: int) -> list:
-    """Fetch every file of the named catalogue entries into folder; returns their paths."""
+    """Fetch every file of the named catalogue entries into folder; returns their paths.
+    An entry is whole or absent: when one of its files fails, the files and folders this run
+    made for it are removed (what was there before is kept)."""
     paths = []
     for name in names:
-        for remote in catalogue[name]:
-            dest = Path(folder) / remote.dest
-            paths.append(dest)
-            if not force and is_already_good(remote, dest):
-                log(f"{name}: {dest} already present and checked, skipped (--force to fetch)")
-                continue
-            url = file_url(remote, base_url)
-            log(f"{name}: fetching {url}")
-            limit = remote.size or remote.max_bytes or cap_bytes
-            log(f"{name}: {dest}, {fetch(remote, dest, url, limit)}")
+        created_files, created_folders = [], []
+        try:
+            for remote in catalogue[name]:
+                dest = Path(folder) / remote.dest
+                paths.append(dest)
+                if not force and is_already_good(remote, dest):
+                    log(f"{name}: {dest} already present and checked, skipped (--force to fetch)")
+                    continue
+                url = file_url(remote, base_url)
+                log(f"{name}: fetching {url}")
+                limit = remote.size or remote.max_bytes or cap_bytes
+                created_folders += missing_folders(dest.parent)
+                is_new = not dest.exists()
+                outcome = fetch(remote, dest, url, limit)
+                if is_new:
+                    created_files.append(dest)
+                log(f"{name}: {dest}, {outcome}")
+        except BaseException:
+            remove_created(created_files, created_folders)
+            raise
     return paths
 
 
@@ -303,12 +344,13 @@ def main(model="stories260K", data="alpaca_1k,alpaca_5000", folder="ckpts",
     folder: where the model goes
     data_folder: where the data sets go
     mirror: a base URL (http, https, file) or a folder laid out like shared/assets (default:
-        $LLAMA_MIRROR, else the public sources)
+        $LLAMA_MIRROR, else ../shared/assets beside the repository when it exists, else the
+        public sources; '' for the public sources)
     force: fetch even files that are already present
     """
-    base_url = mirror_base_url(mirror)
     model_names = parse_names(model, MODELS, "model")
     data_names = parse_names(data, DATASETS, "data")
+    base_url = mirror_base_url(mirror)
     download(model_names, MODELS, folder, base_url, force, MODEL_CAP_BYTES)
     download(data_names, DATASETS, data_folder, base_url, force, DATA_CAP_BYTES)
 

@@ -175,7 +175,9 @@ def set_up(cfg, ctx, model, tokenizer, held) -> Run:
         cfg.data, tokenizer, cfg.template, cfg.train_on_prompt, max_len, cfg.micro_batch_size,
         lambda batches: Stage(model, ctx, tuning=tuning).mean_loss(batches, with_prompt=False),
         log=ctx.log)
-    loader, held_out = build_data(cfg, ctx, tokenizer, max_len, end_target)
+    max_len_said = f"--max_seq_len {model.args.max_seq_len}" + (
+        f" minus the {tuning.n_virtual} virtual tokens" if tuning.n_virtual else "")
+    loader, held_out = build_data(cfg, ctx, tokenizer, max_len, max_len_said, end_target)
     optimizer = None
     if tuning.trainable:
         first = next(iter(tuning.trainable.values()))
@@ -204,12 +206,13 @@ def build_tuning(cfg, model, tokenizer, ctx):
     return apply_prompt(prompt, cfg.n_virtual_tokens)
 
 
-def build_data(cfg, ctx, tokenizer, max_len, end_target):
+def build_data(cfg, ctx, tokenizer, max_len, max_len_said, end_target):
     """Rank 0 tokenises and writes the cache first, so the other ranks only read it."""
     if ctx.rank != 0:
         ctx.barrier()
     dataset = load_dataset(cfg.data, tokenizer, cfg.template, max_len, cfg.train_on_prompt,
-                           cfg.strict, cfg.cache_dir, log=ctx.log, end_target=end_target)
+                           cfg.strict, cfg.cache_dir, log=ctx.log, end_target=end_target,
+                           max_len_said=max_len_said)
     if ctx.rank == 0:
         ctx.barrier()
     train_set, held_out = split_dataset(dataset, cfg.eval_fraction, cfg.seed)

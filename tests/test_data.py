@@ -189,7 +189,54 @@ def test_truncation_is_counted_and_vanished_responses_dropped(tmp_path, small_to
     assert [len(dataset[i][0]) for i in range(3)] == [len(dataset[0][0]), 64, len(dataset[0][0])]
     ids, first_target = dataset[1]
     assert ids[-1] != small_tokenizer.eos_id and first_target < 64  # cut, but a response is left
-    assert "1 truncated to 64 tokens, 1 dropped" in log.text()
+    assert log[1:] == [
+        "note: 1 record longer than max_len 64, truncated to 64 tokens (line 2: "
+        f"{dataset.named['truncated'][0][1]} tokens): the tokens past the cut are not trained",
+        "note: 1 record dropped: its response starts past max_len 64 (line 3: response from "
+        f"token {dataset.named['dropped'][0][2]} of {dataset.named['dropped'][0][1]}); raise "
+        "--max_seq_len or use fewer virtual tokens to keep it"]
+    assert dataset.named["truncated"][0][1] > 64 and dataset.named["dropped"][0][2] > 64
+
+
+def test_notes_name_which_records_and_why_from_the_cache_too(tmp_path, small_tokenizer,
+                                                             monkeypatch):
+    """Each kind of record passed over is one note: how many (singular or plural), the first
+    three by their place in the file, and why; a load from the cache says the same."""
+    fine = {"instruction": "Say hi.", "output": "Hi."}
+    long_output = {"instruction": "Tell a story.", "output": "and then " * 40}
+    records = [fine, {"instruction": "No output."}, long_output, {"text": " "}, fine,
+               {"instruction": "A number.", "output": 7}, long_output, {"title": "neither"},
+               long_output, long_output]
+    path = write_json(tmp_path / "d.json", records)
+    log = Log()
+    first = load_dataset(path, small_tokenizer, template="none", max_len=32,
+                         cache_dir=tmp_path / "cache", log=log, max_len_said="--max_seq_len 48 "
+                         "minus the 16 virtual tokens")
+    n_long = sum(len(small_tokenizer.encode(text, False, False))  # BOS prompt output EOS
+                 for text in ("Tell a story.", "and then " * 40)) + 2
+    expected = [
+        f"{path}: 6 examples, {first.n_tokens} tokens",
+        "note: 4 records skipped (record index 1: field 'output' is missing; record index 3: "
+        "field 'text' is empty; record index 5: field 'output' is a number, not a string; and "
+        "1 more); pass --strict to refuse the file instead",
+        "note: 4 records longer than --max_seq_len 48 minus the 16 virtual tokens, truncated to "
+        f"32 tokens (record index 2: {n_long} tokens; record index 6: {n_long} tokens; record "
+        f"index 8: {n_long} tokens; and 1 more): the tokens past the cut are not trained"]
+    assert log == expected
+    single = write_jsonl(tmp_path / "one.jsonl", [fine, {"instruction": "x", "output": ""}])
+    log = Log()
+    load_dataset(single, small_tokenizer, cache_dir="none", log=log)
+    assert log[-1] == ("note: 1 record skipped (line 2: field 'output' is empty); pass --strict "
+                       "to refuse the file instead")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the tokenizer ran although the cache was valid")
+
+    monkeypatch.setattr(small_tokenizer, "encode", refuse)
+    log = Log()
+    load_dataset(path, small_tokenizer, template="none", max_len=32, cache_dir=tmp_path / "cache",
+                 log=log, max_len_said="--max_seq_len 48 minus the 16 virtual tokens")
+    assert log == [f"{path}: tokens from cache {first.cache_path}"] + expected
 
 
 def test_every_example_dropped_is_refused(tmp_path, small_tokenizer):
@@ -350,9 +397,10 @@ def test_bad_records_are_skipped_and_counted(tmp_path):
     records, n_skipped = load_records(path, log=log)
     assert n_skipped == len(BAD_RECORDS)
     assert len(records) == 2
-    assert len(log) == 1
-    assert f"skipped {len(BAD_RECORDS)} of 9 records" in log[0]
-    assert "record index 1" in log[0]
+    assert log == [f"note: {path}: 7 records skipped (record index 1: a list, not an object; "
+                   "record index 2: field 'output' is missing; record index 3: field 'output' is "
+                   "a number, not a string; and 4 more); pass --strict to refuse the file "
+                   "instead"]
 
 
 def test_real_alpaca_record_without_output_is_skipped(alpaca_1k):

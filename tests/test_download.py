@@ -1,10 +1,12 @@
 """llama.download against local mirrors of the real assets: an HTTP server on 127.0.0.1, a folder,
 and a server that hangs up midway. Offline and fast."""
 import dataclasses
+import errno
 import functools
 import hashlib
 import http.server
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -54,6 +56,16 @@ def http_mirror(assets):
     yield url
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No network: every connection and name lookup fails as on a machine without internet."""
+    def unreachable(*args, **kwargs):
+        raise OSError(errno.ENETUNREACH, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(socket, "getaddrinfo", unreachable)
 
 
 def sha256_of(path):
@@ -109,8 +121,73 @@ def test_file_that_is_no_tokenizer_is_refused(tmp_path, assets, monkeypatch):
     wrong = dataclasses.replace(tokenizer, mirror_path="stories260K/tok512.bin")
     monkeypatch.setitem(download.MODELS, "stories260K", (checkpoint, wrong))
     with pytest.raises(BadInput, match="sentencepiece"):
-        download.main(model="stories260K", data="none", folder=tmp_path, mirror=str(assets))
-    assert files_under(tmp_path) == ["stories260K/stories260K.bin"]
+        download.main(model="stories260K", data="none", folder=tmp_path / "ckpts",
+                      mirror=str(assets))
+    assert list(tmp_path.iterdir()) == []  # no half-filled stories260K, no empty ckpts
+
+
+def test_failed_entry_keeps_what_was_there_before(tmp_path, assets, monkeypatch):
+    download.main(model="stories260K", data="none", folder=tmp_path, mirror=str(assets))
+    (tmp_path / "stories260K" / "tok512.model").unlink()
+    (tmp_path / "stories260K" / "notes.txt").write_text("mine")
+    checkpoint, tokenizer = download.MODELS["stories260K"]
+    wrong = dataclasses.replace(tokenizer, mirror_path="stories260K/tok512.bin")
+    monkeypatch.setitem(download.MODELS, "stories260K", (checkpoint, wrong))
+    with pytest.raises(BadInput, match="sentencepiece"):
+        download.main(model="stories260K", data="none", folder=tmp_path, mirror=str(assets),
+                      force=True)
+    assert files_under(tmp_path) == ["stories260K/notes.txt", "stories260K/stories260K.bin"]
+
+
+def test_offline_without_mirror_uses_the_assets_beside_the_repository(tmp_path, assets, offline,
+                                                                       monkeypatch, capsys):
+    assert download.ASSETS_BESIDE_REPO == REPO.parent / "shared" / "assets"
+    monkeypatch.setattr(download, "ASSETS_BESIDE_REPO", assets)
+    download.main(model="stories260K", data="alpaca_1k", folder=tmp_path / "ckpts",
+                  data_folder=tmp_path / "datasets")
+    assert files_under(tmp_path) == ["ckpts/stories260K/stories260K.bin",
+                                     "ckpts/stories260K/tok512.model",
+                                     "datasets/alpaca_data_1k.json"]
+    said = [line for line in capsys.readouterr().err.splitlines() if "no --mirror" in line]
+    assert said == [f"no --mirror given: using the assets beside the repository, {assets} "
+                    "(--mirror '' fetches from the public sources)"]
+
+
+def test_offline_failure_leaves_no_empty_folder(tmp_path, offline, monkeypatch):
+    monkeypatch.setattr(download, "ASSETS_BESIDE_REPO", tmp_path / "no_shared" / "assets")
+    with pytest.raises(BadInput, match="huggingface.co.*Network is unreachable"):
+        download.main(model="stories260K", data="none", folder=tmp_path / "ckpts")
+    with pytest.raises(BadInput, match="raw.githubusercontent.com"):
+        download.main(model="none", data="alpaca_1k", data_folder=tmp_path / "a" / "datasets")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_mirror_means_the_public_sources(tmp_path, assets, offline, monkeypatch):
+    monkeypatch.setattr(download, "ASSETS_BESIDE_REPO", assets)
+    with pytest.raises(BadInput, match="raw.githubusercontent.com"):
+        download.main(model="none", data="alpaca_1k", data_folder=tmp_path, mirror="")
+    monkeypatch.setenv("LLAMA_MIRROR", "")
+    with pytest.raises(BadInput, match="raw.githubusercontent.com"):
+        download.main(model="none", data="alpaca_1k", data_folder=tmp_path)
+    assert files_under(tmp_path) == []
+
+
+@pytest.mark.skipif(not (REPO.parent / "shared" / "assets").is_dir(),
+                    reason="no ../shared/assets beside the repository")
+def test_cli_offline_takes_the_shared_assets_as_the_quickstart_did(tmp_path):
+    """The reported command, in a process whose internet is a proxy that refuses connections."""
+    env = {key: value for key, value in os.environ.items()
+           if key != "LLAMA_MIRROR" and not key.lower().endswith("_proxy")}
+    env |= {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+    result = subprocess.run(
+        [sys.executable, "-m", "llama.download", "--model", "stories260K", "--data", "none",
+         "--folder", "ckpts"], cwd=tmp_path, env=env | {"PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines()[0].startswith("no --mirror given: using the assets beside "
+                                                    f"the repository, {REPO.parent}")
+    assert files_under(tmp_path) == ["ckpts/stories260K/stories260K.bin",
+                                     "ckpts/stories260K/tok512.model"]
 
 
 def test_connection_dropped_midway_leaves_nothing(tmp_path):
