@@ -190,6 +190,40 @@ def test_prefix_trained_on_two_stages_generates_the_same_on_one_and_three(
     assert results[0][1] == single and "[with prompt]" in single
 
 
+@pytest.fixture(scope="module")
+def adapter_run(model_bin, alpaca_small, tmp_path_factory):
+    """A short adapter run, its lr high enough that the opened gates change what is said."""
+    out = tmp_path_factory.mktemp("adapter") / "run"
+    ft_main.main(**run_args(model_bin, alpaca_small, out, method="adapter", adapter_layers=2,
+                            lr=0.5))
+    return out
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_adapter_run_generates_the_unfused_ids_with_example_ft_fused_or_not(
+        model_bin, adapter_run, fused, monkeypatch):
+    """example_ft fuses q/k/v by default: the adapter then has no wq/wk/wv to call, and must
+    project its prompt the way the attention does."""
+    real_start = example_ft.start_stage
+    monkeypatch.setattr(example_ft, "start_stage",
+                        lambda *a, **k: real_start(*a, **{**k, "fuse_projections": fused}))
+    calls = []
+
+    def recording_generate(stage, ids, *args, **kwargs):
+        calls.append((stage, ids, args, kwargs, generate(stage, ids, *args, **kwargs)))
+        return calls[-1][-1]
+    monkeypatch.setattr(example_ft, "generate", recording_generate)
+    example_ft.main(str(model_bin), str(adapter_run), max_gen_len=12, compare=True)
+
+    (stage, ids, args, kwargs, tuned), (*_, base) = calls
+    assert (stage.model.layers["4"].attention.wqkv is not None) == fused
+    model = load_model(model_bin)
+    method, tensors, _ = load_tuning(adapter_run, model.args)
+    reference = Stage(model, DistContext(), tuning=apply_saved(model, method, tensors, True))
+    assert method == "adapter" and tuned == generate(reference, ids, *args, **kwargs)
+    assert tuned != base, "the trained adapter should change what the model says"
+
+
 # ---- generation with a prefix or an adapter: cache == recomputation ----
 
 @pytest.mark.parametrize("method", METHODS)
