@@ -92,7 +92,7 @@ def main(ckpt_dir: str, data: str, out: str, tokenizer_path: str = None,
     eval_every: compute the held-out loss every this many steps
     save_every: write checkpoint.pt every this many steps (0 for only at the end)
     resume: True to continue from <out>/checkpoint.pt, or the path of a checkpoint
-    overwrite: train again into an --out that holds a run (only the run's own files are replaced)
+    overwrite: train again into an --out that holds a run (only the run's own files are deleted)
     base_model: the Hugging Face id or folder of this model, recorded in the PEFT export so that
         transformers + peft can load it
     trace: write a Chrome trace of the first --trace_steps steps to this file

@@ -10,12 +10,13 @@ import json
 import threading
 import time
 
-import fire
 import torch
 
+from bench.common import as_list
 from llama.batching import MixedPromptStage, PromptBank, Steps
 from llama.checkpoint import find_tokenizer, load_model
 from llama.distributed import DistContext
+from llama.errors import run_cli
 from llama.serving import Limits, Server, Service
 from llama.tokenizer import Tokenizer
 
@@ -58,6 +59,14 @@ def measure(model, tokenizer, bank, concurrency, max_batch, requests_per_client,
 
 def main(ckpt_dir: str, concurrency=(1, 4, 16), requests_per_client: int = 4,
          max_tokens: int = 32, threads: int = 1):
+    """Requests/s and tokens/s of serve.py's server, batched and one request at a time.
+
+    ckpt_dir: the model: a llama2.c .bin, a split, Meta or Hugging Face folder
+    concurrency: how many clients send at once: one number, or several as 1,4,16
+    requests_per_client: the requests each client sends, one after another
+    max_tokens: the most tokens generated per request
+    threads: torch's CPU threads
+    """
     torch.set_num_threads(threads)
     model = load_model(ckpt_dir)
     tokenizer = Tokenizer(find_tokenizer(ckpt_dir))
@@ -65,7 +74,7 @@ def main(ckpt_dir: str, concurrency=(1, 4, 16), requests_per_client: int = 4,
     bank = PromptBank(model.args.vocab_size, model.args.dim, {"p": weight})
     measure(model, tokenizer, bank, 1, 1, 2, max_tokens)  # warm-up: first calls are slower
     rows = []
-    for c in concurrency:
+    for c in as_list(concurrency):
         for max_batch in (c, 1):  # batched, then one request at a time
             rows.append(measure(model, tokenizer, bank, c, max_batch, requests_per_client, max_tokens))
             print(json.dumps(rows[-1]), flush=True)
@@ -75,4 +84,4 @@ def main(ckpt_dir: str, concurrency=(1, 4, 16), requests_per_client: int = 4,
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

@@ -21,6 +21,7 @@ from llama.methods import METHODS, expected_shapes
 from llama.prompt import PEFT_EXTRA_FILE, load_prompt
 
 PEFT_TYPES = {"PROMPT_TUNING": "prompt", "PREFIX_TUNING": "prefix", "ADAPTION_PROMPT": "adapter"}
+TUNING_FILES = ("tuning.json", "tuning.pt")  # what save_tuning writes
 
 
 def save_tuning(folder, method: str, tensors: dict, args, metadata: dict):

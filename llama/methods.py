@@ -146,10 +146,11 @@ def adapter_attention(attention, x, cos, sin, prompt, gate):
     softmax over them is gated (zero at the start, so training starts from the plain model)."""
     B, T, _ = x.shape
     H, KV, D = attention.n_heads, attention.n_kv_heads, attention.head_dim
-    q = apply_rotary(attention.wq(x).view(B, T, H, D), cos, sin).transpose(1, 2)  # (B, H, T, D)
-    p = prompt.to(x.dtype)  # (L, dim)
-    k = attention.wk(p).view(-1, KV, D).transpose(0, 1).repeat_interleave(H // KV, dim=0)
-    v = attention.wv(p).view(-1, KV, D).transpose(0, 1).repeat_interleave(H // KV, dim=0)
+    # Through the attention's own projection, whatever holds its weights (fused, quantized).
+    q = apply_rotary(attention.project_qkv(x)[0].view(B, T, H, D), cos, sin).transpose(1, 2)
+    _, k, v = attention.project_qkv(prompt.to(x.dtype))  # (L, KV * D) each
+    k, v = (t.view(-1, KV, D).transpose(0, 1).repeat_interleave(H // KV, dim=0)
+            for t in (k, v))  # (H, L, D); q is (B, H, T, D)
     scores = torch.matmul(q, k.transpose(1, 2)) / math.sqrt(D)  # (B, H, T, L)
     weights = gate.to(x.dtype) * F.softmax(scores, dim=-1, dtype=torch.float32).to(x.dtype)
     out = torch.matmul(weights, v).transpose(1, 2).reshape(B, T, H * D)

@@ -18,6 +18,9 @@ from llama.formats import read_json, read_safetensor, read_safetensors_header, s
 
 INITS = ("text", "vocab", "random")
 PEFT_EXTRA_FILE = "llama_prompt.json"  # what our PEFT export adds: model digest and template
+# What save_prompt writes, and what both PEFT exports (this one, the other methods') write
+PROMPT_FILES = ("prompt.json", "prompt.pt")
+PEFT_FILES = ("adapter_config.json", "adapter_model.bin", PEFT_EXTRA_FILE)
 
 
 class SoftPrompt(nn.Module):

@@ -2,20 +2,22 @@
 
 One run at a time: rank 0 holds an flock on <out>/.lock for the run's life (the kernel drops it
 if the process dies, so a crashed run leaves nothing stuck). A folder that already holds a run's
-files is trained into again only with --resume or --overwrite; other files are never touched.
+files is trained into again only with --resume or --overwrite (which deletes them all at the
+start); other files are never touched.
 """
 import contextlib
 import os
 from pathlib import Path
 
 from llama.errors import BadInput
+from llama.method_files import TUNING_FILES
+from llama.prompt import PEFT_FILES, PROMPT_FILES
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
-# What a run writes into --out; a folder holding any of them is a used one. --overwrite deletes
-# the first two at the start (a new run would append to one and could resume from the other);
-# the prompt files are replaced, atomically, when the new run saves its prompt.
-RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE, "prompt.json", "prompt.pt", "peft")
+PEFT_FOLDER = "peft"  # the PEFT export; it holds PEFT_FILES
+# What a run of any method writes into --out; a folder holding any of them is a used one.
+RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE, *PROMPT_FILES, *TUNING_FILES, PEFT_FOLDER)
 LOCK_FILE = ".lock"
 
 
@@ -44,8 +46,7 @@ def claim_out(out: Path, resume, overwrite: bool, log, checkpoint=None):
                            "--resume to continue it, --overwrite to replace it, or pick another "
                            "--out")
         if found and overwrite:
-            for name in (CHECKPOINT_FILE, METRICS_FILE):
-                (out / name).unlink(missing_ok=True)
+            remove_run_files(out)
             log(f"--overwrite: replacing the run in {out} (other files there are kept)")
         yield
     finally:
@@ -53,6 +54,21 @@ def claim_out(out: Path, resume, overwrite: bool, log, checkpoint=None):
         if created:  # a run that failed before writing anything leaves no empty --out behind
             with contextlib.suppress(OSError):
                 out.rmdir()  # only succeeds when the folder is empty
+
+
+def remove_run_files(out: Path):
+    """--overwrite: every file a run of any method writes, at the start. Left in place, the old
+    run's would outlive the new one: metrics appended to, a checkpoint resumed from, another
+    method's tuning.pt loaded before the new prompt.pt. A user's files, in peft/ too, stay."""
+    for name in RUN_FILES:
+        if name != PEFT_FOLDER:
+            (out / name).unlink(missing_ok=True)
+    peft = out / PEFT_FOLDER
+    if peft.is_dir():
+        for name in PEFT_FILES:
+            (peft / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            peft.rmdir()  # only succeeds when the folder is empty
 
 
 def _lock_folder(out: Path):

@@ -33,7 +33,7 @@ from llama.precision import LossScaler, ScaledAdamW, agree, finish_step, lr_at
 from llama.prompt import SoftPrompt, export_peft, init_prompt_weight, save_prompt
 from llama.resume import (checkpoint_path, restore, resume_path, run_identity,
                           save_training_state)
-from llama.run_folder import claim_out
+from llama.run_folder import PEFT_FOLDER, claim_out
 from llama.runlog import RunLog, peak_memory_gib, step_record, write_trace
 from llama.runtime import compile_blocks, start_stage
 from llama.trace import Tracer
@@ -294,12 +294,12 @@ def finish(cfg, ctx, run: Run, tokenizer, start_step: int, losses: dict):
                     "tokenizer": tokenizer.path, "losses": losses, "base_model": cfg.base_model}
         if cfg.method == "prompt":
             save_prompt(out, tensors["prompt"], args, metadata)
-            export_peft(out / "peft", tensors["prompt"], args, metadata)
+            export_peft(out / PEFT_FOLDER, tensors["prompt"], args, metadata)
             ctx.log(f"saved the prompt to {out}/prompt.pt (+ prompt.json, PEFT layout in {out}/peft)")
         else:
             metadata.update(adapter_layers=cfg.adapter_layers)
             save_tuning(out, cfg.method, tensors, args, metadata)
-            export_peft_method(out / "peft", cfg.method, tensors, args, metadata)
+            export_peft_method(out / PEFT_FOLDER, cfg.method, tensors, args, metadata)
             ctx.log(f"saved the {cfg.method} tensors to {out}/tuning.pt (+ tuning.json, PEFT "
                     f"layout in {out}/peft)")
     return losses

@@ -139,3 +139,20 @@ def test_train_bench_quantized_stages_hold_fewer_weight_bytes():
         weight_bytes[scheme] = record["weight_bytes"][0]
         assert "applies to GPUs only" in done.stdout
     assert weight_bytes[None] > weight_bytes["int8"] > weight_bytes["int4"]
+
+
+def test_serve_bench_goes_through_the_projects_command_line(model_bin):
+    """One CLI path (llama.errors.run_cli): --help from the docstring, a misspelt flag refused
+    before any work, then a short run of both ways of serving."""
+    _, done = run_bench("serve_bench", "--help")
+    assert done.stdout.startswith("Requests/s and tokens/s of serve.py's server") and not done.stderr
+    assert "--concurrency" in done.stdout and "--requests_per_client INT (default 4)" in done.stdout
+    _, done = run_bench("serve_bench", "--ckpt_dir", str(model_bin), "--concurency", "2",
+                        expect_rc=2)
+    assert done.stderr == ("error: unknown flag --concurency (did you mean --concurrency?); "
+                           "python -m bench.serve_bench --help lists the flags\n")
+    lines, done = run_bench("serve_bench", "--ckpt_dir", str(model_bin), "--concurrency", "2",
+                            "--requests_per_client", "1", "--max_tokens", "4")
+    assert [(r["concurrency"], r["max_batch"], r["requests"]) for r in lines] == [(2, 2, 2),
+                                                                                  (2, 1, 2)]
+    assert "requests/s" in table_after_json(done.stdout)[0]

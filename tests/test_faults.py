@@ -341,8 +341,8 @@ def test_crash_while_writing_leaves_the_old_file_or_the_new_one(model_bin, split
     cases["swap"] = [CRASH, "--script", "split_model", "--crash", "rmtree", "--ckpt_dir",
                      str(model_bin), "--n_stages", "3", "--out_dir", str(swapped),
                      "--overwrite", "True"]
-    # 4. a finished run over an older prompt of 6 tokens (--overwrite: a used --out needs it):
-    # dead between prompt.pt and prompt.json
+    # 4. a finished run over an older prompt of 6 tokens (--overwrite: a used --out needs it, and
+    # deletes the old pair at the start): dead between prompt.pt and prompt.json
     prompted = tmp_path / "prompted"
     args = ModelArgs(**json.loads((splits / "pp2" / "params.json").read_text()))
     save_prompt(prompted, torch.randn(6, 64), args, {"template": "alpaca"})
@@ -381,10 +381,10 @@ def test_crash_while_writing_leaves_the_old_file_or_the_new_one(model_bin, split
     assert read_split(swapped)[1]["n_stages"] == 3
     for i in range(3):
         load_model(swapped, i, 3)
-    # 4. the new prompt.pt beside the old prompt.json is refused, not loaded with 6-token metadata
+    # 4. the new prompt.pt alone is refused, never read with the old 6-token prompt.json
     assert load_checkpoint(prompted / "prompt.pt").shape == (4, 64)
-    with pytest.raises(BadInput, match=r"prompt\.json describes another prompt\.pt than the one "
-                                       r"beside it \(a save was interrupted"):
+    with pytest.raises(BadInput, match=r"prompt\.json is missing beside prompt\.pt: the folder "
+                                       r"is not a complete prompt checkpoint"):
         load_prompt(prompted, args)
 
 

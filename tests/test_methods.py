@@ -24,6 +24,7 @@ from llama.generation import generate
 from llama.method_files import export_peft_method, load_tuning, save_tuning
 from llama.methods import apply_adapter, apply_prefix, apply_saved
 from llama.pipeline import Stage
+from llama.run_folder import LOCK_FILE, claim_out
 from workers.prompt_grad import Batch, make_micro_batches
 
 METHODS = ("prefix", "adapter")
@@ -188,6 +189,69 @@ def test_prefix_trained_on_two_stages_generates_the_same_on_one_and_three(
                       str(two_stage_run), *args], 3, timeout_s=120)
     check_all_ok(results)
     assert results[0][1] == single and "[with prompt]" in single
+
+
+@pytest.fixture(scope="module")
+def adapter_run(model_bin, alpaca_small, tmp_path_factory):
+    """A short adapter run, its lr high enough that the opened gates change what is said."""
+    out = tmp_path_factory.mktemp("adapter") / "run"
+    ft_main.main(**run_args(model_bin, alpaca_small, out, method="adapter", adapter_layers=2,
+                            lr=0.5))
+    return out
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_adapter_run_generates_the_unfused_ids_with_example_ft_fused_or_not(
+        model_bin, adapter_run, fused, monkeypatch):
+    """example_ft fuses q/k/v by default: the adapter then has no wq/wk/wv to call, and must
+    project its prompt the way the attention does."""
+    real_start = example_ft.start_stage
+    monkeypatch.setattr(example_ft, "start_stage",
+                        lambda *a, **k: real_start(*a, **{**k, "fuse_projections": fused}))
+    calls = []
+
+    def recording_generate(stage, ids, *args, **kwargs):
+        calls.append((stage, ids, args, kwargs, generate(stage, ids, *args, **kwargs)))
+        return calls[-1][-1]
+    monkeypatch.setattr(example_ft, "generate", recording_generate)
+    example_ft.main(str(model_bin), str(adapter_run), max_gen_len=12, compare=True)
+
+    (stage, ids, args, kwargs, tuned), (*_, base) = calls
+    assert (stage.model.layers["4"].attention.wqkv is not None) == fused
+    model = load_model(model_bin)
+    method, tensors, _ = load_tuning(adapter_run, model.args)
+    reference = Stage(model, DistContext(), tuning=apply_saved(model, method, tensors, True))
+    assert method == "adapter" and tuned == generate(reference, ids, *args, **kwargs)
+    assert tuned != base, "the trained adapter should change what the model says"
+
+
+def test_overwrite_with_another_method_leaves_no_file_of_the_old_run(model_bin, alpaca_small,
+                                                                     tmp_path):
+    """load_tuning prefers tuning.pt: one left by a prefix run would be what example_ft reads."""
+    out = tmp_path / "run"
+    ft_main.main(**run_args(model_bin, alpaca_small, out, steps=1, eval_fraction=0))
+    (out / "notes.txt").write_text("my notes")
+    (out / "peft" / "README.md").write_text("my notes on the export")
+    ft_main.main(**run_args(model_bin, alpaca_small, out, method="prompt", steps=1,
+                            eval_fraction=0), overwrite=True)
+    method, tensors, info = load_tuning(out, load_model(model_bin).args)
+    assert method == "prompt" and sorted(tensors) == ["prompt"] and "peft" not in info
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint.pt", "metrics.jsonl", "notes.txt", "peft", "prompt.json", "prompt.pt"]
+    assert sorted(p.name for p in (out / "peft").iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.bin", "llama_prompt.json"]
+    assert json.loads((out / "peft" / "adapter_config.json").read_text())["peft_type"] == \
+        "PROMPT_TUNING"
+
+
+@pytest.mark.parametrize("method", ["prompt", *METHODS])
+def test_overwrite_knows_every_file_a_run_of_each_method_writes(model_bin, alpaca_small,
+                                                                method, tmp_path):
+    out = tmp_path / "run"
+    ft_main.main(**run_args(model_bin, alpaca_small, out, method=method, steps=1,
+                            eval_fraction=0))
+    with claim_out(out, resume=None, overwrite=True, log=print):
+        assert list(out.rglob("*")) == [out / LOCK_FILE]  # the run's own, while it holds --out
 
 
 # ---- generation with a prefix or an adapter: cache == recomputation ----
