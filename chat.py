@@ -9,7 +9,7 @@ from llama.data import format_prompt
 from llama.errors import BadInput, run_cli
 from llama.faults import PeerLost, report_and_exit
 from llama.generation import check_sampling
-from llama.prompt import load_prompt
+from llama.tuning_files import load_soft_prompt
 from llama.runtime import start_stage
 
 
@@ -45,7 +45,7 @@ def main(ckpt_dir: str, prompt: str = None, template: str = None, max_gen_len: i
     try:
         bank, info = None, {}
         if ctx.is_first and prompt is not None:
-            weight, info = load_prompt(prompt, model.args)
+            weight, info = load_soft_prompt(prompt, model.args)
             bank = PromptBank(model.args.vocab_size, model.args.dim, {"prompt": weight})
         template = template or info.get("template") or DEFAULT_TEMPLATE
         format_prompt({"instruction": ""}, template)  # an unknown template is refused here

@@ -7,7 +7,7 @@ from llama.data import format_prompt
 from llama.errors import run_cli
 from llama.faults import PeerLost, report_and_exit
 from llama.generation import decode_continuation, generate
-from llama.method_files import load_tuning
+from llama.tuning_files import load_tuning
 from llama.methods import apply_saved
 from llama.pipeline import Stage
 from llama.runtime import compile_blocks, start_stage
@@ -23,12 +23,12 @@ def main(ckpt_dir: str, prompt: str, tokenizer_path: str = None,
          group_size: int = None):
     """Generate with a trained soft prompt (this project's or PEFT's layout), one stage per process.
 
-    Each text is wrapped in the template the prompt was trained with (from prompt.json).
+    Each text is wrapped in the template the prompt was trained with (from tuning.json).
 
     ckpt_dir: the model: a split folder (split_model.py), a Meta folder, a llama2.c .bin or a
         Hugging Face folder
-    prompt: the folder ft_main.py --out wrote (prompt.pt + prompt.json, or tuning.pt +
-        tuning.json for --method prefix|adapter), or a PEFT export (adapter_model.bin +
+    prompt: the folder ft_main.py --out wrote (tuning.pt + tuning.json, for every method; an
+        earlier version's prompt.pt + prompt.json), or a PEFT export (adapter_model.bin +
         adapter_config.json) of prompt tuning, prefix tuning or adaption prompts
     tokenizer_path: the sentencepiece tokenizer.model (default: the one beside the checkpoint)
     prompts: the texts (instructions) to answer: one text, or several as a list '["a", "b"]'

@@ -36,7 +36,7 @@ def main(ckpt_dir: str, data: str, out: str, tokenizer_path: str = None,
          max_skipped_steps: int = 20, debug_overflow_steps: tuple[int, ...] = ()):
     """Train a soft prompt for a frozen LLaMA, one pipeline stage per process (or all in one).
 
-    Writes <out>/prompt.pt + prompt.json (tuning.pt + tuning.json for --method prefix|adapter),
+    Writes <out>/tuning.pt + tuning.json (every method's tensors and description),
     peft/ (PEFT's layout), metrics.jsonl and checkpoint.pt.
 
     ckpt_dir: the model: a split folder (split_model.py), a Meta folder, a llama2.c .bin or a

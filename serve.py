@@ -12,7 +12,7 @@ from llama.chat import DEFAULT_TEMPLATE
 from llama.data import format_prompt
 from llama.errors import BadInput, run_cli
 from llama.faults import PeerLost, report_and_exit
-from llama.prompt import load_prompt
+from llama.tuning_files import load_soft_prompt
 from llama.runtime import start_stage
 from llama.serving import Access, Limits, Service, parse_served_prompts, run_server
 
@@ -83,7 +83,7 @@ def main(ckpt_dir: str, prompts: str = "", host: str = "127.0.0.1", port: int = 
     try:
         bank, templates = None, {}
         if ctx.is_first:
-            loaded = {name: load_prompt(folder, model.args) for name, folder in named.items()}
+            loaded = {name: load_soft_prompt(folder, model.args) for name, folder in named.items()}
             bank = PromptBank(model.args.vocab_size, model.args.dim,
                               {name: weight for name, (weight, _) in loaded.items()})
             templates = {name: info.get("template") for name, (_, info) in loaded.items()}
@@ -129,7 +129,7 @@ def check_templates(templates: dict, named: dict):
         try:
             format_prompt({"instruction": ""}, template or DEFAULT_TEMPLATE)
         except BadInput as error:
-            raise BadInput(f"--prompts {name}={named[name]}: its prompt.json has an {error} "
+            raise BadInput(f"--prompts {name}={named[name]}: its tuning.json has an {error} "
                            "(its \"template\")") from None
 
 

@@ -10,14 +10,15 @@ import os
 from pathlib import Path
 
 from llama.errors import BadInput
-from llama.method_files import TUNING_FILES
-from llama.prompt import PEFT_FILES, PROMPT_FILES
+from llama.peft_files import PEFT_FILES
+from llama.tuning_files import OLD_PROMPT_FILES, TUNING_FILES
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
 PEFT_FOLDER = "peft"  # the PEFT export; it holds PEFT_FILES
-# What a run of any method writes into --out; a folder holding any of them is a used one.
-RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE, *PROMPT_FILES, *TUNING_FILES, PEFT_FOLDER)
+# What a run of any method writes into --out (earlier versions' prompt files too); a folder
+# holding any of them is a used one.
+RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE, *OLD_PROMPT_FILES, *TUNING_FILES, PEFT_FOLDER)
 LOCK_FILE = ".lock"
 
 
@@ -59,7 +60,7 @@ def claim_out(out: Path, resume, overwrite: bool, log, checkpoint=None):
 def remove_run_files(out: Path):
     """--overwrite: every file a run of any method writes, at the start. Left in place, the old
     run's would outlive the new one: metrics appended to, a checkpoint resumed from, another
-    method's tuning.pt loaded before the new prompt.pt. A user's files, in peft/ too, stay."""
+    run's tuning.pt loaded as the new one's, an old prompt.pt beside a new tuning.pt. A user's files, in peft/ too, stay."""
     for name in RUN_FILES:
         if name != PEFT_FOLDER:
             (out / name).unlink(missing_ok=True)

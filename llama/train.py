@@ -25,18 +25,19 @@ from llama.data import (BatchLoader, eval_batches, load_dataset, model_stop_toke
 from llama.errors import BadInput
 from llama.faults import PeerLost, report_and_exit
 from llama.offload import apply_recompute, apply_weight_streaming, optimizer_device
-from llama.method_files import export_peft_method, save_tuning
 from llama.methods import (apply_adapter, apply_prefix, apply_prompt, init_ids,
                            init_prefix_from_tokens)
+from llama.peft_files import export_peft
 from llama.pipeline import Stage
 from llama.precision import LossScaler, ScaledAdamW, agree, finish_step, lr_at
-from llama.prompt import SoftPrompt, export_peft, init_prompt_weight, save_prompt
+from llama.prompt import SoftPrompt, init_prompt_weight
 from llama.resume import (checkpoint_path, restore, resume_path, run_identity,
                           save_training_state)
 from llama.run_folder import PEFT_FOLDER, claim_out
 from llama.runlog import RunLog, peak_memory_gib, step_record, write_trace
 from llama.runtime import compile_blocks, start_stage
 from llama.trace import Tracer
+from llama.tuning_files import save_tuning
 
 
 class StopRequest:
@@ -292,14 +293,10 @@ def finish(cfg, ctx, run: Run, tokenizer, start_step: int, losses: dict):
                     "data": str(cfg.data), "template": cfg.template, "eos_target": run.end_target,
                     "steps": run.total_steps, "ckpt_dir": str(cfg.ckpt_dir),
                     "tokenizer": tokenizer.path, "losses": losses, "base_model": cfg.base_model}
-        if cfg.method == "prompt":
-            save_prompt(out, tensors["prompt"], args, metadata)
-            export_peft(out / PEFT_FOLDER, tensors["prompt"], args, metadata)
-            ctx.log(f"saved the prompt to {out}/prompt.pt (+ prompt.json, PEFT layout in {out}/peft)")
-        else:
+        if cfg.method == "adapter":
             metadata.update(adapter_layers=cfg.adapter_layers)
-            save_tuning(out, cfg.method, tensors, args, metadata)
-            export_peft_method(out / PEFT_FOLDER, cfg.method, tensors, args, metadata)
-            ctx.log(f"saved the {cfg.method} tensors to {out}/tuning.pt (+ tuning.json, PEFT "
-                    f"layout in {out}/peft)")
+        save_tuning(out, cfg.method, tensors, args, metadata)
+        export_peft(out / PEFT_FOLDER, cfg.method, tensors, args, metadata)
+        ctx.log(f"saved the {cfg.method} tensors to {out}/tuning.pt (+ tuning.json, PEFT layout "
+                f"in {out}/peft)")
     return losses

@@ -13,7 +13,8 @@ from llama.tools import distill
 from llama.checkpoint import load_model
 from llama.distributed import DistContext
 from llama.pipeline import Stage
-from llama.prompt import SoftPrompt, load_prompt
+from llama.prompt import SoftPrompt
+from llama.tuning_files import load_soft_prompt
 from llama.tokenizer import Tokenizer
 
 
@@ -32,7 +33,7 @@ def test_distilled_soft_prompt_carries_the_trait(assets, tmp_path):
                  global_batch_size=16, micro_batch_size=8, max_seq_len=256, log_every=50)
 
     model = load_model(model_bin)
-    weight, info = load_prompt(out, model.args)
+    weight, info = load_soft_prompt(out, model.args)
     assert weight.shape == (16, model.args.dim) and info["init_text"] == distill.INIT_TEXT
     stage = Stage(model, DistContext(), SoftPrompt(weight), weight.shape[0])
     tokenizer = Tokenizer(str(assets / "stories260K" / "tok512.model"))

@@ -27,7 +27,7 @@ from llama import files, runlog
 from llama.checkpoint import load_model, read_split
 from llama.errors import BadInput
 from llama.model import ModelArgs
-from llama.prompt import load_prompt, save_prompt
+from llama.tuning_files import load_soft_prompt, save_tuning
 
 FT_RANK = os.path.join("tests", "workers", "ft_rank.py")
 CRASH = os.path.join("tests", "workers", "crash_during_write.py")
@@ -200,7 +200,7 @@ def test_sigkill_of_one_rank_stops_the_others_naming_it_and_resume_is_exact(
     assert not [pid for pid in pids if is_running(pid)]
     state = load_checkpoint(out / "checkpoint.pt")
     assert 4 <= state["step"] < 10 and state["step"] % 2 == 0
-    assert not (out / "prompt.pt").exists()
+    assert not (out / "tuning.pt").exists()
 
     resumed = start_torchrun(["ft_main.py", *as_cli(args), "--resume", "True"], 3,
                              tmp_path / "resumed.log")
@@ -210,7 +210,7 @@ def test_sigkill_of_one_rank_stops_the_others_naming_it_and_resume_is_exact(
         end_session(resumed)
     assert f"resumed from {out / 'checkpoint.pt'} at step {state['step']}" in \
         (tmp_path / "resumed.log").read_text()
-    assert torch.equal(load_checkpoint(out / "prompt.pt"), load_checkpoint(reference / "prompt.pt"))
+    assert torch.equal(load_checkpoint(out / "tuning.pt")["prompt"], load_checkpoint(reference / "tuning.pt")["prompt"])
     assert read_metrics(out) == read_metrics(reference)
 
 
@@ -257,7 +257,7 @@ def test_sigint_and_sigterm_on_rank_0_save_a_checkpoint_and_stop_every_rank(
         assert 2 <= state["step"] < 10 and state["step"] == metrics_lines(out)
         assert f"stopped by a signal after step {state['step']}; checkpoint saved" in \
             (rank_dir / "rank0.out").read_text()
-        assert not (out / "prompt.pt").exists()
+        assert not (out / "tuning.pt").exists()
         for rank in (0, 1):
             assert "Traceback" not in (rank_dir / f"rank{rank}.err").read_text()
         assert not any(is_running(p.pid) for p in procs)
@@ -345,7 +345,7 @@ def test_crash_while_writing_leaves_the_old_file_or_the_new_one(model_bin, split
     # deletes the old pair at the start): dead between prompt.pt and prompt.json
     prompted = tmp_path / "prompted"
     args = ModelArgs(**json.loads((splits / "pp2" / "params.json").read_text()))
-    save_prompt(prompted, torch.randn(6, 64), args, {"template": "alpaca"})
+    save_tuning(prompted, "prompt", {"prompt": torch.randn(6, 64)}, args, {"template": "alpaca"})
     cases["prompt"] = [CRASH, "--script", "ft_main", "--crash", "before", "--file",
                        "prompt.json", *as_cli(run_args(model_bin, data, prompted, steps=2)),
                        "--overwrite", "True"]
@@ -370,7 +370,7 @@ def test_crash_while_writing_leaves_the_old_file_or_the_new_one(model_bin, split
     ft_main.main(**run_args(model_bin, data, run, steps=6, log_every=100), resume=True)
     reference = tmp_path / "reference"
     ft_main.main(**run_args(model_bin, data, reference, steps=6, log_every=100))
-    assert torch.equal(load_checkpoint(run / "prompt.pt"), load_checkpoint(reference / "prompt.pt"))
+    assert torch.equal(load_checkpoint(run / "tuning.pt")["prompt"], load_checkpoint(reference / "tuning.pt")["prompt"])
 
     # 2. the old 2-stage split, every stage checked against split.json's sha256
     assert read_split(half_split)[1]["n_stages"] == 2
@@ -382,10 +382,10 @@ def test_crash_while_writing_leaves_the_old_file_or_the_new_one(model_bin, split
     for i in range(3):
         load_model(swapped, i, 3)
     # 4. the new prompt.pt alone is refused, never read with the old 6-token prompt.json
-    assert load_checkpoint(prompted / "prompt.pt").shape == (4, 64)
+    assert load_checkpoint(prompted / "tuning.pt")["prompt"].shape == (4, 64)
     with pytest.raises(BadInput, match=r"prompt\.json is missing beside prompt\.pt: the folder "
                                        r"is not a complete prompt checkpoint"):
-        load_prompt(prompted, args)
+        load_soft_prompt(prompted, args)
 
 
 # ---- (d) a full disk while saving ----
@@ -500,8 +500,8 @@ def test_two_nodes_of_two_ranks_train_like_one_process(model_bin, splits, data, 
     assert len(pipelined) == 4 and len(first["peak_mem_gib"]) == 4  # one slot per stage
     for p, s in zip(pipelined, single):
         assert p["loss"] == pytest.approx(s["loss"], rel=1e-5) and p["lr"] == s["lr"]
-    torch.testing.assert_close(load_checkpoint(out / "prompt.pt"),
-                               load_checkpoint(reference / "prompt.pt"), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(load_checkpoint(out / "tuning.pt")["prompt"],
+                               load_checkpoint(reference / "tuning.pt")["prompt"], rtol=1e-5, atol=1e-7)
 
 
 # ---- (f) a stalled peer: configurable timeout, an error instead of a silent wait ----

@@ -36,7 +36,8 @@ from llama.errors import BadInput
 from llama.formats import (interleaved_to_rotate_half, meta_to_hf_name, save_hf_safetensors,
                            save_meta)
 from llama.model import ModelArgs
-from llama.prompt import export_peft, load_prompt, save_prompt
+from llama.peft_files import export_peft
+from llama.tuning_files import load_soft_prompt, save_tuning
 from llama.tokenizer import Tokenizer
 from llama.resume import read_training_state
 
@@ -213,7 +214,7 @@ def test_every_flipped_bit_and_cut_of_prompt_pt_is_refused(prompt_dir, args):
 
     def load(data):
         path.write_bytes(data)
-        return load_prompt(prompt_dir, args)
+        return load_soft_prompt(prompt_dir, args)
     assert loaded_despite_damage(original, load, places=200) == []
 
 
@@ -357,8 +358,8 @@ def test_fuzz_hf_pytorch_model_bin(tensors, args, tmp_path):
 @pytest.fixture
 def prompt_dir(args, tmp_path):
     weight = torch.randn(4, args.dim) * 0.02
-    save_prompt(tmp_path / "prompt", weight, args, {"template": "plain"})
-    export_peft(tmp_path / "prompt" / "peft", weight, args, {"init": "random"})
+    save_tuning(tmp_path / "prompt", "prompt", {"prompt": weight}, args, {"template": "plain"})
+    export_peft(tmp_path / "prompt" / "peft", "prompt", {"prompt": weight}, args, {"init": "random"})
     return tmp_path / "prompt"
 
 
@@ -368,7 +369,7 @@ def test_fuzz_prompt_pt_and_prompt_json(prompt_dir, args):
 
     def load_as_saved(data):  # prompt.json still records the sha256 of the original
         pt.write_bytes(data)
-        return load_prompt(prompt_dir, args)
+        return load_soft_prompt(prompt_dir, args)
     loaded, refused = fuzz("prompt.pt, sha256 kept", original_pt, load_as_saved, cases=16,
                            detects=DAMAGE)
     assert loaded == 0
@@ -376,13 +377,13 @@ def test_fuzz_prompt_pt_and_prompt_json(prompt_dir, args):
     def load_recorded(data):  # prompt.json records the damaged file: torch's reader meets it
         pt.write_bytes(data)
         info.write_text(json.dumps({**json.loads(original_info), "prompt_sha256": sha256_of(pt)}))
-        return load_prompt(prompt_dir, args)
+        return load_soft_prompt(prompt_dir, args)
     fuzz("prompt.pt", original_pt, load_recorded, detects=CUT)
     pt.write_bytes(original_pt)
 
     def load_info(data):
         info.write_bytes(data)
-        return load_prompt(prompt_dir, args)
+        return load_soft_prompt(prompt_dir, args)
     fuzz("prompt.json", original_info, load_info)
 
 
@@ -394,7 +395,7 @@ def test_fuzz_peft_adapter(prompt_dir, args):
 
         def load(data):
             path.write_bytes(data)
-            return load_prompt(peft, args)
+            return load_soft_prompt(peft, args)
         fuzz(name, original, load, cases=32, detects=CUT if name.endswith(".bin") else ())
         path.write_bytes(original)
     # the safetensors layout of the same adapter
@@ -407,7 +408,7 @@ def test_fuzz_peft_adapter(prompt_dir, args):
 
     def load_safetensors(data):
         path.write_bytes(data)
-        return load_prompt(peft, args)
+        return load_soft_prompt(peft, args)
     fuzz("adapter_model.safetensors", original, load_safetensors, focus=8 + len(header),
          detects=CUT)
 
@@ -626,18 +627,18 @@ def test_truncated_or_damaged_prompt_checkpoints(prompt_dir, args):
     with pytest.raises(BadInput, match=r"prompt\.json describes another prompt\.pt than the one "
                                        r"beside it \(a save was interrupted, or the files were "
                                        r"mixed up\)"):
-        load_prompt(prompt_dir, args)
+        load_soft_prompt(prompt_dir, args)
     edit_json(prompt_dir / "prompt.json", lambda info: info.pop("prompt_sha256"))  # an older one
     with pytest.raises(BadInput, match=r"prompt\.pt is corrupt or truncated \(PytorchStreamReader "
                                        r"failed reading zip archive"):
-        load_prompt(prompt_dir, args)
+        load_soft_prompt(prompt_dir, args)
     adapter = prompt_dir / "peft" / "adapter_model.bin"
     adapter.write_bytes(adapter.read_bytes()[:-100])
     with pytest.raises(BadInput, match=r"adapter_model\.bin is corrupt or truncated"):
-        load_prompt(prompt_dir / "peft", args)
+        load_soft_prompt(prompt_dir / "peft", args)
     edit_json(prompt_dir / "peft" / "adapter_config.json", lambda c: c.update(peft_type="LORA"))
     with pytest.raises(BadInput, match=r"adapter_config\.json is not a PEFT PROMPT_TUNING adapter"):
-        load_prompt(prompt_dir / "peft", args)
+        load_soft_prompt(prompt_dir / "peft", args)
 
 
 @pytest.mark.parametrize("weight, message", [
@@ -653,7 +654,7 @@ def test_prompt_that_cannot_be_used(args, tmp_path, weight, message):
     torch.save(weight, folder / "prompt.pt")
     (folder / "prompt.json").write_text(json.dumps({"n_virtual_tokens": weight.shape[0]}))
     with pytest.raises(BadInput, match=message):
-        load_prompt(folder, args)
+        load_soft_prompt(folder, args)
 
 
 def test_damaged_training_checkpoint_for_resume(model_bin, data_file, tmp_path):

@@ -19,7 +19,7 @@ from llama import convert  # noqa: E402
 from llama.checkpoint import load_model  # noqa: E402
 from llama.distributed import DistContext  # noqa: E402
 from llama.generation import generate  # noqa: E402
-from llama.method_files import load_tuning  # noqa: E402
+from llama.tuning_files import load_tuning  # noqa: E402
 from llama.methods import apply_saved  # noqa: E402
 from llama.pipeline import Stage  # noqa: E402
 

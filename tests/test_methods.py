@@ -21,7 +21,8 @@ from llama.checkpoint import load_model
 from llama.distributed import DistContext
 from llama.errors import BadInput
 from llama.generation import generate
-from llama.method_files import export_peft_method, load_tuning, save_tuning
+from llama.peft_files import export_peft
+from llama.tuning_files import load_tuning, save_tuning
 from llama.methods import apply_adapter, apply_prefix, apply_saved
 from llama.pipeline import Stage
 from llama.run_folder import LOCK_FILE, claim_out
@@ -227,9 +228,12 @@ def test_adapter_run_generates_the_unfused_ids_with_example_ft_fused_or_not(
 
 def test_overwrite_with_another_method_leaves_no_file_of_the_old_run(model_bin, alpaca_small,
                                                                      tmp_path):
-    """load_tuning prefers tuning.pt: one left by a prefix run would be what example_ft reads."""
+    """load_tuning prefers tuning.pt, then an earlier version's prompt.pt: whatever an old run
+    left would be what example_ft reads, so --overwrite removes every method's files."""
     out = tmp_path / "run"
     ft_main.main(**run_args(model_bin, alpaca_small, out, steps=1, eval_fraction=0))
+    torch.save(torch.zeros(4, 64), out / "prompt.pt")  # as an earlier version wrote a prompt
+    (out / "prompt.json").write_text(json.dumps({"n_virtual_tokens": 4}))
     (out / "notes.txt").write_text("my notes")
     (out / "peft" / "README.md").write_text("my notes on the export")
     ft_main.main(**run_args(model_bin, alpaca_small, out, method="prompt", steps=1,
@@ -237,7 +241,7 @@ def test_overwrite_with_another_method_leaves_no_file_of_the_old_run(model_bin, 
     method, tensors, info = load_tuning(out, load_model(model_bin).args)
     assert method == "prompt" and sorted(tensors) == ["prompt"] and "peft" not in info
     assert sorted(p.name for p in out.iterdir()) == [
-        "checkpoint.pt", "metrics.jsonl", "notes.txt", "peft", "prompt.json", "prompt.pt"]
+        "checkpoint.pt", "metrics.jsonl", "notes.txt", "peft", "tuning.json", "tuning.pt"]
     assert sorted(p.name for p in (out / "peft").iterdir()) == [
         "README.md", "adapter_config.json", "adapter_model.bin", "llama_prompt.json"]
     assert json.loads((out / "peft" / "adapter_config.json").read_text())["peft_type"] == \
@@ -295,7 +299,7 @@ def test_static_decode_with_the_method_generates_the_eager_ids(model_bin, method
 def test_peft_export_imports_back_the_same_tensors_and_ids(model_bin, method, tmp_path):
     model = load_model(model_bin)
     tensors = {k: t.detach().clone() for k, t in with_tuning(model, method, gate=2.0).trainable.items()}
-    export_peft_method(tmp_path, method, tensors, model.args, {"template": "none"})
+    export_peft(tmp_path, method, tensors, model.args, {"template": "none"})
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     if method == "prefix":  # GQA: PEFT's token_dim and heads are the kv heads'
         assert config["num_attention_heads"] == model.args.n_kv_heads == 4

@@ -376,4 +376,4 @@ def test_scripts_generate_and_train_on_quantized_weights(splits, model_bin, tmp_
                  template="none", n_virtual_tokens=4, steps=2, global_batch_size=4,
                  micro_batch_size=2, eval_fraction=0, max_seq_len=64, device="cpu",
                  dtype="float32", log_every=1)
-    assert (out / "prompt.pt").is_file()
+    assert (out / "tuning.pt").is_file()

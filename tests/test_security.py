@@ -32,7 +32,8 @@ from llama import download
 from llama.checkpoint import load_model, sha256_of
 from llama.errors import BadInput
 from llama.formats import interleaved_to_rotate_half, meta_to_hf_name, save_hf_safetensors
-from llama.prompt import export_peft, load_prompt, save_prompt
+from llama.peft_files import export_peft
+from llama.tuning_files import load_soft_prompt, save_tuning
 from payload import RunsCode
 
 pytestmark = pytest.mark.usefixtures("no_outside_settings")
@@ -141,8 +142,8 @@ def test_hf_pytorch_model_bin_that_runs_code_is_refused(source, tmp_path, zip_fo
 @pytest.fixture
 def prompt_dir(source, tmp_path):
     weight = torch.randn(4, source.args.dim) * 0.02
-    save_prompt(tmp_path / "prompt", weight, source.args, {"template": "plain"})
-    export_peft(tmp_path / "prompt" / "peft", weight, source.args, {"init": "random"})
+    save_tuning(tmp_path / "prompt", "prompt", {"prompt": weight}, source.args, {"template": "plain"})
+    export_peft(tmp_path / "prompt" / "peft", "prompt", {"prompt": weight}, source.args, {"init": "random"})
     return tmp_path / "prompt"
 
 
@@ -152,11 +153,11 @@ def test_prompt_pt_that_runs_code_is_refused(source, prompt_dir, tmp_path, zip_f
     torch.save(RunsCode(marker), prompt_dir / "prompt.pt",
                _use_new_zipfile_serialization=zip_format)
     # prompt.json vouches for the file, so only the unpickler stands between it and the code
-    info = json.loads((prompt_dir / "prompt.json").read_text())
+    info = json.loads((prompt_dir / "tuning.json").read_text())
     info["prompt_sha256"] = sha256_of(prompt_dir / "prompt.pt")
     (prompt_dir / "prompt.json").write_text(json.dumps(info))
     with pytest.raises(BadInput, match=r"prompt\.pt needs code to unpickle and was refused"):
-        load_prompt(prompt_dir, source.args)
+        load_soft_prompt(prompt_dir, source.args)
     assert not marker.exists()
 
 
@@ -168,7 +169,7 @@ def test_peft_adapter_model_bin_that_runs_code_is_refused(source, prompt_dir, tm
                _use_new_zipfile_serialization=zip_format)
     with pytest.raises(BadInput, match=r"adapter_model\.bin needs code to unpickle and was "
                                        r"refused"):
-        load_prompt(prompt_dir / "peft", source.args)
+        load_soft_prompt(prompt_dir / "peft", source.args)
     with pytest.raises(BadInput, match=r"adapter_model\.bin needs code to unpickle"):
         example_ft.main(str(source.path), str(prompt_dir / "peft"), max_gen_len=2)
     assert not marker.exists()
@@ -228,7 +229,7 @@ def test_paths_named_in_a_prompt_folder_are_never_opened(source, prompt_dir, tmp
     secret = outside / "secret.model"  # not a tokenizer: opened from C++, it would fail loudly
     secret.write_bytes(b"not a tokenizer")
     names = {"absolute": str(secret), "relative": "../../outside/secret.model"}
-    info = json.loads((prompt_dir / "prompt.json").read_text())
+    info = json.loads((prompt_dir / "tuning.json").read_text())
     info.update(tokenizer=names["absolute"], ckpt_dir=names["relative"], data=names["absolute"])
     (prompt_dir / "prompt.json").write_text(json.dumps(info))
     peft = prompt_dir / "peft"
@@ -240,7 +241,7 @@ def test_paths_named_in_a_prompt_folder_are_never_opened(source, prompt_dir, tmp
 
     with recording_opens() as files:
         for folder in (prompt_dir, peft):
-            load_prompt(folder, source.args)
+            load_soft_prompt(folder, source.args)
             example_ft.main(str(source.path), str(folder), prompts=["Hi"], max_gen_len=2)
     opened = {Path(p).resolve() for p in files}
     assert (prompt_dir / "prompt.pt").resolve() in opened  # the recorder does see opens

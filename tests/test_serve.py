@@ -26,7 +26,8 @@ from llama.distributed import DistContext
 from llama.errors import BadInput
 from llama.generation import decode_continuation, generate
 from llama.pipeline import Stage
-from llama.prompt import SoftPrompt, load_prompt, save_prompt
+from llama.prompt import SoftPrompt
+from llama.tuning_files import load_soft_prompt, save_tuning
 from llama.serving import Limits, Server, Service
 from llama.tokenizer import Tokenizer
 
@@ -51,7 +52,7 @@ def prompt_folders(model, tmp_path_factory):
     folders = {}
     for seed, (name, n_virtual) in enumerate(PROMPT_LENGTHS.items()):
         weight = torch.randn(n_virtual, model.args.dim, generator=torch.Generator().manual_seed(seed))
-        save_prompt(root / name, weight * std * 3, model.args, {"template": "none"})
+        save_tuning(root / name, "prompt", {"prompt": weight * std * 3}, model.args, {"template": "none"})
         folders[name] = root / name
     return folders
 
@@ -61,7 +62,7 @@ def server(model_bin, tokenizer, prompt_folders):
     # A model of its own: the server's thread sets up and clears KV caches on it while the
     # tests run reference generations on theirs.
     model = load_model(model_bin)
-    weights = {n: load_prompt(f, model.args)[0] for n, f in prompt_folders.items()}
+    weights = {n: load_soft_prompt(f, model.args)[0] for n, f in prompt_folders.items()}
     bank = PromptBank(model.args.vocab_size, model.args.dim, weights)
     service = Service(tokenizer, bank, {n: "none" for n in weights}, "base", model.args.max_seq_len,
                       Limits(max_body_bytes=4096, max_tokens=64, max_batch=8, max_wait_ms=300))
@@ -128,7 +129,7 @@ def test_models_and_health(server):
 def test_completion_equals_generation_with_that_prompt(server, model, tokenizer, prompt_folders,
                                                        name):
     ids = tokenizer.encode(TEXTS[0], bos=True, eos=False)
-    soft = SoftPrompt(load_prompt(prompt_folders[name], model.args)[0]) if name != "base" else None
+    soft = SoftPrompt(load_soft_prompt(prompt_folders[name], model.args)[0]) if name != "base" else None
     stage = Stage(model, DistContext(), soft, soft.n_virtual_tokens if soft else 0)
     expected = generate(stage, [ids], 24, stop_ids=tokenizer.stop_ids)[0]
     status, answer = call(server.port, "POST", "/v1/completions",
@@ -474,7 +475,7 @@ def test_a_served_prompt_with_an_unknown_template_is_refused_at_start(model, mod
                                                                      monkeypatch):
     import serve
     monkeypatch.setattr(serve, "run_server", never_serve)
-    save_prompt(tmp_path / "odd", torch.zeros(2, model.args.dim), model.args, {"template": "chatml"})
+    save_tuning(tmp_path / "odd", "prompt", {"prompt": torch.zeros(2, model.args.dim)}, model.args, {"template": "chatml"})
     with pytest.raises(BadInput, match=re.escape(f"--prompts odd={tmp_path / 'odd'}: its prompt.json "
                                                  "has an unknown template 'chatml'")):
         serve.main(str(model_bin), prompts=f"odd={tmp_path / 'odd'}")

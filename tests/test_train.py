@@ -71,7 +71,7 @@ def as_cli(args):
 def saved_losses(out):
     """The "losses" of prompt.json: held-out loss without a prompt, with the initial and the
     trained prompt, last training loss."""
-    return json.loads((out / "prompt.json").read_text())["losses"]
+    return json.loads((out / "tuning.json").read_text())["losses"]
 
 
 def read_metrics(out):
@@ -174,11 +174,11 @@ def test_two_stage_training_gives_the_losses_and_prompt_of_one_process(
         assert p["lr"] == s["lr"] and p["skipped"] is s["skipped"] is False
     assert [m.get("eval_loss") is not None for m in pipelined] == [False, False, True] * 2
     assert pipelined[2]["eval_loss"] == pytest.approx(single[2]["eval_loss"], rel=1e-5)
-    prompt_pp = torch.load(out / "prompt.pt", weights_only=True)
-    prompt_single = torch.load(reference / "prompt.pt", weights_only=True)
+    prompt_pp = torch.load(out / "tuning.pt", weights_only=True)["prompt"]
+    prompt_single = torch.load(reference / "tuning.pt", weights_only=True)["prompt"]
     torch.testing.assert_close(prompt_pp, prompt_single, rtol=1e-5, atol=1e-7)
-    info_pp = json.loads((out / "prompt.json").read_text())
-    info_single = json.loads((reference / "prompt.json").read_text())
+    info_pp = json.loads((out / "tuning.json").read_text())
+    info_single = json.loads((reference / "tuning.json").read_text())
     assert info_pp["params_digest"] == info_single["params_digest"]
     for name, value in info_single["losses"].items():
         assert info_pp["losses"][name] == pytest.approx(value, rel=1e-5)
@@ -227,13 +227,13 @@ def test_resume_after_sigterm_ends_bitwise_equal(model_bin, alpaca_small, refere
     assert ft_main.main(**args) is None
     monkeypatch.undo()
     state = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert state["step"] == 2 and not (out / "prompt.pt").exists()
+    assert state["step"] == 2 and not (out / "tuning.pt").exists()
     assert [m["step"] for m in read_metrics(out)] == [1, 2]
     assert signal.getsignal(signal.SIGTERM) == handler_before  # handed back after training
 
     ft_main.main(**args, resume=True)
-    assert torch.equal(torch.load(out / "prompt.pt", weights_only=True),
-                       torch.load(reference / "prompt.pt", weights_only=True))
+    assert torch.equal(torch.load(out / "tuning.pt", weights_only=True)["prompt"],
+                       torch.load(reference / "tuning.pt", weights_only=True)["prompt"])
     assert without_timing(read_metrics(out)) == without_timing(read_metrics(reference))
     assert saved_losses(out) == saved_losses(reference)
 
@@ -255,8 +255,8 @@ def test_resume_after_a_crash_ends_bitwise_equal(model_bin, alpaca_small, refere
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4]
 
     ft_main.main(**args, resume=str(out / "checkpoint.pt"))
-    assert torch.equal(torch.load(out / "prompt.pt", weights_only=True),
-                       torch.load(reference / "prompt.pt", weights_only=True))
+    assert torch.equal(torch.load(out / "tuning.pt", weights_only=True)["prompt"],
+                       torch.load(reference / "tuning.pt", weights_only=True)["prompt"])
     assert without_timing(read_metrics(out)) == without_timing(read_metrics(reference))
     assert saved_losses(out) == saved_losses(reference)
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 6
@@ -285,7 +285,7 @@ def test_fp16_overflow_skips_the_step_on_every_stage_and_training_goes_on(
     assert scales[0] == scales[1]
     assert scales[0]["used"] == ["65536.0", "inf", "32768.0", "32768.0"]
     assert scales[0]["held"] == [65536.0, 32768.0, 32768.0, 32768.0]
-    prompt = torch.load(out / "prompt.pt", weights_only=True)
+    prompt = torch.load(out / "tuning.pt", weights_only=True)["prompt"]
     assert prompt.dtype == torch.float32 and torch.isfinite(prompt).all()
 
 
@@ -309,8 +309,8 @@ def test_recompute_and_offload_give_the_plain_runs_losses(model_bin, alpaca_smal
         assert ("eval_loss" in got) == ("eval_loss" in expected)
         if "eval_loss" in expected:
             assert got["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-6)
-    torch.testing.assert_close(torch.load(out / "prompt.pt", weights_only=True),
-                               torch.load(reference / "prompt.pt", weights_only=True))
+    torch.testing.assert_close(torch.load(out / "tuning.pt", weights_only=True)["prompt"],
+                               torch.load(reference / "tuning.pt", weights_only=True)["prompt"])
 
 
 def block_inputs_and_outputs(model, h):
@@ -451,7 +451,7 @@ def test_malformed_jsonl_names_the_line_and_the_cli_exits_non_zero(model_bin, al
                          text=True, capture_output=True, timeout=120)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.startswith("error: data file ") and "data.jsonl line 7" in run.stderr
-    assert not (out / "metrics.jsonl").exists() and not (out / "prompt.pt").exists()
+    assert not (out / "metrics.jsonl").exists() and not (out / "tuning.pt").exists()
 
 
 def test_malformed_json_list_names_line_and_column(model_bin, alpaca_records, tmp_path):
@@ -477,7 +477,7 @@ def test_record_missing_a_field_is_skipped_and_counted_or_refused_with_strict(
             "the file instead") in out
     assert re.search(r"note: \d+ records longer than --max_seq_len 128 minus the 8 virtual "
                      r"tokens, truncated to 120 tokens \(line 1: \d+ tokens; ", out), out
-    assert (tmp_path / "lenient" / "prompt.pt").exists()
+    assert (tmp_path / "lenient" / "tuning.pt").exists()
 
 
 def test_empty_dataset_after_filtering(model_bin, alpaca_records, tmp_path):
@@ -555,7 +555,7 @@ def test_resume_of_another_run_is_refused_and_its_checkpoint_kept(
                                        rf"--{named}=.*resume with the same settings"):
         ft_main.main(**run_args(model_bin, data, out, resume=True, **change))
     assert {name: sha256(out / name) for name in before} == before
-    assert not (out / "prompt.pt").exists()
+    assert not (out / "tuning.pt").exists()
 
 
 def test_nan_loss_that_does_not_recover_stops_and_keeps_the_last_good_checkpoint(
@@ -573,7 +573,7 @@ def test_nan_loss_that_does_not_recover_stops_and_keeps_the_last_good_checkpoint
     assert [m["skipped"] for m in metrics] == [False, True, True, True]
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["step"] == 3 and torch.isfinite(state["trainable"]["prompt"]).all()
-    assert not (out / "prompt.pt").exists()
+    assert not (out / "tuning.pt").exists()
     # Intact: the same run resumes from it (without the injected overflows) and finishes.
     ft_main.main(**args, resume=True)
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
@@ -603,7 +603,7 @@ def test_read_only_data_folder_trains_and_nothing_is_written_beside_it(
                                 cache_dir=str(tmp_path / "a_file" / "cache")))
         notes = [line for line in capsys.readouterr().out.splitlines() if "token cache" in line]
         assert len(notes) == 1 and notes[0].startswith("note: could not write the token cache")
-        assert (tmp_path / "three" / "prompt.pt").exists()
+        assert (tmp_path / "three" / "tuning.pt").exists()
         assert [p.name for p in data_folder.iterdir()] == ["data.jsonl"]
     finally:
         data_folder.chmod(0o755)
@@ -644,7 +644,7 @@ def test_out_holding_only_other_files_is_used_and_they_are_kept(model_bin, alpac
     out.mkdir()
     (out / "notes.txt").write_text("my notes")
     ft_main.main(**run_args(model_bin, alpaca_small, out, steps=1, eval_fraction=0))
-    assert (out / "notes.txt").read_text() == "my notes" and (out / "prompt.pt").exists()
+    assert (out / "notes.txt").read_text() == "my notes" and (out / "tuning.pt").exists()
 
 
 HOLD_OUT = """
@@ -677,7 +677,7 @@ def test_out_in_use_is_refused_at_once_and_a_crashed_run_leaves_no_stuck_lock(
         holder.kill()  # a crash: the kernel drops the lock with the process
         holder.wait()
     ft_main.main(**args)
-    assert (out / "prompt.pt").exists()
+    assert (out / "tuning.pt").exists()
     assert sorted(p.name for p in out.iterdir()) == sorted([*RUN_FILES, "peft"])
 
 
@@ -742,7 +742,7 @@ def test_end_target_follows_the_models_stop_token(model_bin, story_rows, tokeniz
     for i in range(len(seen[0])):
         ids = seen[0][i][0].tolist()
         assert ids[len(ids) - len(end):] == end and tokenizer.eos_id not in ids[1:len(ids) - len(end)]
-    assert json.loads((out / "prompt.json").read_text())["eos_target"] == expected
+    assert json.loads((out / "tuning.json").read_text())["eos_target"] == expected
     if eos_target == "auto":
         assert "end-of-text target: BOS (the model's stop token" in capsys.readouterr().out
 

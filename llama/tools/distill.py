@@ -16,7 +16,8 @@ from llama.faults import PeerLost, report_and_exit
 from llama.files import atomic_write_text
 from llama.generation import decode_continuation, generate
 from llama.pipeline import Stage
-from llama.prompt import SoftPrompt, load_prompt
+from llama.prompt import SoftPrompt
+from llama.tuning_files import load_soft_prompt
 from llama.runtime import start_stage
 
 HARD_PROMPT = ("Max was a big brown dog. Max liked to bark. Max the dog ran and barked. "
@@ -114,7 +115,7 @@ def score(ckpt_dir: str, prompt: str, n_samples: int = 32, max_gen_len: int = 96
     try:
         soft_prompt = None
         if ctx.is_first:
-            soft_prompt = SoftPrompt(load_prompt(prompt, model.args)[0]).to(ctx.device)
+            soft_prompt = SoftPrompt(load_soft_prompt(prompt, model.args)[0]).to(ctx.device)
         n_virtual = ctx.broadcast_object(soft_prompt.n_virtual_tokens if soft_prompt else None)
         stage = Stage(model, ctx, soft_prompt, n_virtual)
         rates, stories = trait_rates(stage, tokenizer, n_samples, max_gen_len, seed, trait)

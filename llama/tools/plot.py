@@ -519,15 +519,18 @@ def schedule(trace_path: str, out: str, title: str = None, step: int = None):
     print(f"wrote {out}")
 
 
-def held_out_from_prompt_json(metrics_path: str, records: list) -> list:
-    """Eval records for the held-out losses that only the run's prompt.json holds: before
-    training (step 0) and after the last step (which --eval_every need not divide).
+def held_out_from_tuning_json(metrics_path: str, records: list) -> list:
+    """Eval records for the held-out losses that only the run's tuning.json (prompt.json from
+    earlier versions) holds: before training (step 0) and after the last step (which
+    --eval_every need not divide).
 
-    Used only when prompt.json sits beside metrics.jsonl and finished at the metrics' last
-    step, so a prompt.json left by another run is not drawn into this one's chart.
+    Used only when that file sits beside metrics.jsonl and finished at the metrics' last
+    step, so one left by another run is not drawn into this one's chart.
     """
-    path = Path(metrics_path).parent / "prompt.json"
-    if not path.is_file():
+    folder = Path(metrics_path).parent
+    path = next((folder / name for name in ("tuning.json", "prompt.json")
+                 if (folder / name).is_file()), None)
+    if path is None:
         return []
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
@@ -547,14 +550,14 @@ def held_out_from_prompt_json(metrics_path: str, records: list) -> list:
 def losses(metrics_path: str, out: str, title: str = None):
     """Draw the train loss and the held-out loss of a metrics.jsonl as an SVG line chart.
 
-    The held-out losses before and after training come from prompt.json beside it, if any.
+    The held-out losses before and after training come from tuning.json beside it, if any.
 
     metrics_path: the metrics.jsonl of a training run (ft_main.py's --out)
     out: the SVG file to write
     title: the chart's title (default: training loss)
     """
     records = read_metrics(metrics_path)
-    records += held_out_from_prompt_json(metrics_path, records)
+    records += held_out_from_tuning_json(metrics_path, records)
     try:
         svg = losses_svg(records, title=title)
     except BadInput as error:
