@@ -3,7 +3,7 @@ bytes, appended junk, wrong values; seeded, a bounded number of cases each, a ti
 case), either loads or stops with the project's own BadInput, never a raw error from inside
 torch, numpy or sentencepiece, never a hang. Where the format itself detects a kind of damage
 (a sha256 recorded beside the file, a size its structure implies), that damage must be refused,
-not loaded: stage files and prompt.pt are refused for every flipped bit and every cut we try.
+not loaded: stage files and tuning.pt are refused for every flipped bit and every cut we try.
 Then the bad inputs of docs/bad_inputs.md that no other test file covers, one by one, with the
 message the user sees.
 Run: python3 -m pytest -q tests/test_fuzz.py
@@ -208,8 +208,8 @@ def test_every_flipped_bit_and_cut_of_a_stage_file_is_refused(split):
     assert loaded_despite_damage(original, load, places=100) == []
 
 
-def test_every_flipped_bit_and_cut_of_prompt_pt_is_refused(prompt_dir, args):
-    path = prompt_dir / "prompt.pt"
+def test_every_flipped_bit_and_cut_of_tuning_pt_is_refused(prompt_dir, args):
+    path = prompt_dir / "tuning.pt"
     original = path.read_bytes()
 
     def load(data):
@@ -363,28 +363,28 @@ def prompt_dir(args, tmp_path):
     return tmp_path / "prompt"
 
 
-def test_fuzz_prompt_pt_and_prompt_json(prompt_dir, args):
-    pt, info = prompt_dir / "prompt.pt", prompt_dir / "prompt.json"
+def test_fuzz_tuning_pt_and_tuning_json(prompt_dir, args):
+    pt, info = prompt_dir / "tuning.pt", prompt_dir / "tuning.json"
     original_pt, original_info = pt.read_bytes(), info.read_bytes()
 
-    def load_as_saved(data):  # prompt.json still records the sha256 of the original
+    def load_as_saved(data):  # tuning.json still records the sha256 of the original
         pt.write_bytes(data)
         return load_soft_prompt(prompt_dir, args)
-    loaded, refused = fuzz("prompt.pt, sha256 kept", original_pt, load_as_saved, cases=16,
+    loaded, refused = fuzz("tuning.pt, sha256 kept", original_pt, load_as_saved, cases=16,
                            detects=DAMAGE)
     assert loaded == 0
 
-    def load_recorded(data):  # prompt.json records the damaged file: torch's reader meets it
+    def load_recorded(data):  # tuning.json records the damaged file: torch's reader meets it
         pt.write_bytes(data)
-        info.write_text(json.dumps({**json.loads(original_info), "prompt_sha256": sha256_of(pt)}))
+        info.write_text(json.dumps({**json.loads(original_info), "tuning_sha256": sha256_of(pt)}))
         return load_soft_prompt(prompt_dir, args)
-    fuzz("prompt.pt", original_pt, load_recorded, detects=CUT)
+    fuzz("tuning.pt", original_pt, load_recorded, detects=CUT)
     pt.write_bytes(original_pt)
 
     def load_info(data):
         info.write_bytes(data)
         return load_soft_prompt(prompt_dir, args)
-    fuzz("prompt.json", original_info, load_info)
+    fuzz("tuning.json", original_info, load_info)
 
 
 def test_fuzz_peft_adapter(prompt_dir, args):
@@ -622,14 +622,14 @@ def test_safetensors_header_entry_that_cannot_be_a_tensor(tensors, args, tmp_pat
 
 
 def test_truncated_or_damaged_prompt_checkpoints(prompt_dir, args):
-    pt = prompt_dir / "prompt.pt"
+    pt = prompt_dir / "tuning.pt"
     pt.write_bytes(pt.read_bytes()[:300])
-    with pytest.raises(BadInput, match=r"prompt\.json describes another prompt\.pt than the one "
+    with pytest.raises(BadInput, match=r"tuning\.json describes another tuning\.pt than the one "
                                        r"beside it \(a save was interrupted, or the files were "
                                        r"mixed up\)"):
         load_soft_prompt(prompt_dir, args)
-    edit_json(prompt_dir / "prompt.json", lambda info: info.pop("prompt_sha256"))  # an older one
-    with pytest.raises(BadInput, match=r"prompt\.pt is corrupt or truncated \(PytorchStreamReader "
+    edit_json(prompt_dir / "tuning.json", lambda info: info.pop("tuning_sha256"))  # no sha256
+    with pytest.raises(BadInput, match=r"tuning\.pt is corrupt or truncated \(PytorchStreamReader "
                                        r"failed reading zip archive"):
         load_soft_prompt(prompt_dir, args)
     adapter = prompt_dir / "peft" / "adapter_model.bin"
@@ -637,7 +637,8 @@ def test_truncated_or_damaged_prompt_checkpoints(prompt_dir, args):
     with pytest.raises(BadInput, match=r"adapter_model\.bin is corrupt or truncated"):
         load_soft_prompt(prompt_dir / "peft", args)
     edit_json(prompt_dir / "peft" / "adapter_config.json", lambda c: c.update(peft_type="LORA"))
-    with pytest.raises(BadInput, match=r"adapter_config\.json is not a PEFT PROMPT_TUNING adapter"):
+    with pytest.raises(BadInput, match=r"adapter_config\.json is a PEFT 'LORA' adapter; this "
+                                       r"project reads PROMPT_TUNING"):
         load_soft_prompt(prompt_dir / "peft", args)
 
 
@@ -645,10 +646,10 @@ def test_truncated_or_damaged_prompt_checkpoints(prompt_dir, args):
     (torch.zeros(600, 64), r"prompt\.pt has 600 virtual tokens; the model allows 1\.\.511"),
     (torch.full((4, 64), float("nan")), r"prompt\.pt contains NaN or inf values: use an earlier "
                                         r"checkpoint"),
-    (torch.zeros(4, 64, dtype=torch.long), r"prompt\.pt does not hold a \(n_virtual_tokens, dim\) "
-                                           r"float tensor"),
+    (torch.zeros(4, 64, dtype=torch.long), r"prompt\.pt: 'prompt' is not a float tensor"),
 ], ids=["too-long", "nan", "integers"])
 def test_prompt_that_cannot_be_used(args, tmp_path, weight, message):
+    """In the prompt.pt + prompt.json layout of earlier versions, which still loads."""
     folder = tmp_path / "prompt"
     folder.mkdir()
     torch.save(weight, folder / "prompt.pt")

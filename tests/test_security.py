@@ -3,7 +3,7 @@ downloads come only from the base URL, checked and bounded.
 
 - every torch.load in the repository uses weights_only=True (read from the source itself);
 - a pickle that would run code is refused by every loader of .pth/.pt/.bin files (Hugging Face
-  pytorch_model.bin, prompt.pt, adapter_model.bin, checkpoint.pt for --resume; stage files and
+  pytorch_model.bin, tuning.pt, adapter_model.bin, checkpoint.pt for --resume; stage files and
   Meta shards are in test_cli_errors.py, which also proves that the payload runs when loaded
   unsafely), and a marker file proves that nothing ran;
 - the paths a prompt folder's JSON files mention are never opened (split.json's names are
@@ -148,15 +148,15 @@ def prompt_dir(source, tmp_path):
 
 
 @ZIP_FORMATS
-def test_prompt_pt_that_runs_code_is_refused(source, prompt_dir, tmp_path, zip_format):
+def test_tuning_pt_that_runs_code_is_refused(source, prompt_dir, tmp_path, zip_format):
     marker = tmp_path / "marker"
-    torch.save(RunsCode(marker), prompt_dir / "prompt.pt",
+    torch.save(RunsCode(marker), prompt_dir / "tuning.pt",
                _use_new_zipfile_serialization=zip_format)
-    # prompt.json vouches for the file, so only the unpickler stands between it and the code
+    # tuning.json vouches for the file, so only the unpickler stands between it and the code
     info = json.loads((prompt_dir / "tuning.json").read_text())
-    info["prompt_sha256"] = sha256_of(prompt_dir / "prompt.pt")
-    (prompt_dir / "prompt.json").write_text(json.dumps(info))
-    with pytest.raises(BadInput, match=r"prompt\.pt needs code to unpickle and was refused"):
+    info["tuning_sha256"] = sha256_of(prompt_dir / "tuning.pt")
+    (prompt_dir / "tuning.json").write_text(json.dumps(info))
+    with pytest.raises(BadInput, match=r"tuning\.pt needs code to unpickle and was refused"):
         load_soft_prompt(prompt_dir, source.args)
     assert not marker.exists()
 
@@ -231,7 +231,7 @@ def test_paths_named_in_a_prompt_folder_are_never_opened(source, prompt_dir, tmp
     names = {"absolute": str(secret), "relative": "../../outside/secret.model"}
     info = json.loads((prompt_dir / "tuning.json").read_text())
     info.update(tokenizer=names["absolute"], ckpt_dir=names["relative"], data=names["absolute"])
-    (prompt_dir / "prompt.json").write_text(json.dumps(info))
+    (prompt_dir / "tuning.json").write_text(json.dumps(info))
     peft = prompt_dir / "peft"
     config = json.loads((peft / "adapter_config.json").read_text())
     config.update(tokenizer_name_or_path=names["relative"], base_model_name_or_path=str(outside))
@@ -244,7 +244,7 @@ def test_paths_named_in_a_prompt_folder_are_never_opened(source, prompt_dir, tmp
             load_soft_prompt(folder, source.args)
             example_ft.main(str(source.path), str(folder), prompts=["Hi"], max_gen_len=2)
     opened = {Path(p).resolve() for p in files}
-    assert (prompt_dir / "prompt.pt").resolve() in opened  # the recorder does see opens
+    assert (prompt_dir / "tuning.pt").resolve() in opened  # the recorder does see opens
     assert not [p for p in opened if outside.resolve() in p.parents]
 
 
