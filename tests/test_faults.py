@@ -342,12 +342,12 @@ def test_crash_while_writing_leaves_the_old_file_or_the_new_one(model_bin, split
                      str(model_bin), "--n_stages", "3", "--out_dir", str(swapped),
                      "--overwrite", "True"]
     # 4. a finished run over an older prompt of 6 tokens (--overwrite: a used --out needs it, and
-    # deletes the old pair at the start): dead between prompt.pt and prompt.json
+    # deletes the old pair at the start): dead between tuning.pt and tuning.json
     prompted = tmp_path / "prompted"
     args = ModelArgs(**json.loads((splits / "pp2" / "params.json").read_text()))
     save_tuning(prompted, "prompt", {"prompt": torch.randn(6, 64)}, args, {"template": "alpaca"})
     cases["prompt"] = [CRASH, "--script", "ft_main", "--crash", "before", "--file",
-                       "prompt.json", *as_cli(run_args(model_bin, data, prompted, steps=2)),
+                       "tuning.json", *as_cli(run_args(model_bin, data, prompted, steps=2)),
                        "--overwrite", "True"]
 
     env = {key: value for key, value in worker_env().items()
@@ -381,10 +381,10 @@ def test_crash_while_writing_leaves_the_old_file_or_the_new_one(model_bin, split
     assert read_split(swapped)[1]["n_stages"] == 3
     for i in range(3):
         load_model(swapped, i, 3)
-    # 4. the new prompt.pt alone is refused, never read with the old 6-token prompt.json
+    # 4. the new tuning.pt alone is refused, never read with the old 6-token tuning.json
     assert load_checkpoint(prompted / "tuning.pt")["prompt"].shape == (4, 64)
-    with pytest.raises(BadInput, match=r"prompt\.json is missing beside prompt\.pt: the folder "
-                                       r"is not a complete prompt checkpoint"):
+    with pytest.raises(BadInput, match=r"tuning\.json is missing beside tuning\.pt: the folder "
+                                       r"is not a complete tuning checkpoint"):
         load_soft_prompt(prompted, args)
 
 
@@ -534,8 +534,9 @@ def test_a_ranks_own_error_comes_first_once_and_is_torchruns_root_cause(splits, 
     stage 0 stops with a BadInput while stage 1 waits for it."""
     argv = ["example_ft.py", "--ckpt_dir", str(splits / "pp2"), "--prompt", str(tmp_path),
             "--max_gen_len", "2", "--timeout_s", "60"]
-    cause = (f"error: {tmp_path} holds no prompt.pt or adapter_config.json: pass the --out "
-             "folder of ft_main.py or a PEFT prompt-tuning folder")
+    cause = (f"error: {tmp_path} holds no tuning.pt, prompt.pt or adapter_config.json: pass the "
+             "--out folder of ft_main.py or a PEFT folder (PROMPT_TUNING, PREFIX_TUNING, "
+             "ADAPTION_PROMPT)")
     neighbour = ("error: rank 1 (stage 1) stopped: stage 0 stopped with an error of its own (its "
                  "error line comes first); this stage stops with it")
     torchrun = start_torchrun(argv, 2, tmp_path / "torchrun.log")

@@ -69,7 +69,7 @@ def as_cli(args):
 
 
 def saved_losses(out):
-    """The "losses" of prompt.json: held-out loss without a prompt, with the initial and the
+    """The "losses" of tuning.json: held-out loss without a prompt, with the initial and the
     trained prompt, last training loss."""
     return json.loads((out / "tuning.json").read_text())["losses"]
 
@@ -611,7 +611,7 @@ def test_read_only_data_folder_trains_and_nothing_is_written_beside_it(
 
 # ---- --out: one run at a time; a used folder needs --resume or --overwrite ----
 
-RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "prompt.json", "prompt.pt")
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "tuning.json", "tuning.pt")
 
 
 def test_used_out_needs_resume_or_overwrite_and_overwrite_keeps_other_files(
