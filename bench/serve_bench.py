@@ -7,6 +7,7 @@ client sends its requests one after another. Prints one JSON line per configurat
 """
 import http.client
 import json
+import sys
 import threading
 import time
 
@@ -26,8 +27,13 @@ def client(port, n_requests, max_tokens, tokens):
     for i in range(n_requests):
         body = {"model": "base" if i % 2 else "p", "prompt": "Once upon a time", "temperature": 0,
                 "max_tokens": max_tokens}
-        connection.request("POST", "/v1/completions", body=json.dumps(body))
-        answer = json.loads(connection.getresponse().read())
+        connection.request("POST", "/v1/completions", body=json.dumps(body),
+                           headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        answer = json.loads(response.read())
+        if response.status != 200:  # the measure below then finds this request missing
+            print(f"request refused ({response.status}): {answer}", file=sys.stderr)
+            break
         tokens.append(answer["usage"]["completion_tokens"])
     connection.close()
 
@@ -50,6 +56,9 @@ def measure(model, tokenizer, bank, concurrency, max_batch, requests_per_client,
     elapsed = time.perf_counter() - start
     server.stop()
     runner.join()
+    if len(tokens) != concurrency * requests_per_client:
+        raise SystemExit(f"serve_bench: {concurrency * requests_per_client - len(tokens)} of "
+                         f"{concurrency * requests_per_client} requests got no answer (see above)")
     return {"concurrency": concurrency, "max_batch": max_batch, "requests": len(tokens),
             "requests_per_s": round(len(tokens) / elapsed, 2),
             "tokens_per_s": round(sum(tokens) / elapsed, 1), "seconds": round(elapsed, 2),

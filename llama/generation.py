@@ -32,12 +32,14 @@ def sample_top_p(probs, top_p: float, generator):
 
 
 def next_tokens(logits, temperature: float, top_p: float, generator):
-    if temperature <= 0:
+    # Below float32's smallest normal number a temperature leaves nothing but the likeliest
+    # token (and float32 would round the smallest ones to 0, giving 0/0): greedy.
+    if temperature < torch.finfo(torch.float32).tiny:
         return logits.argmax(dim=-1)
-    # float64 with the maximum subtracted first: every scaled logit is <= 0 and the likeliest is
-    # exactly 0, so even a temperature of 1e-300 gives -inf for the others (greedy), never
-    # inf - inf = NaN; float32 would also round a temperature under 1e-45 to 0.
-    shifted = logits.double() - logits.double().amax(dim=-1, keepdim=True)
+    # The maximum subtracted first, so every scaled logit is <= 0 and the likeliest exactly 0: a
+    # tiny temperature sends the others to -inf, never to inf (inf - inf = NaN in the softmax).
+    logits = logits.float()
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
     probs = torch.softmax(shifted / temperature, dim=-1)
     return sample_top_p(probs, top_p, generator)
 
