@@ -623,8 +623,8 @@ def test_used_out_needs_resume_or_overwrite_and_overwrite_keeps_other_files(
     (out / "notes.txt").write_text("my notes")
     before = {name: sha256(out / name) for name in (*RUN_FILES, "notes.txt")}
     with pytest.raises(BadInput, match=rf"^--out {out} already holds a training run "
-                                       r"\(checkpoint\.pt, metrics\.jsonl, prompt\.json, "
-                                       r"prompt\.pt\): pass --resume to continue it, --overwrite "
+                                       r"\(checkpoint\.pt, metrics\.jsonl, tuning\.json, "
+                                       r"tuning\.pt\): pass --resume to continue it, --overwrite "
                                        r"to replace it, or pick another --out$"):
         ft_main.main(**run_args(model_bin, alpaca_small, out))
     assert {name: sha256(out / name) for name in before} == before
