@@ -6,7 +6,8 @@
 from llama.batching import MixedPromptStage, PromptBank, Sampling
 from llama.chat import DEFAULT_TEMPLATE, run_chat
 from llama.data import format_prompt
-from llama.errors import BadInput, run_cli
+from llama.cli import run_cli
+from llama.errors import BadInput
 from llama.faults import PeerLost, report_and_exit
 from llama.generation import check_sampling
 from llama.tuning_files import load_soft_prompt

@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 2 example.py --ckpt_dir ckpts/stories260K_pp2
     python example.py --ckpt_dir ckpts/stories260K --prompts '["Once upon a time"]'
 """
-from llama.errors import run_cli
+from llama.cli import run_cli
 from llama.faults import PeerLost, report_and_exit
 from llama.generation import generate
 from llama.pipeline import Stage

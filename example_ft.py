@@ -4,7 +4,7 @@
     python example_ft.py --ckpt_dir ckpts/stories260K_pp2 --prompt runs/demo/prompt --compare
 """
 from llama.data import format_prompt
-from llama.errors import run_cli
+from llama.cli import run_cli
 from llama.faults import PeerLost, report_and_exit
 from llama.generation import decode_continuation, generate
 from llama.tuning_files import load_tuning

@@ -8,7 +8,7 @@ from typing import Union
 
 from llama.config import RunConfig
 from llama.data import ALPACA_PREAMBLE
-from llama.errors import run_cli
+from llama.cli import run_cli
 from llama.train import train
 
 

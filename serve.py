@@ -10,7 +10,8 @@ from pathlib import Path
 from llama.batching import MixedPromptStage, PromptBank
 from llama.chat import DEFAULT_TEMPLATE
 from llama.data import format_prompt
-from llama.errors import BadInput, run_cli
+from llama.cli import run_cli
+from llama.errors import BadInput
 from llama.faults import PeerLost, report_and_exit
 from llama.tuning_files import load_soft_prompt
 from llama.runtime import start_stage

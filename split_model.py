@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Sequence
 
 from llama.checkpoint import find_tokenizer, is_split_dir, open_source, read_split, write_split
-from llama.errors import BadInput, run_cli
+from llama.cli import run_cli
+from llama.errors import BadInput
 
 
 def main(ckpt_dir: str, n_stages: int, out_dir: str = None, dtype: str = "auto",

@@ -17,7 +17,8 @@ import torch
 from bench import common
 from bench.shapes import model_args, parameter_bytes, random_stage, shape_name
 from llama.distributed import DistContext, init_distributed
-from llama.errors import BadInput, run_cli
+from llama.cli import run_cli
+from llama.errors import BadInput
 from llama.fused import apply_fused_projections
 from llama.generation import generate
 from llama.pipeline import Stage

@@ -8,7 +8,8 @@ record), with the numbers behind it. Run by gpu_check.sh last; also on its own, 
 import json
 from pathlib import Path
 
-from llama.errors import BadInput, run_cli
+from llama.cli import run_cli
+from llama.errors import BadInput
 
 
 def read_results(folder) -> list:

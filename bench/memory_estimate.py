@@ -13,7 +13,8 @@ import torch
 from bench import common
 from bench.shapes import model_args, random_model, shape_name
 from llama.checkpoint import stage_plan
-from llama.errors import BadInput, run_cli
+from llama.cli import run_cli
+from llama.errors import BadInput
 from llama.memory import saved_bytes_per_token, stage_estimates
 from llama.model import ModelArgs, rotary_tables
 from llama.precision import DTYPES, dtype_named

@@ -17,7 +17,7 @@ from bench.common import as_list
 from llama.batching import MixedPromptStage, PromptBank, Steps
 from llama.checkpoint import find_tokenizer, load_model
 from llama.distributed import DistContext
-from llama.errors import run_cli
+from llama.cli import run_cli
 from llama.serving import Limits, Server, Service
 from llama.tokenizer import Tokenizer
 

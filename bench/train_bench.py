@@ -18,7 +18,8 @@ from bench.shapes import model_args, parameter_bytes, random_stage, shape_name
 from llama.checkpoint import stage_plan
 from llama.data import MicroBatch
 from llama.distributed import DistContext, init_distributed
-from llama.errors import BadInput, run_cli
+from llama.cli import run_cli
+from llama.errors import BadInput
 from llama.fused import apply_fused_projections
 from llama.offload import RECOMPUTE_MODES, apply_recompute, apply_weight_streaming, optimizer_device
 from llama.pipeline import SCHEDULES, Stage

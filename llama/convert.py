@@ -17,7 +17,8 @@ from llama.checkpoint import (find_tokenizer, is_split_dir, load_stage_tensors,
                               open_source, read_split, refuse_unknown_tensors,
                               stage_tensor_names)
 from llama.checksums import Sha256List, check_files, format_list
-from llama.errors import BadInput, run_cli
+from llama.cli import run_cli
+from llama.errors import BadInput
 from llama.files import (atomic_write_text, check_output_folder, clean_stale_folders_beside,
                          make_temp_folder, replace_folder, sha256_of)
 from llama.formats import META_SHARD_DIM, save_hf_safetensors, save_meta

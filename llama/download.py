@@ -21,7 +21,8 @@ from typing import Optional
 
 from sentencepiece import SentencePieceProcessor
 
-from llama.errors import BadInput, run_cli
+from llama.cli import run_cli
+from llama.errors import BadInput
 from llama.files import sha256_of
 
 TIMEOUT_S = 60

@@ -10,7 +10,8 @@ import math
 from typing import Sequence
 
 from llama.checkpoint import is_split_dir, open_source, read_split, stage_plan
-from llama.errors import BadInput, run_cli
+from llama.cli import run_cli
+from llama.errors import BadInput
 from llama.memory import stage_estimates
 from llama.partition import parameter_costs
 from llama.precision import DTYPES

@@ -142,7 +142,7 @@ def test_train_bench_quantized_stages_hold_fewer_weight_bytes():
 
 
 def test_serve_bench_goes_through_the_projects_command_line(model_bin):
-    """One CLI path (llama.errors.run_cli): --help from the docstring, a misspelt flag refused
+    """One CLI path (llama.cli.run_cli): --help from the docstring, a misspelt flag refused
     before any work, then a short run of both ways of serving."""
     _, done = run_bench("serve_bench", "--help")
     assert done.stdout.startswith("Requests/s and tokens/s of serve.py's server") and not done.stderr

@@ -22,7 +22,8 @@ import split_model
 from launch import REPO, launch
 from llama import convert
 from llama.checkpoint import load_model, open_source, sha256_of, write_split
-from llama.errors import BadInput, run_cli
+from llama.cli import run_cli
+from llama.errors import BadInput
 from llama.formats import save_meta
 from payload import RunsCode
 

@@ -281,7 +281,7 @@ def test_two_rank_jobs_end_with_the_status_they_chose_every_time(splits, data, t
     SIGINT and SIGTERM on rank 0 of a training run, a rank that kills itself mid-collective.
     Every rank ends with the status the project chose for it, never with a signal it did not ask
     for: gloo's threads racing the interpreter's teardown ended a rank with SIGABRT in 1 run of
-    3 to 8 under torchrun on a busy machine (llama/errors.py, leave_without_teardown)."""
+    3 to 8 under torchrun on a busy machine (llama/cli.py, leave_without_teardown)."""
     expected = {"normal": [0], "SIGINT": [0, 0], "SIGTERM": [0, 0], "lost": [3, -signal.SIGKILL]}
     for round_ in range(3):
         jobs = {}

@@ -11,7 +11,8 @@ import json
 import re
 from pathlib import Path
 
-from llama.errors import BadInput, run_cli
+from llama.cli import run_cli
+from llama.errors import BadInput
 from llama.faults import PeerLost, report_and_exit
 from llama.files import atomic_write_text
 from llama.generation import decode_continuation, generate

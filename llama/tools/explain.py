@@ -8,7 +8,8 @@ folder its stages and file sizes from split.json.
 """
 from llama.checkpoint import (is_split_dir, load_stage_tensors, open_source, read_split,
                               stage_plan)
-from llama.errors import BadInput, run_cli
+from llama.cli import run_cli
+from llama.errors import BadInput
 from llama.model import ModelArgs
 from llama.partition import describe_stage, parameter_costs
 from llama.trace import ideal_bubble_fraction

@@ -9,7 +9,8 @@ from collections import Counter
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
-from llama.errors import BadInput, run_cli
+from llama.cli import run_cli
+from llama.errors import BadInput
 from llama.files import atomic_write_text
 from llama.trace import bubble_fraction, events_by_stage, ideal_bubble_fraction, stage_name
 

@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from llama.errors import run_cli
+from llama.cli import run_cli
 
 import ft_main
 import split_model

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import ft_main
 from llama import train
-from llama.errors import run_cli
+from llama.cli import run_cli
 
 
 def main(rank_dir, step_delay_s: float = 0.0, **ft_args):

@@ -5,7 +5,7 @@ greedy run and of a sampled run (same seed) to --out as JSON. --cuda_graph: the 
 """
 import json
 
-from llama.errors import run_cli
+from llama.cli import run_cli
 
 from llama.checkpoint import load_model
 from llama.distributed import init_distributed

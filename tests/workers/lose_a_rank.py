@@ -10,7 +10,7 @@ import os
 import signal
 from pathlib import Path
 
-from llama.errors import run_cli
+from llama.cli import run_cli
 
 from llama.distributed import init_distributed
 from llama.faults import PeerLost, report_and_exit

@@ -5,7 +5,7 @@ token ids with unequal lengths, right padding and response masks (prompt_grad.py
 Rank 0 saves {schedule: {"grads": {global key: gradient}, "loss": summed loss}} to --out. The
 adapter's gates start at 0.5 here, not 0, so that its prompts get a gradient to compare too.
 """
-from llama.errors import run_cli
+from llama.cli import run_cli
 import torch
 
 from llama.checkpoint import load_model

@@ -7,7 +7,7 @@ JSON) cut into micro-batches of --micro_batch_size, each padded to its own longe
 """
 import json
 
-from llama.errors import run_cli
+from llama.cli import run_cli
 import torch
 
 from llama.checkpoint import load_model

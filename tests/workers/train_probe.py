@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from llama.errors import run_cli
+from llama.cli import run_cli
 
 import ft_main
 from llama import train
