@@ -11,16 +11,15 @@ import torch
 from llama.checkpoint import stage_plan
 from llama.errors import BadInput
 from llama.formats import model_args_from_dict, read_json
-from llama.model import ModelArgs, Transformer
+from llama.model import NAMED_SHAPES, ModelArgs, Transformer
 from llama.quant import apply_quantization
 
-# Meta's params.json for LLaMA-1/2 7B and 13B (hidden_dim follows: 11008 and 13824), and a tiny
-# shape of the stories260K family for checking on a CPU that a benchmark still runs.
+# The named shapes of llama/model.py (7B, 13B), and a tiny shape of the stories260K family for
+# checking on a CPU that a benchmark still runs.
 SHAPES = {
     "tiny": {"dim": 64, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "vocab_size": 512,
              "multiple_of": 32},
-    "7B": {"dim": 4096, "n_layers": 32, "n_heads": 32, "vocab_size": 32000, "multiple_of": 256},
-    "13B": {"dim": 5120, "n_layers": 40, "n_heads": 40, "vocab_size": 32000, "multiple_of": 256},
+    **NAMED_SHAPES,
 }
 
 # Every matrix ~ N(0, 0.02): Hugging Face's initializer_range for LLaMA, the order of a trained

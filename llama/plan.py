@@ -13,6 +13,7 @@ from llama.checkpoint import is_split_dir, open_source, read_split, stage_plan
 from llama.cli import run_cli
 from llama.errors import BadInput
 from llama.memory import stage_estimates
+from llama.model import NAMED_SHAPES, ModelArgs
 from llama.partition import parameter_costs
 from llama.precision import DTYPES
 from llama.quant import largest_group_size
@@ -26,9 +27,8 @@ ASSUMED_MEMORY_GBPS = 300.0
 
 
 def model_args_for(model):
-    from llama.tools.explain import SHAPES
-    if str(model) in SHAPES:
-        return SHAPES[str(model)]
+    if str(model) in NAMED_SHAPES:
+        return ModelArgs(**NAMED_SHAPES[str(model)])
     if is_split_dir(model):
         return read_split(model)[0]
     return open_source(model).args

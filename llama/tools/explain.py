@@ -10,12 +10,11 @@ from llama.checkpoint import (is_split_dir, load_stage_tensors, open_source, rea
                               stage_plan)
 from llama.cli import run_cli
 from llama.errors import BadInput
-from llama.model import ModelArgs
+from llama.model import NAMED_SHAPES, ModelArgs
 from llama.partition import describe_stage, parameter_costs
 from llama.trace import ideal_bubble_fraction
 
-SHAPES = {"7B": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),
-          "13B": ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000)}
+SHAPES = {name: ModelArgs(**params) for name, params in NAMED_SHAPES.items()}
 BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 SHAPE_DTYPE = "float16"  # Meta's published LLaMA weights
 
