@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 2 chat.py --ckpt_dir ckpts/stories260K_pp2
 """
 from llama.batching import MixedPromptStage, PromptBank, Sampling
-from llama.chat import DEFAULT_TEMPLATE, run_chat
+from llama.chat import run_chat
+from llama.conversation import DEFAULT_TEMPLATE
 from llama.data import format_prompt
 from llama.cli import run_cli
 from llama.errors import BadInput

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from llama.batching import MixedPromptStage, PromptBank
-from llama.chat import DEFAULT_TEMPLATE
+from llama.conversation import DEFAULT_TEMPLATE
 from llama.data import format_prompt
 from llama.cli import run_cli
 from llama.errors import BadInput

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from llama.batching import Row, Sampling, Steps, follow, run_batch
-from llama.chat import DEFAULT_TEMPLATE, conversation_ids
+from llama.conversation import DEFAULT_TEMPLATE, conversation_ids
 from llama.errors import BadInput
 from llama.faults import PeerLost
 
