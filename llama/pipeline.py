@@ -68,12 +68,16 @@ class Stage:
     """One rank's part of the pipeline: its layers, what its tuning method trains, the transport.
 
     soft_prompt + n_virtual is the prompt method's short form; `tuning` (llama/methods.py) any
-    method's.
+    method's. loss_fn(model, h, targets) -> the loss summed over the positions that have a target
+    (-100 marks the others), on the last stage's hidden states after the virtual tokens; the
+    Stage divides it by the global batch's target count. Cross-entropy (loss_sum) by default:
+    another loss is this one argument, not an edit of the schedule.
     """
 
     def __init__(self, model, ctx, soft_prompt=None, n_virtual: int = 0, tracer=None,
-                 tuning: Tuning = None, cuda_graph: bool = False):
+                 tuning: Tuning = None, cuda_graph: bool = False, loss_fn=loss_sum):
         self.model, self.ctx = model, ctx
+        self.loss_fn = loss_fn
         self.tuning = tuning if tuning is not None else apply_prompt(soft_prompt, n_virtual)
         self.n_virtual = self.tuning.n_virtual  # every stage must know it: positions before text
         self.dtype = next(model.parameters()).dtype
@@ -145,7 +149,7 @@ class Stage:
                 h_in.requires_grad_(True)
             h_out = self.run_layers(h_in, with_prompt=True)
             if self.is_last:
-                summed = loss_sum(self.model, h_out[:, self.hidden_virtual(True):], batch.targets)
+                summed = self.loss_fn(self.model, h_out[:, self.hidden_virtual(True):], batch.targets)
                 self.in_flight[i] = (h_in, summed * loss_weight)
                 return summed.detach()
             self.hidden_out(h_out)
@@ -196,7 +200,7 @@ class Stage:
             with self.span(f"E{i}", "eval", micro_batch=i):
                 h = self.run_layers(self.hidden_in(batch.tokens, with_prompt), with_prompt)
                 if self.is_last:
-                    total += float(loss_sum(self.model, h[:, skip:], batch.targets))
+                    total += float(self.loss_fn(self.model, h[:, skip:], batch.targets))
                 self.hidden_out(h)
             n_targets += int(batch.n_targets)
         self.ctx.flush_sends()

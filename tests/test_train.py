@@ -27,7 +27,7 @@ from llama.distributed import DistContext
 from llama.errors import BadInput
 from llama.model import rotary_tables
 from llama.offload import apply_recompute, apply_weight_streaming, optimizer_device
-from llama.pipeline import Stage
+from llama.pipeline import Stage, loss_sum
 from llama.precision import ScaledAdamW
 from llama.prompt import SoftPrompt, init_prompt_weight
 from llama.tokenizer import Tokenizer
@@ -124,6 +124,25 @@ def reference_gradient(model_bin, examples, pad_id, n_virtual=4):
 
 def relative_error(actual, expected):
     return float((actual - expected).norm() / expected.norm())
+
+
+def test_the_stage_trains_on_the_loss_it_is_given(model_bin, tokenizer, gradient_examples):
+    """The loss is an argument of the Stage: a loss that weighs each target token by 3 (summed,
+    as loss_sum is) gives 3x the default's loss and prompt gradient, and the mean held-out loss."""
+    _, examples = gradient_examples
+    model = load_model(model_bin)
+    weight = init_prompt_weight("random", 4, model.tok_embeddings.weight, seed=1)
+    results = []
+    for loss_fn in (loss_sum, lambda stage_model, h, targets: 3 * loss_sum(stage_model, h, targets)):
+        prompt = SoftPrompt(weight.clone())
+        stage = Stage(model, DistContext(), prompt, 4, loss_fn=loss_fn)
+        batch = make_micro_batch(examples, tokenizer.pad_id)
+        loss, _ = stage.train_step([batch], "gpipe")
+        results.append((loss, prompt.weight.grad.clone(), stage.mean_loss([batch])))
+    (loss, grad, mean), (tripled_loss, tripled_grad, tripled_mean) = results
+    assert tripled_loss == pytest.approx(3 * loss, rel=1e-5)
+    assert tripled_mean == pytest.approx(3 * mean, rel=1e-5)
+    assert relative_error(tripled_grad, 3 * grad) < 1e-5
 
 
 @pytest.mark.parametrize("n_stages", [2, 4])
