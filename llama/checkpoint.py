@@ -4,7 +4,6 @@ any checkpoint (split, Meta, llama2.c, Hugging Face) into the model of one pipel
 A stage file is a plain state dict with the model's own key names, holding only that stage's
 tensors; split.json records which layers each file holds and its sha256.
 """
-import hashlib
 import json
 import math
 import shutil
@@ -18,7 +17,7 @@ from llama.files import (atomic_torch_save, atomic_write_text, check_output_fold
                          sha256_of)
 from llama.formats import (HFSource, Llama2cSource, MetaSource, TensorSource, model_args_from_dict,
                            read_json, safe_torch_load)
-from llama.model import ModelArgs, Transformer
+from llama.model import ModelArgs, Transformer, args_to_params, params_digest
 from llama.partition import balanced_ranges, describe_stage, ranges_from_counts
 from llama.precision import dtype_named
 from llama.quant import (SCHEMES, apply_quantization, check_group_size, largest_group_size,
@@ -28,20 +27,6 @@ SPLIT_FORMAT = 1
 # A quantized split says format 2, so that a reader from before quantization refuses it at once
 # ("not a format-1 split manifest") instead of failing on its packed weights.
 QUANTIZED_SPLIT_FORMAT = 2
-
-
-def params_digest(args: ModelArgs) -> str:
-    """A short fingerprint of the model's shape, stored with prompts to refuse a wrong model.
-
-    max_seq_len is left out: it is a runtime limit, not part of the weights.
-    """
-    params = {k: v for k, v in args_to_params(args).items() if k != "max_seq_len"}
-    text = json.dumps(params, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def args_to_params(args: ModelArgs) -> dict:
-    return {k: getattr(args, k) for k in ModelArgs.__dataclass_fields__}
 
 
 # ---- which tensors a stage owns ----

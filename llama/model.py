@@ -4,6 +4,8 @@ Plain PyTorch: nothing here knows devices, ranks or files. A stage built for lay
 its blocks under their global index, so its state-dict keys (`layers.17.attention.wq.weight`)
 are the full model's and a stage file loads with strict key checking.
 """
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Optional
 
@@ -51,6 +53,20 @@ def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[flo
     if ffn_dim_multiplier is not None:
         hidden = int(ffn_dim_multiplier * hidden)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def params_digest(args: ModelArgs) -> str:
+    """A short fingerprint of the model's shape, stored with prompts to refuse a wrong model.
+
+    max_seq_len is left out: it is a runtime limit, not part of the weights.
+    """
+    params = {k: v for k, v in args_to_params(args).items() if k != "max_seq_len"}
+    text = json.dumps(params, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def args_to_params(args: ModelArgs) -> dict:
+    return {k: getattr(args, k) for k in ModelArgs.__dataclass_fields__}
 
 
 class RMSNorm(nn.Module):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from llama.checkpoint import params_digest
+from llama.model import params_digest
 from llama.config import RunConfig
 from llama.data import (BatchLoader, eval_batches, load_dataset, model_stop_token,
                         split_dataset)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from llama.checkpoint import params_digest
+from llama.model import params_digest
 from llama.errors import BadInput
 from llama.files import atomic_torch_save, atomic_write_text, sha256_of
 from llama.formats import read_json, safe_torch_load

@@ -18,7 +18,8 @@ import torch
 import example_ft
 import ft_main
 from launch import REPO
-from llama.checkpoint import load_model, params_digest
+from llama.checkpoint import load_model
+from llama.model import params_digest
 from llama.data import ALPACA_PREAMBLE, format_prompt
 from llama.distributed import DistContext
 from llama.errors import BadInput
