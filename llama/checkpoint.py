@@ -20,8 +20,8 @@ from llama.formats import (HFSource, Llama2cSource, MetaSource, TensorSource, mo
 from llama.model import ModelArgs, Transformer, args_to_params, params_digest
 from llama.partition import balanced_ranges, describe_stage, ranges_from_counts
 from llama.precision import dtype_named
-from llama.quant import (SCHEMES, apply_quantization, check_group_size, largest_group_size,
-                         quantizing_fetch)
+from llama.quant import (SCHEMES, apply_quantization, check_quantizable, quantization_args,
+                         quantization_entry, quantizing_fetch)
 
 SPLIT_FORMAT = 1
 # A quantized split says format 2, so that a reader from before quantization refuses it at once
@@ -83,40 +83,6 @@ def check_stage_memory(stage_memory, n_stages: int) -> list:
         raise BadInput(f"--stage_memory {sizes}: every size must be a positive number of GiB, "
                        f"not {wrong[0]!r}: {example}")
     return sizes
-
-
-def quantization_entry(args: ModelArgs, quantize, group_size):
-    """split.json's "quantization" (None for float weights); int4's group size defaults to the
-    largest power of two up to 128 that divides every block linear's input width."""
-    if quantize is None:
-        if group_size is not None:
-            raise BadInput(f"--group_size {group_size} is for --quantize int4: add it or drop "
-                           "--group_size")
-        return None
-    if quantize not in SCHEMES:
-        raise BadInput(f"--quantize {quantize!r} must be one of {', '.join(SCHEMES)} "
-                       "(or left out for float weights)")
-    if quantize != "int4" and group_size is not None:
-        raise BadInput(f"--group_size {group_size} is for --quantize int4 only ({quantize} keeps "
-                       "one scale per output channel): drop --group_size, or use --quantize int4")
-    entry = {"scheme": quantize, "tensors": "block linears (attention.wq/wk/wv/wo, "
-             "feed_forward.w1/w2/w3); embeddings, norms and output stay float"}
-    if quantize == "int4":
-        entry["group_size"] = largest_group_size(args.dim, args.hidden_dim) \
-            if group_size is None else group_size
-    check_quantizable(args, entry)
-    return entry
-
-
-def check_quantizable(args: ModelArgs, quantization):
-    """Every block linear's input width must be a whole number of int4 groups."""
-    if quantization["scheme"] == "int4":
-        for width, name in ((args.dim, "attention.wq"), (args.hidden_dim, "feed_forward.w2")):
-            check_group_size(quantization.get("group_size"), width, f"layers.*.{name}.weight")
-
-
-def quantization_args(quantization) -> dict:
-    return {"scheme": quantization["scheme"], "group_size": quantization.get("group_size")}
 
 
 def check_weights_fit(args, plan, stage_memory, float_bytes: int, quantization):

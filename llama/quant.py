@@ -255,3 +255,39 @@ def quantizing_fetch(fetch, model, scheme: str, group_size):
             done[prefix] = quantized_tensors(prefix, fetch(f"{prefix}.weight"), scheme, group_size)
         return done[prefix][name]
     return fetch_quantized
+
+
+# ---- the scheme a run asked for, as split.json records it ----
+
+def quantization_entry(args, quantize, group_size):
+    """split.json's "quantization" (None for float weights); int4's group size defaults to the
+    largest power of two up to 128 that divides every block linear's input width."""
+    if quantize is None:
+        if group_size is not None:
+            raise BadInput(f"--group_size {group_size} is for --quantize int4: add it or drop "
+                           "--group_size")
+        return None
+    if quantize not in SCHEMES:
+        raise BadInput(f"--quantize {quantize!r} must be one of {', '.join(SCHEMES)} "
+                       "(or left out for float weights)")
+    if quantize != "int4" and group_size is not None:
+        raise BadInput(f"--group_size {group_size} is for --quantize int4 only ({quantize} keeps "
+                       "one scale per output channel): drop --group_size, or use --quantize int4")
+    entry = {"scheme": quantize, "tensors": "block linears (attention.wq/wk/wv/wo, "
+             "feed_forward.w1/w2/w3); embeddings, norms and output stay float"}
+    if quantize == "int4":
+        entry["group_size"] = largest_group_size(args.dim, args.hidden_dim) \
+            if group_size is None else group_size
+    check_quantizable(args, entry)
+    return entry
+
+
+def check_quantizable(args, quantization):
+    """Every block linear's input width must be a whole number of int4 groups."""
+    if quantization["scheme"] == "int4":
+        for width, name in ((args.dim, "attention.wq"), (args.hidden_dim, "feed_forward.w2")):
+            check_group_size(quantization.get("group_size"), width, f"layers.*.{name}.weight")
+
+
+def quantization_args(quantization) -> dict:
+    return {"scheme": quantization["scheme"], "group_size": quantization.get("group_size")}
