@@ -340,8 +340,7 @@ def fail(message: str, status: int):
     # scripts are spared torch's import time.
     faults = sys.modules.get("llama.faults")
     if faults is not None and faults.note_own_error(line):
-        sys.stdout.flush()
-        os._exit(status)  # the group's threads could hold up a normal exit (seen: 4 s, SIGTERM)
+        leave_without_teardown(status)  # the group's threads could hold up a normal exit
     sys.exit(status)
 
 
