@@ -531,7 +531,8 @@ def test_stalled_peer_gives_an_error_within_the_timeout(splits, data, tmp_path):
 
 def test_a_ranks_own_error_comes_first_once_and_is_torchruns_root_cause(splits, tmp_path):
     """example_ft.py with a folder that holds no prompt under torchrun: only stage 0 reads it, so
-    stage 0 stops with a BadInput while stage 1 waits for it."""
+    stage 0 stops with a BadInput while stage 1 waits for it. (CI once saw torchrun stop stage 1
+    before it spoke, once the failing rank left through os._exit without teardown.)"""
     argv = ["example_ft.py", "--ckpt_dir", str(splits / "pp2"), "--prompt", str(tmp_path),
             "--max_gen_len", "2", "--timeout_s", "60"]
     cause = (f"error: {tmp_path} holds no tuning.pt, prompt.pt or adapter_config.json: pass the "
@@ -539,7 +540,10 @@ def test_a_ranks_own_error_comes_first_once_and_is_torchruns_root_cause(splits, 
              "ADAPTION_PROMPT)")
     neighbour = ("error: rank 1 (stage 1) stopped: stage 0 stopped with an error of its own (its "
                  "error line comes first); this stage stops with it")
-    torchrun = start_torchrun(argv, 2, tmp_path / "torchrun.log")
+    # torchrun SIGTERMs the other workers as soon as it sees one fail (it looks every 0.1 s by
+    # default): stage 1 is given 15 s to notice the closed connection and speak first.
+    torchrun = start_torchrun(argv, 2, tmp_path / "torchrun.log", extra=[
+        "--standalone", "--local_addr", "127.0.0.1", "--monitor-interval", "15"])
     try:
         code = torchrun.wait(timeout=120)
     finally:
