@@ -3,16 +3,16 @@
     python chat.py --ckpt_dir ckpts/stories260K_pp2 --prompt runs/alpaca/prompt
     torchrun --nproc_per_node 2 chat.py --ckpt_dir ckpts/stories260K_pp2
 """
-from llama.batching import MixedPromptStage, PromptBank, Sampling
-from llama.chat import run_chat
-from llama.conversation import DEFAULT_TEMPLATE
-from llama.data import format_prompt
+from llama.serving.batching import MixedPromptStage, PromptBank, Sampling
+from llama.serving.chat import run_chat
+from llama.serving.conversation import DEFAULT_TEMPLATE
+from llama.training.data import format_prompt
 from llama.cli import run_cli
 from llama.errors import BadInput
-from llama.faults import PeerLost, report_and_exit
-from llama.generation import check_sampling
-from llama.tuning_files import load_soft_prompt
-from llama.runtime import start_stage
+from llama.parallel.faults import PeerLost, report_and_exit
+from llama.serving.generation import check_sampling
+from llama.tuning.files import load_soft_prompt
+from llama.prepare.stage import start_stage
 
 
 def main(ckpt_dir: str, prompt: str = None, template: str = None, max_gen_len: int = 256,

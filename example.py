@@ -4,10 +4,10 @@
     python example.py --ckpt_dir ckpts/stories260K --prompts '["Once upon a time"]'
 """
 from llama.cli import run_cli
-from llama.faults import PeerLost, report_and_exit
-from llama.generation import generate
-from llama.pipeline import Stage
-from llama.runtime import compile_blocks, start_stage
+from llama.parallel.faults import PeerLost, report_and_exit
+from llama.serving.generation import generate
+from llama.parallel.pipeline import Stage
+from llama.prepare.stage import compile_blocks, start_stage
 
 DEFAULT_PROMPTS = ("Once upon a time", "Tom and Lily went to the park. They saw", "The cat")
 

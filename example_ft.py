@@ -3,14 +3,14 @@
     torchrun --nproc_per_node 4 example_ft.py --ckpt_dir ckpts/7B_pp4 --prompt ckpts/prompts/alpaca
     python example_ft.py --ckpt_dir ckpts/stories260K_pp2 --prompt runs/demo/prompt --compare
 """
-from llama.data import format_prompt
+from llama.training.data import format_prompt
 from llama.cli import run_cli
-from llama.faults import PeerLost, report_and_exit
-from llama.generation import decode_continuation, generate
-from llama.tuning_files import load_tuning
-from llama.methods import apply_saved
-from llama.pipeline import Stage
-from llama.runtime import compile_blocks, start_stage
+from llama.parallel.faults import PeerLost, report_and_exit
+from llama.serving.generation import decode_continuation, generate
+from llama.tuning.files import load_tuning
+from llama.tuning.methods import apply_saved
+from llama.parallel.pipeline import Stage
+from llama.prepare.stage import compile_blocks, start_stage
 
 DEFAULT_PROMPTS = ("Give three tips for staying healthy.", "Once upon a time")
 

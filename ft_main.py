@@ -2,14 +2,14 @@
 
     torchrun --nproc_per_node 4 ft_main.py --ckpt_dir ckpts/7B_pp4 --data datasets/alpaca_data.json --out ckpts/prompts/alpaca
     python ft_main.py --ckpt_dir ckpts/stories260K --data datasets/alpaca_data_1k.json --out runs/p
-The loop itself is llama/train.py; this file is only its command line.
+The loop itself is llama/training/train.py; this file is only its command line.
 """
 from typing import Union
 
-from llama.config import RunConfig
-from llama.data import ALPACA_PREAMBLE
+from llama.training.config import RunConfig
+from llama.training.data import ALPACA_PREAMBLE
 from llama.cli import run_cli
-from llama.train import train
+from llama.training.train import train
 
 
 def main(ckpt_dir: str, data: str, out: str, tokenizer_path: str = None,

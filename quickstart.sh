@@ -2,7 +2,7 @@
 # The whole job on a real tiny model, on CPU, in a few minutes:
 # download -> split into 2 stages -> generate through a 2-process pipeline -> teach a trait with a
 # long hard prompt -> distil it into a 16-token soft prompt through the same pipeline -> compare.
-# Files come from $LLAMA_MIRROR when set, else from ../shared/assets when it exists (llama.download
+# Files come from $LLAMA_MIRROR when set, else from ../shared/assets when it exists (llama.formats.download
 # looks there by itself), else from the public sources.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -11,7 +11,7 @@ run2() { python -m torch.distributed.run --nproc_per_node 2 "$@"; }  # = torchru
 step() { printf '\n== %s\n' "$*"; }
 
 step "1. download stories260K and Alpaca samples"
-python -m llama.download --model stories260K --folder ckpts --data alpaca_1k --data_folder datasets
+python -m llama.formats.download --model stories260K --folder ckpts --data alpaca_1k --data_folder datasets
 
 step "2. split into 2 pipeline stages"
 python split_model.py --ckpt_dir ckpts/stories260K --n_stages 2 --overwrite

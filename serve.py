@@ -7,15 +7,15 @@ import os
 import sys
 from pathlib import Path
 
-from llama.batching import MixedPromptStage, PromptBank
-from llama.conversation import DEFAULT_TEMPLATE
-from llama.data import format_prompt
+from llama.serving.batching import MixedPromptStage, PromptBank
+from llama.serving.conversation import DEFAULT_TEMPLATE
+from llama.training.data import format_prompt
 from llama.cli import run_cli
 from llama.errors import BadInput
-from llama.faults import PeerLost, report_and_exit
-from llama.tuning_files import load_soft_prompt
-from llama.runtime import start_stage
-from llama.serving import Access, Limits, Service, parse_served_prompts, run_server
+from llama.parallel.faults import PeerLost, report_and_exit
+from llama.tuning.files import load_soft_prompt
+from llama.prepare.stage import start_stage
+from llama.serving.http import Access, Limits, Service, parse_served_prompts, run_server
 
 
 def main(ckpt_dir: str, prompts: str = "", host: str = "127.0.0.1", port: int = 8000,

@@ -2,13 +2,13 @@
 
     python split_model.py --ckpt_dir ckpts/7B --n_stages 4        # writes ckpts/7B_pp4/
     python split_model.py --ckpt_dir ckpts/7B --n_stages 2 --stage_memory 4,8 --quantize int4
-Reads the Meta, llama2.c or Hugging Face layout; see llama/checkpoint.py for the output format.
+Reads the Meta, llama2.c or Hugging Face layout; see llama/formats/checkpoint.py for the output format.
 """
 import time
 from pathlib import Path
 from typing import Sequence
 
-from llama.checkpoint import find_tokenizer, is_split_dir, open_source, read_split, write_split
+from llama.formats.checkpoint import find_tokenizer, is_split_dir, open_source, read_split, write_split
 from llama.cli import run_cli
 from llama.errors import BadInput
 

@@ -144,7 +144,7 @@ def hf_missing():
 
 def autograd_saved_bytes(run, left_out=()) -> int:
     """Bytes of the distinct tensors autograd saves while run() executes, tensors in left_out (the
-    frozen weights, shared tables) excluded: what llama/memory.py's arithmetic is checked against."""
+    frozen weights, shared tables) excluded: what llama/training/memory.py's arithmetic is checked against."""
     skip = {t.data_ptr() for t in left_out}
     saved = {}
 

@@ -1,10 +1,10 @@
-"""Decode speed of llama.generation.generate against the device's memory-bandwidth limit.
+"""Decode speed of llama.serving.generation.generate against the device's memory-bandwidth limit.
 
     python -m bench.decode_bench --shape 7B                    # one stage, batch 1 and 8
     python -m bench.decode_bench --shape 7B --n_stages 4 --compare_single_stage
     python -m bench.decode_bench --shape tiny --gen_len 8      # CPU check that it still runs
 
---cuda_graph: the product's static-cache decode (llama/static_decode.py), each step a CUDA graph
+--cuda_graph: the product's static-cache decode (llama/model/static_decode.py), each step a CUDA graph
 on a GPU; on a CPU the same static path uncaptured ("mode": "static"). --compile: torch.compile
 of each block (True for inductor, or a backend's name). The projections are fused, as in
 example.py. One JSON line per batch size, then a short table.
@@ -16,13 +16,13 @@ import torch
 
 from bench import common
 from bench.shapes import model_args, parameter_bytes, random_stage, shape_name
-from llama.distributed import DistContext, init_distributed
+from llama.parallel.distributed import DistContext, init_distributed
 from llama.cli import run_cli
 from llama.errors import BadInput
-from llama.fused import apply_fused_projections
-from llama.generation import generate
-from llama.pipeline import Stage
-from llama.runtime import compile_blocks, pick_dtype
+from llama.model.fused import apply_fused_projections
+from llama.serving.generation import generate
+from llama.parallel.pipeline import Stage
+from llama.prepare.stage import compile_blocks, pick_dtype
 
 TABLE = ["impl", "mode", "n_stages", "batch", "decode_tokens_per_s", "bandwidth_limit_tokens_per_s",
          "bandwidth_share", "copy_bandwidth_gb_s", "model_gb"]

@@ -10,7 +10,7 @@ import transformers
 from peft import PromptTuningConfig, TaskType, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llama.model import ModelArgs
+from llama.model.transformer import ModelArgs
 
 
 def versions() -> dict:

@@ -3,8 +3,8 @@
     python -m bench.memory_estimate --shape 7B --n_stages 4,2 --micro_batch 1,2,4,8,32
     python -m bench.memory_estimate --shape tiny --check    # formula vs what autograd saves
 
-Which switches a memory target needs, before a GPU is at hand. The arithmetic is llama/memory.py
-(python -m llama.plan uses it to say what fits on given cards); the formulas are in
+Which switches a memory target needs, before a GPU is at hand. The arithmetic is llama/training/memory.py
+(python -m llama.tools.plan uses it to say what fits on given cards); the formulas are in
 docs/PERFORMANCE.md; `--check` runs one block and compares the formula with the bytes that
 autograd really saves on this device (with fp16 and flash attention on a GPU, fp32 on a CPU).
 """
@@ -12,12 +12,12 @@ import torch
 
 from bench import common
 from bench.shapes import model_args, random_model, shape_name
-from llama.checkpoint import stage_plan
+from llama.formats.checkpoint import stage_plan
 from llama.cli import run_cli
 from llama.errors import BadInput
-from llama.memory import saved_bytes_per_token, stage_estimates
-from llama.model import ModelArgs, rotary_tables
-from llama.precision import DTYPES, dtype_named
+from llama.training.memory import saved_bytes_per_token, stage_estimates
+from llama.model.transformer import ModelArgs, rotary_tables
+from llama.model.dtypes import DTYPES, dtype_named
 TABLE = ["n_stages", "stage", "layers", "micro_batch", "in_flight", "weights_gib",
          "kept_plain_gib", "kept_recompute_gib", "kept_offload_gib", "peak_plain_gib",
          "peak_recompute_gib", "peak_offload_gib"]

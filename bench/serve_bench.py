@@ -14,12 +14,12 @@ import time
 import torch
 
 from bench.common import as_list
-from llama.batching import MixedPromptStage, PromptBank, Steps
-from llama.checkpoint import find_tokenizer, load_model
-from llama.distributed import DistContext
+from llama.serving.batching import MixedPromptStage, PromptBank, Steps
+from llama.formats.checkpoint import find_tokenizer, load_model
+from llama.parallel.distributed import DistContext
 from llama.cli import run_cli
-from llama.serving import Limits, Server, Service
-from llama.tokenizer import Tokenizer
+from llama.serving.http import Limits, Server, Service
+from llama.model.tokenizer import Tokenizer
 
 
 def client(port, n_requests, max_tokens, tokens):

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import torch
 
-from llama.checkpoint import stage_plan
+from llama.formats.checkpoint import stage_plan
 from llama.errors import BadInput
-from llama.formats import model_args_from_dict, read_json
-from llama.model import NAMED_SHAPES, ModelArgs, Transformer
-from llama.quant import apply_quantization
+from llama.formats.layouts import model_args_from_dict
+from llama.formats.tensor_files import read_json
+from llama.model.transformer import NAMED_SHAPES, ModelArgs, Transformer
+from llama.model.quant import apply_quantization
 
-# The named shapes of llama/model.py (7B, 13B), and a tiny shape of the stories260K family for
+# The named shapes of llama/model/transformer.py (7B, 13B), and a tiny shape of the stories260K family for
 # checking on a CPU that a benchmark still runs.
 SHAPES = {
     "tiny": {"dim": 64, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "vocab_size": 512,

@@ -15,20 +15,20 @@ import torch
 
 from bench import common
 from bench.shapes import model_args, parameter_bytes, random_stage, shape_name
-from llama.checkpoint import stage_plan
-from llama.data import MicroBatch
-from llama.distributed import DistContext, init_distributed
+from llama.formats.checkpoint import stage_plan
+from llama.training.data import MicroBatch
+from llama.parallel.distributed import DistContext, init_distributed
 from llama.cli import run_cli
 from llama.errors import BadInput
-from llama.fused import apply_fused_projections
-from llama.offload import RECOMPUTE_MODES, apply_recompute, apply_weight_streaming, optimizer_device
-from llama.pipeline import SCHEDULES, Stage
-from llama.precision import LossScaler, ScaledAdamW, agree, finish_step
-from llama.quant import check_scheme, largest_group_size
-from llama.prompt import SoftPrompt, init_prompt_weight
-from llama.runtime import compile_blocks, pick_dtype
-from llama.trace import Tracer, bubble_fraction, ideal_bubble_fraction, write_chrome_trace
-from llama.config import parse_offload
+from llama.model.fused import apply_fused_projections
+from llama.prepare.offload import RECOMPUTE_MODES, apply_recompute, apply_weight_streaming, optimizer_device
+from llama.parallel.pipeline import SCHEDULES, Stage
+from llama.training.precision import LossScaler, ScaledAdamW, agree, finish_step
+from llama.model.quant import check_scheme, largest_group_size
+from llama.tuning.prompt import SoftPrompt, init_prompt_weight
+from llama.prepare.stage import compile_blocks, pick_dtype
+from llama.parallel.trace import Tracer, bubble_fraction, ideal_bubble_fraction, write_chrome_trace
+from llama.training.config import parse_offload
 
 TABLE = ["impl", "n_stages", "schedule", "global_batch", "micro_batch", "recompute", "mode",
          "compile", "offload",
@@ -39,7 +39,7 @@ def synthetic_batches(vocab_size: int, global_batch: int, micro_batch: int, seq_
                       target_fraction: float, seed: int):
     """Random token ids; the last target_fraction of each row's next-token predictions train.
 
-    Returned twice: as llama.data.MicroBatch for our pipeline, and as (input_ids, labels) in
+    Returned twice: as llama.training.data.MicroBatch for our pipeline, and as (input_ids, labels) in
     Hugging Face's convention (labels = ids, -100 where not trained, shifted inside the model),
     so both sides compute the loss on exactly the same positions.
     """
@@ -124,7 +124,7 @@ class PipelineRun:
         common.reset_peak_memory(ctx.device)  # the peak from here on includes the resident weights
 
     def step(self, batches, schedule) -> float:
-        """One training step exactly as llama.train runs it; the global batch's mean loss."""
+        """One training step exactly as llama.training.train runs it; the global batch's mean loss."""
         loss_scale = self.scaler.scale
         loss, n_targets = self.stage.train_step(batches, schedule, loss_scale)
         found_inf, _, loss, _, grad_norm = agree(self.ctx, self.optimizer, loss_scale, loss,
@@ -252,8 +252,8 @@ def main(shape: str = "tiny", n_stages: int = None, schedule="1f1b", global_batc
     anchor for the pipeline's overhead. Both run after the pipeline's processes have finished.
     recompute_mode: full or selective, for the configurations that recompute; compile: torch.compile
     each block (True: inductor, or a backend's name such as aot_eager); fused: one wqkv and one
-    w13 matrix per block (llama/fused.py). quantize: int8 or int4 block linears with random codes
-    (llama/quant.py; group_size for int4, default as split_model.py picks it: 128 for 7B). memory_cap_gib: each process may allocate
+    w13 matrix per block (llama/model/fused.py). quantize: int8 or int4 block linears with random codes
+    (llama/model/quant.py; group_size for int4, default as split_model.py picks it: 128 for 7B). memory_cap_gib: each process may allocate
     at most this much GPU memory (torch.cuda.set_per_process_memory_fraction), so one large GPU
     shows whether a stage fits a small card; a stage that hits it stops the run, named.
     """

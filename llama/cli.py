@@ -335,10 +335,10 @@ def pick_command(commands: dict, argv, prog: str):
 def fail(message: str, status: int):
     line = f"error: {message}"
     print(line, file=sys.stderr, flush=True)
-    # A script that can run as a rank under torchrun has imported llama.faults (through
-    # llama.distributed): it writes the line for torchrun and tells the other ranks. The other
+    # A script that can run as a rank under torchrun has imported llama.parallel.faults (through
+    # llama.parallel.distributed): it writes the line for torchrun and tells the other ranks. The other
     # scripts are spared torch's import time.
-    faults = sys.modules.get("llama.faults")
+    faults = sys.modules.get("llama.parallel.faults")
     if faults is not None and faults.note_own_error(line):
         leave_without_teardown(status)  # the group's threads could hold up a normal exit
     sys.exit(status)

@@ -60,7 +60,7 @@ def model_bin(assets) -> Path:
 
 @pytest.fixture(scope="session")
 def source(model_bin):
-    from llama.checkpoint import open_source
+    from llama.formats.checkpoint import open_source
     return open_source(model_bin)
 
 

@@ -14,14 +14,14 @@ import torch
 
 import split_model
 from launch import REPO, free_port, rank_env
-from llama.batching import MixedPromptStage, PromptBank, Sampling
-from llama.chat import HINT, run_chat
-from llama.checkpoint import load_model
-from llama.distributed import DistContext
-from llama.generation import generate
-from llama.pipeline import Stage
-from llama.prompt import SoftPrompt
-from llama.tokenizer import Tokenizer
+from llama.serving.batching import MixedPromptStage, PromptBank, Sampling
+from llama.serving.chat import HINT, run_chat
+from llama.formats.checkpoint import load_model
+from llama.parallel.distributed import DistContext
+from llama.serving.generation import generate
+from llama.parallel.pipeline import Stage
+from llama.tuning.prompt import SoftPrompt
+from llama.model.tokenizer import Tokenizer
 
 LINES = ["Once upon a time", "Tom saw a dog", "The end"]
 MAX_GEN_LEN = 24

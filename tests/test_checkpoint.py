@@ -14,12 +14,13 @@ import torch
 
 import split_model
 from launch import REPO
-from llama import convert
-from llama.checkpoint import (load_model, open_source, read_split, stage_tensor_names,
+from llama.formats import convert
+from llama.formats.checkpoint import (load_model, open_source, read_split, stage_tensor_names,
                               write_split)
 from llama.errors import BadInput
-from llama.formats import (HFSource, Llama2cSource, MetaSource, read_safetensor,
-                           read_safetensors_header, save_hf_safetensors, save_meta)
+from llama.formats.hf import HFSource, save_hf_safetensors
+from llama.formats.layouts import Llama2cSource, MetaSource, save_meta
+from llama.formats.tensor_files import read_safetensor, read_safetensors_header
 
 STAGE_COUNTS = (1, 2, 3, 5)
 
@@ -257,7 +258,7 @@ def test_overwrite_never_replaces_a_folder_of_other_files(user_ckpts, splits, tm
     convert.main(str(model), str(meta))
     (meta / "converted.json").unlink()
     with pytest.raises(BadInput, match=r"meta already exists and is not a folder that "
-                                       r"llama.convert wrote \(it has no converted\.json\)"):
+                                       r"llama.formats.convert wrote \(it has no converted\.json\)"):
         convert.main(str(model), str(meta), overwrite=True)
     # A split with a file of the user's in it: replacing it would lose that file.
     split = tmp_path / "pp2"
@@ -287,7 +288,7 @@ def test_overwrite_replaces_a_previous_split_and_conversion(user_ckpts, capsys):
     convert.main(str(model), str(user_ckpts / "meta"), n_shards=2)
     convert.main(str(model), str(user_ckpts / "meta"), overwrite=True)
     marker = json.loads((user_ckpts / "meta" / "converted.json").read_text())
-    assert marker["written_by"] == "llama.convert" and marker["source"] == str(model.resolve())
+    assert marker["written_by"] == "llama.formats.convert" and marker["source"] == str(model.resolve())
     assert sorted(p.name for p in (user_ckpts / "meta").glob("*.pth")) == ["consolidated.00.pth"]
 
 
@@ -415,7 +416,7 @@ def replace(src, dst):  # SIGKILL at the moment the new folder would take the ol
     return real_replace(src, dst)
 
 os.replace = replace
-from llama import convert
+from llama.formats import convert
 convert.main(sys.argv[1], sys.argv[2], n_shards=int(sys.argv[3]), overwrite=True)
 """
 

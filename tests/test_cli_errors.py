@@ -20,11 +20,11 @@ import example_ft
 import ft_main
 import split_model
 from launch import REPO, launch
-from llama import convert
-from llama.checkpoint import load_model, open_source, sha256_of, write_split
+from llama.formats import convert
+from llama.formats.checkpoint import load_model, open_source, sha256_of, write_split
 from llama.cli import run_cli
 from llama.errors import BadInput
-from llama.formats import save_meta
+from llama.formats.layouts import save_meta
 from payload import RunsCode
 
 
@@ -160,7 +160,7 @@ def test_torchrun_world_size_different_from_n_stages(split):
 @pytest.mark.parametrize("missing", ["MASTER_ADDR", "MASTER_PORT"])
 def test_ranks_started_without_torchrun(monkeypatch, missing):
     """WORLD_SIZE set by hand, without the address of the job's store that torchrun gives."""
-    from llama.distributed import init_distributed
+    from llama.parallel.distributed import init_distributed
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
@@ -312,7 +312,7 @@ def test_scripts_exit_with_one_error_line_and_write_nothing(bin_path, split, met
         (["split_model.py", "--ckpt_dir", str(evil_meta), "--n_stages", "2",
           "--out_dir", str(tmp_path / "out_evil")], r"consolidated\.00\.pth needs code to unpickle",
          tmp_path / "out_evil"),
-        (["-m", "llama.convert", "--src", str(meta_dir), "--dst", str(tmp_path / "converted")],
+        (["-m", "llama.formats.convert", "--src", str(meta_dir), "--dst", str(tmp_path / "converted")],
          r"params\.json is missing", tmp_path / "converted"),
         (["example.py", "--ckpt_dir", str(split)], r"stage\.01\.pth is missing", None),
         # a folder that cannot take files (as a read-only one; root writes into those anyway)
@@ -320,12 +320,12 @@ def test_scripts_exit_with_one_error_line_and_write_nothing(bin_path, split, met
           "--out_dir", str(tmp_path / "marker.txt" / "pp2")],
          r"--out_dir \S+marker\.txt/pp2 cannot be written: its folder \S+marker\.txt does not "
          r"take new files \(Not a directory\)", None),
-        (["-m", "llama.convert", "--src", str(bin_path), "--dst",
+        (["-m", "llama.formats.convert", "--src", str(bin_path), "--dst",
           str(tmp_path / "marker.txt" / "conv")], r"--dst \S+conv cannot be written", None),
-        (["-m", "llama.convert", "--src", str(bin_path), "--dst", str(tmp_path / "conv"),
+        (["-m", "llama.formats.convert", "--src", str(bin_path), "--dst", str(tmp_path / "conv"),
           "--sha256", str(tmp_path / "nested.json")],
          r"--sha256 \S+nested\.json nests lists or objects too deeply", tmp_path / "conv"),
-        (["-m", "llama.plan", "--global_batch", "0"], r"--global_batch=0 must be a positive "
+        (["-m", "llama.tools.plan", "--global_batch", "0"], r"--global_batch=0 must be a positive "
                                                       r"integer", None),
     ]
     (tmp_path / "marker.txt").write_text("a file where a folder is asked for")
@@ -514,7 +514,7 @@ def test_a_misspelt_flag_stops_ft_main_before_it_reads_anything(model_bin, tmp_p
 # ---- --help: what the script does, then every option with its type, default and meaning ----
 
 def script_mains():
-    from llama import download
+    from llama.formats import download
     from llama.tools import distill, explain, plot
     return {"example.py": example.main, "example_ft.py": example_ft.main,
             "ft_main.py": ft_main.main, "split_model.py": split_model.main,
@@ -562,7 +562,7 @@ def test_help_of_a_module_with_commands_and_after_fires_separator():
 
 
 def test_a_skipped_record_note_names_the_flag_as_typed(tmp_path):
-    from llama.data import load_records
+    from llama.training.data import load_records
     path = tmp_path / "t.json"
     path.write_text(json.dumps([{"instruction": "a", "output": 1}, {"instruction": "b",
                                                                      "output": "c"}]))

@@ -1,4 +1,4 @@
-"""Tests of llama/data.py on the real Alpaca records and tokenizers: templates, targets, cache,
+"""Tests of llama/training/data.py on the real Alpaca records and tokenizers: templates, targets, cache,
 record checks, the held-out split and the batch loader. Run: python3 -m pytest -q tests/test_data.py
 """
 import json
@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from llama import data
-from llama.data import (ALPACA_PREAMBLE, IGNORE_INDEX, TEMPLATES, BatchLoader, MicroBatch,
+from llama.training import data
+from llama.training.data import (ALPACA_PREAMBLE, IGNORE_INDEX, TEMPLATES, BatchLoader, MicroBatch,
                         eval_batches, format_prompt, load_dataset, load_records,
                         make_micro_batch, split_dataset)
 from llama.errors import BadInput
-from llama.tokenizer import Tokenizer
+from llama.model.tokenizer import Tokenizer
 
 
 class Log(list):

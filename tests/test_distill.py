@@ -10,12 +10,12 @@ import re
 
 import ft_main
 from llama.tools import distill
-from llama.checkpoint import load_model
-from llama.distributed import DistContext
-from llama.pipeline import Stage
-from llama.prompt import SoftPrompt
-from llama.tuning_files import load_soft_prompt
-from llama.tokenizer import Tokenizer
+from llama.formats.checkpoint import load_model
+from llama.parallel.distributed import DistContext
+from llama.parallel.pipeline import Stage
+from llama.tuning.prompt import SoftPrompt
+from llama.tuning.files import load_soft_prompt
+from llama.model.tokenizer import Tokenizer
 
 
 def test_distilled_soft_prompt_carries_the_trait(assets, tmp_path):

@@ -1,4 +1,4 @@
-"""llama.download against local mirrors of the real assets: an HTTP server on 127.0.0.1, a folder,
+"""llama.formats.download against local mirrors of the real assets: an HTTP server on 127.0.0.1, a folder,
 and a server that hangs up midway. Offline and fast."""
 import dataclasses
 import errno
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from llama import download
+from llama.formats import download
 from llama.errors import BadInput
-from llama.tokenizer import Tokenizer
+from llama.model.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("no_outside_settings")
 
@@ -180,7 +180,7 @@ def test_cli_offline_takes_the_shared_assets_as_the_quickstart_did(tmp_path):
            if key != "LLAMA_MIRROR" and not key.lower().endswith("_proxy")}
     env |= {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
     result = subprocess.run(
-        [sys.executable, "-m", "llama.download", "--model", "stories260K", "--data", "none",
+        [sys.executable, "-m", "llama.formats.download", "--model", "stories260K", "--data", "none",
          "--folder", "ckpts"], cwd=tmp_path, env=env | {"PYTHONPATH": str(REPO)},
         capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -243,7 +243,7 @@ def test_bad_names_and_mirrors_are_refused(tmp_path, arguments, named):
 def test_cli_reports_a_missing_mirror_in_one_line(tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "LLAMA_MIRROR"}
     result = subprocess.run(
-        [sys.executable, "-m", "llama.download", "--model", "stories260K", "--data", "none",
+        [sys.executable, "-m", "llama.formats.download", "--model", "stories260K", "--data", "none",
          "--folder", str(tmp_path), "--mirror", str(tmp_path / "no_such_mirror")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0

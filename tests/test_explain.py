@@ -4,9 +4,9 @@ the checkpoint's own precision. Run: python3 -m pytest -q tests/test_explain.py
 import pytest
 
 from llama.tools import explain
-from llama.checkpoint import open_source, write_split
+from llama.formats.checkpoint import open_source, write_split
 from llama.errors import BadInput
-from llama.partition import describe_stage
+from llama.model.partition import describe_stage
 
 # torch.save's zip container: a few hundred bytes of header and pickle per tensor.
 FILE_OVERHEAD = 64 * 1024

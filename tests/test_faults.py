@@ -23,11 +23,12 @@ import torch
 import ft_main
 import split_model
 from launch import REPO, free_port, launch, rank_env
-from llama import files, runlog
-from llama.checkpoint import load_model, read_split
+from llama.formats import files
+from llama.training import runlog
+from llama.formats.checkpoint import load_model, read_split
 from llama.errors import BadInput
-from llama.model import ModelArgs
-from llama.tuning_files import load_soft_prompt, save_tuning
+from llama.model.transformer import ModelArgs
+from llama.tuning.files import load_soft_prompt, save_tuning
 
 FT_RANK = os.path.join("tests", "workers", "ft_rank.py")
 CRASH = os.path.join("tests", "workers", "crash_during_write.py")

@@ -30,16 +30,16 @@ import torch
 import ft_main
 import split_model
 from launch import REPO
-from llama.checkpoint import load_model, open_source, sha256_of, write_split
-from llama.data import load_dataset, make_micro_batch
+from llama.formats.checkpoint import load_model, open_source, sha256_of, write_split
+from llama.training.data import load_dataset, make_micro_batch
 from llama.errors import BadInput
-from llama.formats import (interleaved_to_rotate_half, meta_to_hf_name, save_hf_safetensors,
-                           save_meta)
-from llama.model import ModelArgs
-from llama.peft_files import export_peft
-from llama.tuning_files import load_soft_prompt, save_tuning
-from llama.tokenizer import Tokenizer
-from llama.resume import read_training_state
+from llama.formats.hf import interleaved_to_rotate_half, meta_to_hf_name, save_hf_safetensors
+from llama.formats.layouts import save_meta
+from llama.model.transformer import ModelArgs
+from llama.tuning.peft import export_peft
+from llama.tuning.files import load_soft_prompt, save_tuning
+from llama.model.tokenizer import Tokenizer
+from llama.training.resume import read_training_state
 
 CASES = 48  # per loader
 CASE_LIMIT_S = 10  # a case that takes longer is a failure: loaders must not loop on bad input

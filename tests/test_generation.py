@@ -12,11 +12,11 @@ import pytest
 
 import split_model
 from launch import REPO, check_all_ok, free_port, launch
-from llama.checkpoint import load_model
-from llama.distributed import DistContext
-from llama.generation import generate
-from llama.pipeline import Stage
-from llama.tokenizer import Tokenizer
+from llama.formats.checkpoint import load_model
+from llama.parallel.distributed import DistContext
+from llama.serving.generation import generate
+from llama.parallel.pipeline import Stage
+from llama.model.tokenizer import Tokenizer
 
 MAX_GEN_LEN = 16
 SETTINGS = dict(temperature=0.8, top_p=0.9, seed=0, stop_ids=(1, 2))

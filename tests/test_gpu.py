@@ -5,14 +5,14 @@ them on the GPU machine (python -m pytest -q -m gpu tests/test_gpu.py).
 import pytest
 import torch
 
-from llama.checkpoint import load_model
-from llama.data import make_micro_batch
-from llama.distributed import DistContext
+from llama.formats.checkpoint import load_model
+from llama.training.data import make_micro_batch
+from llama.parallel.distributed import DistContext
 from llama.errors import BadInput
-from llama.offload import apply_recompute, apply_weight_streaming, optimizer_device
-from llama.pipeline import Stage
-from llama.precision import LossScaler, ScaledAdamW, finish_step
-from llama.prompt import SoftPrompt, init_prompt_weight
+from llama.prepare.offload import apply_recompute, apply_weight_streaming, optimizer_device
+from llama.parallel.pipeline import Stage
+from llama.training.precision import LossScaler, ScaledAdamW, finish_step
+from llama.tuning.prompt import SoftPrompt, init_prompt_weight
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -102,7 +102,7 @@ def test_weight_streaming_frees_the_blocks_weights_from_the_gpu(model_bin):
 
 
 def test_out_of_memory_names_the_stage_and_the_switches(model_bin):
-    from llama.train import run_train_step
+    from llama.training.train import run_train_step
     _, _, stage = gpu_stage(model_bin, dtype=torch.float32)
     total = torch.cuda.get_device_properties(DEVICE).total_memory
     cfg = type("Cfg", (), {"schedule": "gpipe", "micro_batch_size": 64})()

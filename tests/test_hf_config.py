@@ -9,10 +9,12 @@ import json
 import pytest
 import torch
 
-from llama.checkpoint import load_model
+from llama.formats.checkpoint import load_model
 from llama.errors import BadInput
-from llama.formats import (HFSource, interleaved_to_rotate_half, meta_to_hf_name,
-                           save_hf_safetensors, save_meta, write_safetensors)
+from llama.formats.hf import (HFSource, interleaved_to_rotate_half, meta_to_hf_name,
+                              save_hf_safetensors)
+from llama.formats.layouts import save_meta
+from llama.formats.tensor_files import write_safetensors
 
 
 @pytest.fixture(scope="module")

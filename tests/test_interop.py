@@ -15,13 +15,13 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import ft_main  # noqa: E402
-from llama import convert  # noqa: E402
-from llama.checkpoint import load_model  # noqa: E402
-from llama.distributed import DistContext  # noqa: E402
-from llama.generation import generate  # noqa: E402
-from llama.tuning_files import load_tuning  # noqa: E402
-from llama.methods import apply_saved  # noqa: E402
-from llama.pipeline import Stage  # noqa: E402
+from llama.formats import convert  # noqa: E402
+from llama.formats.checkpoint import load_model  # noqa: E402
+from llama.parallel.distributed import DistContext  # noqa: E402
+from llama.serving.generation import generate  # noqa: E402
+from llama.tuning.files import load_tuning  # noqa: E402
+from llama.tuning.methods import apply_saved  # noqa: E402
+from llama.parallel.pipeline import Stage  # noqa: E402
 
 PROMPT = [1, 403, 407, 261]
 N_NEW = 12

@@ -67,3 +67,35 @@ def test_the_package_has_no_import_cycle():
 def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+# The package's parts, lowest first: a module imports only from its own part or from a part
+# below it. The top-level modules errors, cli and progress serve every part; prepare (join the
+# job, load a stage, apply the run's transforms in order) serves training and serving alike;
+# the tools sit above the runtime and are imported by no part of it.
+LAYERS = ["errors", "cli", "progress", "model", "formats", "tuning", "parallel", "prepare",
+          "training", "serving", "tools"]
+
+
+def layer_of(module: str) -> int:
+    part = module.split(".")[1] if "." in module else ""
+    assert part in LAYERS, f"{module} belongs to no layer: add its part to LAYERS"
+    return LAYERS.index(part)
+
+
+def upward_imports(graph: dict) -> list:
+    """[(importer, imported)] where a module imports from a part above its own."""
+    return sorted((name, other) for name, others in graph.items() if name != "llama"
+                  for other in others if layer_of(other) > layer_of(name))
+
+
+def test_imports_only_go_down_the_layers():
+    graph = import_graph()
+    assert {layer_of(name) for name in graph if name != "llama"} == set(range(len(LAYERS)))
+    assert upward_imports(graph) == [], "imports from a part above: " + ", ".join(
+        f"{a} imports {b}" for a, b in upward_imports(graph))
+
+
+def test_an_upward_import_is_found():
+    graph = {"llama.model.quant": {"llama.training.data"}, "llama.training.data": set()}
+    assert upward_imports(graph) == [("llama.model.quant", "llama.training.data")]

@@ -1,5 +1,5 @@
 """Merging PEFT LoRA adapters into the real stories260K model, exporting to the Hugging Face
-layout and checking sha256 lists (llama.convert --lora / --to hf / --sha256). The adapters are
+layout and checking sha256 lists (llama.formats.convert --lora / --to hf / --sha256). The adapters are
 written here in PEFT's file layout (adapter_config.json + adapter_model.safetensors or .bin)
 with random A/B; no peft or transformers is needed.
 Run: python3 -m pytest -q tests/test_lora.py
@@ -12,11 +12,11 @@ import struct
 import pytest
 import torch
 
-from llama import convert
-from llama.checkpoint import load_model, open_source, write_split
+from llama.formats import convert
+from llama.formats.checkpoint import load_model, open_source, write_split
 from llama.errors import BadInput
-from llama.formats import interleaved_to_rotate_half, meta_to_hf_name, rotate_half_to_interleaved
-from llama.files import sha256_of
+from llama.formats.hf import interleaved_to_rotate_half, meta_to_hf_name, rotate_half_to_interleaved
+from llama.formats.files import sha256_of
 
 # Meta name -> the module name PEFT's keys carry, for the modules the adapters here target.
 TARGETS = {"q_proj": "attention.wq", "k_proj": "attention.wk", "v_proj": "attention.wv",
@@ -360,7 +360,7 @@ def adapter_with_value(folder, args, tensors, value, key_end="q_proj.lora_A.weig
     """A LoRA adapter with `value` written into one element of the tensor ending in key_end."""
     make_adapter(folder, args, tensors, seed=11)
     weights = folder / "adapter_model.safetensors"
-    from llama.formats import read_safetensors_header, read_safetensor
+    from llama.formats.tensor_files import read_safetensor, read_safetensors_header
     data_start, header = read_safetensors_header(weights)
     loaded = {key: read_safetensor(weights, data_start, entry) for key, entry in header.items()}
     key = next(k for k in loaded if k.endswith("layers.0.self_attn." + key_end))

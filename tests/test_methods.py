@@ -1,4 +1,4 @@
-"""Deep soft prompts (llama/methods.py): prefix tuning and LLaMA-Adapter through the pipeline.
+"""Deep soft prompts (llama/tuning/methods.py): prefix tuning and LLaMA-Adapter through the pipeline.
 
 Each method's gradient through 2 and 4 real gloo stages (GPipe and 1F1B) equals one process's
 on the full batch; ft_main --method prefix through 2 stages trains like one process and its
@@ -16,16 +16,16 @@ import example_ft
 import ft_main
 import split_model
 from launch import check_all_ok, launch
-from llama import train
-from llama.checkpoint import load_model
-from llama.distributed import DistContext
+from llama.training import train
+from llama.formats.checkpoint import load_model
+from llama.parallel.distributed import DistContext
 from llama.errors import BadInput
-from llama.generation import generate
-from llama.peft_files import export_peft
-from llama.tuning_files import load_tuning, save_tuning
-from llama.methods import apply_adapter, apply_prefix, apply_saved
-from llama.pipeline import Stage
-from llama.run_folder import LOCK_FILE, claim_out
+from llama.serving.generation import generate
+from llama.tuning.peft import export_peft
+from llama.tuning.files import load_tuning, save_tuning
+from llama.tuning.methods import apply_adapter, apply_prefix, apply_saved
+from llama.parallel.pipeline import Stage
+from llama.training.run_folder import LOCK_FILE, claim_out
 from workers.prompt_grad import Batch, make_micro_batches
 
 METHODS = ("prefix", "adapter")

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama import model as model_module
-from llama.checkpoint import load_model, open_source
-from llama.distributed import DistContext
-from llama.generation import generate
-from llama.pipeline import Stage
-from llama.tokenizer import Tokenizer
+from llama.model import transformer as model_module
+from llama.formats.checkpoint import load_model, open_source
+from llama.parallel.distributed import DistContext
+from llama.serving.generation import generate
+from llama.parallel.pipeline import Stage
+from llama.model.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

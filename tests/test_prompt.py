@@ -18,18 +18,18 @@ import torch
 import example_ft
 import ft_main
 from launch import REPO
-from llama.checkpoint import load_model
-from llama.model import params_digest
-from llama.data import ALPACA_PREAMBLE, format_prompt
-from llama.distributed import DistContext
+from llama.formats.checkpoint import load_model
+from llama.model.transformer import params_digest
+from llama.training.data import ALPACA_PREAMBLE, format_prompt
+from llama.parallel.distributed import DistContext
 from llama.errors import BadInput
-from llama.files import sha256_of
-from llama.generation import generate
-from llama.pipeline import Stage
-from llama.peft_files import export_peft, import_peft
-from llama.prompt import SoftPrompt, init_prompt_weight
-from llama.tokenizer import Tokenizer
-from llama.tuning_files import load_soft_prompt, load_tuning, save_tuning
+from llama.formats.files import sha256_of
+from llama.serving.generation import generate
+from llama.parallel.pipeline import Stage
+from llama.tuning.peft import export_peft, import_peft
+from llama.tuning.prompt import SoftPrompt, init_prompt_weight
+from llama.model.tokenizer import Tokenizer
+from llama.tuning.files import load_soft_prompt, load_tuning, save_tuning
 
 TEXTS = ["Give three tips for staying healthy.", "Once upon a time"]
 HF_BASE_MODEL = "someone/stories260K-hf"  # what --base_model records for transformers + peft

@@ -1,4 +1,4 @@
-"""Quantized frozen weights (llama/quant.py), splits sized to unequal cards and the planner, on
+"""Quantized frozen weights (llama/model/quant.py), splits sized to unequal cards and the planner, on
 the real stories260K: the quantized linear against its dequantized matrix, the fused kernels
 against the fallback, quality on the reference sentences, the pipeline on quantized stages,
 and every bad input of docs/bad_inputs.md's quantization rows.
@@ -13,17 +13,18 @@ import torch.nn.functional as F
 import split_model
 from bench.common import autograd_saved_bytes
 from launch import check_all_ok, launch
-from llama import plan
-from llama.checkpoint import load_model, read_split
-from llama.data import make_micro_batch
-from llama.distributed import DistContext
+from llama.tools import plan
+from llama.formats.checkpoint import load_model, read_split
+from llama.training.data import make_micro_batch
+from llama.parallel.distributed import DistContext
 from llama.errors import BadInput
-from llama.memory import GIB, stage_estimates, stage_weight_bytes
-from llama.partition import stage_layer_ranges
-from llama.pipeline import Stage
-from llama.prompt import SoftPrompt, init_prompt_weight
-from llama.quant import QuantizedLinear, quantized_tensors, use_int4_kernels
-from llama.tokenizer import Tokenizer
+from llama.model.partition import GIB, stage_weight_bytes
+from llama.training.memory import stage_estimates
+from llama.model.partition import stage_layer_ranges
+from llama.parallel.pipeline import Stage
+from llama.tuning.prompt import SoftPrompt, init_prompt_weight
+from llama.model.quant import QuantizedLinear, quantized_tensors, use_int4_kernels
+from llama.model.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +289,7 @@ def test_quantized_split_with_a_scheme_this_reader_does_not_know(splits, tmp_pat
 
 def test_quantized_split_read_by_an_older_reader(splits, tmp_path, monkeypatch):
     """A reader from before quantization knew format 1 only: it must refuse format 2 at once."""
-    import llama.checkpoint as checkpoint
+    import llama.formats.checkpoint as checkpoint
     monkeypatch.setattr(checkpoint, "QUANTIZED_SPLIT_FORMAT", 1)
     with pytest.raises(BadInput, match=r"split.json is format 2, newer than this reader \(up to "
                                        r"1\): update the project or split the model again"):
@@ -298,7 +299,7 @@ def test_quantized_split_read_by_an_older_reader(splits, tmp_path, monkeypatch):
 # ---- the planner ----
 
 def test_planner_weights_add_up_to_the_stage_files(splits):
-    """The arithmetic of llama/memory.py against the bytes split_model.py wrote (+ pickling)."""
+    """The arithmetic of llama/training/memory.py against the bytes split_model.py wrote (+ pickling)."""
     for scheme, folder in splits.items():
         args, manifest = read_split(folder)
         quantization = manifest.get("quantization")

@@ -6,7 +6,7 @@ import inspect
 import shlex
 from pathlib import Path
 
-from llama import download
+from llama.formats import download
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ def flag(words, name):
 def test_every_readme_command_reads_only_what_an_earlier_one_wrote():
     commands = readme_commands()
     first = commands[0]
-    assert first[:3] == ["python", "-m", "llama.download"], "the block starts with the download"
+    assert first[:3] == ["python", "-m", "llama.formats.download"], "the block starts with the download"
     defaults = {name: p.default for name, p in inspect.signature(download.main).parameters.items()}
     model_folder = flag(first, "--folder") or defaults["folder"]
     data_folder = flag(first, "--data_folder") or defaults["data_folder"]

@@ -28,12 +28,12 @@ import torch
 
 import example_ft
 import ft_main
-from llama import download
-from llama.checkpoint import load_model, sha256_of
+from llama.formats import download
+from llama.formats.checkpoint import load_model, sha256_of
 from llama.errors import BadInput
-from llama.formats import interleaved_to_rotate_half, meta_to_hf_name, save_hf_safetensors
-from llama.peft_files import export_peft
-from llama.tuning_files import load_soft_prompt, save_tuning
+from llama.formats.hf import interleaved_to_rotate_half, meta_to_hf_name, save_hf_safetensors
+from llama.tuning.peft import export_peft
+from llama.tuning.files import load_soft_prompt, save_tuning
 from payload import RunsCode
 
 pytestmark = pytest.mark.usefixtures("no_outside_settings")

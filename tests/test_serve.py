@@ -20,16 +20,16 @@ import torch
 
 import split_model
 from launch import REPO, rank_env, free_port
-from llama.batching import MixedPromptStage, PromptBank, Steps
-from llama.checkpoint import load_model
-from llama.distributed import DistContext
+from llama.serving.batching import MixedPromptStage, PromptBank, Steps
+from llama.formats.checkpoint import load_model
+from llama.parallel.distributed import DistContext
 from llama.errors import BadInput
-from llama.generation import decode_continuation, generate
-from llama.pipeline import Stage
-from llama.prompt import SoftPrompt
-from llama.tuning_files import load_soft_prompt, save_tuning
-from llama.serving import Limits, Server, Service
-from llama.tokenizer import Tokenizer
+from llama.serving.generation import decode_continuation, generate
+from llama.parallel.pipeline import Stage
+from llama.tuning.prompt import SoftPrompt
+from llama.tuning.files import load_soft_prompt, save_tuning
+from llama.serving.http import Limits, Server, Service
+from llama.model.tokenizer import Tokenizer
 
 TEXTS = ["Once upon a time", "Tom and Lily went to the park. They saw", "The cat"]
 PROMPT_LENGTHS = {"short": 3, "long": 7}

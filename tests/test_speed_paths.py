@@ -9,19 +9,19 @@ import pytest
 import torch
 from torch.utils.checkpoint import CheckpointPolicy
 
-from llama.checkpoint import load_model
-from llama.compiling import apply_compile, compiler_missing
-from llama.data import MicroBatch
-from llama.distributed import DistContext
+from llama.formats.checkpoint import load_model
+from llama.prepare.compiling import apply_compile, compiler_missing
+from llama.training.data import MicroBatch
+from llama.parallel.distributed import DistContext
 from llama.errors import BadInput
-from llama.fused import apply_fused_projections
-from llama.generation import generate
-from llama import compiling, offload
-from llama.offload import apply_recompute
-from llama.pipeline import Stage
-from llama.prompt import SoftPrompt
-from llama.runtime import compile_blocks
-from llama.tokenizer import Tokenizer
+from llama.model.fused import apply_fused_projections
+from llama.serving.generation import generate
+from llama.prepare import compiling, offload
+from llama.prepare.offload import apply_recompute
+from llama.parallel.pipeline import Stage
+from llama.tuning.prompt import SoftPrompt
+from llama.prepare.stage import compile_blocks
+from llama.model.tokenizer import Tokenizer
 
 MAX_GEN_LEN = 16
 SETTINGS = dict(top_p=0.9, seed=0, stop_ids=(1, 2))

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from llama import trace
+from llama.parallel import trace
 from llama.tools import plot
 from llama.errors import BadInput
-from llama.trace import Tracer, bubble_fraction, ideal_bubble_fraction, write_chrome_trace
+from llama.parallel.trace import Tracer, bubble_fraction, ideal_bubble_fraction, write_chrome_trace
 
 REPO = Path(__file__).resolve().parents[1]
 SVG = "{http://www.w3.org/2000/svg}"

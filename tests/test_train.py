@@ -20,17 +20,17 @@ import torch
 import ft_main
 import split_model
 from launch import REPO, check_all_ok, launch
-from llama import train
-from llama.checkpoint import load_model
-from llama.data import load_dataset, make_micro_batch
-from llama.distributed import DistContext
+from llama.training import train
+from llama.formats.checkpoint import load_model
+from llama.training.data import load_dataset, make_micro_batch
+from llama.parallel.distributed import DistContext
 from llama.errors import BadInput
-from llama.model import rotary_tables
-from llama.offload import apply_recompute, apply_weight_streaming, optimizer_device
-from llama.pipeline import Stage, loss_sum
-from llama.precision import ScaledAdamW
-from llama.prompt import SoftPrompt, init_prompt_weight
-from llama.tokenizer import Tokenizer
+from llama.model.transformer import rotary_tables
+from llama.prepare.offload import apply_recompute, apply_weight_streaming, optimizer_device
+from llama.parallel.pipeline import Stage, loss_sum
+from llama.training.precision import ScaledAdamW
+from llama.tuning.prompt import SoftPrompt, init_prompt_weight
+from llama.model.tokenizer import Tokenizer
 
 TIMING_FIELDS = ("tokens_per_s", "peak_mem_gib")  # the only metrics allowed to differ between runs
 
@@ -669,7 +669,7 @@ def test_out_holding_only_other_files_is_used_and_they_are_kept(model_bin, alpac
 HOLD_OUT = """
 import sys
 from pathlib import Path
-from llama.run_folder import claim_out
+from llama.training.run_folder import claim_out
 with claim_out(Path(sys.argv[1]), resume=None, overwrite=False, log=print):
     print("holding", flush=True)
     sys.stdin.read()
@@ -791,7 +791,7 @@ def test_eval_fraction_on_one_example_says_nothing_is_held_out(model_bin, alpaca
 
 
 def test_out_inside_the_checkpoint_read_is_refused(model_bin, alpaca_small, tmp_path):
-    from llama.checkpoint import open_source, write_split
+    from llama.formats.checkpoint import open_source, write_split
     split = tmp_path / "pp2"
     write_split(open_source(model_bin), split, 2, log=lambda *_: None)
     before = sorted(p.name for p in split.iterdir())

@@ -13,13 +13,13 @@ from pathlib import Path
 
 from llama.cli import run_cli
 from llama.errors import BadInput
-from llama.faults import PeerLost, report_and_exit
-from llama.files import atomic_write_text
-from llama.generation import decode_continuation, generate
-from llama.pipeline import Stage
-from llama.prompt import SoftPrompt
-from llama.tuning_files import load_soft_prompt
-from llama.runtime import start_stage
+from llama.parallel.faults import PeerLost, report_and_exit
+from llama.formats.files import atomic_write_text
+from llama.serving.generation import decode_continuation, generate
+from llama.parallel.pipeline import Stage
+from llama.tuning.prompt import SoftPrompt
+from llama.tuning.files import load_soft_prompt
+from llama.prepare.stage import start_stage
 
 HARD_PROMPT = ("Max was a big brown dog. Max liked to bark. Max the dog ran and barked. "
                "Max had a red ball. Max the dog was happy. ")

@@ -6,13 +6,13 @@
 Arithmetic from the shape; a checkpoint adds its real precision and embedding statistics, a split
 folder its stages and file sizes from split.json.
 """
-from llama.checkpoint import (is_split_dir, load_stage_tensors, open_source, read_split,
+from llama.formats.checkpoint import (is_split_dir, load_stage_tensors, open_source, read_split,
                               stage_plan)
 from llama.cli import run_cli
 from llama.errors import BadInput
-from llama.model import NAMED_SHAPES, ModelArgs
-from llama.partition import describe_stage, parameter_costs
-from llama.trace import ideal_bubble_fraction
+from llama.model.transformer import NAMED_SHAPES, ModelArgs
+from llama.model.partition import describe_stage, parameter_costs
+from llama.parallel.trace import ideal_bubble_fraction
 
 SHAPES = {name: ModelArgs(**params) for name, params in NAMED_SHAPES.items()}
 BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}

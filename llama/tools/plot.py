@@ -11,8 +11,8 @@ from xml.sax.saxutils import escape, quoteattr
 
 from llama.cli import run_cli
 from llama.errors import BadInput
-from llama.files import atomic_write_text
-from llama.trace import bubble_fraction, events_by_stage, ideal_bubble_fraction, stage_name
+from llama.formats.files import atomic_write_text
+from llama.parallel.trace import bubble_fraction, events_by_stage, ideal_bubble_fraction, stage_name
 
 FONT = "sans-serif"
 CHAR_WIDTH = 7  # about the width of one 12px sans-serif character, for fitting text into boxes

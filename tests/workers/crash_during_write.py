@@ -18,7 +18,7 @@ from llama.cli import run_cli
 
 import ft_main
 import split_model
-from llama import files
+from llama.formats import files
 
 CRASH_EXIT = 97
 SCRIPTS = {"ft_main": ft_main.main, "split_model": split_model.main}

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import ft_main
-from llama import train
+from llama.training import train
 from llama.cli import run_cli
 
 

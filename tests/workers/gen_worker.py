@@ -7,10 +7,10 @@ import json
 
 from llama.cli import run_cli
 
-from llama.checkpoint import load_model
-from llama.distributed import init_distributed
-from llama.generation import generate
-from llama.pipeline import Stage
+from llama.formats.checkpoint import load_model
+from llama.parallel.distributed import init_distributed
+from llama.serving.generation import generate
+from llama.parallel.pipeline import Stage
 
 
 def main(ckpt, out, prompts, max_gen_len=12, temperature=0.8, top_p=0.9, seed=0, stop_ids=(1, 2),

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from llama.cli import run_cli
 
-from llama.distributed import init_distributed
-from llama.faults import PeerLost, report_and_exit
+from llama.parallel.distributed import init_distributed
+from llama.parallel.faults import PeerLost, report_and_exit
 
 
 def main(rank_dir, victim: int = 1, at: int = 20, how: str = "kill", timeout_s: float = 60):

@@ -8,12 +8,12 @@ adapter's gates start at 0.5 here, not 0, so that its prompts get a gradient to 
 from llama.cli import run_cli
 import torch
 
-from llama.checkpoint import load_model
-from llama.distributed import init_distributed
-from llama.methods import apply_adapter, apply_prefix, apply_prompt
-from llama.offload import apply_recompute
-from llama.pipeline import Stage
-from llama.prompt import SoftPrompt, init_prompt_weight
+from llama.formats.checkpoint import load_model
+from llama.parallel.distributed import init_distributed
+from llama.tuning.methods import apply_adapter, apply_prefix, apply_prompt
+from llama.prepare.offload import apply_recompute
+from llama.parallel.pipeline import Stage
+from llama.tuning.prompt import SoftPrompt, init_prompt_weight
 from prompt_grad import make_micro_batches
 
 

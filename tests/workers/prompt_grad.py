@@ -10,11 +10,11 @@ import json
 from llama.cli import run_cli
 import torch
 
-from llama.checkpoint import load_model
-from llama.data import make_micro_batch
-from llama.distributed import init_distributed
-from llama.pipeline import Stage
-from llama.prompt import SoftPrompt, init_prompt_weight
+from llama.formats.checkpoint import load_model
+from llama.training.data import make_micro_batch
+from llama.parallel.distributed import init_distributed
+from llama.parallel.pipeline import Stage
+from llama.tuning.prompt import SoftPrompt, init_prompt_weight
 
 
 class Batch:

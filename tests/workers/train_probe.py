@@ -11,7 +11,7 @@ from pathlib import Path
 from llama.cli import run_cli
 
 import ft_main
-from llama import train
+from llama.training import train
 
 
 def main(probe_dir, **ft_args):

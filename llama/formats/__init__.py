@@ -1,0 +1,1 @@
+"""Every file layout read or written, split folders, convert, LoRA merge, download."""

@@ -1,0 +1,1 @@
+"""The transformer, tokenizer, quantized/fused linears, layer ranges."""

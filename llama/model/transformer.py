@@ -1,0 +1,296 @@
+"""The LLaMA transformer, built for all layers or for one pipeline stage's range of them.
+
+Plain PyTorch: nothing here knows devices, ranks or files. A stage built for layers [a, b) keeps
+its blocks under their global index, so its state-dict keys (`layers.17.attention.wq.weight`)
+are the full model's and a stage file loads with strict key checking.
+"""
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# Meta's params.json of LLaMA-1/2 7B and 13B (hidden_dim follows from multiple_of: 11008 and
+# 13824): the shapes the planner, llama.tools.explain and the benchmarks know by name.
+NAMED_SHAPES = {
+    "7B": {"dim": 4096, "n_layers": 32, "n_heads": 32, "vocab_size": 32000, "multiple_of": 256},
+    "13B": {"dim": 5120, "n_layers": 40, "n_heads": 40, "vocab_size": 32000, "multiple_of": 256},
+}
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # fewer than n_heads means grouped-query attention
+    vocab_size: int = 32000
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    hidden_dim: Optional[int] = None  # llama2.c stores the FFN width; Meta derives it (below)
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.hidden_dim is None:
+            self.hidden_dim = meta_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
+    """SwiGLU width as Meta computes it: 2/3 of 4*dim, scaled, rounded up to multiple_of."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def params_digest(args: ModelArgs) -> str:
+    """A short fingerprint of the model's shape, stored with prompts to refuse a wrong model.
+
+    max_seq_len is left out: it is a runtime limit, not part of the weights.
+    """
+    params = {k: v for k, v in args_to_params(args).items() if k != "max_seq_len"}
+    text = json.dumps(params, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def args_to_params(args: ModelArgs) -> dict:
+    return {k: getattr(args, k) for k in ModelArgs.__dataclass_fields__}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in float32 even when x is fp16: the mean of squares overflows fp16.
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rotary_tables(head_dim: int, theta: float, start_pos, length: int, device):
+    """cos and sin of the rotary angles for positions [start_pos, start_pos + length).
+
+    Meta's convention: pair i of a head is (x[2i], x[2i+1]) and turns at theta^(-2i/head_dim)
+    per position. Computed on the fly in float32: it is tiny next to the matrix products.
+    start_pos is an int, or a one-element tensor on the device (static decode: no host value).
+    """
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    # Whole numbers are exact in float32, so this equals arange(start_pos, start_pos + length).
+    positions = torch.arange(length, device=device, dtype=torch.float32) + start_pos
+    angles = torch.outer(positions, inv_freq)  # (T, head_dim/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate interleaved pairs of x (B, T, heads, head_dim) by the given angles."""
+    B, T, H, D = x.shape
+    pairs = x.float().reshape(B, T, H, D // 2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D/2)
+    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return rotated.flatten(3).type_as(x)
+
+
+class KVCache:
+    """Keys and values of one attention layer for every position generated so far."""
+
+    def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
+                 dtype, device):
+        shape = (batch_size, max_seq_len, n_kv_heads, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, start_pos, keys, values):
+        """Store keys/values (B, T, kv_heads, hd) at start_pos; return all up to start_pos + T.
+
+        With start_pos a device tensor every shape stays fixed (what a CUDA graph needs): the
+        write is an in-place index copy and the whole cache comes back; a mask hides the rest.
+        """
+        B, T = keys.shape[:2]
+        if torch.is_tensor(start_pos):
+            positions = start_pos + torch.arange(T, device=keys.device)
+            self.keys[:B].index_copy_(1, positions, keys)
+            self.values[:B].index_copy_(1, positions, values)
+            return self.keys[:B], self.values[:B]
+        self.keys[:B, start_pos:start_pos + T] = keys
+        self.values[:B, start_pos:start_pos + T] = values
+        return self.keys[:B, :start_pos + T], self.values[:B, :start_pos + T]
+
+    def keep_rows(self, rows):
+        """Keep only the given batch rows (a list of indices), in that order."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.keys.device)
+        self.keys, self.values = self.keys[index], self.values[index]
+
+
+def causal_mask(n_queries: int, n_keys: int, device, start_pos=None):
+    """Boolean mask (T, S): query t, at position start_pos + t, sees keys up to its own position.
+
+    start_pos defaults to S - T (the keys end with the queries); a device tensor for the static
+    cache, whose S is its whole length.
+    """
+    offset = n_keys - n_queries if start_pos is None else start_pos
+    key_pos = torch.arange(n_keys, device=device)
+    query_pos = torch.arange(n_queries, device=device) + offset
+    return key_pos[None, :] <= query_pos[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.wqkv: Optional[nn.Linear] = None  # wq, wk, wv as one matrix (llama/model/fused.py)
+        self.cache: Optional[KVCache] = None  # set by Transformer.setup_kv_cache for generation
+        # Optional keys/values every query sees before the text (prefix tuning): a function
+        # returning ((P, kv_heads, hd) keys, values), or None. With a cache they sit in its
+        # first P positions instead (written there by whoever set the prefix).
+        self.prefix = None
+
+    def project_qkv(self, x):
+        """(q, k, v) of x: three matrix products, or one once the projections are fused."""
+        if self.wqkv is None:
+            return self.wq(x), self.wk(x), self.wv(x)
+        kv_width = self.n_kv_heads * self.head_dim
+        return self.wqkv(x).split([self.n_heads * self.head_dim, kv_width, kv_width], dim=-1)
+
+    def forward(self, x, cos, sin, start_pos):
+        B, T, _ = x.shape
+        q, k, v = self.project_qkv(x)
+        q = q.reshape(B, T, self.n_heads, self.head_dim)
+        k = k.reshape(B, T, self.n_kv_heads, self.head_dim)
+        v = v.reshape(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.cache is not None:
+            k, v = self.cache.update(start_pos, k, v)  # (B, start_pos + T, kv_heads, hd)
+        elif self.prefix is not None and (prefix := self.prefix()) is not None:
+            k, v = (torch.cat([p.to(x.dtype).expand(B, -1, -1, -1), t], dim=1)
+                    for p, t in zip(prefix, (k, v)))  # (B, P + T, kv_heads, hd)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T|S, hd)
+        n_keys = k.shape[2]
+        # Without earlier positions the plain causal flag does it (and picks the fast kernels);
+        # one new query sees every cached key; a chunk after a prefix needs the offset mask.
+        # A device-side start_pos means the whole static cache came back: always masked.
+        static = torch.is_tensor(start_pos)
+        is_causal = n_keys == T and T > 1 and not static
+        mask = causal_mask(T, n_keys, x.device, start_pos if static else None) \
+            if static or (n_keys > T and T > 1) else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                             enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w13: Optional[nn.Linear] = None  # w1 and w3 as one matrix (llama/model/fused.py)
+
+    def forward(self, x):
+        if self.w13 is None:
+            gate, up = self.w1(x), self.w3(x)
+        else:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+
+    def forward(self, x, cos, sin, start_pos):
+        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """All of LLaMA, or the part of it one pipeline stage owns.
+
+    layer_range=(a, b) builds blocks a..b-1; `embeddings` adds the token embedding table (the
+    first stage), `head` the final norm and output projection (the last stage).
+    """
+
+    def __init__(self, args: ModelArgs, layer_range=None, embeddings: bool = True,
+                 head: bool = True):
+        super().__init__()
+        self.args = args
+        first, last = layer_range if layer_range is not None else (0, args.n_layers)
+        if not 0 <= first < last <= args.n_layers:
+            raise ValueError(f"layer range {first}..{last} is outside 0..{args.n_layers}")
+        self.layer_range = (first, last)
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim) if embeddings else None
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(first, last)})
+        self.norm = RMSNorm(args.dim, args.norm_eps) if head else None
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False) if head else None
+
+    @property
+    def has_embeddings(self) -> bool:
+        return self.tok_embeddings is not None
+
+    @property
+    def has_head(self) -> bool:
+        return self.output is not None
+
+    def embed(self, tokens):
+        """(B, T) token ids -> (B, T, dim) hidden states."""
+        return self.tok_embeddings(tokens)
+
+    def run_layers(self, h, start_pos=0):
+        """Pass hidden states (B, T, dim) at positions start_pos.. through this stage's blocks.
+
+        start_pos: an int, or a one-element device tensor for the static KV cache (fixed shapes).
+        """
+        cos, sin = rotary_tables(self.args.head_dim, self.args.rope_theta, start_pos, h.shape[1],
+                                 h.device)
+        for block in self.layers.values():
+            h = block(h, cos, sin, start_pos)
+        return h
+
+    def logits(self, h):
+        """Final norm and output projection: (..., dim) -> (..., vocab)."""
+        return self.output(self.norm(h))
+
+    def forward(self, x, start_pos: int = 0):
+        """Token ids (first stage) or hidden states (others) -> logits (last) or hidden states."""
+        h = self.embed(x) if self.has_embeddings else x
+        h = self.run_layers(h, start_pos)
+        return self.logits(h) if self.has_head else h
+
+    def setup_kv_cache(self, batch_size: int, max_seq_len: int):
+        # the activations' dtype: a norm's gain is float even when the linears hold packed codes
+        weight = next(iter(self.layers.values())).attention_norm.weight
+        for block in self.layers.values():
+            block.attention.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads,
+                                            self.args.head_dim, weight.dtype, weight.device)
+
+    def keep_cache_rows(self, rows):
+        """Drop the cache rows of sequences that have finished (rows: the indices kept)."""
+        for block in self.layers.values():
+            block.attention.cache.keep_rows(rows)
+
+    def clear_kv_cache(self):
+        for block in self.layers.values():
+            block.attention.cache = None

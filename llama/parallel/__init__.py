@@ -1,0 +1,1 @@
+"""Transport, faults, the Stage and its schedules, traces."""

@@ -1,0 +1,253 @@
+"""Pipeline parallelism by hand: one rank per stage, activations forward, their gradients back.
+
+A Stage is one rank's model plus its neighbours. `train_step` runs a GPipe or 1F1B schedule of
+micro-batches through it, `next_ids` one prefill or decode step of generation; with one stage (one process) the same code is plain gradient
+accumulation, which is why the pipeline's gradient can be checked against it exactly.
+"""
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from llama.errors import BadInput
+from llama.tuning.methods import Tuning, apply_prompt
+from llama.model.static_decode import StaticDecoder
+
+SCHEDULES = ("gpipe", "1f1b")
+
+
+def schedule_actions(schedule: str, stage: int, n_stages: int, n_micro: int):
+    """The order of ("F", i) forwards and ("B", i) backwards that `stage` runs in one step.
+
+    GPipe: every forward, then every backward. 1F1B: stage s first runs p-s-1 forwards (filling
+    the pipe), then alternates one forward and one backward, then drains the backwards; so at
+    most p micro-batches are ever in flight on stage 0 instead of m.
+    """
+    if schedule == "gpipe":
+        return [("F", i) for i in range(n_micro)] + [("B", i) for i in range(n_micro)]
+    if schedule != "1f1b":
+        raise BadInput(f"--schedule {schedule!r} must be one of {', '.join(SCHEDULES)}")
+    warmup = min(n_stages - stage - 1, n_micro)
+    actions = [("F", i) for i in range(warmup)]
+    for i in range(n_micro - warmup):
+        actions += [("F", warmup + i), ("B", i)]
+    return actions + [("B", i) for i in range(n_micro - warmup, n_micro)]
+
+
+LOSS_CHUNK_TOKENS = 1024  # target positions whose logits exist at once
+
+
+def _chunk_loss(stage_model, h_chunk, targets_chunk):
+    logits = stage_model.logits(h_chunk).float()  # (chunk, vocab): the only float32 logits
+    return F.cross_entropy(logits, targets_chunk, reduction="sum")
+
+
+def loss_sum(stage_model, h, targets):
+    """Summed cross-entropy over the positions that have a target (-100 marks the others).
+
+    targets stays on the CPU, so finding those positions never waits for the GPU. Only they go
+    through the output head, LOSS_CHUNK_TOKENS at a time; in training each chunk's logits are
+    recomputed in the backward pass rather than kept, so the (B, T, vocab) logits never exist and
+    a chunk's are the most held at once (about 14 bytes x chunk x vocab).
+    """
+    flat_targets = targets.reshape(-1)
+    positions = (flat_targets != -100).nonzero().squeeze(1)
+    picked = h.reshape(-1, h.shape[-1]).index_select(0, positions.to(h.device))  # (N, dim)
+    picked_targets = flat_targets[positions].to(h.device)
+    total = h.new_zeros((), dtype=torch.float32)
+    for h_chunk, t_chunk in zip(picked.split(LOSS_CHUNK_TOKENS), picked_targets.split(LOSS_CHUNK_TOKENS)):
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss, stage_model, h_chunk, t_chunk, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(stage_model, h_chunk, t_chunk)
+    return total
+
+
+class Stage:
+    """One rank's part of the pipeline: its layers, what its tuning method trains, the transport.
+
+    soft_prompt + n_virtual is the prompt method's short form; `tuning` (llama/tuning/methods.py) any
+    method's. loss_fn(model, h, targets) -> the loss summed over the positions that have a target
+    (-100 marks the others), on the last stage's hidden states after the virtual tokens; the
+    Stage divides it by the global batch's target count. Cross-entropy (loss_sum) by default:
+    another loss is this one argument, not an edit of the schedule.
+    """
+
+    def __init__(self, model, ctx, soft_prompt=None, n_virtual: int = 0, tracer=None,
+                 tuning: Tuning = None, cuda_graph: bool = False, loss_fn=loss_sum):
+        self.model, self.ctx = model, ctx
+        self.loss_fn = loss_fn
+        self.tuning = tuning if tuning is not None else apply_prompt(soft_prompt, n_virtual)
+        self.n_virtual = self.tuning.n_virtual  # every stage must know it: positions before text
+        self.dtype = next(model.parameters()).dtype
+        self.device = ctx.device
+        self.tracer = tracer
+        self.step = 0  # the training step, for the trace
+        self.in_flight = {}  # micro-batch -> what its backward needs
+        # cuda_graph: decode steps with a static cache, each replayed as a CUDA graph on a GPU
+        # (run uncaptured on a CPU); prefill stays eager.
+        self.static_decoder = StaticDecoder(model, ctx.device) if cuda_graph else None
+
+    @property
+    def is_first(self):
+        return self.ctx.is_first
+
+    @property
+    def is_last(self):
+        return self.ctx.is_last
+
+    @property
+    def max_seq_len(self):
+        return self.model.args.max_seq_len
+
+    def span(self, name, category, **args):
+        if self.tracer is None:
+            return contextlib.nullcontext()
+        return self.tracer.span(name, category, step=self.step, **args)
+
+    def hidden_virtual(self, with_prompt: bool) -> int:
+        """Positions the method adds before the text in the hidden states (the prompt's)."""
+        return self.tuning.hidden_virtual if with_prompt else 0
+
+    def text_start(self, with_prompt: bool) -> int:
+        """The first rotary position of what the stage's layers run (after a prefix's keys)."""
+        return self.n_virtual - self.tuning.hidden_virtual if with_prompt else 0
+
+    def run_layers(self, h, with_prompt: bool, start_pos: int = 0):
+        if with_prompt:
+            return self.model.run_layers(h, start_pos + self.text_start(True))
+        with self.tuning.off():
+            return self.model.run_layers(h, start_pos)
+
+    def hidden_in(self, tokens, with_prompt: bool):
+        """First stage: embed tokens (B, T) and let the method prepend (the prompt); others:
+        receive h."""
+        B, T = tokens.shape
+        if self.is_first:
+            h = self.model.embed(tokens.to(self.device))
+            return self.tuning.prepend(h) if with_prompt else h
+        length = T + self.hidden_virtual(with_prompt)
+        with self.span("recv h", "recv_wait"):
+            return self.ctx.recv((B, length, self.model.args.dim), self.dtype, self.ctx.rank - 1)
+
+    def hidden_out(self, h):
+        """Pass h on to the next stage (all but the last); the last stage keeps it."""
+        if not self.is_last:
+            self.ctx.send(h, self.ctx.rank + 1)
+
+    # ---- training ----
+
+    def forward_micro_batch(self, i: int, batch, loss_weight: float):
+        with self.span(f"F{i}", "forward", micro_batch=i):
+            h_in = self.hidden_in(batch.tokens, with_prompt=True)
+            if not h_in.requires_grad:
+                # The received activation is a leaf here; asking for its gradient is what makes
+                # backward produce dL/dh to send upstream (the weights themselves are frozen).
+                # On the first stage, without a prompt, it gives backward a path through a
+                # recomputed block to the layers' own trainable tensors.
+                h_in.requires_grad_(True)
+            h_out = self.run_layers(h_in, with_prompt=True)
+            if self.is_last:
+                summed = self.loss_fn(self.model, h_out[:, self.hidden_virtual(True):], batch.targets)
+                self.in_flight[i] = (h_in, summed * loss_weight)
+                return summed.detach()
+            self.hidden_out(h_out)
+            self.in_flight[i] = (h_in, h_out)
+
+    def backward_micro_batch(self, i: int):
+        with self.span(f"B{i}", "backward", micro_batch=i):
+            h_in, out = self.in_flight.pop(i)
+            if self.is_last:
+                out.backward()
+            else:
+                with self.span("recv dL/dh", "recv_wait"):
+                    grad = self.ctx.recv(out.shape, self.dtype, self.ctx.rank + 1)
+                out.backward(grad)
+            if not self.is_first:
+                self.ctx.send(h_in.grad, self.ctx.rank - 1)
+
+    def train_step(self, micro_batches, schedule: str, loss_scale: float = 1.0):
+        """Forward and backward every micro-batch; returns the summed loss (last stage) or None.
+
+        The loss is the token-weighted mean over the whole global batch: each micro-batch's
+        summed cross-entropy is divided by the global number of target tokens, which every rank
+        knows because every rank builds the same batches.
+        """
+        n_targets = sum(int(b.n_targets) for b in micro_batches)
+        weight = loss_scale / max(n_targets, 1)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)  # read once, at the end
+        for kind, i in schedule_actions(schedule, self.ctx.rank, self.ctx.world_size,
+                                         len(micro_batches)):
+            if kind == "F":
+                summed = self.forward_micro_batch(i, micro_batches[i], weight)
+                if summed is not None:
+                    total += summed.double()
+            else:
+                self.backward_micro_batch(i)
+        self.ctx.flush_sends()
+        return (float(total), n_targets) if self.is_last else (None, n_targets)
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches, with_prompt: bool = True):
+        """(summed loss, target tokens) over the batches, forward only; loss only on the last stage.
+
+        with_prompt=False measures the frozen model alone, the baseline a prompt must beat.
+        """
+        total, n_targets = 0.0, 0
+        skip = self.hidden_virtual(with_prompt)
+        for i, batch in enumerate(micro_batches):
+            with self.span(f"E{i}", "eval", micro_batch=i):
+                h = self.run_layers(self.hidden_in(batch.tokens, with_prompt), with_prompt)
+                if self.is_last:
+                    total += float(self.loss_fn(self.model, h[:, skip:], batch.targets))
+                self.hidden_out(h)
+            n_targets += int(batch.n_targets)
+        self.ctx.flush_sends()
+        return (total if self.is_last else None), n_targets
+
+    def mean_loss(self, micro_batches, with_prompt: bool = True) -> float:
+        """The loss per target token over the batches, the same number on every rank."""
+        total, n_targets = self.eval_loss(micro_batches, with_prompt)
+        return self.ctx.all_reduce_max([total or 0.0])[0] / max(n_targets, 1)
+
+    # ---- generation ----
+
+    def start_generation(self, batch_size: int, length: int):
+        """A KV cache for this stage's layers: batch_size rows of length positions (the static
+        decoder's is always max_seq_len long, kept for the next generation of that batch size)."""
+        if self.static_decoder is not None:
+            self.static_decoder.start(batch_size)
+        else:
+            self.model.setup_kv_cache(batch_size, length)
+
+    def end_generation(self):
+        self.model.clear_kv_cache()
+
+    @torch.no_grad()
+    def next_ids(self, chunk, start_pos: int, with_prompt: bool, pick):
+        """Run tokens chunk (B, T) at cache positions start_pos.. through every stage; the last
+        stage turns its last position's logits into one id per row with pick(logits), and every
+        rank gets those ids (on the CPU). with_prompt: the tuned model. The prefill (start_pos 0)
+        is where a prompt enters before the chunk and a prefix fills the first cache positions;
+        later chunks come with start_pos counting them. A one-token decode step goes through the
+        static decoder when there is one (a CUDA graph per batch size and tuning on or off)."""
+        prefill = start_pos == 0
+        with self.tuning.off() if not with_prompt else contextlib.nullcontext():
+            if with_prompt and prefill:
+                self.tuning.fill_cache(self.model)
+                out = self.run_layers(self.hidden_in(chunk, True), True)
+            elif self.static_decoder is not None and chunk.shape[1] == 1:
+                x = chunk if self.is_first else self.hidden_in(chunk, False)
+                out = self.static_decoder.step(x, start_pos, variant=with_prompt)
+            else:
+                out = self.model.run_layers(self.hidden_in(chunk, False), start_pos)
+        if self.is_last and out.dim() == 3:  # h (B, T, dim); the static decoder gives logits
+            out = self.model.logits(out[:, -1])
+        if not self.is_last:
+            self.hidden_out(out)
+        self.ctx.flush_sends()
+        chosen = torch.zeros(chunk.shape[0], dtype=torch.long)
+        if self.is_last:
+            chosen = pick(out).cpu()
+        return self.ctx.broadcast_tensor(chosen.to(self.device), src=self.ctx.world_size - 1).cpu()

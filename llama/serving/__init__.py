@@ -1,0 +1,1 @@
+"""Generation, the terminal chat and the HTTP server."""

@@ -1,0 +1,191 @@
+"""A terminal chat through the pipeline: rank 0 reads the user's lines, the reply streams as it is
+generated, and the KV cache is kept across turns, so a turn only prefills its own new text.
+
+    python chat.py --ckpt_dir ckpts/stories260K_pp2 [--prompt runs/alpaca/prompt]
+    torchrun --nproc_per_node 2 chat.py --ckpt_dir ckpts/stories260K_pp2
+"""
+import queue
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+
+from llama.serving.batching import Sampling, Steps, follow
+from llama.serving.conversation import user_turn_ids
+from llama.errors import BadInput
+
+HINT = "(/reset clears the history; /exit or Ctrl+D quits; Ctrl+C stops a reply)"
+
+
+@dataclass
+class Turn:
+    text: str
+    user_ids: list
+    reply_ids: list
+
+
+class Conversation:
+    """The history as ids ([virtual ids ‖ BOS] then each turn) and how much of it is cached."""
+
+    def __init__(self, tokenizer, template: str, virtual_ids: list, max_seq_len: int,
+                 max_gen_len: int):
+        self.tokenizer, self.template = tokenizer, template
+        self.head = list(virtual_ids) + [tokenizer.bos_id]
+        self.max_seq_len, self.max_gen_len = max_seq_len, max_gen_len
+        self.turns, self.cached = [], 0  # the ids at positions < cached are in the KV cache
+
+    def ids(self) -> list:
+        out = list(self.head)
+        for turn in self.turns:
+            out += turn.user_ids + turn.reply_ids
+        return out
+
+    def reset(self):
+        self.turns, self.cached = [], 0
+
+    def make_room(self, text: str):
+        """The new turn's ids after dropping the oldest turns until it and a full reply fit;
+        (ids, number of turns dropped), or (None, 0) when the turn alone does not fit."""
+        alone = user_turn_ids(self.tokenizer, text, self.template, first=True)
+        if len(self.head) + len(alone) + self.max_gen_len > self.max_seq_len:
+            return None, 0
+        dropped = 0
+        while True:
+            user = user_turn_ids(self.tokenizer, text, self.template, first=not self.turns)
+            if len(self.ids()) + len(user) + self.max_gen_len <= self.max_seq_len:
+                break
+            self.turns.pop(0)
+            dropped += 1
+            if self.turns:  # the new first turn has no reply before it
+                first = self.turns[0]
+                first.user_ids = user_turn_ids(self.tokenizer, first.text, self.template, True)
+        if dropped:
+            self.cached = 0  # every position moved: the cache is recomputed from the start
+        return user, dropped
+
+
+class Terminal:
+    """Lines from stdin (read by a thread, so rank 0 can keep the other ranks informed while the
+    user types) and Ctrl+C as a flag, so it never interrupts a step halfway."""
+
+    def __init__(self, stdin, stdout):
+        self.stdout = stdout
+        self.lines = queue.Queue()
+        self.interrupted = threading.Event()
+        threading.Thread(target=self._read, args=(stdin,), daemon=True).start()
+
+    def _read(self, stdin):
+        # Bytes decoded here, not by the text stream: a line that is not UTF-8 then reaches the
+        # chat (which refuses it) with its bad bytes as surrogates, instead of a UnicodeDecodeError
+        # that would end this thread and the conversation with it.
+        binary = getattr(stdin, "buffer", None)
+        lines = iter(binary.readline, b"") if binary else iter(stdin.readline, "")
+        for line in lines:
+            if isinstance(line, bytes):
+                line = line.decode(stdin.encoding or "utf-8", errors="surrogateescape")
+            self.lines.put(line.rstrip("\r\n"))
+        self.lines.put(None)  # Ctrl+D / end of input
+
+    def write(self, text: str):
+        self.stdout.write(text)
+        self.stdout.flush()
+
+    def read_line(self, wait_s: float, on_wait):
+        """The user's next line (None at end of input); on_wait() runs every wait_s meanwhile."""
+        self.write("Human: ")
+        while True:
+            try:
+                return self.lines.get(timeout=wait_s)
+            except queue.Empty:
+                on_wait()
+            if self.interrupted.is_set():  # Ctrl+C between replies stops nothing
+                self.interrupted.clear()
+                self.write(f"\n{HINT}\nHuman: ")
+
+
+class Chat:
+    def __init__(self, steps: Steps, conversation: Conversation, terminal: Terminal, stop_ids,
+                 heartbeat_s: float):
+        self.steps, self.conversation, self.terminal = steps, conversation, terminal
+        self.stop_ids, self.heartbeat_s = stop_ids, heartbeat_s
+
+    def run(self):
+        while True:
+            line = self.terminal.read_line(self.heartbeat_s, self.steps.idle)
+            if line is None or line.strip() == "/exit":
+                if line is None:
+                    self.terminal.write("\n")
+                return
+            if line.strip() == "/reset":
+                self.conversation.reset()
+                self.terminal.write("(history cleared)\n")
+            elif line.strip():
+                self.reply(line)
+
+    def reply(self, text: str) -> list:
+        """Stream the reply to text; returns its ids (also kept in the history)."""
+        conversation, write = self.conversation, self.terminal.write
+        try:
+            user, dropped = conversation.make_room(text)
+        except BadInput as error:  # text the tokenizer cannot read: the chat goes on
+            write(f"({error})\n")
+            return []
+        if user is None:
+            write(f"(that message does not fit max_seq_len={conversation.max_seq_len} with a "
+                  f"reply of --max_gen_len={conversation.max_gen_len} tokens: say it shorter)\n")
+            return []
+        if dropped:
+            write(f"(the history outgrew max_seq_len={conversation.max_seq_len}: dropped the "
+                  f"oldest {dropped} turn{'s' if dropped > 1 else ''})\n")
+        turn = Turn(text, user, [])
+        conversation.turns.append(turn)
+        chunk = conversation.ids()[conversation.cached:]
+        self.terminal.interrupted.clear()
+        write("Assistant: ")
+        shown = ""
+        while True:
+            token = self.steps.step([chunk], conversation.cached, [True])[0]
+            conversation.cached += len(chunk)
+            if token in self.stop_ids:
+                break
+            turn.reply_ids.append(token)
+            text_so_far = decode_reply(self.conversation.tokenizer, user, turn.reply_ids)
+            write(text_so_far[len(shown):])
+            shown = text_so_far
+            if self.terminal.interrupted.is_set():
+                self.terminal.interrupted.clear()
+                write(" [stopped]")
+                break
+            if len(turn.reply_ids) >= conversation.max_gen_len:
+                break
+            chunk = [token]
+        write("\n")
+        return turn.reply_ids
+
+
+def decode_reply(tokenizer, user_ids, reply_ids) -> str:
+    """The reply's text so far, without a trailing piece of an unfinished UTF-8 character."""
+    whole = tokenizer.decode(list(user_ids) + list(reply_ids))
+    return whole[len(tokenizer.decode(user_ids)):].rstrip("\ufffd")
+
+
+def run_chat(stage, tokenizer, template: str, virtual_ids: list, max_gen_len: int,
+             sampling: Sampling, heartbeat_s: float, stdin=None, stdout=None, banner: str = ""):
+    """Rank 0 chats on stdin/stdout and returns the Conversation; the other ranks follow it
+    until it quits."""
+    if not stage.ctx.is_first:
+        follow(stage)
+        return None
+    steps = Steps(stage)
+    conversation = Conversation(tokenizer, template, virtual_ids, stage.max_seq_len, max_gen_len)
+    terminal = Terminal(stdin or sys.stdin, stdout or sys.stdout)
+    previous = signal.signal(signal.SIGINT, lambda *_: terminal.interrupted.set())
+    steps.start([sampling], stage.max_seq_len)
+    try:
+        terminal.write(f"{banner}\n{HINT}\n" if banner else f"{HINT}\n")
+        Chat(steps, conversation, terminal, tokenizer.stop_ids, heartbeat_s).run()
+        steps.end()
+        steps.quit()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return conversation

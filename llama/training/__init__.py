@@ -1,0 +1,1 @@
+"""Config, data, fp16 loss scaling, offload, the loop, resume, run log and folder."""

@@ -1,0 +1,155 @@
+"""The training run's settings: one typed record built from ft_main.main's arguments, checked once.
+
+ft_main.py's signature holds every default and its help; `RunConfig(**arguments)` turns them into
+this record, and `__post_init__` is the one place that refuses a bad value. Settings that depend
+on the model (room for the virtual tokens) are checked by `check_fits`, once the model is known.
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from llama.training.data import END_TARGETS
+from llama.errors import BadInput
+from llama.tuning.methods import method_named
+from llama.prepare.offload import OFFLOAD_CHOICES, RECOMPUTE_MODES
+from llama.parallel.pipeline import SCHEDULES
+
+LR_SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    ckpt_dir: str
+    data: str
+    out: str
+    tokenizer_path: Optional[str]
+    # the tuning method and its prompt
+    method: str
+    n_virtual_tokens: int
+    adapter_layers: Optional[int]
+    init: str
+    init_text: str
+    # data
+    template: str
+    train_on_prompt: bool
+    strict: bool
+    eval_fraction: float
+    max_seq_len: int
+    cache_dir: Optional[str]
+    eos_target: str
+    # schedule and batches
+    schedule: str
+    global_batch_size: int
+    micro_batch_size: int
+    steps: Optional[int]
+    epochs: int
+    # optimisation
+    lr: float
+    lr_schedule: str
+    warmup_steps: int
+    weight_decay: float
+    max_grad_norm: float
+    seed: int
+    # precision and memory
+    device: Optional[str]
+    dtype: Optional[str]
+    recompute: bool
+    recompute_mode: str
+    offload: frozenset
+    compile: bool
+    quantize: Optional[str]
+    group_size: Optional[int]
+    # bookkeeping
+    log_every: int
+    eval_every: int
+    save_every: int
+    resume: Union[bool, str, None]
+    overwrite: bool
+    base_model: Optional[str]
+    trace: Optional[str]
+    trace_steps: int
+    timeout_s: float
+    max_skipped_steps: int
+    debug_overflow_steps: tuple
+
+    def __post_init__(self):
+        for name in ("n_virtual_tokens", "micro_batch_size", "global_batch_size", "log_every",
+                     "max_skipped_steps", "epochs", "trace_steps"):
+            self._positive_int(name)
+        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
+            self._int_at_least(name, 0)
+        if self.steps is not None:
+            self._positive_int("steps")
+        if self.global_batch_size % self.micro_batch_size:
+            raise BadInput(f"--micro_batch_size={self.micro_batch_size} does not divide "
+                           f"--global_batch_size={self.global_batch_size}")
+        method_named(self.method)
+        if self.adapter_layers is not None:
+            self._positive_int("adapter_layers")
+        self._one_of("schedule", SCHEDULES)
+        self._one_of("lr_schedule", LR_SCHEDULES, "--lr_schedule {!r} must be cosine, linear or constant")
+        if not (_number(self.lr) and self.lr > 0):
+            raise BadInput(f"--lr={self.lr!r} must be a positive number")
+        for name in ("weight_decay", "max_grad_norm"):
+            if not (_number(getattr(self, name)) and getattr(self, name) >= 0):
+                raise BadInput(f"--{name}={getattr(self, name)!r} must be a number >= 0")
+        if not (_number(self.eval_fraction) and 0 <= self.eval_fraction < 1):
+            raise BadInput(f"--eval_fraction={self.eval_fraction} must be in [0, 1)")
+        self._one_of("eos_target", END_TARGETS)
+        if self.resume and self.overwrite:
+            raise BadInput("--resume and --overwrite contradict each other: pass --resume to "
+                           "continue the run in --out, or --overwrite to start it again")
+        object.__setattr__(self, "offload", parse_offload(self.offload))
+        self._one_of("recompute_mode", RECOMPUTE_MODES)
+        moved = self.offload & {"activations", "weights"}
+        if self.recompute_mode == "selective" and moved:
+            raise BadInput(f"--recompute_mode selective keeps activations on the device, so it "
+                           f"cannot go with --offload {','.join(sorted(moved))}: use "
+                           "--recompute_mode full with offload, or leave offload out")
+        steps = self.debug_overflow_steps
+        object.__setattr__(self, "debug_overflow_steps",
+                           (steps,) if isinstance(steps, int) else tuple(steps or ()))
+
+    def check_fits(self, model_max_seq_len: int):
+        """The virtual tokens must leave room for text in the model's (or --max_seq_len's) length
+        (an adapter's prompt takes no positions, but is held to the same bound)."""
+        if self.n_virtual_tokens >= model_max_seq_len - 1:
+            raise BadInput(f"--n_virtual_tokens={self.n_virtual_tokens} leaves no room for text in "
+                           f"max_seq_len={model_max_seq_len}: use fewer virtual tokens or a larger "
+                           "--max_seq_len")
+
+    @property
+    def recomputes(self) -> bool:
+        """Recomputation: asked for (selective implies it), or needed by activation offload /
+        weight streaming."""
+        return self.recompute or self.recompute_mode == "selective" or \
+            bool(self.offload & {"activations", "weights"})
+
+    def _positive_int(self, name):
+        self._int_at_least(name, 1, "a positive integer")
+
+    def _int_at_least(self, name, low: int, what: str = None):
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise BadInput(f"--{name}={value!r} must be {what or f'an integer >= {low}'}")
+
+    def _one_of(self, name, choices, message=None):
+        value = getattr(self, name)
+        if value not in choices:
+            raise BadInput((message or f"--{name} {{!r}} must be one of {', '.join(choices)}").format(value))
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def parse_offload(offload) -> frozenset:
+    """--offload optimizer,activations (a string, a list, or nothing) as a set of known names."""
+    if offload in (None, "", "none", False):
+        return frozenset()
+    names = offload.split(",") if isinstance(offload, str) else list(offload)
+    unknown = [n for n in names if n not in OFFLOAD_CHOICES]
+    if unknown:
+        raise BadInput(f"--offload {unknown[0]!r} is not one of {', '.join(OFFLOAD_CHOICES)} "
+                       "(comma-separated, e.g. --offload optimizer,activations)")
+    return frozenset(names)

@@ -1,0 +1,79 @@
+"""Per-stage memory of pipelined soft-prompt training, by arithmetic (nothing is run): the
+weights of a stage (float, int8 or int4) and what autograd keeps per micro-batch.
+
+Used by `python -m llama.tools.plan` (what fits on given cards), split_model.py --stage_memory and
+bench/memory_estimate.py; the formulas are explained in docs/PERFORMANCE.md.
+"""
+from llama.model.transformer import ModelArgs
+from llama.model.partition import GIB, linear_parameters, stage_weight_bytes
+from llama.parallel.pipeline import LOSS_CHUNK_TOKENS
+
+def saved_bytes_per_token(args: ModelArgs, dtype_bytes: int) -> int:
+    """Bytes autograd keeps per token per block when only the block's input needs a gradient.
+
+    Frozen weights mean no linear layer keeps its input (a quantized linear keeps nothing
+    either: llama/model/quant.py). What stays: each RMSNorm's fp32 input and its 1/rms (two norms);
+    SDPA's q, k, v and output (dtype) and log-sum-exp (fp32, per head); SwiGLU's three
+    hidden-wide tensors (w1 x, silu(w1 x), w3 x).
+    """
+    kv_dim = args.n_kv_heads * args.head_dim
+    norms = 2 * (4 * args.dim + 4)
+    attention = dtype_bytes * (2 * args.dim + 2 * kv_dim) + 4 * args.n_heads
+    feed_forward = 3 * dtype_bytes * args.hidden_dim
+    return norms + attention + feed_forward
+
+
+def head_bytes_per_target(args: ModelArgs, dtype_bytes: int) -> int:
+    """The loss's peak per target position of one chunk: dtype logits, fp32 logits, fp32
+    log-probabilities (saved) and their fp32 gradient."""
+    return args.vocab_size * (dtype_bytes + 4 + 4 + 4)
+
+
+def dequantized_layer_bytes(args: ModelArgs, dtype_bytes: int, quantization) -> int:
+    """The transient of a quantized stage without a fused kernel: the widest linear of one
+    block dequantized (forward and input-gradient backward both do it one layer at a time)."""
+    if not quantization:
+        return 0
+    return max(o * i for o, i in linear_parameters(args)) * dtype_bytes
+
+
+def stage_estimates(args, plan, global_batch, micro_batch, seq_len, n_virtual_tokens,
+                    dtype_bytes, schedule, target_fraction, quantization=None):
+    """One dict per stage of `plan` [(layer_range, has_embeddings, has_head)]: weights, what one
+    micro-batch keeps, how many are in flight, and the peak in each activation mode (bytes in
+    *_gib fields divided by GIB)."""
+    n_stages = len(plan)
+    n_micro = global_batch // micro_batch
+    tokens = micro_batch * (seq_len + n_virtual_tokens)  # of one micro-batch
+    targets = micro_batch * max(1, round(target_fraction * (seq_len - 1)))
+    hidden = tokens * dtype_bytes * args.dim  # one (b, T, dim) activation
+    per_layer = tokens * saved_bytes_per_token(args, dtype_bytes)
+    ffn_grads = tokens * 3 * dtype_bytes * args.hidden_dim  # SwiGLU's gradients in backward
+    dequantized = dequantized_layer_bytes(args, dtype_bytes, quantization)
+    rows = []
+    for stage, ((first, last), has_embeddings, has_head) in enumerate(plan):
+        n_layers = last - first
+        weights = stage_weight_bytes(args, ((first, last), has_embeddings, has_head),
+                                     dtype_bytes, quantization)
+        in_flight = n_micro if schedule == "gpipe" else min(n_stages - stage, n_micro)
+        # kept until the micro-batch's backward; + one hidden: the stage's output (or input)
+        kept = {"plain": n_layers * per_layer + hidden,
+                "recompute": (n_layers + 1) * hidden,
+                "offload": hidden}  # the layer inputs wait in pinned CPU memory instead
+        # the transient of one micro-batch's backward through one block
+        working = {"plain": ffn_grads, "recompute": per_layer + ffn_grads,
+                   "offload": per_layer + ffn_grads}
+        # The loss runs in chunks (llama/parallel/pipeline.py): one chunk's logits at a time, plus the
+        # picked hidden states of every target position, saved to recompute each chunk.
+        loss = (min(targets, LOSS_CHUNK_TOKENS) * head_bytes_per_target(args, dtype_bytes)
+                + targets * dtype_bytes * args.dim) if has_head else 0
+        row = {"n_stages": n_stages, "stage": stage,
+               "layers": [first, last], "micro_batch": micro_batch, "n_micro": n_micro,
+               "in_flight": in_flight, "weights_gib": weights / GIB,
+               "cpu_pinned_offload_gib": in_flight * n_layers * hidden / GIB}
+        for mode in ("plain", "recompute", "offload"):
+            row[f"kept_{mode}_gib"] = kept[mode] / GIB
+            row[f"peak_{mode}_gib"] = (weights + in_flight * kept[mode] + working[mode] + loss
+                                       + dequantized) / GIB
+        rows.append(row)
+    return rows

@@ -1,0 +1,1 @@
+"""The tuning methods and their one file format (+ PEFT)."""
