@@ -3,15 +3,16 @@
     python chat.py --ckpt_dir ckpts/stories260K_pp2 --prompt runs/alpaca/prompt
     torchrun --nproc_per_node 2 chat.py --ckpt_dir ckpts/stories260K_pp2
 """
-from llama.serving.batching import MixedPromptStage, PromptBank, Sampling
+from llama.parallel.pipeline import Stage
 from llama.serving.chat import run_chat
 from llama.serving.conversation import DEFAULT_TEMPLATE
 from llama.training.data import format_prompt
 from llama.cli import run_cli
 from llama.errors import BadInput
 from llama.parallel.faults import PeerLost, report_and_exit
-from llama.serving.generation import check_sampling
-from llama.tuning.files import load_soft_prompt
+from llama.serving.sampling import Sampling, check_sampling
+from llama.tuning.files import load_tuning
+from llama.tuning.methods import apply_saved
 from llama.prepare.stage import start_stage
 
 
@@ -26,8 +27,8 @@ def main(ckpt_dir: str, prompt: str = None, template: str = None, max_gen_len: i
 
     ckpt_dir: the model: a split folder (split_model.py), a Meta folder, a llama2.c .bin or a
         Hugging Face folder
-    prompt: a soft prompt's folder (ft_main.py's --out, or a PEFT prompt-tuning export); none
-        chats with the base model
+    prompt: a tuning's folder (ft_main.py's --out: a soft prompt, prefix or adapter, or a PEFT
+        export of one); none chats with the base model
     template: alpaca, plain or none: how each of your lines is wrapped (default: the prompt's
         own template, else plain)
     max_gen_len: the most tokens of one reply
@@ -45,21 +46,23 @@ def main(ckpt_dir: str, prompt: str = None, template: str = None, max_gen_len: i
     ctx, model, tokenizer = start_stage(ckpt_dir, tokenizer_path, device, dtype, max_seq_len,
                                         timeout_s)
     try:
-        bank, info = None, {}
-        if ctx.is_first and prompt is not None:
-            weight, info = load_soft_prompt(prompt, model.args)
-            bank = PromptBank(model.args.vocab_size, model.args.dim, {"prompt": weight})
+        # Rank 0 reads and checks the folder; every stage keeps the tensors of its own layers.
+        loaded = load_tuning(prompt, model.args) if ctx.rank == 0 and prompt is not None else None
+        stage = Stage(model, ctx)
+        info = {}
+        if ctx.broadcast_object(loaded is not None):
+            method, tensors, info = ctx.broadcast_object(loaded)
+            stage = Stage(model, ctx, tuning=apply_saved(model, method, tensors, ctx.is_first))
         template = template or info.get("template") or DEFAULT_TEMPLATE
         format_prompt({"instruction": ""}, template)  # an unknown template is refused here
-        virtual_ids = bank.virtual_ids("prompt") if bank else []
-        if max_gen_len < 1 or len(virtual_ids) + 2 + max_gen_len > model.args.max_seq_len:
+        n_virtual = stage.n_virtual
+        if max_gen_len < 1 or n_virtual + 2 + max_gen_len > model.args.max_seq_len:
             raise BadInput(f"--max_gen_len={max_gen_len} must be at least 1 and leave room in "
                            f"max_seq_len={model.args.max_seq_len} for the soft prompt "
-                           f"({len(virtual_ids)} tokens) and a line: lower it")
+                           f"({n_virtual} tokens) and a line: lower it")
         banner = (f"chat with {ckpt_dir}" + (f" and the soft prompt {prompt}" if prompt else "")
                   + f" (template {template})")
-        run_chat(MixedPromptStage(model, ctx, bank), tokenizer, template, virtual_ids,
-                 max_gen_len, Sampling(temperature, top_p, seed),
+        run_chat(stage, tokenizer, template, max_gen_len, Sampling(temperature, top_p, seed),
                  heartbeat_s=min(2.0, timeout_s / 4), banner=banner)
     except PeerLost as error:
         report_and_exit(error, ctx.rank)

@@ -1,4 +1,5 @@
-"""Serve the model and any number of soft prompts over an OpenAI-compatible HTTP API.
+"""Serve the model and any number of tunings (soft prompts, prefixes, adapters) over an
+OpenAI-compatible HTTP API.
 
     python serve.py --ckpt_dir ckpts/stories260K_pp2 --prompts alpaca=runs/alpaca/prompt
     torchrun --nproc_per_node 2 serve.py --ckpt_dir ckpts/stories260K_pp2 --port 8000
@@ -7,15 +8,18 @@ import os
 import sys
 from pathlib import Path
 
-from llama.serving.batching import MixedPromptStage, PromptBank
+from llama.parallel.pipeline import Stage
 from llama.serving.conversation import DEFAULT_TEMPLATE
+from llama.serving.engine import Engine
 from llama.training.data import format_prompt
 from llama.cli import run_cli
 from llama.errors import BadInput
 from llama.parallel.faults import PeerLost, report_and_exit
-from llama.tuning.files import load_soft_prompt
+from llama.tuning.files import load_tuning
+from llama.tuning.methods import apply_saved
 from llama.prepare.stage import start_stage
-from llama.serving.http import Access, Limits, Service, parse_served_prompts, run_server
+from llama.serving.http import (Access, Limits, Served, Service, parse_served_prompts,
+                                run_server)
 
 
 def main(ckpt_dir: str, prompts: str = "", host: str = "127.0.0.1", port: int = 8000,
@@ -28,13 +32,14 @@ def main(ckpt_dir: str, prompts: str = "", host: str = "127.0.0.1", port: int = 
     """Serve the model and soft prompts over HTTP: /v1/completions, /v1/chat/completions, /v1/models.
 
     Rank 0 listens (standard library HTTP server); the other ranks follow. A request's "model"
-    picks the soft prompt (or the base model); concurrent requests run as one batch that may mix
-    prompts. See docs/serving.md.
+    picks the tuning (or the base model); requests join the running batch at its next step
+    (continuous batching), which may mix every method. /metrics: Prometheus text. See
+    docs/serving.md.
 
     ckpt_dir: the model: a split folder (split_model.py), a Meta folder, a llama2.c .bin or a
         Hugging Face folder
-    prompts: the soft prompts to serve, NAME=FOLDER,NAME=FOLDER (each folder: ft_main.py's
-        --out or a PEFT prompt-tuning export)
+    prompts: the tunings to serve, NAME=FOLDER,NAME=FOLDER (each folder: ft_main.py's --out of
+        any method, soft prompt, prefix or adapter, or a PEFT export of one)
     host: the address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface)
     port: the TCP port (0: any free port, printed at start)
     api_key: when given, every request but /health needs 'Authorization: Bearer KEY' (default:
@@ -53,7 +58,8 @@ def main(ckpt_dir: str, prompts: str = "", host: str = "127.0.0.1", port: int = 
     dtype: float32, float16 or bfloat16 for the weights (default: float16 on a GPU, float32 on
         the CPU)
     timeout_s: seconds to wait for another stage before giving up on it
-    log: print one line per HTTP request on stderr
+    log: print one access line per HTTP request on stderr (time, model, prompt and completion
+        tokens, time to first token, total time, status)
     idle_timeout_s: seconds a connection may stay silent (between requests, or mid-request)
         before it is closed
     max_connections: the most connections open at once; more are answered 503 and closed
@@ -82,19 +88,14 @@ def main(ckpt_dir: str, prompts: str = "", host: str = "127.0.0.1", port: int = 
     ctx, model, tokenizer = start_stage(ckpt_dir, tokenizer_path, device, dtype, max_seq_len,
                                         timeout_s)
     try:
-        bank, templates = None, {}
-        if ctx.is_first:
-            loaded = {name: load_soft_prompt(folder, model.args) for name, folder in named.items()}
-            bank = PromptBank(model.args.vocab_size, model.args.dim,
-                              {name: weight for name, (weight, _) in loaded.items()})
-            templates = {name: info.get("template") for name, (_, info) in loaded.items()}
-            check_templates(templates, named)
+        tunings, served = load_served(named, model, ctx)
+        check_templates({name: s.template for name, s in served.items()}, named)
         limits = Limits(max_body_bytes, max_prompt_tokens, max_tokens, max_batch, max_wait_ms,
                         idle_timeout_s, max_connections)
+        engine = Engine(Stage(model, ctx), tunings, max_rows=max_batch)
 
         def service():
-            return Service(tokenizer, bank, templates, base_name, model.args.max_seq_len, limits,
-                           api_key)
+            return Service(tokenizer, served, base_name, model.args.max_seq_len, limits, api_key)
 
         def listening(server):
             key = "an API key is required" if api_key else \
@@ -104,13 +105,26 @@ def main(ckpt_dir: str, prompts: str = "", host: str = "127.0.0.1", port: int = 
                   f"batches of up to {max_batch}; {key}; Ctrl+C stops)", flush=True)
 
         access = Access(host, names(allow_origins), tuple(n.lower() for n in names(allow_hosts)))
-        run_server(MixedPromptStage(model, ctx, bank), service, host, port,
+        run_server(engine, service, host, port,
                    heartbeat_s=min(2.0, timeout_s / 4), on_listen=listening,
                    log=(lambda line: print(line, file=sys.stderr, flush=True)) if log else None,
                    access=access)
     except PeerLost as error:
         report_and_exit(error, ctx.rank)
     ctx.close()
+
+
+def load_served(named: dict, model, ctx):
+    """({name: the tuning on this stage}, {name: Served}) for --prompts: rank 0 reads and checks
+    every folder, and every stage keeps the tensors of its own layers."""
+    loaded = {name: load_tuning(folder, model.args) for name, folder in named.items()} \
+        if ctx.rank == 0 else None
+    loaded = ctx.broadcast_object(loaded)
+    tunings = {name: apply_saved(model, method, tensors, ctx.is_first)
+               for name, (method, tensors, _) in loaded.items()}
+    served = {name: Served(name, tunings[name].n_virtual, info.get("template"))
+              for name, (_, _, info) in loaded.items()}
+    return tunings, served
 
 
 def required_api_key(api_key):

@@ -14,11 +14,13 @@ import time
 import torch
 
 from bench.common import as_list
-from llama.serving.batching import MixedPromptStage, PromptBank, Steps
 from llama.formats.checkpoint import find_tokenizer, load_model
 from llama.parallel.distributed import DistContext
 from llama.cli import run_cli
-from llama.serving.http import Limits, Server, Service
+from llama.parallel.pipeline import Stage
+from llama.serving.engine import Engine
+from llama.serving.http import Limits, Served, Server, Service
+from llama.tuning.methods import apply_saved
 from llama.model.tokenizer import Tokenizer
 
 
@@ -38,12 +40,13 @@ def client(port, n_requests, max_tokens, tokens):
     connection.close()
 
 
-def measure(model, tokenizer, bank, concurrency, max_batch, requests_per_client, max_tokens):
-    service = Service(tokenizer, bank, {}, "base", model.args.max_seq_len,
+def measure(model, tokenizer, tunings, concurrency, max_batch, requests_per_client, max_tokens):
+    served = {name: Served(name, t.n_virtual) for name, t in tunings.items()}
+    service = Service(tokenizer, served, "base", model.args.max_seq_len,
                       Limits(max_tokens=max_tokens, max_batch=max_batch, max_wait_ms=5))
     server = Server(service, "127.0.0.1", 0)
-    runner = threading.Thread(target=server.run,
-                              args=(Steps(MixedPromptStage(model, DistContext(), bank)), 0.2))
+    engine = Engine(Stage(model, DistContext()), tunings, max_rows=max_batch)
+    runner = threading.Thread(target=server.run, args=(engine, 0.2))
     runner.start()
     tokens = []
     threads = [threading.Thread(target=client, args=(server.port, requests_per_client, max_tokens,
@@ -56,6 +59,7 @@ def measure(model, tokenizer, bank, concurrency, max_batch, requests_per_client,
     elapsed = time.perf_counter() - start
     server.stop()
     runner.join()
+    engine.close()
     if len(tokens) != concurrency * requests_per_client:
         raise SystemExit(f"serve_bench: {concurrency * requests_per_client - len(tokens)} of "
                          f"{concurrency * requests_per_client} requests got no answer (see above)")
@@ -80,12 +84,13 @@ def main(ckpt_dir: str, concurrency=(1, 4, 16), requests_per_client: int = 4,
     model = load_model(ckpt_dir)
     tokenizer = Tokenizer(find_tokenizer(ckpt_dir))
     weight = torch.randn(8, model.args.dim) * float(model.tok_embeddings.weight.std())
-    bank = PromptBank(model.args.vocab_size, model.args.dim, {"p": weight})
-    measure(model, tokenizer, bank, 1, 1, 2, max_tokens)  # warm-up: first calls are slower
+    tunings = {"p": apply_saved(model, "prompt", {"prompt": weight}, True)}
+    measure(model, tokenizer, tunings, 1, 1, 2, max_tokens)  # warm-up: first calls are slower
     rows = []
     for c in as_list(concurrency):
         for max_batch in (c, 1):  # batched, then one request at a time
-            rows.append(measure(model, tokenizer, bank, c, max_batch, requests_per_client, max_tokens))
+            rows.append(measure(model, tokenizer, tunings, c, max_batch, requests_per_client,
+                                max_tokens))
             print(json.dumps(rows[-1]), flush=True)
     print("\n| concurrency | max_batch | requests/s | tokens/s |\n| --- | --- | --- | --- |")
     for r in rows:

@@ -14,7 +14,7 @@ import torch
 
 import split_model
 from launch import REPO, free_port, rank_env
-from llama.serving.batching import MixedPromptStage, PromptBank, Sampling
+from llama.serving.sampling import Sampling
 from llama.serving.chat import HINT, run_chat
 from llama.formats.checkpoint import load_model
 from llama.parallel.distributed import DistContext
@@ -40,11 +40,10 @@ def prompt_weight(model_bin):
 
 
 def chat(model, tokenizer, lines, weight=None, stdout=None, max_gen_len=MAX_GEN_LEN):
-    bank = PromptBank(model.args.vocab_size, model.args.dim, {"p": weight}) if weight is not None else None
-    stage = MixedPromptStage(model, DistContext(), bank)
+    soft = SoftPrompt(weight) if weight is not None else None
+    stage = Stage(model, DistContext(), soft, soft.n_virtual_tokens if soft else 0)
     out = stdout or io.StringIO()
-    conversation = run_chat(stage, tokenizer, "plain", bank.virtual_ids("p") if bank else [],
-                            max_gen_len, Sampling(), heartbeat_s=0.5,
+    conversation = run_chat(stage, tokenizer, "plain", max_gen_len, Sampling(), heartbeat_s=0.5,
                             stdin=io.StringIO("".join(line + "\n" for line in lines)), stdout=out)
     return conversation, out
 
@@ -158,14 +157,14 @@ def test_two_ranks_chat_like_one_process_and_quit_together(model_bin, tokenizer,
 def test_a_line_that_is_not_utf8_is_refused_and_the_chat_goes_on(model_bin, tokenizer):
     """Bytes as a terminal sends them: the invalid line is named in one line, the next answered."""
     model = load_model(model_bin)
-    stage = MixedPromptStage(model, DistContext(), None)
+    stage = Stage(model, DistContext())
     stdin = io.TextIOWrapper(io.BytesIO(b"\xed\xa0\x80 hello\nHi\n"), encoding="utf-8")
     out = io.StringIO()
     # A limit: before the fix the reading thread died and the chat waited forever for a line.
     previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail(f"the chat hung: {out.getvalue()}"))
     signal.alarm(60)
     try:
-        conversation = run_chat(stage, tokenizer, "plain", [], MAX_GEN_LEN, Sampling(),
+        conversation = run_chat(stage, tokenizer, "plain", MAX_GEN_LEN, Sampling(),
                                 heartbeat_s=0.5, stdin=stdin, stdout=out)
     finally:
         signal.alarm(0)

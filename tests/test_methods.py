@@ -281,7 +281,7 @@ def test_cached_generation_equals_recomputing_the_whole_sequence(model_bin, meth
 @pytest.mark.parametrize("method", METHODS)
 def test_static_decode_with_the_method_generates_the_eager_ids(model_bin, method):
     """--cuda_graph's static decode (uncaptured on a CPU) with a prefix or adapter, and then
-    without it on the same decoder (its own step: a graph replays what it recorded)."""
+    without it (tests/test_engine.py checks which steps were captured)."""
     model = load_model(model_bin)
     tuning = with_tuning(model, method, gate=2.0)
     eager = Stage(model, DistContext(), tuning=tuning)
@@ -290,7 +290,6 @@ def test_static_decode_with_the_method_generates_the_eager_ids(model_bin, method
     for use_prompt in (True, False):
         assert generate(static, prompts, 10, use_prompt=use_prompt) == \
             generate(eager, prompts, 10, use_prompt=use_prompt)
-    assert set(static.static_decoder.steps) == {(2, True), (2, False)}
 
 
 # ---- files: a different split, PEFT round trip ----

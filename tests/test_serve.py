@@ -20,7 +20,6 @@ import torch
 
 import split_model
 from launch import REPO, rank_env, free_port
-from llama.serving.batching import MixedPromptStage, PromptBank, Steps
 from llama.formats.checkpoint import load_model
 from llama.parallel.distributed import DistContext
 from llama.errors import BadInput
@@ -28,7 +27,9 @@ from llama.serving.generation import decode_continuation, generate
 from llama.parallel.pipeline import Stage
 from llama.tuning.prompt import SoftPrompt
 from llama.tuning.files import load_soft_prompt, save_tuning
-from llama.serving.http import Limits, Server, Service
+from llama.serving.engine import Engine
+from llama.serving.http import Limits, Served, Server, Service
+from llama.tuning.methods import apply_saved
 from llama.model.tokenizer import Tokenizer
 
 TEXTS = ["Once upon a time", "Tom and Lily went to the park. They saw", "The cat"]
@@ -63,12 +64,13 @@ def server(model_bin, tokenizer, prompt_folders):
     # tests run reference generations on theirs.
     model = load_model(model_bin)
     weights = {n: load_soft_prompt(f, model.args)[0] for n, f in prompt_folders.items()}
-    bank = PromptBank(model.args.vocab_size, model.args.dim, weights)
-    service = Service(tokenizer, bank, {n: "none" for n in weights}, "base", model.args.max_seq_len,
+    tunings = {n: apply_saved(model, "prompt", {"prompt": w}, True) for n, w in weights.items()}
+    served = {n: Served(n, t.n_virtual, "none") for n, t in tunings.items()}
+    service = Service(tokenizer, served, "base", model.args.max_seq_len,
                       Limits(max_body_bytes=4096, max_tokens=64, max_batch=8, max_wait_ms=300))
     running = Server(service, "127.0.0.1", 0)
-    thread = threading.Thread(target=running.run, args=(Steps(MixedPromptStage(model, DistContext(), bank)), 0.2),
-                              daemon=True)
+    engine = Engine(Stage(model, DistContext()), tunings, max_rows=8)
+    thread = threading.Thread(target=running.run, args=(engine, 0.2), daemon=True)
     thread.start()
     yield running
     running.stop()
@@ -322,7 +324,7 @@ def test_clients_that_hang_up_leave_no_traceback(server, capfd):
 @pytest.fixture
 def small_server(tokenizer):
     """An HTTP front without generation (health and models only): 3 connections, 1 s idle."""
-    service = Service(tokenizer, None, {}, "base", 64, Limits(idle_timeout_s=1.0, max_connections=3))
+    service = Service(tokenizer, {}, "base", 64, Limits(idle_timeout_s=1.0, max_connections=3))
     running = Server(service, "127.0.0.1", 0)
     running.thread.start()
     yield running

@@ -59,9 +59,8 @@ def test_static_decode_generates_the_ids_of_the_eager_path(model, prompts, soft_
     static = Stage(model, DistContext(), *extra, cuda_graph=True)
     expected = generate(eager, prompts, MAX_GEN_LEN, temperature, **SETTINGS)
     assert generate(static, prompts, MAX_GEN_LEN, temperature, **SETTINGS) == expected
-    # the decode steps really ran there (one step per batch size and tuning on or off)
-    assert {batch for batch, _ in static.static_decoder.steps} == {len(prompts)}
-    # The static cache is kept and reused: a second run, and another batch size, still agree.
+    # A second run, and another batch size, still agree (tests/test_engine.py checks which
+    # steps went through the captured path).
     assert generate(static, prompts, MAX_GEN_LEN, temperature, **SETTINGS) == expected
     assert generate(static, prompts[:1], MAX_GEN_LEN, temperature, **SETTINGS) == \
         generate(eager, prompts[:1], MAX_GEN_LEN, temperature, **SETTINGS)

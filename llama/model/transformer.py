@@ -87,12 +87,17 @@ def rotary_tables(head_dim: int, theta: float, start_pos, length: int, device):
 
     Meta's convention: pair i of a head is (x[2i], x[2i+1]) and turns at theta^(-2i/head_dim)
     per position. Computed on the fly in float32: it is tiny next to the matrix products.
-    start_pos is an int, or a one-element tensor on the device (static decode: no host value).
+    start_pos is an int: tables (T, head_dim/2); or a device tensor of one start per row (or
+    one for all rows), so rows of a batch may sit at different positions: (B|1, T, head_dim/2).
     """
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    # Whole numbers are exact in float32, so this equals arange(start_pos, start_pos + length).
-    positions = torch.arange(length, device=device, dtype=torch.float32) + start_pos
-    angles = torch.outer(positions, inv_freq)  # (T, head_dim/2)
+    steps = torch.arange(length, device=device, dtype=torch.float32)
+    if torch.is_tensor(start_pos):
+        # Whole numbers are exact in float32, so these equal the int path's positions.
+        positions = start_pos.to(torch.float32)[:, None] + steps  # (B|1, T)
+        angles = positions[..., None] * inv_freq  # (B|1, T, head_dim/2)
+    else:
+        angles = torch.outer(steps + start_pos, inv_freq)  # (T, head_dim/2)
     return angles.cos(), angles.sin()
 
 
@@ -101,7 +106,10 @@ def apply_rotary(x, cos, sin):
     B, T, H, D = x.shape
     pairs = x.float().reshape(B, T, H, D // 2, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D/2)
+    if cos.dim() == 3:  # one table per row
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B|1, T, 1, D/2)
+    else:
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D/2)
     rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return rotated.flatten(3).type_as(x)
 
@@ -115,36 +123,50 @@ class KVCache:
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
 
+    def row(self, index: int) -> "KVCache":
+        """A cache of one row that writes into this one (views, no copy): a row runs alone."""
+        view = KVCache.__new__(KVCache)
+        view.keys, view.values = self.keys[index:index + 1], self.values[index:index + 1]
+        return view
+
     def update(self, start_pos, keys, values):
         """Store keys/values (B, T, kv_heads, hd) at start_pos; return all up to start_pos + T.
 
-        With start_pos a device tensor every shape stays fixed (what a CUDA graph needs): the
-        write is an in-place index copy and the whole cache comes back; a mask hides the rest.
+        With start_pos a device tensor (one start per row, or one for all) every shape stays
+        fixed (what a CUDA graph needs, and what rows at different positions need): the write is
+        an in-place indexed copy and the whole cache comes back; a mask hides the rest.
         """
         B, T = keys.shape[:2]
         if torch.is_tensor(start_pos):
-            positions = start_pos + torch.arange(T, device=keys.device)
-            self.keys[:B].index_copy_(1, positions, keys)
-            self.values[:B].index_copy_(1, positions, values)
+            positions = (start_pos[:, None] + torch.arange(T, device=keys.device)).expand(B, T)
+            rows = torch.arange(B, device=keys.device)[:, None].expand(B, T)
+            self.keys[rows, positions] = keys
+            self.values[rows, positions] = values
             return self.keys[:B], self.values[:B]
         self.keys[:B, start_pos:start_pos + T] = keys
         self.values[:B, start_pos:start_pos + T] = values
         return self.keys[:B, :start_pos + T], self.values[:B, :start_pos + T]
 
     def keep_rows(self, rows):
-        """Keep only the given batch rows (a list of indices), in that order."""
+        """Move the given batch rows (a list of indices) to the front, in that order. In place:
+        a captured CUDA graph keeps reading the same memory."""
         index = torch.tensor(rows, dtype=torch.long, device=self.keys.device)
-        self.keys, self.values = self.keys[index], self.values[index]
+        self.keys[:len(rows)] = self.keys[index]
+        self.values[:len(rows)] = self.values[index]
 
 
 def causal_mask(n_queries: int, n_keys: int, device, start_pos=None):
-    """Boolean mask (T, S): query t, at position start_pos + t, sees keys up to its own position.
+    """Boolean mask: query t, at position start_pos + t, sees keys up to its own position.
 
-    start_pos defaults to S - T (the keys end with the queries); a device tensor for the static
-    cache, whose S is its whole length.
+    start_pos defaults to S - T (the keys end with the queries): a (T, S) mask. A device tensor
+    (one start per row, or one for all) for the static cache, whose S is its whole length:
+    (B|1, 1, T, S), one mask per row, shared by the heads.
     """
-    offset = n_keys - n_queries if start_pos is None else start_pos
     key_pos = torch.arange(n_keys, device=device)
+    if torch.is_tensor(start_pos):
+        query_pos = start_pos[:, None] + torch.arange(n_queries, device=device)  # (B|1, T)
+        return (key_pos <= query_pos[..., None]).unsqueeze(1)
+    offset = n_keys - n_queries if start_pos is None else start_pos
     query_pos = torch.arange(n_queries, device=device) + offset
     return key_pos[None, :] <= query_pos[:, None]
 

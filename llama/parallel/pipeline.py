@@ -1,8 +1,9 @@
 """Pipeline parallelism by hand: one rank per stage, activations forward, their gradients back.
 
 A Stage is one rank's model plus its neighbours. `train_step` runs a GPipe or 1F1B schedule of
-micro-batches through it, `next_ids` one prefill or decode step of generation; with one stage (one process) the same code is plain gradient
-accumulation, which is why the pipeline's gradient can be checked against it exactly.
+micro-batches through it (generation runs on it in llama/serving/engine.py); with one stage (one
+process) the same code is plain gradient accumulation, which is why the pipeline's gradient can
+be checked against it exactly.
 """
 import contextlib
 
@@ -12,7 +13,6 @@ from torch.utils.checkpoint import checkpoint
 
 from llama.errors import BadInput
 from llama.tuning.methods import Tuning, apply_prompt
-from llama.model.static_decode import StaticDecoder
 
 SCHEDULES = ("gpipe", "1f1b")
 
@@ -85,9 +85,9 @@ class Stage:
         self.tracer = tracer
         self.step = 0  # the training step, for the trace
         self.in_flight = {}  # micro-batch -> what its backward needs
-        # cuda_graph: decode steps with a static cache, each replayed as a CUDA graph on a GPU
+        # cuda_graph: the generation engine replays its decode steps as CUDA graphs on a GPU
         # (run uncaptured on a CPU); prefill stays eager.
-        self.static_decoder = StaticDecoder(model, ctx.device) if cuda_graph else None
+        self.cuda_graph = cuda_graph
 
     @property
     def is_first(self):
@@ -211,43 +211,11 @@ class Stage:
         total, n_targets = self.eval_loss(micro_batches, with_prompt)
         return self.ctx.all_reduce_max([total or 0.0])[0] / max(n_targets, 1)
 
-    # ---- generation ----
+    # ---- a cache for one forward (the generation engine keeps its own) ----
 
     def start_generation(self, batch_size: int, length: int):
-        """A KV cache for this stage's layers: batch_size rows of length positions (the static
-        decoder's is always max_seq_len long, kept for the next generation of that batch size)."""
-        if self.static_decoder is not None:
-            self.static_decoder.start(batch_size)
-        else:
-            self.model.setup_kv_cache(batch_size, length)
+        """A KV cache for this stage's layers: batch_size rows of length positions."""
+        self.model.setup_kv_cache(batch_size, length)
 
     def end_generation(self):
         self.model.clear_kv_cache()
-
-    @torch.no_grad()
-    def next_ids(self, chunk, start_pos: int, with_prompt: bool, pick):
-        """Run tokens chunk (B, T) at cache positions start_pos.. through every stage; the last
-        stage turns its last position's logits into one id per row with pick(logits), and every
-        rank gets those ids (on the CPU). with_prompt: the tuned model. The prefill (start_pos 0)
-        is where a prompt enters before the chunk and a prefix fills the first cache positions;
-        later chunks come with start_pos counting them. A one-token decode step goes through the
-        static decoder when there is one (a CUDA graph per batch size and tuning on or off)."""
-        prefill = start_pos == 0
-        with self.tuning.off() if not with_prompt else contextlib.nullcontext():
-            if with_prompt and prefill:
-                self.tuning.fill_cache(self.model)
-                out = self.run_layers(self.hidden_in(chunk, True), True)
-            elif self.static_decoder is not None and chunk.shape[1] == 1:
-                x = chunk if self.is_first else self.hidden_in(chunk, False)
-                out = self.static_decoder.step(x, start_pos, variant=with_prompt)
-            else:
-                out = self.model.run_layers(self.hidden_in(chunk, False), start_pos)
-        if self.is_last and out.dim() == 3:  # h (B, T, dim); the static decoder gives logits
-            out = self.model.logits(out[:, -1])
-        if not self.is_last:
-            self.hidden_out(out)
-        self.ctx.flush_sends()
-        chosen = torch.zeros(chunk.shape[0], dtype=torch.long)
-        if self.is_last:
-            chosen = pick(out).cpu()
-        return self.ctx.broadcast_tensor(chosen.to(self.device), src=self.ctx.world_size - 1).cpu()

@@ -10,9 +10,10 @@ import sys
 import threading
 from dataclasses import dataclass
 
-from llama.serving.batching import Sampling, Steps, follow
-from llama.serving.conversation import user_turn_ids
 from llama.errors import BadInput
+from llama.serving.conversation import user_turn_ids
+from llama.serving.engine import STAGE_TUNING, Engine
+from llama.serving.sampling import Sampling
 
 HINT = "(/reset clears the history; /exit or Ctrl+D quits; Ctrl+C stops a reply)"
 
@@ -25,12 +26,12 @@ class Turn:
 
 
 class Conversation:
-    """The history as ids ([virtual ids ‖ BOS] then each turn) and how much of it is cached."""
+    """The history as ids (BOS, then each turn) and how much of it is cached. max_seq_len: the
+    positions left to text (a soft prompt's or prefix's virtual tokens already taken off)."""
 
-    def __init__(self, tokenizer, template: str, virtual_ids: list, max_seq_len: int,
-                 max_gen_len: int):
+    def __init__(self, tokenizer, template: str, max_seq_len: int, max_gen_len: int):
         self.tokenizer, self.template = tokenizer, template
-        self.head = list(virtual_ids) + [tokenizer.bos_id]
+        self.head = [tokenizer.bos_id]
         self.max_seq_len, self.max_gen_len = max_seq_len, max_gen_len
         self.turns, self.cached = [], 0  # the ids at positions < cached are in the KV cache
 
@@ -104,14 +105,34 @@ class Terminal:
 
 
 class Chat:
-    def __init__(self, steps: Steps, conversation: Conversation, terminal: Terminal, stop_ids,
-                 heartbeat_s: float):
-        self.steps, self.conversation, self.terminal = steps, conversation, terminal
+    """The reply loop on rank 0; each turn is steps of the engine's one row (llama/serving/engine.py):
+    the row joins afresh when nothing is cached, else the turn's new ids extend it."""
+
+    def __init__(self, engine: Engine, tuning, sampling: Sampling, conversation: Conversation,
+                 terminal: Terminal, stop_ids, heartbeat_s: float):
+        self.engine, self.tuning, self.sampling = engine, tuning, sampling
+        self.conversation, self.terminal = conversation, terminal
         self.stop_ids, self.heartbeat_s = stop_ids, heartbeat_s
+
+    def idle(self):
+        self.engine.ctx.broadcast_object({"op": "idle"})
+
+    def feed(self, chunk: list) -> int:
+        """The id after the history's uncached ids (chunk); the whole history when none is."""
+        if self.conversation.cached == 0:
+            join = {"ids": chunk, "tuning": self.tuning, "sampling": vars(self.sampling)}
+            plan = {"op": "step", "keep": [] if self.engine.rows else None, "join": [join]}
+        else:
+            plan = {"op": "step", "extend": [(0, chunk)]}
+        return self.engine.do(plan)["prefilled"][0]
+
+    def next_id(self) -> int:
+        """The id after the one picked last (fed at the next position)."""
+        return self.engine.do({"op": "step", "decode": True})["decoded"][0]
 
     def run(self):
         while True:
-            line = self.terminal.read_line(self.heartbeat_s, self.steps.idle)
+            line = self.terminal.read_line(self.heartbeat_s, self.idle)
             if line is None or line.strip() == "/exit":
                 if line is None:
                     self.terminal.write("\n")
@@ -143,9 +164,9 @@ class Chat:
         self.terminal.interrupted.clear()
         write("Assistant: ")
         shown = ""
+        token = self.feed(chunk)
+        conversation.cached += len(chunk)
         while True:
-            token = self.steps.step([chunk], conversation.cached, [True])[0]
-            conversation.cached += len(chunk)
             if token in self.stop_ids:
                 break
             turn.reply_ids.append(token)
@@ -158,7 +179,8 @@ class Chat:
                 break
             if len(turn.reply_ids) >= conversation.max_gen_len:
                 break
-            chunk = [token]
+            token = self.next_id()
+            conversation.cached += 1
         write("\n")
         return turn.reply_ids
 
@@ -169,23 +191,28 @@ def decode_reply(tokenizer, user_ids, reply_ids) -> str:
     return whole[len(tokenizer.decode(user_ids)):].rstrip("\ufffd")
 
 
-def run_chat(stage, tokenizer, template: str, virtual_ids: list, max_gen_len: int,
-             sampling: Sampling, heartbeat_s: float, stdin=None, stdout=None, banner: str = ""):
+def run_chat(stage, tokenizer, template: str, max_gen_len: int, sampling: Sampling,
+             heartbeat_s: float, stdin=None, stdout=None, banner: str = "",
+             use_tuning: bool = True):
     """Rank 0 chats on stdin/stdout and returns the Conversation; the other ranks follow it
-    until it quits."""
-    if not stage.ctx.is_first:
-        follow(stage)
-        return None
-    steps = Steps(stage)
-    conversation = Conversation(tokenizer, template, virtual_ids, stage.max_seq_len, max_gen_len)
-    terminal = Terminal(stdin or sys.stdin, stdout or sys.stdout)
-    previous = signal.signal(signal.SIGINT, lambda *_: terminal.interrupted.set())
-    steps.start([sampling], stage.max_seq_len)
+    until it quits. use_tuning: with the Stage's tuning (prompt, prefix or adapter)."""
+    engine = Engine(stage, max_rows=1)
     try:
-        terminal.write(f"{banner}\n{HINT}\n" if banner else f"{HINT}\n")
-        Chat(steps, conversation, terminal, tokenizer.stop_ids, heartbeat_s).run()
-        steps.end()
-        steps.quit()
+        if not stage.ctx.is_first:
+            engine.follow()
+            return None
+        tuning = STAGE_TUNING if use_tuning else None
+        conversation = Conversation(tokenizer, template,
+                                    stage.max_seq_len - engine.n_virtual(tuning), max_gen_len)
+        terminal = Terminal(stdin or sys.stdin, stdout or sys.stdout)
+        previous = signal.signal(signal.SIGINT, lambda *_: terminal.interrupted.set())
+        try:
+            terminal.write(f"{banner}\n{HINT}\n" if banner else f"{HINT}\n")
+            Chat(engine, tuning, sampling, conversation, terminal, tokenizer.stop_ids,
+                 heartbeat_s).run()
+            engine.ctx.broadcast_object({"op": "quit"})
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        return conversation
     finally:
-        signal.signal(signal.SIGINT, previous)
-    return conversation
+        engine.close()

@@ -125,6 +125,9 @@ class AdapterTuning(Tuning):
     def __init__(self, model, tensors: dict):
         super().__init__(0, tensors)
         self.adapter_len = 0
+        # (B,) 1.0 for the rows of a batch that use this adapter, 0.0 for the others (the
+        # generation engine mixes rows of several tunings); None: every row uses it.
+        self.row_gate = None
         for name, block in model.layers.items():
             prompt_key = f"layers.{name}.adaption_prompt"
             if prompt_key in tensors:
@@ -136,8 +139,10 @@ class AdapterTuning(Tuning):
         def add_adapter_output(attention, inputs, output):
             if not self.active:
                 return output
-            return output + adapter_attention(attention, inputs[0], inputs[1], inputs[2],
-                                              prompt, gate)
+            added = adapter_attention(attention, inputs[0], inputs[1], inputs[2], prompt, gate)
+            if self.row_gate is not None:  # x 1.0 is exact: a row computes what it would alone
+                added = added * self.row_gate[:, None, None].to(added.dtype)
+            return output + added
         return add_adapter_output
 
 

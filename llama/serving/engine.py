@@ -1,0 +1,202 @@
+"""The one generation engine: rows that join at any step, each with its own tuning and sampling.
+
+Every rank holds an Engine over its stage: a KV cache of up to max_rows rows and the two kinds
+of work done on it. A row's prefill runs that row alone (batch 1, on a view of its cache row),
+with its own tuning: a soft prompt's vectors before its text, a prefix's keys and values in its
+first cache positions, an adapter's gated outputs. A decode step feeds every row its last id at
+its own position (a (B,) position tensor, a per-row mask, llama/model/transformer.py); an adapter
+then adds its outputs times a per-row gate, 1 for its rows and 0 for the others. So each row
+computes what it computes alone, and rows of any tunings share a batch.
+
+Rank 0 decides each step (llama/serving/scheduler.py) and broadcasts it as a small plan; every
+rank runs it (`run`), the others in `follow`. cuda_graph: decode steps with fixed shapes are
+captured and replayed as CUDA graphs (llama/model/static_decode.py); uncaptured on a CPU.
+"""
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from llama.model.static_decode import StepGraphs
+from llama.serving.sampling import Sampling, pick_ids
+
+STAGE_TUNING = "stage"  # the name of the Stage's own tuning among the engine's
+
+
+@dataclass
+class RowState:
+    """What every rank knows of a row: its tuning, sampling, position and last id."""
+    tuning: str  # a name in Engine.tunings, or None for the plain model
+    sampling: Sampling
+    generator: torch.Generator
+    pos: int = 0  # cache positions written (virtual ones included)
+    last: int = 0  # the id picked last, fed at the next decode step
+
+
+class Engine:
+    """One rank's part of generation: the cache, the rows, prefill and decode steps."""
+
+    def __init__(self, stage, tunings: dict = None, max_rows: int = 8, length: int = None,
+                 cuda_graph: bool = None):
+        self.stage, self.model, self.ctx = stage, stage.model, stage.ctx
+        # The Stage's own tuning is always known: its hooks are on the model, so rows without it
+        # must switch it off like any other.
+        self.tunings = {STAGE_TUNING: stage.tuning, **(tunings or {})}
+        self.max_rows = max_rows
+        self.length = min(length or stage.max_seq_len, stage.max_seq_len)
+        self.rows = []
+        self.model.setup_kv_cache(max_rows, self.length)
+        self.caches = [block.attention.cache for block in self.model.layers.values()]
+        graphs = stage.cuda_graph if cuda_graph is None else cuda_graph
+        self.graphs = StepGraphs(self.decode_compute, self.ctx.device) if graphs else None
+        self.gates = {name: torch.zeros(max_rows, device=self.ctx.device)
+                      for name, t in self.tunings.items() if t.method == "adapter"}
+
+    def n_virtual(self, tuning) -> int:
+        return self.tunings[tuning].n_virtual if tuning is not None else 0
+
+    def close(self):
+        self.model.clear_kv_cache()
+
+    # ---- plans (every rank) ----
+
+    def run(self, plan: dict) -> dict:
+        """Run one step: drop the rows not kept, decode the rows there were, prefill the joining
+        rows (appended) and the extended ones. The ids picked, as lists, on every rank."""
+        if plan.get("keep") is not None:
+            self.keep(plan["keep"])
+        decoded = self.decode(len(self.rows)) if plan.get("decode") and self.rows else []
+        prefilled = []
+        for join in plan.get("join", ()):
+            sampling = Sampling(**join["sampling"])
+            generator = torch.Generator().manual_seed(sampling.seed)
+            self.rows.append(RowState(join["tuning"], sampling, generator))
+            prefilled.append(self.prefill(len(self.rows) - 1, join["ids"], fresh=True))
+        for index, ids in plan.get("extend", ()):
+            prefilled.append(self.prefill(index, ids, fresh=False))
+        return {"decoded": decoded, "prefilled": prefilled}
+
+    def do(self, plan: dict) -> dict:
+        """Rank 0: send the plan to every rank and run it here too."""
+        return self.run(self.ctx.broadcast_object(plan))
+
+    def follow(self):
+        """Ranks other than 0: run whatever rank 0 sends until it says quit."""
+        while True:
+            plan = self.ctx.broadcast_object(None)
+            if plan["op"] == "quit":
+                return
+            if plan["op"] == "step":
+                self.run(plan)
+
+    def keep(self, kept: list):
+        for cache in self.caches:
+            cache.keep_rows(kept)
+        self.rows = [self.rows[i] for i in kept]
+
+    # ---- prefill: one row alone ----
+
+    @torch.no_grad()
+    def prefill(self, index: int, ids: list, fresh: bool) -> int:
+        """Feed ids to row index at its position; the id picked after them. fresh: the row's
+        first ids, where its prompt enters before them and its prefix fills the first positions."""
+        row = self.rows[index]
+        tuning = self.tunings[row.tuning] if row.tuning is not None else None
+        with self.row_cache(index), self.only(tuning):
+            hidden_virtual = tuning.hidden_virtual if tuning is not None and fresh else 0
+            start = row.pos
+            if fresh and tuning is not None:
+                tuning.fill_cache(self.model)
+                start = tuning.n_virtual - hidden_virtual  # text after a prefix's positions
+            tokens = torch.tensor([ids], dtype=torch.long)
+            if self.stage.is_first:
+                h = self.model.embed(tokens.to(self.ctx.device))
+                h = tuning.prepend(h) if hidden_virtual else h
+            else:
+                h = self.receive((1, hidden_virtual + len(ids), self.model.args.dim))
+            h = self.model.run_layers(h, start)
+            row.pos = start + h.shape[1]
+            out = self.model.logits(h[:, -1]) if self.stage.is_last else h
+        row.last = self.pick_and_share(out, [row])[0]
+        return row.last
+
+    @contextlib.contextmanager
+    def row_cache(self, index: int):
+        """The model's caches are row index's alone while the block runs."""
+        for block, cache in zip(self.model.layers.values(), self.caches):
+            block.attention.cache = cache.row(index)
+        try:
+            yield
+        finally:
+            for block, cache in zip(self.model.layers.values(), self.caches):
+                block.attention.cache = cache
+
+    @contextlib.contextmanager
+    def only(self, tuning):
+        """Every tuning off but the given one (None: the plain model)."""
+        with contextlib.ExitStack() as stack:
+            for other in self.tunings.values():
+                if other is not tuning:
+                    stack.enter_context(other.off())
+            yield
+
+    # ---- decode: every row at its own position ----
+
+    @torch.no_grad()
+    def decode(self, n: int) -> list:
+        """Feed rows 0..n-1 their last ids; the ids picked after them."""
+        rows = self.rows[:n]
+        positions = torch.tensor([r.pos for r in rows], dtype=torch.long, device=self.ctx.device)
+        if self.stage.is_first:
+            x = torch.tensor([[r.last] for r in rows], dtype=torch.long, device=self.ctx.device)
+        else:
+            x = self.receive((n, 1, self.model.args.dim))
+        adapters = tuple(name for name in self.gates if any(r.tuning == name for r in rows))
+        with self.only(None), self.adapters_on(adapters, rows):
+            if self.graphs is not None:
+                out = self.graphs((n, adapters), x, positions)
+            else:
+                out = self.decode_compute(x, positions)
+        for row in rows:
+            row.pos += 1
+        picked = self.pick_and_share(out, rows)
+        for row, token in zip(rows, picked):
+            row.last = token
+        return picked
+
+    def decode_compute(self, x, positions):
+        """ids (B, 1) or h (B, 1, dim) at per-row positions -> logits (B, vocab) or h."""
+        h = self.model.embed(x) if self.stage.is_first else x
+        h = self.model.run_layers(h, positions)
+        return self.model.logits(h[:, -1]) if self.stage.is_last else h
+
+    @contextlib.contextmanager
+    def adapters_on(self, names: tuple, rows: list):
+        """The named adapters on, each for its own rows only (a gate of 1, 0 elsewhere)."""
+        tunings = [self.tunings[name] for name in names]
+        try:
+            for name, tuning in zip(names, tunings):
+                gate = self.gates[name]  # one buffer: a captured graph reads the same memory
+                gate[:len(rows)].copy_(torch.tensor([float(r.tuning == name) for r in rows]))
+                tuning.row_gate, tuning.active = gate[:len(rows)], True
+            yield
+        finally:
+            for tuning in tunings:
+                tuning.row_gate, tuning.active = None, False
+
+    # ---- transport ----
+
+    def receive(self, shape):
+        return self.ctx.recv(shape, self.stage.dtype, self.ctx.rank - 1)
+
+    def pick_and_share(self, out, rows: list) -> list:
+        """The last stage picks one id per row from its logits; every rank gets them. The
+        others pass h on first."""
+        if not self.stage.is_last:
+            self.ctx.send(out, self.ctx.rank + 1)
+        self.ctx.flush_sends()
+        chosen = torch.zeros(len(rows), dtype=torch.long)
+        if self.stage.is_last:
+            chosen = pick_ids(out, [r.sampling for r in rows], [r.generator for r in rows])
+        chosen = self.ctx.broadcast_tensor(chosen.to(self.ctx.device), src=self.ctx.world_size - 1)
+        return chosen.cpu().tolist()

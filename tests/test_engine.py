@@ -1,0 +1,67 @@
+"""The one generation engine: rows of every tuning (none, soft prompt, prefix, adapter) share a
+batch, join at different steps and each generates what it generates alone, greedy and sampled;
+on one process and on two stages; the static (CUDA-graph) decode mode gives the same ids.
+Run: python3 -m pytest -q tests/test_engine.py
+"""
+import json
+import os
+
+import pytest
+
+import split_model
+from launch import check_all_ok, launch
+from llama.errors import BadInput
+from llama.formats.checkpoint import load_model
+from llama.parallel.distributed import DistContext
+from llama.parallel.pipeline import Stage
+from llama.serving.engine import Engine
+from llama.serving.scheduler import Batcher, Request
+from workers.engine_worker import ROWS, mixed_and_alone, run_rows, tunings
+
+
+@pytest.fixture(scope="module")
+def single(model_bin):
+    model = load_model(model_bin)
+    return mixed_and_alone(Stage(model, DistContext()), tunings(model, DistContext()))
+
+
+def test_a_mixed_batch_with_rows_joining_late_equals_each_row_alone(single):
+    assert single["mixed"] == single["alone"]
+    assert all(single["alone"]), "every row generates something"
+
+
+def test_tunings_change_what_a_row_says(model_bin):
+    model = load_model(model_bin)
+    stage, named = Stage(model, DistContext()), tunings(model, DistContext())
+    rows = [(name, [1, 300, 400], 0.0, 0) for name in (None, "prompt", "prefix", "adapter")]
+    outs, _ = run_rows(stage, named, rows, max_rows=4)
+    assert len({tuple(o) for o in outs}) == 4, outs
+
+
+def test_static_decode_mode_gives_the_same_ids_and_captures_per_batch_and_adapters(model_bin,
+                                                                                 single):
+    model = load_model(model_bin)
+    stage, named = Stage(model, DistContext()), tunings(model, DistContext())
+    outs, engine = run_rows(stage, named, ROWS, max_rows=4, cuda_graph=True)
+    assert outs == single["mixed"]
+    keys = set(engine.graphs.steps)
+    assert (4, ("adapter",)) in keys and any(adapters == () for _, adapters in keys), keys
+
+
+def test_two_stages_generate_what_one_process_generates(model_bin, single, tmp_path):
+    split_model.main(str(model_bin), 2, out_dir=str(tmp_path / "pp2"))
+    out = tmp_path / "ids.json"
+    argv = [os.path.join("tests", "workers", "engine_worker.py"), "--ckpt", str(tmp_path / "pp2"),
+            "--out", str(out)]
+    check_all_ok(launch(argv, 2, timeout_s=180))
+    assert json.loads(out.read_text()) == single
+
+
+def test_a_request_that_cannot_fit_is_refused_in_one_line(model_bin):
+    stage = Stage(load_model(model_bin), DistContext())
+    engine = Engine(stage, max_rows=1, length=8)
+    try:
+        with pytest.raises(BadInput, match="do not fit 8 positions: shorten the prompt"):
+            Batcher(engine).submit(Request(list(range(1, 9)), 4))
+    finally:
+        engine.close()
