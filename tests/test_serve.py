@@ -26,10 +26,10 @@ from llama.errors import BadInput
 from llama.serving.generation import decode_continuation, generate
 from llama.parallel.pipeline import Stage
 from llama.tuning.prompt import SoftPrompt
-from llama.tuning.files import load_soft_prompt, save_tuning
+from llama.tuning.files import load_soft_prompt, load_tuning, save_tuning
 from llama.serving.engine import Engine
 from llama.serving.http import Limits, Served, Server, Service
-from llama.tuning.methods import apply_saved
+from llama.tuning.methods import adapter_layer_range, apply_saved, init_adapter, init_prefix
 from llama.model.tokenizer import Tokenizer
 
 TEXTS = ["Once upon a time", "Tom and Lily went to the park. They saw", "The cat"]
@@ -59,22 +59,52 @@ def prompt_folders(model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(model_bin, tokenizer, prompt_folders):
+def method_folders(model, tmp_path_factory):
+    """A prefix and an adapter (its gates opened, so that it changes the text), as ft_main.py
+    writes them."""
+    root, args = tmp_path_factory.mktemp("served_methods"), model.args
+    prefix = {f"layers.{i}.prefix": init_prefix(args, i, 3, seed=5) for i in range(args.n_layers)}
+    adapter = {}
+    for i in adapter_layer_range(args, 3):
+        adapter[f"layers.{i}.adaption_prompt"], _ = init_adapter(args, i, 4, seed=3)
+        adapter[f"layers.{i}.adaption_gate"] = torch.full((1,), 2.0)
+    save_tuning(root / "prefix", "prefix", prefix, args, {"template": "none"})
+    save_tuning(root / "adapter", "adapter", adapter, args, {"template": "none"})
+    return {"prefix": root / "prefix", "adapter": root / "adapter"}
+
+
+def served_tunings(model, folders: dict):
+    """({name: the tuning on model}, {name: Served}), as serve.py builds them."""
+    loaded = {name: load_tuning(folder, model.args) for name, folder in folders.items()}
+    tunings = {name: apply_saved(model, method, tensors, True)
+               for name, (method, tensors, _) in loaded.items()}
+    return tunings, {n: Served(n, t.n_virtual, "none") for n, t in tunings.items()}
+
+
+def start_server(model, tokenizer, folders: dict, log=None, **limits):
+    tunings, served = served_tunings(model, folders)
+    settings = dict(max_body_bytes=4096, max_tokens=64, max_batch=8, max_wait_ms=300)
+    service = Service(tokenizer, served, "base", model.args.max_seq_len,
+                      Limits(**{**settings, **limits}))
+    running = Server(service, "127.0.0.1", 0, log=log)
+    running.engine = Engine(Stage(model, DistContext()), tunings, max_rows=8)
+    running.runner = threading.Thread(target=running.run, args=(running.engine, 0.2), daemon=True)
+    running.runner.start()
+    return running
+
+
+@pytest.fixture(scope="module")
+def server(model_bin, tokenizer, prompt_folders, method_folders):
     # A model of its own: the server's thread sets up and clears KV caches on it while the
     # tests run reference generations on theirs.
     model = load_model(model_bin)
-    weights = {n: load_soft_prompt(f, model.args)[0] for n, f in prompt_folders.items()}
-    tunings = {n: apply_saved(model, "prompt", {"prompt": w}, True) for n, w in weights.items()}
-    served = {n: Served(n, t.n_virtual, "none") for n, t in tunings.items()}
-    service = Service(tokenizer, served, "base", model.args.max_seq_len,
-                      Limits(max_body_bytes=4096, max_tokens=64, max_batch=8, max_wait_ms=300))
-    running = Server(service, "127.0.0.1", 0)
-    engine = Engine(Stage(model, DistContext()), tunings, max_rows=8)
-    thread = threading.Thread(target=running.run, args=(engine, 0.2), daemon=True)
-    thread.start()
+    log_lines = []
+    running = start_server(model, tokenizer, {**prompt_folders, **method_folders},
+                           log=log_lines.append)
+    running.log_lines = log_lines
     yield running
     running.stop()
-    thread.join(timeout=10)
+    running.runner.join(timeout=10)
 
 
 JSON = {"Content-Type": "application/json"}
@@ -122,18 +152,21 @@ def wait_until(condition, limit_s=60.0) -> bool:
 
 def test_models_and_health(server):
     status, models = call(server.port, "GET", "/v1/models")
-    assert status == 200 and [m["id"] for m in models["data"]] == ["base", "short", "long"]
+    assert status == 200 and [m["id"] for m in models["data"]] == ["base", "short", "long",
+                                                                   "prefix", "adapter"]
     status, health = call(server.port, "GET", "/health")
     assert status == 200 and health["status"] == "ok"
 
 
-@pytest.mark.parametrize("name", ["base", "long"])
-def test_completion_equals_generation_with_that_prompt(server, model, tokenizer, prompt_folders,
-                                                       name):
+@pytest.mark.parametrize("name", ["base", "long", "prefix", "adapter"])
+def test_completion_equals_generation_with_that_tuning(server, model_bin, tokenizer,
+                                                       prompt_folders, method_folders, name):
     ids = tokenizer.encode(TEXTS[0], bos=True, eos=False)
-    soft = SoftPrompt(load_soft_prompt(prompt_folders[name], model.args)[0]) if name != "base" else None
-    stage = Stage(model, DistContext(), soft, soft.n_virtual_tokens if soft else 0)
-    expected = generate(stage, [ids], 24, stop_ids=tokenizer.stop_ids)[0]
+    model = load_model(model_bin)  # its own: a method's hooks stay on the model they are put on
+    folders = {**prompt_folders, **method_folders}
+    tuning = served_tunings(model, {name: folders[name]})[0][name] if name != "base" else None
+    expected = generate(Stage(model, DistContext(), tuning=tuning), [ids], 24,
+                        stop_ids=tokenizer.stop_ids)[0]
     status, answer = call(server.port, "POST", "/v1/completions",
                           {"model": name, "prompt": TEXTS[0], "max_tokens": 24, "temperature": 0})
     assert status == 200
@@ -157,8 +190,11 @@ def test_streams_joined_equal_the_whole_answer(server):
     assert status == 200 and whole["choices"][0]["message"]["content"] == joined
 
 
-def test_concurrent_mixed_prompt_batch_rows_equal_each_alone(server):
-    requests = [(model, text) for model in ("short", "base", "long") for text in TEXTS[:2]]
+def test_concurrent_mixed_methods_batch_rows_equal_each_alone(server):
+    """Soft prompts, a prefix, an adapter and the base model in one batch; 10 requests for 8
+    rows, so some join while others run (continuous batching)."""
+    models = ("short", "base", "long", "prefix", "adapter")
+    requests = [(model, text) for model in models for text in TEXTS[:2]]
     alone = {r: complete(server.port, *r) for r in requests}
     before = call(server.port, "GET", "/health")[1]["batches"]
     together, barrier = {}, threading.Barrier(len(requests))
@@ -173,6 +209,7 @@ def test_concurrent_mixed_prompt_batch_rows_equal_each_alone(server):
     for t in threads:
         t.join(timeout=60)
     assert together == alone
+    assert len({alone[(model, TEXTS[0])] for model in models}) == len(models)  # all differ
     health = call(server.port, "GET", "/health")[1]
     assert health["batches"] - before < len(requests)  # some of them really ran together
     assert health["largest_batch"] >= 3
@@ -390,6 +427,124 @@ def test_openai_client(server):
     chunks = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "Hi"}],
                                             max_tokens=8, temperature=0, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in chunks)
+
+
+def test_stream_options_include_usage_ends_with_a_usage_chunk(server):
+    body = {"model": "prefix", "prompt": TEXTS[0], "max_tokens": 12, "temperature": 0,
+            "stream_options": {"include_usage": True}}
+    events = stream_events(server.port, "/v1/completions", body)
+    status, whole = call(server.port, "POST", "/v1/completions",
+                         {k: v for k, v in body.items() if k != "stream_options"})
+    assert status == 200
+    *chunks, last = events
+    assert last["choices"] == [] and last["usage"] == whole["usage"]
+    assert all(c["usage"] is None for c in chunks)  # OpenAI's rule: null until the last
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+    plain = stream_events(server.port, "/v1/completions", {**body, "stream_options": None})
+    assert all("usage" not in c for c in plain)
+    for options, stream in (({"include_usage": True}, False), ({"include_usage": "yes"}, True),
+                            ({"other": 1}, True), ([], True)):
+        status, answer = call(server.port, "POST", "/v1/completions",
+                              {**body, "stream_options": options, "stream": stream})
+        assert (status, answer["error"]["param"]) == (400, "stream_options"), answer
+
+
+def metric(text: str, name: str) -> float:
+    """The value of one sample line of a Prometheus text exposition (0 when absent)."""
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_metrics_and_one_access_line_per_request(server):
+    def metrics():
+        status, text = fetch(server.port, "/metrics")
+        assert status == 200
+        return text
+
+    before = metrics()
+    ok = call(server.port, "POST", "/v1/completions",
+              {"model": "adapter", "prompt": TEXTS[1], "max_tokens": 6, "temperature": 0})[1]
+    assert call(server.port, "POST", "/v1/completions", {"model": "nope", "prompt": "a"})[0] == 404
+    # The metrics and the log are written once the answer is out: wait for them, not a time.
+    ok_line = (f"POST /v1/completions status=200 model=adapter prompt_tokens="
+               f"{ok['usage']['prompt_tokens']} completion_tokens="
+               f"{ok['usage']['completion_tokens']} ttft_ms=")
+    assert wait_until(lambda: any(ok_line in line for line in server.log_lines)), server.log_lines
+    assert wait_until(lambda: any("POST /v1/completions status=404 model=- prompt_tokens=0"
+                                  in line for line in server.log_lines))
+    line = next(line for line in server.log_lines if ok_line in line)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ POST /v1/completions status=200 "
+                        r"model=adapter prompt_tokens=\d+ completion_tokens=\d+ ttft_ms=[\d.]+ "
+                        r"total_ms=[\d.]+ finish=(stop|length)", line), line
+    assert wait_until(lambda: metric(metrics(), 'llama_requests_total{status="404"}')
+                      >= metric(before, 'llama_requests_total{status="404"}') + 1)
+    after = metrics()
+    for name, grown in (('llama_requests_total{status="200"}', 1),
+                        ("llama_completion_tokens_total", ok["usage"]["completion_tokens"]),
+                        ("llama_prompt_tokens_total", ok["usage"]["prompt_tokens"]),
+                        ("llama_time_to_first_token_seconds_count", 1),
+                        ("llama_time_per_output_token_seconds_count",
+                         ok["usage"]["completion_tokens"] - 1)):
+        assert metric(after, name) >= metric(before, name) + grown, name
+    for name in ("llama_queue_length", "llama_batch_rows", "llama_batch_capacity",
+                 "llama_decode_steps_total", 'llama_time_to_first_token_seconds_bucket{le="+Inf"}'):
+        assert re.search(rf"^{re.escape(name)} \d", after, re.M), name
+    assert "# TYPE llama_time_per_output_token_seconds histogram" in after
+
+
+def fetch(port, path):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.request("GET", path)
+    response = connection.getresponse()
+    text = response.read().decode()
+    connection.close()
+    assert response.getheader("Content-Type").startswith("text/plain")
+    return response.status, text
+
+
+def test_stopping_ends_the_replies_in_flight_with_a_clear_error(model_bin, tokenizer):
+    """The generation loop is held inside a step (no timing): stop() meanwhile, and every reply
+    in flight (streamed or whole) and every queued one ends with a 503 server_shutdown."""
+    running = start_server(load_model(model_bin), tokenizer, {}, max_wait_ms=0)
+    held, release, do = threading.Event(), threading.Event(), running.engine.do
+
+    def held_step(plan):
+        out = do(plan)
+        held.set()
+        assert release.wait(60)
+        return out
+
+    running.engine.do = held_step
+    body = {"model": "base", "prompt": TEXTS[0], "max_tokens": 64, "temperature": 0}
+    answers = {}
+    clients = [threading.Thread(target=lambda: answers.update(whole=call(
+        running.port, "POST", "/v1/completions", body))),
+        threading.Thread(target=lambda: answers.update(stream=raw_stream(running.port, body)))]
+    try:
+        clients[0].start()
+        assert held.wait(60)
+        clients[1].start()
+        assert wait_until(lambda: running.service.open_jobs == 2)
+        running.stop()
+    finally:
+        release.set()
+        for client in clients:
+            client.join(timeout=60)
+        running.runner.join(timeout=60)
+    status, whole = answers["whole"]
+    assert status == 503 and whole["error"]["code"] == "server_shutdown", whole
+    assert "shutting down" in whole["error"]["message"]
+    assert json.loads(answers["stream"][-1])["error"]["code"] == "server_shutdown"
+
+
+def raw_stream(port, body) -> list:
+    """The data lines of a streamed answer, whatever they are."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection.request("POST", "/v1/completions", body=json.dumps({**body, "stream": True}),
+                       headers=JSON)
+    lines = connection.getresponse().read().decode().splitlines()
+    connection.close()
+    return [line[len("data: "):] for line in lines if line]
 
 
 def wait_for_port(log_path, process, timeout_s=90):
