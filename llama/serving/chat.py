@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from llama.errors import BadInput
 from llama.serving.conversation import user_turn_ids
+from llama.serving.detokenize import Detokenizer
 from llama.serving.engine import STAGE_TUNING, Engine
 from llama.serving.sampling import Sampling
 
@@ -160,35 +161,32 @@ class Chat:
                   f"oldest {dropped} turn{'s' if dropped > 1 else ''})\n")
         turn = Turn(text, user, [])
         conversation.turns.append(turn)
-        chunk = conversation.ids()[conversation.cached:]
+        self.stream(turn, conversation.ids()[conversation.cached:])
+        return turn.reply_ids
+
+    def stream(self, turn: Turn, chunk: list):
+        """Generate the turn's reply after the history's uncached ids (chunk), writing its text
+        as it comes (incrementally decoded: llama/serving/detokenize.py)."""
+        conversation, write = self.conversation, self.terminal.write
+        detokenizer = Detokenizer(conversation.tokenizer, turn.user_ids)
         self.terminal.interrupted.clear()
         write("Assistant: ")
-        shown = ""
         token = self.feed(chunk)
         conversation.cached += len(chunk)
-        while True:
-            if token in self.stop_ids:
-                break
+        stopped = False
+        while token not in self.stop_ids:
             turn.reply_ids.append(token)
-            text_so_far = decode_reply(self.conversation.tokenizer, user, turn.reply_ids)
-            write(text_so_far[len(shown):])
-            shown = text_so_far
-            if self.terminal.interrupted.is_set():
-                self.terminal.interrupted.clear()
-                write(" [stopped]")
-                break
-            if len(turn.reply_ids) >= conversation.max_gen_len:
+            write(detokenizer.add(token))
+            stopped = self.terminal.interrupted.is_set()
+            if stopped or len(turn.reply_ids) >= conversation.max_gen_len:
                 break
             token = self.next_id()
             conversation.cached += 1
+        write(detokenizer.finish(turn.reply_ids))
+        if stopped:
+            self.terminal.interrupted.clear()
+            write(" [stopped]")
         write("\n")
-        return turn.reply_ids
-
-
-def decode_reply(tokenizer, user_ids, reply_ids) -> str:
-    """The reply's text so far, without a trailing piece of an unfinished UTF-8 character."""
-    whole = tokenizer.decode(list(user_ids) + list(reply_ids))
-    return whole[len(tokenizer.decode(user_ids)):].rstrip("\ufffd")
 
 
 def run_chat(stage, tokenizer, template: str, max_gen_len: int, sampling: Sampling,
