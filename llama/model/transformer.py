@@ -125,8 +125,16 @@ class KVCache:
 
     def row(self, index: int) -> "KVCache":
         """A cache of one row that writes into this one (views, no copy): a row runs alone."""
+        return self.view(self.keys[index:index + 1], self.values[index:index + 1])
+
+    def narrow(self, length: int) -> "KVCache":
+        """The first length positions of every row (views): attention looks no further."""
+        return self.view(self.keys[:, :length], self.values[:, :length])
+
+    @staticmethod
+    def view(keys, values) -> "KVCache":
         view = KVCache.__new__(KVCache)
-        view.keys, view.values = self.keys[index:index + 1], self.values[index:index + 1]
+        view.keys, view.values = keys, values
         return view
 
     def update(self, start_pos, keys, values):

@@ -102,7 +102,7 @@ class Engine:
         first ids, where its prompt enters before them and its prefix fills the first positions."""
         row = self.rows[index]
         tuning = self.tunings[row.tuning] if row.tuning is not None else None
-        with self.row_cache(index), self.only(tuning):
+        with self.caches_as(lambda cache: cache.row(index)), self.only(tuning):
             hidden_virtual = tuning.hidden_virtual if tuning is not None and fresh else 0
             start = row.pos
             if fresh and tuning is not None:
@@ -121,10 +121,10 @@ class Engine:
         return row.last
 
     @contextlib.contextmanager
-    def row_cache(self, index: int):
-        """The model's caches are row index's alone while the block runs."""
+    def caches_as(self, view):
+        """The model's caches are view(cache) (a row's alone, or fewer positions) meanwhile."""
         for block, cache in zip(self.model.layers.values(), self.caches):
-            block.attention.cache = cache.row(index)
+            block.attention.cache = view(cache)
         try:
             yield
         finally:
@@ -153,10 +153,11 @@ class Engine:
             x = self.receive((n, 1, self.model.args.dim))
         adapters = tuple(name for name in self.gates if any(r.tuning == name for r in rows))
         with self.only(None), self.adapters_on(adapters, rows):
-            if self.graphs is not None:
+            if self.graphs is not None:  # fixed shapes: attention over the whole cache
                 out = self.graphs((n, adapters), x, positions)
-            else:
-                out = self.decode_compute(x, positions)
+            else:  # attention over the positions some row has written, not the whole cache
+                with self.caches_as(lambda cache: cache.narrow(max(r.pos for r in rows) + 1)):
+                    out = self.decode_compute(x, positions)
         for row in rows:
             row.pos += 1
         picked = self.pick_and_share(out, rows)
