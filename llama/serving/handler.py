@@ -6,11 +6,17 @@ OpenAI's shapes. make_handler binds the class to one server's service, access ru
 import json
 import time
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 
 from llama.serving.access import Access
 from llama.serving.metrics import access_line
 from llama.serving.requests import ApiError, content_length, refuse_constant, shorten
 from llama.serving.service import Job, Service
+
+# The chat page holds no secret (the API key is typed into it), and a browser cannot send a
+# header when it opens a page: it is answered without the key, like the health check.
+OPEN_PATHS = ("/", "/index.html", "/health", "/v1/health")
+PAGE = (Path(__file__).parent / "page.html").read_bytes()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -106,7 +112,7 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(403, f"requests from pages of {shorten(repr(origin))} are "
                            f"refused: start the server with --allow_origins {shorten(origin)} "
                            "to let that site use it", code="origin_not_allowed")
-        if self.path not in ("/health", "/v1/health") and self.command != "OPTIONS" and \
+        if self.path not in OPEN_PATHS and self.command != "OPTIONS" and \
                 not self.service.authorized(self.headers.get("Authorization")):
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer "
                            "<key>'", code="invalid_api_key")
@@ -137,7 +143,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Vary", "Origin")
 
     def get(self):
-        if self.path in ("/health", "/v1/health"):
+        if self.path in ("/", "/index.html"):
+            self.send_page()
+        elif self.path in ("/health", "/v1/health"):
             status = 503 if self.service.down else 200
             self.send_json(status, {"status": "down" if self.service.down else "ok",
                                     "models": self.service.models(), **self.service.stats})
@@ -250,6 +258,20 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_json(self, status: int, body: dict):
         self.send_text(status, json.dumps(body), "application/json")
+
+    def send_page(self):
+        """The chat page: it may run its own inline script and talk to this server only, and
+        no other site may frame it (clickjacking)."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(PAGE)))
+        self.send_header("Content-Security-Policy", "default-src 'none'; script-src 'unsafe-"
+                         "inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+                         "frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")
+        self.end_headers()
+        self.wfile.write(PAGE)
 
     def send_text(self, status: int, text: str, content_type: str):
         data = text.encode()
