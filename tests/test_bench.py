@@ -153,6 +153,6 @@ def test_serve_bench_goes_through_the_projects_command_line(model_bin):
                            "python -m bench.serve_bench --help lists the flags\n")
     lines, done = run_bench("serve_bench", "--ckpt_dir", str(model_bin), "--concurrency", "2",
                             "--requests_per_client", "1", "--max_tokens", "4")
-    assert [(r["concurrency"], r["max_batch"], r["requests"]) for r in lines] == [(2, 2, 2),
-                                                                                  (2, 1, 2)]
+    assert [(r["concurrency"], r["max_batch"], r["batching"], r["requests"]) for r in lines] == \
+        [(2, 2, "continuous", 2), (2, 2, "static", 2), (2, 1, "continuous", 2)]
     assert "requests/s" in table_after_json(done.stdout)[0]

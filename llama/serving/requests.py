@@ -28,6 +28,9 @@ class Limits:
     max_wait_ms: float = 10.0
     idle_timeout_s: float = 30.0  # a connection silent this long is closed
     max_connections: int = 64  # open at once; more are answered 503 and closed
+    # False: static batching, a batch runs to its end before queued requests start (only
+    # bench/serve_bench.py asks for it, to measure what joining at any step gains)
+    continuous: bool = True
 
 
 class ApiError(Exception):

@@ -197,6 +197,8 @@ class Service:
         """Queued jobs into the batcher. An idle server waits up to wait_s for one, then up to
         --max_wait_ms for more to start together; a busy one takes what is there (they join
         at the next step)."""
+        if batcher.busy and not self.limits.continuous:
+            return
         if not batcher.busy:
             try:
                 self.add(batcher, self.jobs.get(timeout=wait_s))
