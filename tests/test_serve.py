@@ -558,18 +558,22 @@ def wait_for_port(log_path, process, timeout_s=90):
     raise AssertionError("the server did not start listening")
 
 
-def test_two_rank_server_end_to_end_and_a_lost_stage(server, model_bin, prompt_folders, tmp_path):
+def test_two_rank_server_end_to_end_and_a_lost_stage(server, model_bin, prompt_folders,
+                                                     method_folders, tmp_path):
+    """Every method through serve.py on two stages (each keeps its own layers' tensors) answers
+    what the one-process server answers; then a lost stage."""
     split_model.main(str(model_bin), 2, out_dir=str(tmp_path / "pp2"))
+    served = f"long={prompt_folders['long']},prefix={method_folders['prefix']}," \
+             f"adapter={method_folders['adapter']}"
     argv = [sys.executable, "serve.py", "--ckpt_dir", str(tmp_path / "pp2"), "--port", "0",
-            "--base_name", "base", "--prompts", f"long={prompt_folders['long']}",
-            "--timeout_s", "20"]
+            "--base_name", "base", "--prompts", served, "--timeout_s", "20"]
     port = free_port()
     logs = [(open(tmp_path / f"{r}.out", "w"), open(tmp_path / f"{r}.err", "w")) for r in range(2)]
     ranks = [subprocess.Popen(argv, cwd=REPO, env=rank_env(r, 2, port), stdout=logs[r][0],
                               stderr=logs[r][1]) for r in range(2)]
     try:
         listening = wait_for_port(tmp_path / "0.out", ranks[0])
-        for name in ("base", "long"):
+        for name in ("base", "long", "prefix", "adapter"):
             assert complete(listening, name, TEXTS[1]) == complete(server.port, name, TEXTS[1])
         ranks[1].send_signal(signal.SIGKILL)
         ranks[1].wait()
