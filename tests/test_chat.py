@@ -20,6 +20,7 @@ from llama.formats.checkpoint import load_model
 from llama.parallel.distributed import DistContext
 from llama.serving.generation import generate
 from llama.parallel.pipeline import Stage
+from llama.tuning.methods import apply_adapter, apply_prefix
 from llama.tuning.prompt import SoftPrompt
 from llama.model.tokenizer import Tokenizer
 
@@ -174,3 +175,28 @@ def test_a_line_that_is_not_utf8_is_refused_and_the_chat_goes_on(model_bin, toke
     assert [t.text for t in conversation.turns] == ["Hi"]
     assert conversation.turns[0].reply_ids == greedy_reply(model, tokenizer,
                                                            history_before(conversation, 0))
+
+
+@pytest.mark.parametrize("method", ["prefix", "adapter"])
+def test_a_prefix_or_adapter_chat_replies_what_generation_with_it_gives(model_bin, tokenizer,
+                                                                       method):
+    """Later turns extend the cached row: a prefix stays in its first positions, an adapter is
+    on for every chunk."""
+    model = load_model(model_bin)
+    if method == "prefix":
+        tuning = apply_prefix(model, 3, seed=5)
+    else:
+        tuning = apply_adapter(model, 4, adapter_layers=3, seed=3)
+        with torch.no_grad():
+            for key, tensor in tuning.trainable.items():
+                if key.endswith("gate"):
+                    tensor.fill_(2.0)
+    stage = Stage(model, DistContext(), tuning=tuning)
+    conversation = run_chat(stage, tokenizer, "plain", MAX_GEN_LEN, Sampling(), heartbeat_s=0.5,
+                            stdin=io.StringIO("".join(line + "\n" for line in LINES[:2])),
+                            stdout=io.StringIO())
+    assert len(conversation.turns) == 2
+    for i, turn in enumerate(conversation.turns):
+        expected = generate(stage, [history_before(conversation, i)], MAX_GEN_LEN,
+                            stop_ids=tokenizer.stop_ids)[0]
+        assert turn.reply_ids == expected
