@@ -25,8 +25,7 @@ from llama.parallel.distributed import DistContext
 from llama.errors import BadInput
 from llama.serving.generation import decode_continuation, generate
 from llama.parallel.pipeline import Stage
-from llama.tuning.prompt import SoftPrompt
-from llama.tuning.files import load_soft_prompt, load_tuning, save_tuning
+from llama.tuning.files import load_tuning, save_tuning
 from llama.serving.engine import Engine
 from llama.serving.http import Limits, Served, Server, Service
 from llama.tuning.methods import adapter_layer_range, apply_saved, init_adapter, init_prefix

@@ -7,7 +7,7 @@ so a prompt generates in a batch what it generates alone.
 from llama.errors import BadInput
 from llama.progress import Progress
 from llama.serving.engine import STAGE_TUNING, Engine
-from llama.serving.sampling import Sampling, check_sampling, next_tokens, sample_top_p  # noqa: F401
+from llama.serving.sampling import Sampling, check_sampling
 from llama.serving.scheduler import Batcher, Request
 
 

@@ -17,8 +17,11 @@ from llama.errors import BadInput
 from llama.parallel.faults import PeerLost
 from llama.serving.access import Access
 from llama.serving.handler import make_handler
-from llama.serving.requests import ApiError, Limits, parse_served_prompts  # noqa: F401
-from llama.serving.service import Served, Service  # noqa: F401
+from llama.serving.requests import ApiError, Limits, parse_served_prompts
+from llama.serving.service import Served, Service
+
+# What serve.py, the tests and the benchmarks take from here: the server and what it is built of.
+__all__ = ["Access", "Limits", "Served", "Server", "Service", "parse_served_prompts", "run_server"]
 
 LINGER_S, LINGER_BYTES = 1.0, 1 << 20  # how long and how much a closing connection is drained
 
