@@ -9,61 +9,47 @@ from llama.serving.conversation import DEFAULT_TEMPLATE
 from llama.training.data import format_prompt
 from llama.cli import run_cli
 from llama.errors import BadInput
-from llama.parallel.faults import PeerLost, report_and_exit
 from llama.serving.generation import check_sampling
 from llama.tuning.files import load_soft_prompt
-from llama.prepare.stage import start_stage
+from llama.options import GENERATION, MODEL, takes
+from llama.prepare.stage import run_on_stage
 
 
-def main(ckpt_dir: str, prompt: str = None, template: str = None, max_gen_len: int = 256,
-         temperature: float = 0.6, top_p: float = 0.9, seed: int = 0, tokenizer_path: str = None,
-         max_seq_len: int = None, device: str = None, dtype: str = None, timeout_s: float = 300.0):
+@takes(MODEL, GENERATION, max_gen_len=256, temperature=0.6)
+def main(prompt: str = None, template: str = None, **options):
     """Chat in the terminal through the pipeline (rank 0 reads your lines, the reply streams).
 
     The KV cache is kept across turns, so a turn only prefills its new text; when the history
     outgrows max_seq_len the oldest turns are dropped with a note. /reset clears the history,
     /exit or Ctrl+D quits, Ctrl+C stops the current reply.
 
-    ckpt_dir: the model: a split folder (split_model.py), a Meta folder, a llama2.c .bin or a
-        Hugging Face folder
     prompt: a soft prompt's folder (ft_main.py's --out, or a PEFT prompt-tuning export); none
         chats with the base model
     template: alpaca, plain or none: how each of your lines is wrapped (default: the prompt's
         own template, else plain)
-    max_gen_len: the most tokens of one reply
-    temperature: 0 picks the likeliest token (greedy); above 0 samples, with top-p
-    top_p: sampling keeps the likeliest tokens whose probabilities add up to top_p
-    seed: the random seed of sampling
-    tokenizer_path: the sentencepiece tokenizer.model (default: the one beside the checkpoint)
-    max_seq_len: the longest history in tokens, soft prompt included (default: the model's own)
-    device: cpu, cuda or cuda:N (default: this rank's GPU if there is one, else the CPU)
-    dtype: float32, float16 or bfloat16 for the weights (default: float16 on a GPU, float32 on
-        the CPU)
-    timeout_s: seconds to wait for another stage before giving up on it
     """
-    check_sampling(temperature, top_p)
-    ctx, model, tokenizer = start_stage(ckpt_dir, tokenizer_path, device, dtype, max_seq_len,
-                                        timeout_s)
-    try:
+    check_sampling(options["temperature"], options["top_p"])
+    max_gen_len = options["max_gen_len"]
+
+    def work(ctx, model, tokenizer, _):
         bank, info = None, {}
         if ctx.is_first and prompt is not None:
             weight, info = load_soft_prompt(prompt, model.args)
             bank = PromptBank(model.args.vocab_size, model.args.dim, {"prompt": weight})
-        template = template or info.get("template") or DEFAULT_TEMPLATE
-        format_prompt({"instruction": ""}, template)  # an unknown template is refused here
+        chosen = template or info.get("template") or DEFAULT_TEMPLATE
+        format_prompt({"instruction": ""}, chosen)  # an unknown template is refused here
         virtual_ids = bank.virtual_ids("prompt") if bank else []
         if max_gen_len < 1 or len(virtual_ids) + 2 + max_gen_len > model.args.max_seq_len:
             raise BadInput(f"--max_gen_len={max_gen_len} must be at least 1 and leave room in "
                            f"max_seq_len={model.args.max_seq_len} for the soft prompt "
                            f"({len(virtual_ids)} tokens) and a line: lower it")
-        banner = (f"chat with {ckpt_dir}" + (f" and the soft prompt {prompt}" if prompt else "")
-                  + f" (template {template})")
-        run_chat(MixedPromptStage(model, ctx, bank), tokenizer, template, virtual_ids,
-                 max_gen_len, Sampling(temperature, top_p, seed),
-                 heartbeat_s=min(2.0, timeout_s / 4), banner=banner)
-    except PeerLost as error:
-        report_and_exit(error, ctx.rank)
-    ctx.close()
+        banner = (f"chat with {options['ckpt_dir']}" + (f" and the soft prompt {prompt}" if prompt
+                                                        else "") + f" (template {chosen})")
+        run_chat(MixedPromptStage(model, ctx, bank), tokenizer, chosen, virtual_ids, max_gen_len,
+                 Sampling(options["temperature"], options["top_p"], options["seed"]),
+                 heartbeat_s=min(2.0, options["timeout_s"] / 4), banner=banner)
+
+    run_on_stage(options, work)
 
 
 if __name__ == "__main__":

@@ -232,6 +232,10 @@ def split_docstring(main):
             description.append(line)
     while description and not description[-1].strip():
         description.pop()
+    # the shared options' meanings (llama/options.py), in the order of the signature
+    shared = getattr(main, "option_meanings", {})
+    meanings = {name: meanings.get(name) or shared.get(name, "") for name in names
+                if name in meanings or name in shared}
     return description, meanings
 
 

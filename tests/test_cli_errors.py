@@ -384,10 +384,10 @@ def calls(monkeypatch):
     monkeypatch.setattr(ft_main, "RunConfig", dict)
     monkeypatch.setattr(ft_main, "train", seen.append)
 
-    def start_stage(*args):
-        seen.append(args)
-        raise BadInput("start_stage reached")
-    monkeypatch.setattr(example, "start_stage", start_stage)
+    def run_on_stage(options, *rest):
+        seen.append(options)
+        raise BadInput("start-up reached")
+    monkeypatch.setattr(example, "run_on_stage", run_on_stage)
     return seen
 
 
