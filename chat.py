@@ -6,7 +6,7 @@
 from llama.serving.batching import MixedPromptStage, PromptBank, Sampling
 from llama.serving.chat import run_chat
 from llama.serving.conversation import DEFAULT_TEMPLATE
-from llama.training.data import format_prompt
+from llama.training.records import format_prompt
 from llama.cli import run_cli
 from llama.errors import BadInput
 from llama.serving.generation import check_sampling

@@ -8,7 +8,7 @@ from llama.options import DECODING, GENERATION, MODEL, takes
 from llama.parallel.pipeline import Stage
 from llama.prepare.stage import Preparation, run_on_stage
 from llama.serving.generation import check_sampling, decode_continuation, generate
-from llama.training.data import format_prompt
+from llama.training.records import format_prompt
 from llama.tuning.files import load_tuning
 from llama.tuning.methods import apply_saved
 

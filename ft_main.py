@@ -7,7 +7,7 @@ The loop itself is llama/training/train.py; this file is only its command line.
 from typing import Union
 
 from llama.training.config import RunConfig
-from llama.training.data import ALPACA_PREAMBLE
+from llama.training.records import ALPACA_PREAMBLE
 from llama.cli import run_cli
 from llama.options import MODEL, takes
 from llama.training.train import train

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from llama.serving.batching import MixedPromptStage, PromptBank
 from llama.serving.conversation import DEFAULT_TEMPLATE
-from llama.training.data import format_prompt
+from llama.training.records import format_prompt
 from llama.cli import run_cli
 from llama.errors import BadInput
 from llama.tuning.files import load_soft_prompt

@@ -562,7 +562,7 @@ def test_help_of_a_module_with_commands_and_after_fires_separator():
 
 
 def test_a_skipped_record_note_names_the_flag_as_typed(tmp_path):
-    from llama.training.data import load_records
+    from llama.training.records import load_records
     path = tmp_path / "t.json"
     path.write_text(json.dumps([{"instruction": "a", "output": 1}, {"instruction": "b",
                                                                      "output": "c"}]))

@@ -25,6 +25,7 @@ from llama.tuning.peft import export_peft
 from llama.tuning.files import load_tuning, save_tuning
 from llama.tuning.methods import apply_adapter, apply_prefix, apply_saved
 from llama.parallel.pipeline import Stage
+from llama.prepare.offload import apply_recompute
 from llama.prepare.stage import Preparation
 from llama.training.run_folder import LOCK_FILE, claim_out
 from workers.prompt_grad import Batch, make_micro_batches
@@ -115,7 +116,7 @@ def test_recompute_and_activation_offload_give_the_same_gradient(model_bin, meth
         model = load_model(model_bin)
         tuning = with_tuning(model, method)
         if recompute:
-            train.apply_recompute(model, offload_activations=True)
+            apply_recompute(model, offload_activations=True)
         Stage(model, DistContext(), tuning=tuning).train_step(
             make_micro_batches(model.args.vocab_size, 2, 2), "1f1b")
         grads.append({k: t.grad for k, t in tuning.trainable.items()})

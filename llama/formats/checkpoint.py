@@ -152,6 +152,34 @@ def safe_child(folder: Path, name, what: str) -> Path:
 SPLIT_FILE_NAMES = r"params\.json|split\.json|tokenizer\.model|stage\.\d+\.pth"
 
 
+def write_stage_file(source: TensorSource, folder: Path, index: int, stage, target_dtype,
+                     quantization):
+    """Write stage.NN.pth of one (layer_range, embeddings, head) into folder: (its split.json
+    entry, the dtype of its float tensors). Quantized stages store the block linears packed."""
+    layer_range, embeddings, head = stage
+
+    def load_float(name):
+        tensor = source.load(name)
+        return tensor if target_dtype is None else tensor.to(target_dtype)
+    names, fetch = stage_tensor_names(source.args, layer_range, embeddings, head), load_float
+    if quantization:
+        with torch.device("meta"):
+            model = apply_quantization(Transformer(source.args, layer_range, embeddings, head),
+                                       **quantization_args(quantization))
+        names = list(model.state_dict())
+        fetch = quantizing_fetch(load_float, model, **quantization_args(quantization))
+    tensors = {name: fetch(name).detach().clone().contiguous() for name in names}
+    # the dtype of the float tensors (a norm's weight), not of the packed codes
+    stored_dtype = str(tensors[names[-1]].dtype if not quantization else next(
+        t.dtype for t in tensors.values() if t.is_floating_point())).replace("torch.", "")
+    file_name = f"stage.{index:02d}.pth"
+    atomic_torch_save(tensors, folder / file_name)
+    entry = {"file": file_name, "layers": list(layer_range), "embeddings": embeddings,
+             "head": head, "bytes": (folder / file_name).stat().st_size,
+             "sha256": sha256_of(folder / file_name)}
+    return entry, stored_dtype
+
+
 def write_split(source: TensorSource, out_dir, n_stages: int, dtype: str = "auto",
                 tokenizer_path=None, overwrite: bool = False, log=print, reads=(),
                 quantize=None, group_size=None, stage_memory=None, layer_counts=None):
@@ -178,29 +206,11 @@ def write_split(source: TensorSource, out_dir, n_stages: int, dtype: str = "auto
     tmp_dir = make_temp_folder(out_dir, "--out_dir")
     try:
         stages, stored_dtype = [], None
-        for index, (layer_range, embeddings, head) in enumerate(plan):
-            def load_float(name):
-                tensor = source.load(name)
-                return tensor if target_dtype is None else tensor.to(target_dtype)
-            names, fetch = stage_tensor_names(source.args, layer_range, embeddings, head), load_float
-            if quantization:
-                with torch.device("meta"):
-                    model = apply_quantization(Transformer(source.args, layer_range, embeddings,
-                                                           head), **quantization_args(quantization))
-                names = list(model.state_dict())
-                fetch = quantizing_fetch(load_float, model, **quantization_args(quantization))
-            tensors = {name: fetch(name).detach().clone().contiguous() for name in names}
-            # the dtype of the float tensors (a norm's weight), not of the packed codes
-            stored_dtype = str(tensors[names[-1]].dtype if not quantization else next(
-                t.dtype for t in tensors.values() if t.is_floating_point())).replace("torch.", "")
-            file_name = f"stage.{index:02d}.pth"
-            atomic_torch_save(tensors, tmp_dir / file_name)
-            size = (tmp_dir / file_name).stat().st_size
-            stages.append({"file": file_name, "layers": list(layer_range), "embeddings": embeddings,
-                           "head": head, "bytes": size, "sha256": sha256_of(tmp_dir / file_name)})
-            log(f"stage {index}: {describe_stage(layer_range, embeddings, head)}: "
-                f"{size / 2**20:.1f} MiB")
-            del tensors
+        for index, stage in enumerate(plan):
+            entry, stored_dtype = write_stage_file(source, tmp_dir, index, stage, target_dtype,
+                                                   quantization)
+            stages.append(entry)
+            log(f"stage {index}: {describe_stage(*stage)}: {entry['bytes'] / 2**20:.1f} MiB")
         manifest = {"format": QUANTIZED_SPLIT_FORMAT if quantization else SPLIT_FORMAT,
                     "n_stages": n_stages, "n_layers": source.args.n_layers,
                     "stages": stages, "source": source.description, "dtype": stored_dtype,

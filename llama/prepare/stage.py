@@ -130,15 +130,18 @@ def run_on_stage(options: dict, work, prep: Preparation = Preparation()):
     """The start-up path of every script that loads a model: join the job, load this rank's
     stage with the MODEL options, prepare it (prep, with --compile from the options), then
     work(ctx, model, tokenizer, tuning); a lost peer ends the rank with one line naming the
-    stage at fault; the process group is always left."""
+    stage at fault; after the work the process group is left."""
     model_options = pick(options, MODEL)
     prep = replace(prep, compile=model_options.pop("compile"))
     check_transforms(prep)  # before any weight is read
     ctx, model, tokenizer = start_stage(**model_options)
     try:
         tuning = prepare_stage(ctx, model, tokenizer, prep)
-        return work(ctx, model, tokenizer, tuning)
+        result = work(ctx, model, tokenizer, tuning)
     except PeerLost as error:
         report_and_exit(error, ctx.rank)
-    finally:
-        ctx.close()
+    # Left only after the work: a rank that stops with an error of its own must first say so
+    # in the job's store (llama/cli.py), or its neighbours, seeing the group close, would
+    # blame a silent stage.
+    ctx.close()
+    return result

@@ -20,8 +20,8 @@ import torch
 
 from llama.model.transformer import params_digest
 from llama.training.config import RunConfig
-from llama.training.data import (BatchLoader, eval_batches, load_dataset, model_stop_token,
-                        split_dataset)
+from llama.training.batches import BatchLoader, eval_batches, split_dataset
+from llama.training.data import load_dataset, model_stop_token
 from llama.errors import BadInput
 from llama.prepare.offload import optimizer_device
 from llama.tuning.methods import (apply_adapter, apply_prefix, apply_prompt, init_ids,
