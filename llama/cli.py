@@ -60,7 +60,7 @@ def parse_command_line(main, argv, prog: str) -> dict:
 
 def flag_name(key: str, params, names: list, token: str, prog: str) -> tuple:
     """(the parameter a flag names, whether it is negated): its name, a bool's --noname or
-    --no-name, any name where main takes **kwargs, or a unique first letter (as fire allowed)."""
+    --no-name, or any name where main takes **kwargs."""
     if key in names:
         return key, False
     negated = key[2:].removeprefix("_")
@@ -68,17 +68,14 @@ def flag_name(key: str, params, names: list, token: str, prog: str) -> tuple:
         return negated, True
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
         return key, False
-    nearest = [n for n in names if len(key) == 1 and n.startswith(key)]
-    if len(nearest) == 1:
-        return nearest[0], False
-    nearest = nearest or difflib.get_close_matches(key, names, n=1, cutoff=0.5)
-    hint = " or ".join(f"--{n}" for n in nearest)
-    hint = f"did you mean {hint}?" if nearest else "no flag is close to it"
+    nearest = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    hint = f"did you mean --{nearest[0]}?" if nearest else "no flag is close to it"
     raise BadInput(f"unknown flag {token.split('=')[0]} ({hint}); {prog} --help lists the flags")
 
 
 def unexpected_value(value: str, after, required: list, params, prog: str) -> str:
-    shown = repr(value if len(value) <= 40 else value[:40] + "…") + (f" after {after}" if after else "")
+    shown = repr(value if len(value) <= 40 else value[:40] + "…")
+    shown += f" after {after}" if after else ""
     only = (f"only {', '.join(required)} can be given without its --name" if required
             else "every value needs its --name")
     lists = [n for n, p in params.items() if item_type(kinds(p.annotation)[0]) is str]
@@ -241,7 +238,11 @@ def run(main, argv=None):
                 raise BadInput(f"{' '.join(rest)} after '--' is not understood: only --help is")
             argv.remove("--")
         if isinstance(main, dict) and argv and argv[0] not in HELP_FLAGS:
-            prog, main, argv = f"{prog} {argv[0]}", pick_command(main, argv[0], prog), argv[1:]
+            if argv[0] not in main:
+                nearest = difflib.get_close_matches(argv[0], list(main), n=1, cutoff=0.5)
+                hint = f"did you mean {nearest[0]}?" if nearest else f"one of {', '.join(main)}"
+                raise BadInput(f"unknown command {argv[0]!r} ({hint}); see {prog} --help")
+            prog, main, argv = f"{prog} {argv[0]}", main[argv[0]], argv[1:]
         if isinstance(main, dict):
             print(commands_help(main, prog))
         elif any(token in HELP_FLAGS for token in argv):
@@ -249,26 +250,15 @@ def run(main, argv=None):
         else:
             main(**parse_command_line(main, argv, prog))
     except BadInput as error:
-        fail(f"error: {error}")
-
-
-def pick_command(commands: dict, name: str, prog: str):
-    if name not in commands:
-        nearest = difflib.get_close_matches(name, list(commands), n=1, cutoff=0.5)
-        hint = f"did you mean {nearest[0]}?" if nearest else f"one of {', '.join(commands)}"
-        raise BadInput(f"unknown command {name!r} ({hint}); see {prog} --help")
-    return commands[name]
-
-
-def fail(line: str):
-    print(line, file=sys.stderr, flush=True)
-    # A script that can run as a rank under torchrun has imported llama.parallel.faults (through
-    # llama.parallel.distributed): it writes the line for torchrun and tells the other ranks. The
-    # other scripts are spared torch's import time.
-    faults = sys.modules.get("llama.parallel.faults")
-    if faults is not None and faults.note_own_error(line):
-        leave_without_teardown(2)  # the group's threads could hold up a normal exit
-    sys.exit(2)
+        line = f"error: {error}"
+        print(line, file=sys.stderr, flush=True)
+        # A script that can run as a rank under torchrun has imported llama.parallel.faults
+        # (through llama.parallel.distributed): it writes the line for torchrun and tells the
+        # other ranks. The other scripts are spared torch's import time.
+        faults = sys.modules.get("llama.parallel.faults")
+        if faults is not None and faults.note_own_error(line):
+            leave_without_teardown(2)  # the group's threads could hold up a normal exit
+        sys.exit(2)
 
 
 def run_cli(main):
@@ -288,16 +278,12 @@ def run_cli(main):
 
 
 def leave_without_teardown(status: int):
-    """End a rank with status, skipping the interpreter's teardown.
-
-    gloo's worker threads release each finished operation, and with it the Python tensors it
-    used, a moment after the operation has completed. The process group (and its threads) should
-    go away in destroy_process_group, but once torch._dynamo is imported (initialising any module
-    on the meta device imports it) torch keeps the group alive to the end. If the interpreter is
-    being torn down when a worker thread releases a tensor, that thread cannot take the GIL and
-    the process dies with SIGABRT ("terminate called without an active exception"), although its
-    work was done. Every file this project writes is complete (fsynced and renamed) before this
-    point, so flushing the standard streams is all that is left to do."""
+    """End a rank with status, skipping the interpreter's teardown: once torch._dynamo is
+    imported (any module initialised on the meta device imports it), torch keeps the gloo group
+    alive to the end, and a gloo thread that releases a finished operation's tensors while the
+    interpreter is torn down cannot take the GIL: the rank dies with SIGABRT ("terminate called
+    without an active exception") after its work was done. Every file this project writes is
+    complete (fsynced and renamed) before this point; only the standard streams need a flush."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
