@@ -129,7 +129,7 @@ def log(message: str):
 
 
 def parse_names(names, catalogue: dict, what: str) -> list:
-    """Names from fire (a string 'a,b', a tuple, or None/'none' for nothing) -> catalogue keys."""
+    """Names from the command line (a string 'a,b', a tuple, or None/'none' for nothing) -> catalogue keys."""
     if names is None:
         return []
     if isinstance(names, str):
