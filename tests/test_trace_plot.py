@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from llama.parallel import trace
-from llama.tools import plot
+from llama.tools import plot, svg
 from llama.errors import BadInput
 from llama.parallel.trace import Tracer, bubble_fraction, ideal_bubble_fraction, write_chrome_trace
 
@@ -199,12 +199,11 @@ def test_metrics_without_losses_or_lines_are_refused(tmp_path):
         plot.read_metrics(str(broken))
 
 
-def test_nice_axis_covers_the_range_with_round_ticks():
-    low, high, ticks = plot.nice_axis(0.13, 0.87)
-    assert low <= 0.13 and high >= 0.87 and ticks[0] == low and ticks[-1] == high
-    assert [plot.format_tick(tick, 0.2) for tick in ticks] == ["0.0", "0.2", "0.4", "0.6", "0.8",
-                                                              "1.0"]
-    assert plot.nice_axis(5, 5, min_spacing=1)[2] == [4, 5, 6]
+def test_nice_ticks_cover_the_range_with_round_ticks():
+    ticks = svg.nice_ticks(0.13, 0.87)
+    assert ticks[0] <= 0.13 and ticks[-1] >= 0.87
+    assert svg.tick_labels(ticks) == ["0.0", "0.2", "0.4", "0.6", "0.8", "1.0"]
+    assert svg.nice_ticks(5, 5, min_spacing=1) == [4, 5, 6]
 
 
 def run_plot(*args):
