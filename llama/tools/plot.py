@@ -3,15 +3,13 @@
   python -m llama.tools.plot schedule runs/x/trace.json --out docs/img/schedule.svg [--title T] [--step N]
   python -m llama.tools.plot losses runs/x/metrics.jsonl --out docs/img/loss.svg [--title T]
 """
-import json
-import math
-from collections import Counter
-from pathlib import Path
-
 from llama.cli import run_cli
 from llama.errors import BadInput
 from llama.formats.files import atomic_write_text
-from llama.parallel.trace import bubble_fraction, events_by_stage, ideal_bubble_fraction, stage_name
+from llama.parallel.trace import bubble_fraction, events_by_stage, ideal_bubble_fraction
+from llama.tools.plot_inputs import (count_micro_batches, held_out_from_tuning_json, is_span,
+                                     load_trace, loss_points, read_metrics, select_step,
+                                     stage_labels)
 from llama.tools.svg import (CHAR_WIDTH, HATCH, document, element, legend, line, nice_ticks, rect,
                              text, tick_labels, x_axis)
 
@@ -31,66 +29,6 @@ TRAIN_COLOUR, EVAL_COLOUR = "#4c78a8", "#e45756"
 
 
 # The schedule timeline
-
-
-def load_trace(path: str) -> dict:
-    """A Chrome trace as a dict with "traceEvents"; BadInput if it is unreadable or has no spans."""
-    fix = "pass the trace.json that a traced training run wrote"
-    try:
-        trace = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise BadInput(f"trace {path} cannot be read as JSON ({error}): {fix}") from None
-    if isinstance(trace, list):  # Chrome's other layout: a bare array of events
-        trace = {"traceEvents": trace}
-    events = trace.get("traceEvents") if isinstance(trace, dict) else None
-    if not isinstance(events, list) or not any(is_span(event) for event in events):
-        raise BadInput(f"trace {path} holds no spans (\"ph\": \"X\" events in \"traceEvents\"): {fix}")
-    return trace
-
-
-def is_span(event) -> bool:
-    return isinstance(event, dict) and event.get("ph") == "X"
-
-
-def step_of(span: dict):
-    return (span.get("args") or {}).get("step")
-
-
-def select_step(spans: list, step=None):
-    """(the spans of one step, that step): the asked step, else the last one in which every stage
-    ran as many backwards as forwards (and some). A trace without step numbers is drawn whole."""
-    steps = sorted({step_of(span) for span in spans} - {None})
-    if not steps:
-        if step is not None:
-            raise BadInput(f"--step {step} was asked but the spans carry no step numbers: "
-                           "leave --step out to draw the whole trace")
-        return spans, None
-    if step is None:
-        counts = Counter((step_of(span), span.get("pid", 0), span.get("cat")) for span in spans)
-        stages = {span.get("pid", 0) for span in spans}
-        complete = [n for n in steps if all(
-            0 < counts[n, stage, "forward"] == counts[n, stage, "backward"] for stage in stages)]
-        step = (complete or steps)[-1]
-    elif step not in steps:
-        raise BadInput(f"the trace holds steps {steps[0]}..{steps[-1]} ({len(steps)} in all), "
-                       f"not step {step}: pass --step with one of them")
-    return [span for span in spans if step_of(span) == step], step
-
-
-def stage_labels(trace: dict, n_stages: int) -> list:
-    """The trace's own process names where it has them, else "stage s"."""
-    names = {event.get("pid"): (event.get("args") or {}).get("name")
-             for event in trace["traceEvents"] if isinstance(event, dict)
-             and event.get("ph") == "M" and event.get("name") == "process_name"}
-    return [names.get(stage) or stage_name(stage) for stage in range(n_stages)]
-
-
-def count_micro_batches(per_stage: list) -> int:
-    """Distinct micro_batch numbers of the first stage with forwards (its forwards if unnumbered)."""
-    forwards = next(([span for span in events if span.get("cat") == "forward"]
-                     for events in per_stage if any(s.get("cat") == "forward" for s in events)), [])
-    numbers = {(span.get("args") or {}).get("micro_batch") for span in forwards}
-    return len(forwards) if None in numbers else len(numbers)
 
 
 def bubble_caption(per_stage: list, m: int) -> str:
@@ -149,7 +87,8 @@ def schedule_svg(trace: dict, title: str = None, step: int = None) -> str:
         raise BadInput(f"no spans belong to stages 0..{n_stages - 1} (metadata n_stages): "
                        "pass a trace whose metadata matches its events")
     if title is None:
-        title = " ".join(filter(None, [metadata.get("schedule"), "pipeline schedule"]))
+        name = metadata.get("schedule")
+        title = f"{name} pipeline schedule" if name else "pipeline schedule"
         title += "" if step is None else f", step {step}"
     labels = stage_labels(trace, n_stages)
     left, axis_y = 24 + CHAR_WIDTH * max(map(len, labels)), 40 + ROW * n_stages
@@ -165,14 +104,16 @@ def schedule_svg(trace: dict, title: str = None, step: int = None) -> str:
         top = 44 + ROW * stage
         shapes += [rect(left, top, TIME_WIDTH, BOX, "#f4f4f4"),
                    rect(left, top + BOX + 2, TIME_WIDTH, WAIT_LANE, "#fafafa"),
-                   text(left - 8, top + BOX / 2 + 4, label, text_anchor="end", class_="stage-label")]
+                   text(left - 8, top + BOX / 2 + 4, label, text_anchor="end",
+                        class_="stage-label")]
     ticks = [tick for tick in nice_ticks(0.0, length_ms) if tick <= length_ms * 1.0001]
     shapes += x_axis(ticks, lambda ms: x(origin + ms * 1000), axis_y, grid_top=44)
     shapes += [line(left, axis_y, left + TIME_WIDTH, axis_y),
                text(left + TIME_WIDTH / 2, axis_y + 36, "time (ms)", text_anchor="middle")]
     for stage, events in enumerate(per_stage):
         waits = [(s["ts"], s["ts"] + s.get("dur", 0)) for s in events if s.get("cat") in WAITS]
-        shapes += [shape for span in events for shape in span_shapes(span, waits, x, 44 + ROW * stage)]
+        for span in events:
+            shapes += span_shapes(span, waits, x, 44 + ROW * stage)
     present = {span.get("cat") for span in spans}
     entries = [style for category, style in STYLES.items() if category in present]
     shapes += legend(entries + [OTHER] * bool(present - set(STYLES)), left, axis_y + 62)
@@ -185,43 +126,6 @@ def schedule_svg(trace: dict, title: str = None, step: int = None) -> str:
 # The loss chart
 
 
-def read_metrics(path: str) -> list:
-    """The JSON objects of a metrics JSONL file; BadInput if it is unreadable or holds none.
-
-    A last line that is not valid JSON is skipped: the trainer may be writing it right now.
-    """
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise BadInput(f"metrics file {path} cannot be read ({error}): pass the metrics.jsonl "
-                       "that a training run wrote") from None
-    records = []
-    for number, line_text in enumerate(lines, start=1):
-        try:
-            record = json.loads(line_text) if line_text.strip() else None
-        except json.JSONDecodeError:
-            if number < len(lines):
-                raise BadInput(f"metrics file {path} line {number} is not JSON: fix or delete "
-                               "that line") from None
-            record = None
-        if isinstance(record, dict):
-            records.append(record)
-    if not records:
-        raise BadInput(f"metrics file {path} holds no records: pass the metrics.jsonl of a "
-                       "run that has logged at least one step")
-    return records
-
-
-def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def loss_points(records: list, key: str) -> list:
-    """(step, value) pairs, in step order, of the records with a step and a finite `key`."""
-    return sorted((record["step"], record[key]) for record in records
-                  if is_number(record.get("step")) and is_number(record.get(key)))
-
-
 def losses_svg(records: list, title: str = None) -> str:
     """An SVG chart of "loss" (a line) and "eval_loss" (a line with a dot on each point, the
     last one's value written below it: a falling loss reaches it from above) against "step"."""
@@ -230,7 +134,8 @@ def losses_svg(records: list, title: str = None) -> str:
         raise BadInput("no line has a \"step\" and a finite \"loss\" or \"eval_loss\": pass the "
                        "metrics.jsonl of a run that has logged at least one step")
     steps, values = zip(*(train + held_out))
-    x_ticks, y_ticks = nice_ticks(min(steps), max(steps), min_spacing=1), nice_ticks(min(values), max(values))
+    x_ticks = nice_ticks(min(steps), max(steps), min_spacing=1)
+    y_ticks = nice_ticks(min(values), max(values))
     left, top, width, height = 72, 60, 704, 344  # px: the plot area inside an 800 x 460 picture
 
     def x(step: float) -> float:
@@ -253,46 +158,23 @@ def losses_svg(records: list, title: str = None) -> str:
     for points, colour, name in ((train, TRAIN_COLOUR, "train-loss"),
                                  (held_out, EVAL_COLOUR, "eval-loss")):
         if points:
-            shapes.append(element("polyline", points=" ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in points),
-                                  fill="none", stroke=colour, stroke_width=1.5, class_=name))
+            path = " ".join(f"{x(step):.1f},{y(value):.1f}" for step, value in points)
+            shapes.append(element("polyline", points=path, fill="none", stroke=colour,
+                                  stroke_width=1.5, class_=name))
         if name == "eval-loss" or len(points) == 1:
-            shapes += [element("circle", cx=x(s), cy=y(v), r=3, fill=colour, class_=name)
-                       for s, v in points]
+            shapes += [element("circle", cx=x(step), cy=y(value), r=3, fill=colour, class_=name)
+                       for step, value in points]
     if held_out:
         step, value = held_out[-1]
         anchor = "end" if x(step) > left + width * 0.8 else "start"
-        at = dict(x=x(step) + (-6 if anchor == "end" else 6), y=y(value) + 18, words=f"{value:.3f}",
-                  text_anchor=anchor)
+        at = dict(x=x(step) + (-6 if anchor == "end" else 6), y=y(value) + 18,
+                  words=f"{value:.3f}", text_anchor=anchor)
         # Written twice, first with a wide white outline, to stay legible over the train line.
         shapes += [text(**at, stroke="white", stroke_width=3, fill="white"),
                    text(**at, fill=EVAL_COLOUR, class_="last-value")]
-    entries = [("train loss", TRAIN_COLOUR)] * bool(train) + [("eval loss", EVAL_COLOUR)] * bool(held_out)
+    series = (("train loss", TRAIN_COLOUR, train), ("eval loss", EVAL_COLOUR, held_out))
+    entries = [(label, colour) for label, colour, points in series if points]
     return document(800, 460, shapes + legend(entries, left, 48))
-
-
-def held_out_from_tuning_json(metrics_path: str, records: list) -> list:
-    """Eval records for the held-out losses that only the run's tuning.json (prompt.json from
-    earlier versions) holds: before training (step 0) and after the last step (which
-    --eval_every need not divide). Only from a file that finished at the metrics' last step,
-    so one left by another run is not drawn into this one's chart."""
-    folder = Path(metrics_path).parent
-    path = next((folder / name for name in ("tuning.json", "prompt.json")
-                 if (folder / name).is_file()), None)
-    if path is None:
-        return []
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        print(f"note: {path} cannot be read as JSON; the chart shows metrics.jsonl only")
-        return []
-    losses = info.get("losses") if isinstance(info, dict) else None
-    steps = [record["step"] for record in records if is_number(record.get("step"))]
-    if not isinstance(losses, dict) or not steps or info.get("steps") != max(steps):
-        return []
-    evaluated = {step for step, _ in loss_points(records, "eval_loss")}
-    found = [(0, losses.get("eval_loss_init")), (info["steps"], losses.get("eval_loss"))]
-    return [{"step": step, "eval_loss": value} for step, value in found
-            if is_number(value) and step not in evaluated]
 
 
 # Command line

@@ -53,7 +53,7 @@ def legend(entries: list, x: float, y: float) -> list:
 
 
 def nice_ticks(low: float, high: float, count: int = 6, min_spacing: float = 0.0) -> list:
-    """Round ticks 1, 2 or 5 times a power of ten apart, from at or below low to at or above high."""
+    """Round ticks 1, 2 or 5 times a power of ten apart, from low or below to high or above."""
     if not high > low:
         pad = abs(low) * 0.1 or 1.0
         low, high = low - pad, high + pad
