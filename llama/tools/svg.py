@@ -11,10 +11,14 @@ HATCH = ('<defs><pattern id="hatch" width="6" height="6" patternUnits="userSpace
 def element(tag: str, content: str = None, **attributes) -> str:
     """<tag ...>content</tag>; an attribute font_size is written font-size, class_ class, and
     None leaves it out. content is markup (already escaped); attribute values are escaped here."""
-    written = "".join(f" {name.rstrip('_').replace('_', '-')}="
-                      f"{quoteattr(f'{value:.2f}' if isinstance(value, float) else str(value))}"
+    written = "".join(f" {name.rstrip('_').replace('_', '-')}={quoteattr(_value(value))}"
                       for name, value in attributes.items() if value is not None)
     return f"<{tag}{written}/>" if content is None else f"<{tag}{written}>{content}</{tag}>"
+
+
+def _value(value) -> str:
+    """A number to 0.01 px without trailing zeros (28.0 -> "28"), anything else as str()."""
+    return f"{value:.2f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
 
 
 def text(x: float, y: float, words, **attributes) -> str:
