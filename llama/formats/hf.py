@@ -14,6 +14,7 @@ from llama.formats.layouts import TensorSource, model_args_from_dict
 from llama.formats.tensor_files import (read_json, read_safetensor, read_safetensors_header,
                                         safe_torch_load, state_dict_of_tensors,
                                         write_safetensors)
+from llama.model.rotary import check_rope_scaling
 from llama.model.transformer import ModelArgs
 
 
@@ -77,11 +78,13 @@ def refuse_hf_settings_not_implemented(config: dict, where: str):
                        f"num_attention_heads={dim // n_heads}: {CANNOT_RUN_HERE}")
 
 
-def hf_rope_theta(config: dict, where: str) -> float:
-    """rope_theta wherever transformers put it: at the top (4.x), in rope_parameters (5.x, maybe
-    one dict per layer type) or in rope_scaling. Any rope type but 'default' is refused by name."""
+def hf_rope(config: dict, where: str):
+    """(rope_theta, rope scaling or None) wherever transformers put them: at the top (4.x), in
+    rope_parameters (5.x, maybe one dict per layer type) or in rope_scaling. Rope types other
+    than default, llama3 and linear are refused by name (llama/model/rotary.py)."""
     thetas = {"at the top": config.get("rope_theta")}
     factors = [config.get("partial_rotary_factor")]
+    scalings = {}
     for key in ("rope_parameters", "rope_scaling"):
         rope = config.get(key)
         if rope is None:
@@ -94,23 +97,22 @@ def hf_rope_theta(config: dict, where: str) -> float:
                 raise BadInput(f"{where}: {key} differ between layer types ({', '.join(rope)}); "
                                f"{CANNOT_RUN_HERE}")
             rope = kinds[0]
-        rope_type = rope.get("rope_type", rope.get("type"))
-        if rope_type not in (None, "default"):
-            raise BadInput(f"{where}: {key} has rope type {rope_type!r}, which this model does "
-                           f"not implement (only 'default' rope, unscaled), so the checkpoint "
-                           "cannot be run here")
+        scalings[key] = check_rope_scaling(rope, f"{where}: {key}")
         thetas[f"in {key}"] = rope.get("rope_theta")
         factors.append(rope.get("partial_rotary_factor"))
     for factor in factors:
         if factor not in (None, 1, 1.0):
             raise BadInput(f"{where}: partial_rotary_factor={factor!r} (rope on part of each "
                            f"head): {CANNOT_RUN_HERE}")
+    if len(scalings) == 2 and scalings["rope_parameters"] != scalings["rope_scaling"]:
+        raise BadInput(f"{where}: rope_parameters and rope_scaling give different rope scaling: "
+                       "keep one (transformers 5 reads rope_parameters)")
     given = {place: theta for place, theta in thetas.items() if theta is not None}
     if any(theta != next(iter(given.values())) for theta in given.values()):
         raise BadInput(f"{where}: " + " but ".join(f"rope_theta={theta!r} {place}"
                                                     for place, theta in given.items())
                        + ": keep one value (transformers 5 reads the one in rope_parameters)")
-    return next(iter(given.values()), 10000.0)
+    return next(iter(given.values()), 10000.0), next(iter(scalings.values()), None)
 
 
 # Older transformers saved rotary's inverse frequencies as a buffer: they follow from
@@ -143,13 +145,14 @@ class HFSource(TensorSource):
         where = str(folder / "config.json")
         refuse_other_architectures(config, where)
         refuse_hf_settings_not_implemented(config, where)
+        rope_theta, rope_scaling = hf_rope(config, where)
         # Defaults are LlamaConfig's own, for configs written by hand without them.
         params = {"dim": config.get("hidden_size"), "n_layers": config.get("num_hidden_layers"),
                   "n_heads": config.get("num_attention_heads"),
                   "n_kv_heads": config.get("num_key_value_heads"),
                   "vocab_size": config.get("vocab_size"), "hidden_dim": config.get("intermediate_size"),
                   "norm_eps": config.get("rms_norm_eps", 1e-6),
-                  "rope_theta": hf_rope_theta(config, where),
+                  "rope_theta": rope_theta, "rope_scaling": rope_scaling,
                   "max_seq_len": config.get("max_position_embeddings", 2048)}
         self.args = model_args_from_dict({k: v for k, v in params.items() if v is not None},
                                          where, **overrides)
@@ -221,8 +224,9 @@ def save_hf_safetensors(tensors: dict, args: ModelArgs, folder):
               "num_hidden_layers": args.n_layers, "num_key_value_heads": args.n_kv_heads,
               "head_dim": args.head_dim, "hidden_act": "silu",
               "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps,
-              "rope_theta": args.rope_theta,
-              "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+              "rope_theta": args.rope_theta, "rope_scaling": args.rope_scaling,
+              "rope_parameters": {"rope_type": "default", **(args.rope_scaling or {}),
+                                  "rope_theta": args.rope_theta},
               "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": False,
               "attention_bias": False, "mlp_bias": False,
               "torch_dtype": stored, "dtype": stored}

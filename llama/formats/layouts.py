@@ -16,6 +16,7 @@ import torch
 from llama.errors import BadInput
 from llama.formats.files import atomic_torch_save, atomic_write_text
 from llama.formats.tensor_files import read_json, safe_torch_load, state_dict_of_tensors
+from llama.model.rotary import META_LLAMA3_SCALING, check_rope_scaling
 from llama.model.transformer import ModelArgs
 
 # Which dimension Meta's model-parallel shards cut: column-parallel layers split their output
@@ -38,10 +39,10 @@ def model_args_from_dict(params: dict, source: str, **overrides) -> ModelArgs:
     if not isinstance(params, dict):
         raise BadInput(f"{source} must hold a JSON object of model parameters")
     known = {f for f in ModelArgs.__dataclass_fields__}
-    values = {}
+    values = {"rope_scaling": meta_rope_scaling(params, source)}
     for key, value in {**params, **overrides}.items():
-        if key not in known:
-            continue  # e.g. Llama 3.1's use_scaled_rope: not a field this model has
+        if key not in known or key == "rope_scaling":
+            continue
         if value is None:
             values[key] = None
             continue
@@ -72,6 +73,22 @@ def model_args_from_dict(params: dict, source: str, **overrides) -> ModelArgs:
         raise BadInput(f"{source}: the feed-forward width {args.hidden_dim} is beyond any LLaMA: "
                        "check ffn_dim_multiplier and multiple_of")
     return args
+
+
+def meta_rope_scaling(params: dict, source: str):
+    """rope_scaling as our own params.json writes it, or Meta's "use_scaled_rope": true (Llama
+    3.1/3.2), which means llama3 scaling with Meta's defaults (factor 8 unless
+    rope_scaling_factor, as later llama-models params.json files give, says otherwise)."""
+    if params.get("rope_scaling") is not None:
+        return check_rope_scaling(params["rope_scaling"], source)
+    scaled = params.get("use_scaled_rope", False)
+    if scaled not in (True, False):
+        raise BadInput(f"{source}: use_scaled_rope={scaled!r} must be true or false")
+    if not scaled:
+        return None
+    factor = params.get("rope_scaling_factor")
+    return check_rope_scaling({**META_LLAMA3_SCALING, **({"factor": factor} if factor is not None
+                                                         else {})}, source)
 
 
 class TensorSource:
@@ -135,6 +152,10 @@ def save_meta(tensors: dict, args: ModelArgs, folder, n_shards: int = 1):
     params = {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
                                              "multiple_of", "ffn_dim_multiplier", "norm_eps",
                                              "rope_theta", "hidden_dim", "max_seq_len")}
+    if args.rope_scaling is not None:
+        params["rope_scaling"] = args.rope_scaling
+        if args.rope_scaling["rope_type"] == "llama3":  # what Meta's own code reads
+            params.update(use_scaled_rope=True, rope_scaling_factor=args.rope_scaling["factor"])
     atomic_write_text(folder / "params.json", json.dumps(params, indent=2))
 
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama.model.rotary import apply_rotary, rotary_tables  # noqa: F401 (re-exported)
+
 
 # Meta's params.json of LLaMA-1/2 7B and 13B (hidden_dim follows from multiple_of: 11008 and
 # 13824): the shapes the planner, llama.tools.explain and the benchmarks know by name.
@@ -35,6 +37,10 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
+    # Rotary scaling for long contexts (llama/model/rotary.py): None, or e.g. {"rope_type":
+    # "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    # "original_max_position_embeddings": 8192} (Llama 3.1/3.2) or {"rope_type": "linear", ...}
+    rope_scaling: Optional[dict] = None
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -55,12 +61,18 @@ def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[flo
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
+# Fields added after digests were first stored: at these defaults they leave the digest as it
+# was, so prompts and splits made for a plain LLaMA before still load.
+LATER_FIELDS = {"rope_scaling": None}
+
+
 def params_digest(args: ModelArgs) -> str:
     """A short fingerprint of the model's shape, stored with prompts to refuse a wrong model.
 
     max_seq_len is left out: it is a runtime limit, not part of the weights.
     """
-    params = {k: v for k, v in args_to_params(args).items() if k != "max_seq_len"}
+    params = {k: v for k, v in args_to_params(args).items() if k != "max_seq_len"
+              and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
     text = json.dumps(params, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -80,30 +92,6 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
-
-
-def rotary_tables(head_dim: int, theta: float, start_pos, length: int, device):
-    """cos and sin of the rotary angles for positions [start_pos, start_pos + length).
-
-    Meta's convention: pair i of a head is (x[2i], x[2i+1]) and turns at theta^(-2i/head_dim)
-    per position. Computed on the fly in float32: it is tiny next to the matrix products.
-    start_pos is an int, or a one-element tensor on the device (static decode: no host value).
-    """
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    # Whole numbers are exact in float32, so this equals arange(start_pos, start_pos + length).
-    positions = torch.arange(length, device=device, dtype=torch.float32) + start_pos
-    angles = torch.outer(positions, inv_freq)  # (T, head_dim/2)
-    return angles.cos(), angles.sin()
-
-
-def apply_rotary(x, cos, sin):
-    """Rotate interleaved pairs of x (B, T, heads, head_dim) by the given angles."""
-    B, T, H, D = x.shape
-    pairs = x.float().reshape(B, T, H, D // 2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D/2)
-    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return rotated.flatten(3).type_as(x)
 
 
 class KVCache:
@@ -264,7 +252,7 @@ class Transformer(nn.Module):
         start_pos: an int, or a one-element device tensor for the static KV cache (fixed shapes).
         """
         cos, sin = rotary_tables(self.args.head_dim, self.args.rope_theta, start_pos, h.shape[1],
-                                 h.device)
+                                 h.device, self.args.rope_scaling)
         for block in self.layers.values():
             h = block(h, cos, sin, start_pos)
         return h

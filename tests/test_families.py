@@ -1,0 +1,141 @@
+"""Model families beyond LLaMA 1/2 (issue 23): Llama 3.1/3.2 rope scaling, Qwen2/2.5 q/k/v biases,
+Mistral's sliding window. Tiny random models whose config.json is written as the real family's
+(tests/tiny_families.py); no transformers needed (test_interop_families.py compares with it).
+Run: python3 -m pytest -q tests/test_families.py
+"""
+import json
+import math
+
+import pytest
+import torch
+
+from llama.errors import BadInput
+from llama.formats.checkpoint import load_model, open_source, write_split
+from llama.formats.hf import HFSource
+from llama.formats.layouts import MetaSource, save_meta
+from llama.model.rotary import rope_frequencies, rotary_tables
+from tiny_families import as_transformers5, llama32_config, write_family
+
+TOKENS = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+
+
+def logits(folder, tokens=TOKENS):
+    with torch.no_grad():
+        return load_model(folder)(tokens)
+
+
+# ---- rope scaling: llama3 (Llama 3.1/3.2) and linear ----
+
+def llama3_table(head_dim, theta, factor, low_freq_factor, high_freq_factor, original):
+    """The frequencies of Llama 3.1's rope scaling, one at a time in float64, as the formula in
+    Meta's llama-models reads (apply_scaling): written here apart from llama/model/rotary.py."""
+    low_freq_wavelen, high_freq_wavelen = original / low_freq_factor, original / high_freq_factor
+    table = []
+    for i in range(0, head_dim, 2):
+        freq = 1.0 / theta ** (i / head_dim)
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            table.append(freq)
+        elif wavelen > low_freq_wavelen:
+            table.append(freq / factor)
+        else:
+            smooth = (original / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            table.append((1 - smooth) * freq / factor + smooth * freq)
+    return torch.tensor(table, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("head_dim, factor, original", [(64, 32.0, 8192), (128, 8.0, 8192),
+                                                        (16, 32.0, 64)],
+                         ids=["llama3.2-1b", "llama3.1-8b", "tiny"])
+def test_llama3_frequencies_equal_the_formula_table(head_dim, factor, original):
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": original}
+    ours = rope_frequencies(head_dim, 500000.0, scaling, "cpu").double()
+    expected = llama3_table(head_dim, 500000.0, factor, 1.0, 4.0, original)
+    torch.testing.assert_close(ours, expected, rtol=2e-6, atol=0)
+    plain = rope_frequencies(head_dim, 500000.0, None, "cpu").double()
+    # All three regimes occur: kept, slowed by factor, and blended between.
+    assert (ours == plain).any() and torch.isclose(ours, plain / factor, rtol=1e-6).any()
+    assert ((ours < plain) & ~torch.isclose(ours, plain / factor, rtol=1e-6)).any()
+
+
+def test_linear_scaling_divides_every_frequency():
+    plain = rope_frequencies(16, 10000.0, None, "cpu")
+    scaled = rope_frequencies(16, 10000.0, {"rope_type": "linear", "factor": 4.0}, "cpu")
+    torch.testing.assert_close(scaled, plain / 4.0, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("writer", ["transformers4", "transformers5"])
+def test_llama32_rope_scaling_is_read_and_changes_the_logits(tmp_path, writer):
+    config = llama32_config() if writer == "transformers4" else as_transformers5(llama32_config())
+    folder = write_family(tmp_path / "llama32", config)
+    assert HFSource(folder).args.rope_scaling == {
+        "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}
+    scaled = logits(folder)
+    (folder / "config.json").write_text(json.dumps(llama32_config(rope_scaling=None)))
+    assert (scaled - logits(folder)).abs().max() > 1e-3  # the scaling is not a no-op here
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "linear", "factor": 2.0},
+    {"type": "linear", "factor": 2.0}])  # older transformers wrote "type"
+def test_linear_scaling_runs_position_2p_as_position_p(tmp_path, scaling):
+    folder = write_family(tmp_path / "linear", llama32_config(rope_scaling=scaling))
+    args = load_model(folder).args
+    assert args.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    scaled = rotary_tables(args.head_dim, args.rope_theta, 0, 16, "cpu", args.rope_scaling)
+    plain = rotary_tables(args.head_dim, args.rope_theta, 0, 8, "cpu")
+    for table, expected in zip(scaled, plain):
+        torch.testing.assert_close(table[0::2], expected, rtol=0, atol=1e-6)
+
+
+def test_meta_use_scaled_rope_means_llama3_with_meta_defaults(tmp_path):
+    folder = write_family(tmp_path / "hf", llama32_config())
+    source = HFSource(folder)
+    tensors = {name: source.load(name) for name in source.names()}
+    save_meta(tensors, source.args, tmp_path / "meta")
+    params = json.loads((tmp_path / "meta" / "params.json").read_text())
+    assert params["use_scaled_rope"] is True and params["rope_scaling_factor"] == 32.0
+    assert torch.equal(logits(tmp_path / "meta"), logits(folder))
+    # Meta's own params.json of Llama 3.1: only the flag; factor 8, low 1, high 4, 8192.
+    for key in ("rope_scaling", "rope_scaling_factor"):
+        del params[key]
+    (tmp_path / "meta" / "params.json").write_text(json.dumps(params))
+    assert MetaSource(tmp_path / "meta").args.rope_scaling == {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}
+
+
+def chained_logits(split_dir, n_stages, tokens=TOKENS):
+    """Logits of a split run stage after stage in one process."""
+    with torch.no_grad():
+        h = tokens
+        for stage in range(n_stages):
+            h = load_model(split_dir, stage, n_stages)(h)
+    return h
+
+
+def test_a_split_keeps_the_rope_scaling(tmp_path):
+    folder = write_family(tmp_path / "hf", llama32_config())
+    write_split(open_source(folder), tmp_path / "pp2", 2, log=lambda *_: None)
+    assert json.loads((tmp_path / "pp2" / "params.json").read_text())["rope_scaling"] == \
+        HFSource(folder).args.rope_scaling
+    torch.testing.assert_close(chained_logits(tmp_path / "pp2", 2), logits(folder),
+                               atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("scaling, message", [
+    ({"rope_type": "yarn", "factor": 4.0}, r"rope type 'yarn' is not implemented here \(only "
+                                           r"'default', 'linear', 'llama3'\)"),
+    ({"rope_type": "llama3", "factor": 8.0}, r"llama3 rope scaling needs low_freq_factor as a "
+                                             r"positive number, not None"),
+    ({"rope_type": "linear", "factor": -2}, r"linear rope scaling needs factor as a positive "
+                                            r"number, not -2"),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 8192}, r"llama3 rope scaling needs high_freq_factor \(4.0\) above"),
+])
+def test_bad_rope_scaling_is_refused_by_name(tmp_path, scaling, message):
+    folder = write_family(tmp_path / "bad", llama32_config(rope_scaling=scaling))
+    with pytest.raises(BadInput, match=r"config\.json: rope_scaling: " + message):
+        HFSource(folder)

@@ -1,0 +1,73 @@
+"""Tiny random models of the real families, in the Hugging Face layout: tensors written by the
+project's own writer (save_hf_safetensors), config.json written field for field as the real
+model's config.json is (names and values as there, sizes scaled down). Used by test_families.py
+and test_interop_families.py; nothing here imports transformers.
+"""
+import json
+
+import torch
+
+from llama.formats.hf import save_hf_safetensors
+from llama.model.transformer import ModelArgs, Transformer
+
+# Scaled-down sizes shared by the families: 4 heads of 16, 2 kv heads, 2 layers.
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 256}
+
+
+def llama32_config(**changes) -> dict:
+    """meta-llama/Llama-3.2-1B's config.json (transformers 4.45), scaled down; llama3 rope
+    scaling with the real factors, the original context shrunk so that short texts reach all
+    three regimes of the scaling (kept, blended, slowed)."""
+    return {"architectures": ["LlamaForCausalLM"], "attention_bias": False,
+            "attention_dropout": 0.0, "bos_token_id": 254, "eos_token_id": 255,  # 128000/1 lie beyond 256
+            "head_dim": 16, "hidden_act": "silu", "initializer_range": 0.02,
+            "max_position_embeddings": 1024, "mlp_bias": False, "model_type": "llama",
+            "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+            "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                             "original_max_position_embeddings": 64, "rope_type": "llama3"},
+            "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "float32",
+            "transformers_version": "4.45.0.dev0", "use_cache": True, **TINY, **changes}
+
+
+def as_transformers5(config: dict) -> dict:
+    """The same config as transformers 5 writes it: rope settings in rope_parameters."""
+    config = dict(config)
+    scaling = config.pop("rope_scaling", None) or {"rope_type": "default"}
+    config["rope_parameters"] = {**scaling, "rope_theta": config.pop("rope_theta")}
+    config["dtype"] = config.pop("torch_dtype")
+    return {**config, "transformers_version": "5.0.0"}
+
+
+def args_of(config: dict, qkv_bias=False) -> ModelArgs:
+    """The ModelArgs a tiny config describes (before rope scaling and family settings)."""
+    return ModelArgs(dim=config["hidden_size"], n_layers=config["num_hidden_layers"],
+                     n_heads=config["num_attention_heads"],
+                     n_kv_heads=config["num_key_value_heads"], vocab_size=config["vocab_size"],
+                     hidden_dim=config["intermediate_size"], norm_eps=config["rms_norm_eps"],
+                     **({"qkv_bias": True} if qkv_bias else {}))
+
+
+def random_tensors(args: ModelArgs, seed: int = 0, tied: bool = False) -> dict:
+    """A random model's tensors under Meta names; norms away from 1 so that they count too."""
+    torch.manual_seed(seed)
+    model = Transformer(args)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                parameter.normal_(0.0, 0.5)
+    tensors = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    if tied:
+        tensors.pop("output.weight")
+    return tensors
+
+
+def write_family(folder, config: dict, qkv_bias=False, seed: int = 0):
+    """A folder with random weights and exactly this config.json; returns the folder."""
+    args = args_of(config, qkv_bias)
+    save_hf_safetensors(random_tensors(args, seed, config.get("tie_word_embeddings", False)),
+                        args, folder)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
