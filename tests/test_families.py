@@ -11,10 +11,13 @@ import torch
 
 from llama.errors import BadInput
 from llama.formats.checkpoint import load_model, open_source, write_split
-from llama.formats.hf import HFSource
+from llama.formats.hf import HFSource, save_hf_safetensors
 from llama.formats.layouts import MetaSource, save_meta
+from llama.formats.tensor_files import (read_safetensor, read_safetensors_header,
+                                        write_safetensors)
+from llama.model.fused import apply_fused_projections
 from llama.model.rotary import rope_frequencies, rotary_tables
-from tiny_families import as_transformers5, llama32_config, write_family
+from tiny_families import as_transformers5, llama32_config, qwen25_config, write_family
 
 TOKENS = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
 
@@ -138,4 +141,72 @@ def test_a_split_keeps_the_rope_scaling(tmp_path):
 def test_bad_rope_scaling_is_refused_by_name(tmp_path, scaling, message):
     folder = write_family(tmp_path / "bad", llama32_config(rope_scaling=scaling))
     with pytest.raises(BadInput, match=r"config\.json: rope_scaling: " + message):
+        HFSource(folder)
+
+
+# ---- Qwen2 / Qwen2.5: q/k/v biases, tied embeddings ----
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_qwen25_biases_and_tied_embeddings_are_used(tmp_path, tied):
+    folder = write_family(tmp_path / "qwen", qwen25_config(tie_word_embeddings=tied))
+    source = HFSource(folder)
+    assert source.args.qkv_bias
+    assert {f"layers.1.attention.{w}.bias" for w in ("wq", "wk", "wv")} <= set(source.names())
+    model = load_model(folder)
+    assert torch.equal(model.output.weight, model.tok_embeddings.weight) == tied
+    with torch.no_grad():
+        expected = model(TOKENS)
+        for block in model.layers.values():  # the biases matter
+            block.attention.wk.bias.zero_()
+        assert (model(TOKENS) - expected).abs().max() > 1e-3
+
+
+def test_qwen25_round_trips_through_meta_shards_hf_and_a_split(tmp_path):
+    folder = write_family(tmp_path / "qwen", qwen25_config())
+    source = HFSource(folder)
+    expected = logits(folder)
+    tensors = {name: source.load(name) for name in source.names()}
+    save_meta(tensors, source.args, tmp_path / "meta", n_shards=2)
+    assert MetaSource(tmp_path / "meta").args.qkv_bias
+    assert torch.equal(logits(tmp_path / "meta"), expected)
+    save_hf_safetensors(tensors, source.args, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "qwen2"
+    assert torch.equal(logits(tmp_path / "hf"), expected)
+    write_split(source, tmp_path / "pp2", 2, log=lambda *_: None)
+    torch.testing.assert_close(chained_logits(tmp_path / "pp2", 2), expected, atol=1e-5, rtol=0)
+
+
+def test_qwen25_quantized_and_fused_keep_the_biases(tmp_path):
+    folder = write_family(tmp_path / "qwen", qwen25_config())
+    expected = logits(folder)
+    with torch.no_grad():
+        quantized = load_model(folder, quantize="int8")(TOKENS)
+        fused = apply_fused_projections(load_model(folder))(TOKENS)
+    assert (quantized - expected).abs().max() < 0.05 * expected.abs().max()
+    torch.testing.assert_close(fused, expected, atol=1e-5, rtol=0)
+    assert load_model(folder, quantize="int8").layers["0"].attention.wq.bias is not None
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"use_sliding_window": True}, r"use_sliding_window=true \(Qwen2's sliding window"),
+    ({"model_type": "gemma", "architectures": ["GemmaForCausalLM"]},
+     r"model_type='gemma' is not one of the families this model runs"),
+    ({"architectures": ["LlamaForCausalLM"]},
+     r"architectures=\['LlamaForCausalLM'\] with model_type 'qwen2' is not a family"),
+])
+def test_what_qwen2_reader_lacks_is_refused_by_name(tmp_path, change, message):
+    folder = write_family(tmp_path / "qwen", qwen25_config(**change))
+    with pytest.raises(BadInput, match=r"config\.json: " + message):
+        HFSource(folder)
+
+
+def test_a_bias_qwen2_does_not_have_is_refused_by_name(tmp_path):
+    folder = write_family(tmp_path / "qwen", qwen25_config())
+    data_start, header = read_safetensors_header(folder / "model.safetensors")
+    tensors = {name: read_safetensor(folder / "model.safetensors", data_start, entry)
+               for name, entry in header.items() }
+    tensors["model.layers.0.self_attn.o_proj.bias"] = torch.zeros(64)
+    write_safetensors(folder / "model.safetensors", tensors)
+    with pytest.raises(BadInput, match=r"holds 'model\.layers\.0\.self_attn\.o_proj\.bias', "
+                                       r"which a Qwen2 does not have"):
         HFSource(folder)

@@ -64,10 +64,24 @@ def random_tensors(args: ModelArgs, seed: int = 0, tied: bool = False) -> dict:
     return tensors
 
 
-def write_family(folder, config: dict, qkv_bias=False, seed: int = 0):
-    """A folder with random weights and exactly this config.json; returns the folder."""
-    args = args_of(config, qkv_bias)
+def write_family(folder, config: dict, seed: int = 0):
+    """A folder with random weights (Qwen2's with q/k/v biases) and exactly this config.json;
+    returns the folder."""
+    args = args_of(config, qkv_bias=config.get("model_type") == "qwen2")
     save_hf_safetensors(random_tensors(args, seed, config.get("tie_word_embeddings", False)),
                         args, folder)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
+
+
+def qwen25_config(**changes) -> dict:
+    """Qwen/Qwen2.5-0.5B's config.json, scaled down: no attention_bias field (Qwen2 always has
+    q/k/v biases), a sliding_window that use_sliding_window=false leaves unused, tied
+    embeddings (Qwen2.5-7B and larger are untied)."""
+    return {"architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0,
+            "bos_token_id": 254, "eos_token_id": 254,  # 151643 lies beyond 256
+            "hidden_act": "silu", "initializer_range": 0.02, "max_position_embeddings": 32768,
+            "max_window_layers": 2, "model_type": "qwen2", "rms_norm_eps": 1e-06,
+            "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True,
+            "torch_dtype": "float32", "transformers_version": "4.40.1", "use_cache": True,
+            "use_mrope": False, "use_sliding_window": False, **TINY, **changes}

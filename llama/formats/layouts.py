@@ -34,6 +34,10 @@ PARAM_LIMITS = {"dim": 1 << 20, "hidden_dim": 1 << 22, "n_layers": 1 << 12, "n_h
                 "max_seq_len": 1 << 24}
 
 
+# Settings that are true or false (Qwen2's q/k/v biases).
+FLAGS = {"qkv_bias"}
+
+
 def model_args_from_dict(params: dict, source: str, **overrides) -> ModelArgs:
     """ModelArgs from a params.json dict, refusing missing keys and wrong types by name."""
     if not isinstance(params, dict):
@@ -42,6 +46,11 @@ def model_args_from_dict(params: dict, source: str, **overrides) -> ModelArgs:
     values = {"rope_scaling": meta_rope_scaling(params, source)}
     for key, value in {**params, **overrides}.items():
         if key not in known or key == "rope_scaling":
+            continue
+        if key in FLAGS:
+            if value not in (True, False):
+                raise BadInput(f"{source}: {key}={value!r} must be true or false")
+            values[key] = bool(value)
             continue
         if value is None:
             values[key] = None
@@ -126,7 +135,7 @@ class MetaSource(TensorSource):
 
     def load(self, name):
         parts = [shard[name] for shard in self.shards]
-        if len(parts) == 1 or parts[0].dim() == 1:
+        if len(parts) == 1 or (parts[0].dim() == 1 and not name.endswith(".bias")):
             return parts[0]  # one shard, or a norm weight that every shard repeats
         return torch.cat(parts, dim=META_SHARD_DIM[name.split(".")[-2]])
 
@@ -145,13 +154,15 @@ def save_meta(tensors: dict, args: ModelArgs, folder, n_shards: int = 1):
     for shard in range(n_shards):
         part = {}
         for name, tensor in tensors.items():
-            if tensor.dim() > 1:
+            if tensor.dim() > 1 or name.endswith(".bias"):  # a bias is cut as its rows are
                 tensor = tensor.chunk(n_shards, dim=META_SHARD_DIM[name.split(".")[-2]])[shard]
             part[name] = tensor if owns_its_storage(tensor) else tensor.clone()
         atomic_torch_save(part, folder / f"consolidated.{shard:02d}.pth")
     params = {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
                                              "multiple_of", "ffn_dim_multiplier", "norm_eps",
                                              "rope_theta", "hidden_dim", "max_seq_len")}
+    if args.qkv_bias:
+        params["qkv_bias"] = True  # not Meta's: our own name for Qwen2's biases
     if args.rope_scaling is not None:
         params["rope_scaling"] = args.rope_scaling
         if args.rope_scaling["rope_type"] == "llama3":  # what Meta's own code reads

@@ -71,6 +71,8 @@ def apply_fused_projections(model):
 
 
 def _plain(module, part_names) -> bool:
-    """Float nn.Linear projections; a quantized stage's (llama/model/quant.py) stay as they are: their
-    packed codes and per-row scales would need their own fused layout."""
-    return all(type(getattr(module, name)) is nn.Linear for name in part_names)
+    """Float nn.Linear projections without biases; a quantized stage's (llama/model/quant.py) stay
+    as they are: their packed codes and per-row scales would need their own fused layout. Qwen2's
+    biased q/k/v stay unfused too (the hooks here move weights only), so they run as 3 GEMMs."""
+    return all(type(getattr(module, name)) is nn.Linear and getattr(module, name).bias is None
+               for name in part_names)

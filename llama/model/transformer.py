@@ -41,6 +41,7 @@ class ModelArgs:
     # "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
     # "original_max_position_embeddings": 8192} (Llama 3.1/3.2) or {"rope_type": "linear", ...}
     rope_scaling: Optional[dict] = None
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2, Qwen2.5)
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -63,7 +64,7 @@ def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[flo
 
 # Fields added after digests were first stored: at these defaults they leave the digest as it
 # was, so prompts and splits made for a plain LLaMA before still load.
-LATER_FIELDS = {"rope_scaling": None}
+LATER_FIELDS = {"rope_scaling": None, "qkv_bias": False}
 
 
 def params_digest(args: ModelArgs) -> str:
@@ -141,9 +142,9 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.wqkv: Optional[nn.Linear] = None  # wq, wk, wv as one matrix (llama/model/fused.py)
         self.cache: Optional[KVCache] = None  # set by Transformer.setup_kv_cache for generation
