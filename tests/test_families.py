@@ -17,7 +17,9 @@ from llama.formats.tensor_files import (read_safetensor, read_safetensors_header
                                         write_safetensors)
 from llama.model.fused import apply_fused_projections
 from llama.model.rotary import rope_frequencies, rotary_tables
-from tiny_families import as_transformers5, llama32_config, qwen25_config, write_family
+from llama.model.transformer import attention_mask, causal_mask
+from tiny_families import (as_transformers5, llama32_config, mistral_config, qwen25_config,
+                           write_family)
 
 TOKENS = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
 
@@ -209,4 +211,78 @@ def test_a_bias_qwen2_does_not_have_is_refused_by_name(tmp_path):
     write_safetensors(folder / "model.safetensors", tensors)
     with pytest.raises(BadInput, match=r"holds 'model\.layers\.0\.self_attn\.o_proj\.bias', "
                                        r"which a Qwen2 does not have"):
+        HFSource(folder)
+
+
+# ---- Mistral: the sliding window ----
+
+def test_mistral_window_limits_what_the_last_position_sees(tmp_path):
+    """Rotary angles are relative, so with 2 layers and a window of 8 the last position depends
+    on the last 2 * 7 + 1 tokens only, wherever they stand; without the window, on all 40."""
+    folder = write_family(tmp_path / "mistral", mistral_config())
+    model = load_model(folder)
+    assert model.args.sliding_window == 8
+    reach = 2 * (8 - 1) + 1
+    with torch.no_grad():
+        full = model(TOKENS)[:, -1]
+        torch.testing.assert_close(model(TOKENS[:, -reach:])[:, -1], full, atol=1e-5, rtol=0)
+        assert (model(TOKENS[:, -reach + 1:])[:, -1] - full).abs().max() > 1e-3
+        for block in model.layers.values():
+            block.attention.window = None
+        assert (model(TOKENS)[:, -1] - full).abs().max() > 1e-3
+
+
+def test_mistral_cached_decoding_equals_recomputing(tmp_path):
+    model = load_model(write_family(tmp_path / "mistral", mistral_config()))
+    with torch.no_grad():
+        expected = model(TOKENS)
+        model.setup_kv_cache(2, 64)
+        chunks = [model(TOKENS[:, :5], 0), model(TOKENS[:, 5:12], 5)]  # a chunk crosses it
+        chunks += [model(TOKENS[:, p:p + 1], p) for p in range(12, 40)]
+        model.clear_kv_cache()
+    torch.testing.assert_close(torch.cat(chunks, dim=1), expected, atol=1e-5, rtol=0)
+
+
+def test_the_static_cache_mask_keeps_the_window():
+    for start in (0, 3, 9, 20):
+        static = attention_mask(2, 32, "cpu", torch.tensor([start]), window=8)[0]
+        visible = causal_mask(2, start + 2, "cpu", window=8)
+        assert torch.equal(static[:, :start + 2], visible) and not static[:, start + 2:].any()
+        assert visible.sum(1).max() <= 8
+
+
+@pytest.mark.parametrize("window, expected", [(None, None), ("missing", 4096)])
+def test_mistral_null_window_is_plain_llama_and_a_missing_one_is_mistralconfigs(
+        tmp_path, window, expected):
+    config = mistral_config(sliding_window=window)
+    if window == "missing":
+        del config["sliding_window"]
+    folder = write_family(tmp_path / "mistral", config)
+    assert HFSource(folder).args.sliding_window == expected
+    if window is None:
+        mistral = logits(folder)
+        (folder / "config.json").write_text(json.dumps(mistral_config(
+            model_type="llama", architectures=["LlamaForCausalLM"], sliding_window=None)))
+        assert torch.equal(logits(folder), mistral)
+
+
+def test_mistral_window_survives_meta_hf_and_a_split(tmp_path):
+    folder = write_family(tmp_path / "mistral", mistral_config())
+    source = HFSource(folder)
+    expected = logits(folder)
+    tensors = {name: source.load(name) for name in source.names()}
+    save_meta(tensors, source.args, tmp_path / "meta")
+    assert torch.equal(logits(tmp_path / "meta"), expected)
+    save_hf_safetensors(tensors, source.args, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["sliding_window"] == 8
+    assert torch.equal(logits(tmp_path / "hf"), expected)
+    write_split(source, tmp_path / "pp2", 2, log=lambda *_: None)
+    torch.testing.assert_close(chained_logits(tmp_path / "pp2", 2), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("window", [0, 2.5, True, "4096"])
+def test_a_bad_window_is_refused_by_name(tmp_path, window):
+    folder = write_family(tmp_path / "mistral", mistral_config(sliding_window=window))
+    with pytest.raises(BadInput, match=rf"config\.json: sliding_window={window!r} must be a "
+                                       r"positive number of tokens, or null"):
         HFSource(folder)

@@ -10,7 +10,8 @@ transformers = pytest.importorskip("transformers")
 
 from llama.formats.checkpoint import load_model  # noqa: E402
 from llama.formats.hf import HFSource, save_hf_safetensors  # noqa: E402
-from tiny_families import as_transformers5, llama32_config, qwen25_config, write_family  # noqa: E402
+from tiny_families import (as_transformers5, llama32_config, mistral_config,  # noqa: E402
+                           qwen25_config, write_family)
 
 TOKENS = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
 
@@ -44,3 +45,27 @@ def test_qwen25_written_by_us_gives_transformers_logits(tmp_path):
     source = HFSource(write_family(tmp_path / "qwen25", qwen25_config(tie_word_embeddings=False)))
     save_hf_safetensors({n: source.load(n) for n in source.names()}, source.args, tmp_path / "out")
     assert_logits_as_transformers(tmp_path / "out")
+
+
+@pytest.mark.parametrize("window", [8, None])
+def test_mistral_gives_transformers_logits_across_the_window(tmp_path, window):
+    config = mistral_config(sliding_window=window)
+    assert_logits_as_transformers(write_family(tmp_path / "mistral", config))
+
+
+def test_mistral_greedy_ids_past_the_window_are_transformers(tmp_path):
+    """Cached decoding (ours and theirs) well past the window of 8."""
+    folder = write_family(tmp_path / "mistral", mistral_config())
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    theirs.generation_config.eos_token_id = None  # random weights: id 2 is not an end here
+    prompt = TOKENS[:1, :6]
+    generated = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20,
+                                do_sample=False)[0, 6:].tolist()
+    model, ids = load_model(folder), prompt[0].tolist()
+    with torch.no_grad():
+        model.setup_kv_cache(1, 32)
+        logits = model(prompt, 0)
+        for _ in range(20):
+            ids.append(int(logits[0, -1].argmax()))
+            logits = model(torch.tensor([ids[-1:]]), len(ids) - 1)
+    assert ids[6:] == generated

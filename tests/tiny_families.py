@@ -85,3 +85,13 @@ def qwen25_config(**changes) -> dict:
             "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True,
             "torch_dtype": "float32", "transformers_version": "4.40.1", "use_cache": True,
             "use_mrope": False, "use_sliding_window": False, **TINY, **changes}
+
+
+def mistral_config(**changes) -> dict:
+    """mistralai/Mistral-7B-v0.1's config.json, scaled down: a sliding window of 8 tokens
+    (4096 there), so that a 40-token text crosses it. Mistral-7B-v0.2/v0.3 say null."""
+    return {"architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2,
+            "hidden_act": "silu", "initializer_range": 0.02, "max_position_embeddings": 32768,
+            "model_type": "mistral", "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+            "sliding_window": 8, "tie_word_embeddings": False, "torch_dtype": "float32",
+            "transformers_version": "4.34.0.dev0", "use_cache": True, **TINY, **changes}

@@ -231,8 +231,15 @@ def save_hf_safetensors(tensors: dict, args: ModelArgs, folder):
 
 def hf_family_config(args: ModelArgs) -> dict:
     """The config.json fields that name the family whose settings args has (hf_families.py)."""
+    if args.qkv_bias and args.sliding_window is not None:
+        raise BadInput(f"q/k/v biases and sliding_window={args.sliding_window} together are "
+                       "no family's (Qwen2 or Mistral) that transformers reads: convert to the "
+                       "Meta layout instead")
     if args.qkv_bias:  # Qwen2: the biases come with the model_type; no sliding window
         return {"architectures": [FAMILIES["qwen2"]], "model_type": "qwen2",
                 "use_sliding_window": False}
+    if args.sliding_window is not None:
+        return {"architectures": [FAMILIES["mistral"]], "model_type": "mistral",
+                "sliding_window": args.sliding_window}
     return {"architectures": [FAMILIES["llama"]], "model_type": "llama",
             "attention_bias": False, "mlp_bias": False}

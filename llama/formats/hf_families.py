@@ -8,7 +8,8 @@ is refused by name. docs/model_families.md describes the differences.
 from llama.errors import BadInput
 
 # model_type -> the one architecture name its config.json gives.
-FAMILIES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+FAMILIES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "mistral": "MistralForCausalLM"}
 # How messages name them.
 FAMILY_NAMES = {"llama": "LLaMA", "qwen2": "Qwen2", "mistral": "Mistral"}
 # MistralConfig's default when config.json has no sliding_window field.

@@ -31,7 +31,7 @@ IGNORED_KEYS = {"rope.freqs"}
 # a damaged or foreign file, and would otherwise overflow tensor sizes or take ages to build.
 PARAM_LIMITS = {"dim": 1 << 20, "hidden_dim": 1 << 22, "n_layers": 1 << 12, "n_heads": 1 << 12,
                 "n_kv_heads": 1 << 12, "vocab_size": 1 << 24, "multiple_of": 1 << 20,
-                "max_seq_len": 1 << 24}
+                "max_seq_len": 1 << 24, "sliding_window": 1 << 24}
 
 
 # Settings that are true or false (Qwen2's q/k/v biases).
@@ -68,7 +68,8 @@ def model_args_from_dict(params: dict, source: str, **overrides) -> ModelArgs:
         if values.get(key) is None:
             raise BadInput(f"{source} lacks {key!r}: use the params.json that came with the weights")
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim",
-                "max_seq_len", "multiple_of", "norm_eps", "rope_theta", "ffn_dim_multiplier"):
+                "max_seq_len", "multiple_of", "norm_eps", "rope_theta", "ffn_dim_multiplier",
+                "sliding_window"):
         if values.get(key) is not None and values[key] <= 0:
             raise BadInput(f"{source}: {key}={values[key]} must be positive")
     if values["dim"] % values["n_heads"] or (values["dim"] // values["n_heads"]) % 2:
@@ -163,6 +164,8 @@ def save_meta(tensors: dict, args: ModelArgs, folder, n_shards: int = 1):
                                              "rope_theta", "hidden_dim", "max_seq_len")}
     if args.qkv_bias:
         params["qkv_bias"] = True  # not Meta's: our own name for Qwen2's biases
+    if args.sliding_window is not None:
+        params["sliding_window"] = args.sliding_window  # Mistral's (Meta's files have none)
     if args.rope_scaling is not None:
         params["rope_scaling"] = args.rope_scaling
         if args.rope_scaling["rope_type"] == "llama3":  # what Meta's own code reads

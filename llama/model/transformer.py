@@ -42,6 +42,7 @@ class ModelArgs:
     # "original_max_position_embeddings": 8192} (Llama 3.1/3.2) or {"rope_type": "linear", ...}
     rope_scaling: Optional[dict] = None
     qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2, Qwen2.5)
+    sliding_window: Optional[int] = None  # each query sees the last this many keys (Mistral)
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -64,7 +65,7 @@ def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[flo
 
 # Fields added after digests were first stored: at these defaults they leave the digest as it
 # was, so prompts and splits made for a plain LLaMA before still load.
-LATER_FIELDS = {"rope_scaling": None, "qkv_bias": False}
+LATER_FIELDS = {"rope_scaling": None, "qkv_bias": False, "sliding_window": None}
 
 
 def params_digest(args: ModelArgs) -> str:
@@ -126,8 +127,9 @@ class KVCache:
         self.keys, self.values = self.keys[index], self.values[index]
 
 
-def causal_mask(n_queries: int, n_keys: int, device, start_pos=None):
-    """Boolean mask (T, S): query t, at position start_pos + t, sees keys up to its own position.
+def causal_mask(n_queries: int, n_keys: int, device, start_pos=None, window=None):
+    """Boolean mask (T, S): query t, at position start_pos + t, sees keys up to its own position
+    (and, with a sliding window, only the last `window` of them, its own included).
 
     start_pos defaults to S - T (the keys end with the queries); a device tensor for the static
     cache, whose S is its whole length.
@@ -135,13 +137,36 @@ def causal_mask(n_queries: int, n_keys: int, device, start_pos=None):
     offset = n_keys - n_queries if start_pos is None else start_pos
     key_pos = torch.arange(n_keys, device=device)
     query_pos = torch.arange(n_queries, device=device) + offset
-    return key_pos[None, :] <= query_pos[:, None]
+    visible = key_pos[None, :] <= query_pos[:, None]
+    if window is not None:
+        visible &= key_pos[None, :] > query_pos[:, None] - window
+    return visible
+
+
+def attention_mask(n_queries: int, n_keys: int, device, start_pos, window=None):
+    """(mask, is_causal) for scaled_dot_product_attention.
+
+    Without earlier positions the plain causal flag does it (and picks the fast kernels); one
+    new query sees every cached key; a chunk after a prefix needs the offset mask. A device-side
+    start_pos means the whole static cache came back: always masked. A sliding window needs a
+    mask only once there are more keys than it spans.
+    """
+    static = torch.is_tensor(start_pos)
+    if static or (window is not None and n_keys > window):
+        return causal_mask(n_queries, n_keys, device, start_pos if static else None, window), \
+            False
+    if n_queries == 1:
+        return None, False
+    if n_keys == n_queries:
+        return None, True
+    return causal_mask(n_queries, n_keys, device), False
 
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.window = args.sliding_window
         self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=args.qkv_bias)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=args.qkv_bias)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=args.qkv_bias)
@@ -173,14 +198,7 @@ class Attention(nn.Module):
             k, v = (torch.cat([p.to(x.dtype).expand(B, -1, -1, -1), t], dim=1)
                     for p, t in zip(prefix, (k, v)))  # (B, P + T, kv_heads, hd)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T|S, hd)
-        n_keys = k.shape[2]
-        # Without earlier positions the plain causal flag does it (and picks the fast kernels);
-        # one new query sees every cached key; a chunk after a prefix needs the offset mask.
-        # A device-side start_pos means the whole static cache came back: always masked.
-        static = torch.is_tensor(start_pos)
-        is_causal = n_keys == T and T > 1 and not static
-        mask = causal_mask(T, n_keys, x.device, start_pos if static else None) \
-            if static or (n_keys > T and T > 1) else None
+        mask, is_causal = attention_mask(T, k.shape[2], x.device, start_pos, self.window)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                              enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
