@@ -1,6 +1,6 @@
 """The families of issue 23 against the real transformers (skipped when it is not installed):
 tiny random Llama 3.2 / Qwen2.5 / Mistral folders (tests/tiny_families.py) give the logits
-transformers gives. The product never imports transformers; only this file does.
+transformers gives, and a Llama-3-style tokenizer.json the ids its tokenizer gives. The product never imports transformers; only this file does.
 Run (in a venv that has transformers): python3 -m pytest -q tests/test_interop_families.py
 """
 import pytest
@@ -10,8 +10,9 @@ transformers = pytest.importorskip("transformers")
 
 from llama.formats.checkpoint import load_model  # noqa: E402
 from llama.formats.hf import HFSource, save_hf_safetensors  # noqa: E402
-from tiny_families import (as_transformers5, llama32_config, mistral_config,  # noqa: E402
-                           qwen25_config, write_family)
+from llama.model.tokenizer import Tokenizer  # noqa: E402
+from tiny_families import (TEXTS, as_transformers5, llama32_config,  # noqa: E402
+                           mistral_config, qwen25_config, write_family, write_llama3_tokenizer)
 
 TOKENS = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
 
@@ -69,3 +70,15 @@ def test_mistral_greedy_ids_past_the_window_are_transformers(tmp_path):
             ids.append(int(logits[0, -1].argmax()))
             logits = model(torch.tensor([ids[-1:]]), len(ids) - 1)
     assert ids[6:] == generated
+
+
+def test_llama3_style_tokenizer_json_encodes_and_decodes_as_transformers(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    folder = write_llama3_tokenizer(tmp_path / "tok", tokenizers)
+    ours = Tokenizer(str(folder / "tokenizer.json"))
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    assert (ours.bos_id, ours.eos_id) == (theirs.bos_token_id, theirs.eos_token_id)
+    for text in TEXTS + ["Hi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nOk"]:
+        ids = ours.encode(text, bos=True, eos=False)
+        assert ids == theirs(text)["input_ids"]  # its post-processor adds BOS
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)

@@ -95,3 +95,41 @@ def mistral_config(**changes) -> dict:
             "model_type": "mistral", "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
             "sliding_window": 8, "tie_word_embeddings": False, "torch_dtype": "float32",
             "transformers_version": "4.34.0.dev0", "use_cache": True, **TINY, **changes}
+
+
+TEXTS = ["Once upon a time there was a little girl named Lily.", "Hello, world! 123 4567",
+         "Grüße aus Köln: café, naïve, 東京, emoji 🙂.", "The cat sat on the mat.\n\tTabs too."]
+# Llama 3's special tokens (it has 256 after its 128000 BPE ids; a few are enough here).
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                   "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>"]
+
+
+def write_llama3_tokenizer(folder, tokenizers, bos_token="<|begin_of_text|>", eos_ids=None):
+    """A byte-level BPE tokenizer.json built as Llama 3's is (GPT-style split, byte-level
+    pre-tokenizer and decoder, BOS added by a template post-processor, special tokens after
+    the BPE ids), trained on a few sentences, with tokenizer_config.json and
+    generation_config.json as Llama-3.1-8B-Instruct writes them. Returns the folder."""
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False)
+    tokenizer.train_from_iterator(TEXTS * 20, trainer)
+    tokenizer.add_special_tokens(LLAMA3_SPECIALS)
+    ids = {token: tokenizer.token_to_id(token) for token in LLAMA3_SPECIALS}
+    tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>",
+                                                         ids["<|begin_of_text|>"])])
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": bos_token, "clean_up_tokenization_spaces": True,
+        "eos_token": "<|eot_id|>", "model_input_names": ["input_ids", "attention_mask"],
+        "model_max_length": 131072, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    eos = [ids["<|end_of_text|>"], ids["<|eom_id|>"], ids["<|eot_id|>"]] \
+        if eos_ids is None else eos_ids
+    (folder / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": ids["<|begin_of_text|>"], "do_sample": True, "eos_token_id": eos,
+        "temperature": 0.6, "top_p": 0.9, "transformers_version": "4.42.3"}))
+    return folder
