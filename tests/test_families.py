@@ -17,7 +17,8 @@ from llama.formats.tensor_files import (read_safetensor, read_safetensors_header
                                         write_safetensors)
 from llama.model.fused import apply_fused_projections
 from llama.model.rotary import rope_frequencies, rotary_tables
-from llama.model.transformer import attention_mask, causal_mask
+from llama.model.transformer import (NAMED_SHAPES, ModelArgs, Transformer, attention_mask,
+                                     causal_mask)
 from tiny_families import (as_transformers5, llama32_config, mistral_config, qwen25_config,
                            write_family)
 
@@ -286,3 +287,23 @@ def test_a_bad_window_is_refused_by_name(tmp_path, window):
     with pytest.raises(BadInput, match=rf"config\.json: sliding_window={window!r} must be a "
                                        r"positive number of tokens, or null"):
         HFSource(folder)
+
+
+# ---- the planner's named shapes ----
+
+# Parameters each model card on the Hugging Face Hub gives (its safetensors total), and whether
+# the classifier is the embedding (counted once there; a stage here holds its own copy).
+PUBLISHED_PARAMETERS = {"Llama-3.2-1B": (1_235_814_400, True), "Llama-3.2-3B": (3_212_749_824, True),
+                        "Qwen2.5-0.5B": (494_032_768, True), "Qwen2.5-1.5B": (1_543_714_304, True),
+                        "TinyLlama-1.1B": (1_100_048_384, False),
+                        "SmolLM2-360M": (361_821_120, True), "Mistral-7B": (7_241_732_096, False)}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED_PARAMETERS))
+def test_named_shapes_give_the_published_parameter_counts(name):
+    args = ModelArgs(**NAMED_SHAPES[name])
+    with torch.device("meta"):
+        model = Transformer(args)
+    total = sum(p.numel() for n, p in model.named_parameters()
+                if not (PUBLISHED_PARAMETERS[name][1] and n == "output.weight"))
+    assert total == PUBLISHED_PARAMETERS[name][0]

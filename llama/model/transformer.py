@@ -13,15 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama.model.named_shapes import NAMED_SHAPES  # noqa: F401 (the planner's names; re-exported)
 from llama.model.rotary import apply_rotary, rotary_tables  # noqa: F401 (re-exported)
-
-
-# Meta's params.json of LLaMA-1/2 7B and 13B (hidden_dim follows from multiple_of: 11008 and
-# 13824): the shapes the planner, llama.tools.explain and the benchmarks know by name.
-NAMED_SHAPES = {
-    "7B": {"dim": 4096, "n_layers": 32, "n_heads": 32, "vocab_size": 32000, "multiple_of": 256},
-    "13B": {"dim": 5120, "n_layers": 40, "n_heads": 40, "vocab_size": 32000, "multiple_of": 256},
-}
 
 
 @dataclass
