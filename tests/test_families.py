@@ -139,7 +139,8 @@ def test_a_split_keeps_the_rope_scaling(tmp_path):
     ({"rope_type": "linear", "factor": -2}, r"linear rope scaling needs factor as a positive "
                                             r"number, not -2"),
     ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0,
-      "original_max_position_embeddings": 8192}, r"llama3 rope scaling needs high_freq_factor \(4.0\) above"),
+      "original_max_position_embeddings": 8192},
+     r"llama3 rope scaling needs high_freq_factor \(4.0\) above"),
 ])
 def test_bad_rope_scaling_is_refused_by_name(tmp_path, scaling, message):
     folder = write_family(tmp_path / "bad", llama32_config(rope_scaling=scaling))
@@ -293,10 +294,11 @@ def test_a_bad_window_is_refused_by_name(tmp_path, window):
 
 # Parameters each model card on the Hugging Face Hub gives (its safetensors total), and whether
 # the classifier is the embedding (counted once there; a stage here holds its own copy).
-PUBLISHED_PARAMETERS = {"Llama-3.2-1B": (1_235_814_400, True), "Llama-3.2-3B": (3_212_749_824, True),
-                        "Qwen2.5-0.5B": (494_032_768, True), "Qwen2.5-1.5B": (1_543_714_304, True),
-                        "TinyLlama-1.1B": (1_100_048_384, False),
-                        "SmolLM2-360M": (361_821_120, True), "Mistral-7B": (7_241_732_096, False)}
+PUBLISHED_PARAMETERS = {
+    "Llama-3.2-1B": (1_235_814_400, True), "Llama-3.2-3B": (3_212_749_824, True),
+    "Qwen2.5-0.5B": (494_032_768, True), "Qwen2.5-1.5B": (1_543_714_304, True),
+    "TinyLlama-1.1B": (1_100_048_384, False), "SmolLM2-360M": (361_821_120, True),
+    "Mistral-7B": (7_241_732_096, False)}
 
 
 @pytest.mark.parametrize("name", list(PUBLISHED_PARAMETERS))

@@ -1,6 +1,7 @@
 """The families of issue 23 against the real transformers (skipped when it is not installed):
 tiny random Llama 3.2 / Qwen2.5 / Mistral folders (tests/tiny_families.py) give the logits
-transformers gives, and a Llama-3-style tokenizer.json the ids its tokenizer gives. The product never imports transformers; only this file does.
+transformers gives, and a Llama-3-style tokenizer.json the ids its tokenizer gives. The product
+never imports transformers; only this file does.
 Run (in a venv that has transformers): python3 -m pytest -q tests/test_interop_families.py
 """
 import pytest

@@ -20,7 +20,8 @@ def llama32_config(**changes) -> dict:
     scaling with the real factors, the original context shrunk so that short texts reach all
     three regimes of the scaling (kept, blended, slowed)."""
     return {"architectures": ["LlamaForCausalLM"], "attention_bias": False,
-            "attention_dropout": 0.0, "bos_token_id": 254, "eos_token_id": 255,  # 128000/1 lie beyond 256
+            "attention_dropout": 0.0,
+            "bos_token_id": 254, "eos_token_id": 255,  # the real 128000/128001 lie beyond 256
             "head_dim": 16, "hidden_act": "silu", "initializer_range": 0.02,
             "max_position_embeddings": 1024, "mlp_bias": False, "model_type": "llama",
             "pretraining_tp": 1, "rms_norm_eps": 1e-05,
@@ -98,7 +99,8 @@ def mistral_config(**changes) -> dict:
 
 
 TEXTS = ["Once upon a time there was a little girl named Lily.", "Hello, world! 123 4567",
-         "Grüße aus Köln: café, naïve, 東京, emoji 🙂.", "The cat sat on the mat.\n\tTabs too."]
+         "Grüße aus Köln: café, naïve, 東京, emoji 🙂.",
+         "The cat sat on the mat.\n\tTabs too."]
 # Llama 3's special tokens (it has 256 after its 128000 BPE ids; a few are enough here).
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
                    "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>"]

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from dataclasses import replace
 
-from llama.formats.checkpoint import (copy_tokenizer, find_tokenizer, is_split_dir, load_stage_tensors,
-                              open_source, read_split, refuse_unknown_tensors,
+from llama.formats.checkpoint import (copy_tokenizer, find_tokenizer, is_split_dir,
+                              load_stage_tensors, open_source, read_split, refuse_unknown_tensors,
                               stage_tensor_names)
 from llama.formats.checksums import Sha256List, check_files, format_list
 from llama.cli import run_cli

@@ -176,9 +176,9 @@ class HFSource(TensorSource):
         if meta_name is not None and (self.args.qkv_bias or not meta_name.endswith(".bias")):
             self.where[meta_name] = reader
         elif not HF_DERIVED_BUFFER.fullmatch(hf_name):
-            raise BadInput(f"{path} holds {hf_name!r}, which a {FAMILY_NAMES[self.family]} does not have (a "
-                           "bias, or a module of another architecture): this model cannot use "
-                           "it, so the checkpoint cannot be run here")
+            raise BadInput(f"{path} holds {hf_name!r}, which a {FAMILY_NAMES[self.family]} does "
+                           "not have (a bias, or a module of another architecture): this model "
+                           "cannot use it, so the checkpoint cannot be run here")
 
     def names(self):
         names = list(self.where)
