@@ -16,6 +16,7 @@ from llama.formats.layouts import MetaSource, save_meta
 from llama.formats.tensor_files import (read_safetensor, read_safetensors_header,
                                         write_safetensors)
 from llama.model.fused import apply_fused_projections
+from llama.model.static_decode import StaticDecoder
 from llama.model.rotary import rope_frequencies, rotary_tables
 from llama.model.transformer import (NAMED_SHAPES, ModelArgs, Transformer, attention_mask,
                                      causal_mask)
@@ -243,6 +244,23 @@ def test_mistral_cached_decoding_equals_recomputing(tmp_path):
         chunks += [model(TOKENS[:, p:p + 1], p) for p in range(12, 40)]
         model.clear_kv_cache()
     torch.testing.assert_close(torch.cat(chunks, dim=1), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("config", [mistral_config, qwen25_config, llama32_config],
+                         ids=["mistral", "qwen25", "llama32"])
+def test_static_decode_steps_equal_recomputing(tmp_path, config):
+    """The fixed-shape decode path (CUDA graphs on a GPU; the same step uncaptured here): the
+    whole cache comes back and the mask keeps the window, the biases and the scaled rope."""
+    model = load_model(write_family(tmp_path / "family", config()), max_seq_len=48)
+    decoder = StaticDecoder(model, "cpu")
+    with torch.no_grad():
+        expected = model(TOKENS)[:, -1]
+        decoder.start(2)
+        model(TOKENS[:, :6], 0)  # prefill, eager, into the same cache
+        for position in range(6, 40):
+            logits = decoder.step(TOKENS[:, position:position + 1], position)
+        model.clear_kv_cache()
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-6)  # logits here reach ~100
 
 
 def test_the_static_cache_mask_keeps_the_window():
