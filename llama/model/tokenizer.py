@@ -14,15 +14,17 @@ from llama.model.text import check_text
 
 
 class Tokenizer:
-    def __new__(cls, model_path: str):
-        if cls is Tokenizer and is_hf_tokenizer(model_path):
+    """Tokenizer(path): sentencepiece for a tokenizer.model, HFTokenizer for a tokenizer.json."""
+
+    def __new__(cls, model_path: str = None):  # None: unpickling and copying call it bare
+        if cls is Tokenizer and model_path is not None and is_hf_tokenizer(model_path):
             return HFTokenizer(model_path)  # imports the optional tokenizers library
         return super().__new__(cls)
 
     def __init__(self, model_path: str):
         if not os.path.isfile(model_path):
             raise BadInput(f"tokenizer {model_path} does not exist: pass --tokenizer_path to a "
-                           "sentencepiece tokenizer.model")
+                           "sentencepiece tokenizer.model or a Hugging Face tokenizer.json")
         self.sp = SentencePieceProcessor()
         try:
             self.sp.Load(model_path)
