@@ -183,13 +183,20 @@ def test_qwen25_round_trips_through_meta_shards_hf_and_a_split(tmp_path):
 
 def test_qwen25_quantized_and_fused_keep_the_biases(tmp_path):
     folder = write_family(tmp_path / "qwen", qwen25_config())
+    plain = load_model(folder)
     expected = logits(folder)
+    fused = apply_fused_projections(load_model(folder))
+    assert fused.layers["0"].attention.wqkv.bias is not None  # one GEMM, biases joined
     with torch.no_grad():
         quantized = load_model(folder, quantize="int8")(TOKENS)
-        fused = apply_fused_projections(load_model(folder))(TOKENS)
+        torch.testing.assert_close(fused(TOKENS), expected, atol=1e-4, rtol=1e-6)
     assert (quantized - expected).abs().max() < 0.05 * expected.abs().max()
-    torch.testing.assert_close(fused, expected, atol=1e-5, rtol=0)
     assert load_model(folder, quantize="int8").layers["0"].attention.wq.bias is not None
+    # Saved and loaded under the unfused names, biases included.
+    state = fused.state_dict()
+    assert list(state) == list(plain.state_dict())
+    assert all(torch.equal(state[k], v) for k, v in plain.state_dict().items())
+    fused.load_state_dict(plain.state_dict(), strict=True)
 
 
 @pytest.mark.parametrize("change, message", [
