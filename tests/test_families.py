@@ -3,6 +3,7 @@ Mistral's sliding window. Tiny random models whose config.json is written as the
 (tests/tiny_families.py); no transformers needed (test_interop_families.py compares with it).
 Run: python3 -m pytest -q tests/test_families.py
 """
+import dataclasses
 import json
 import math
 
@@ -19,7 +20,7 @@ from llama.model.fused import apply_fused_projections
 from llama.model.static_decode import StaticDecoder
 from llama.model.rotary import rope_frequencies, rotary_tables
 from llama.model.transformer import (NAMED_SHAPES, ModelArgs, Transformer, attention_mask,
-                                     causal_mask)
+                                     causal_mask, params_digest)
 from tiny_families import (as_transformers5, llama32_config, mistral_config, qwen25_config,
                            write_family)
 
@@ -334,3 +335,12 @@ def test_named_shapes_give_the_published_parameter_counts(name):
     total = sum(p.numel() for n, p in model.named_parameters()
                 if not (PUBLISHED_PARAMETERS[name][1] and n == "output.weight"))
     assert total == PUBLISHED_PARAMETERS[name][0]
+
+
+def test_the_new_fields_leave_a_plain_models_digest_as_it_was(source):
+    """Prompts and splits store params_digest: stories260K's is the one computed before
+    rope_scaling, qkv_bias and sliding_window existed, and each of them set changes it."""
+    assert params_digest(source.args) == "b06df37f3151aced"
+    for change in ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, {"qkv_bias": True},
+                   {"sliding_window": 4096}):
+        assert params_digest(dataclasses.replace(source.args, **change)) != "b06df37f3151aced"
