@@ -127,3 +127,21 @@ def test_without_generation_config_the_ids_of_config_json_are_used_and_carried(l
     copy_tokenizer(str(llama3 / "tokenizer.json"), tmp_path)
     carried = Tokenizer(str(tmp_path / "tokenizer.json"))
     assert (carried.bos_id, carried.stop_ids) == (tokenizer.bos_id, tokenizer.stop_ids)
+
+
+def test_a_damaged_file_beside_it_is_refused_by_name(llama3):
+    (llama3 / "generation_config.json").write_text("[" * 100_000)
+    with pytest.raises(BadInput, match=r"generation_config\.json is not readable JSON \("):
+        Tokenizer(str(llama3 / "tokenizer.json"))
+    (llama3 / "generation_config.json").write_text("[1, 2]")
+    with pytest.raises(BadInput, match=r"generation_config\.json must hold a JSON object$"):
+        Tokenizer(str(llama3 / "tokenizer.json"))
+
+
+@pytest.mark.parametrize("content", ["{}", "not json", '{"model": {"type": "Unknown"}}'])
+def test_a_tokenizer_json_the_library_cannot_read_is_refused_by_name(llama3, content):
+    (llama3 / "tokenizer.json").write_text(content)
+    with pytest.raises(BadInput, match=r"tokenizer .*tokenizer\.json is not a Hugging Face "
+                                       r"tokenizer\.json \(.*\): pass the tokenizer\.json that "
+                                       r"came with the checkpoint$"):
+        Tokenizer(str(llama3 / "tokenizer.json"))

@@ -14,7 +14,7 @@ from llama.errors import BadInput
 from llama.model.text import check_text
 
 INSTALL = 'pip install -e ".[hf-tokenizers]"'
-# The files besides tokenizer.json that say which ids start and end a text.
+# The files beside tokenizer.json that say which ids start and end a text.
 SPECIAL_FILES = ("tokenizer_config.json", "generation_config.json")
 # The names a split or a conversion writes them under (a regular expression).
 TOKENIZER_JSON_NAMES = r"tokenizer\.json|tokenizer_config\.json|generation_config\.json"
@@ -44,7 +44,7 @@ def read_beside(folder: Path, name: str) -> dict:
         return {}
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: also bad UTF-8
         raise BadInput(f"{path} is not readable JSON ({error}): use the file that came with "
                        "the tokenizer") from None
     if not isinstance(value, dict):
