@@ -4,6 +4,8 @@ transformers gives, and a Llama-3-style tokenizer.json the ids its tokenizer giv
 never imports transformers; only this file does.
 Run (in a venv that has transformers): python3 -m pytest -q tests/test_interop_families.py
 """
+import json
+
 import pytest
 import torch
 
@@ -83,3 +85,23 @@ def test_llama3_style_tokenizer_json_encodes_and_decodes_as_transformers(tmp_pat
         ids = ours.encode(text, bos=True, eos=False)
         assert ids == theirs(text)["input_ids"]  # its post-processor adds BOS
         assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("config", [llama32_config, qwen25_config, mistral_config],
+                         ids=["llama32", "qwen25", "mistral"])
+def test_folders_transformers_itself_writes_give_its_logits(tmp_path, config):
+    """transformers' own save_pretrained (its config.json as this version writes it: for
+    transformers 5 rope_parameters, layer_types, dtype), read here."""
+    fields = {k: v for k, v in config().items()
+              if k not in ("architectures", "model_type", "transformers_version", "torch_dtype")}
+    config_class = transformers.AutoConfig.for_model(config()["model_type"], **fields)
+    torch.manual_seed(0)
+    theirs = transformers.AutoModelForCausalLM.from_config(config_class).eval()
+    with torch.no_grad():
+        for name, parameter in theirs.named_parameters():  # transformers starts biases at 0
+            if name.endswith("bias") or name.endswith("norm.weight"):
+                parameter.uniform_(0.5, 1.5)
+    theirs.save_pretrained(tmp_path / "saved")
+    written = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert written["model_type"] == config()["model_type"]
+    assert_logits_as_transformers(tmp_path / "saved")
