@@ -7,43 +7,40 @@ The loop itself is llama/training/train.py; this file is only its command line.
 from typing import Union
 
 from llama.training.config import RunConfig
-from llama.training.data import ALPACA_PREAMBLE
+from llama.training.records import ALPACA_PREAMBLE
 from llama.cli import run_cli
+from llama.options import MODEL, takes
 from llama.training.train import train
 
 
-def main(ckpt_dir: str, data: str, out: str, tokenizer_path: str = None,
+@takes(MODEL, max_seq_len=512)
+def main(data: str, out: str,
          # the tuning method and its prompt
          method: str = "prompt", n_virtual_tokens: int = 32, adapter_layers: int = None,
          init: str = "text", init_text: str = ALPACA_PREAMBLE,
          # data
          template: str = "alpaca", train_on_prompt: bool = False, strict: bool = False,
-         eval_fraction: float = 0.05, max_seq_len: int = 512, cache_dir: str = None,
-         eos_target: str = "auto",
+         eval_fraction: float = 0.05, cache_dir: str = None, eos_target: str = "auto",
          # schedule and batches
          schedule: str = "1f1b", global_batch_size: int = 32, micro_batch_size: int = 4,
          steps: int = None, epochs: int = 1,
          # optimisation
          lr: float = 3e-2, lr_schedule: str = "cosine", warmup_steps: int = 10,
          weight_decay: float = 0.0, max_grad_norm: float = 1.0, seed: int = 0,
-         # precision and memory
-         device: str = None, dtype: str = None, recompute: bool = False, recompute_mode: str = "full",
-         offload: str = None, compile: bool = False, quantize: str = None, group_size: int = None,
+         # memory
+         recompute: bool = False, recompute_mode: str = "full", offload: str = None,
          # bookkeeping
          log_every: int = 10, eval_every: int = 50, save_every: int = 100,
          resume: Union[bool, str] = None, overwrite: bool = False, base_model: str = None,
-         trace: str = None, trace_steps: int = 3, timeout_s: float = 300.0,
-         max_skipped_steps: int = 20, debug_overflow_steps: tuple[int, ...] = ()):
+         trace: str = None, trace_steps: int = 3, max_skipped_steps: int = 20,
+         debug_overflow_steps: tuple[int, ...] = (), **options):
     """Train a soft prompt for a frozen LLaMA, one pipeline stage per process (or all in one).
 
     Writes <out>/tuning.pt + tuning.json (every method's tensors and description),
     peft/ (PEFT's layout), metrics.jsonl and checkpoint.pt.
 
-    ckpt_dir: the model: a split folder (split_model.py), a Meta folder, a llama2.c .bin or a
-        Hugging Face folder
     data: the training data: Alpaca JSON (instruction, input, output) or JSONL records
     out: the folder for the prompt, its metrics and the checkpoint for --resume
-    tokenizer_path: the sentencepiece tokenizer.model (default: the one beside the checkpoint)
     method: what trains: prompt (a soft prompt before the text), prefix (keys and values before
         the text in every layer, prefix tuning / P-tuning v2) or adapter (LLaMA-Adapter's gated
         adaption prompts in the top --adapter_layers layers)
@@ -59,7 +56,6 @@ def main(ckpt_dir: str, data: str, out: str, tokenizer_path: str = None,
     train_on_prompt: also learn to predict the instruction, not only the response
     strict: stop at the first unusable record instead of skipping it with a note
     eval_fraction: the share of records held out for the held-out loss (0 for none)
-    max_seq_len: the longest example in tokens (longer ones are cut), soft prompt included
     cache_dir: where token caches go (default $LLAMA_TOKEN_CACHE, else
         ~/.cache/llama-pp-prompt/tokens); none turns the cache off
     eos_target: the token trained after each text: auto (the model's stop token, EOS or BOS,
@@ -75,19 +71,11 @@ def main(ckpt_dir: str, data: str, out: str, tokenizer_path: str = None,
     weight_decay: AdamW's weight decay on the prompt
     max_grad_norm: clip the prompt's gradient to this norm (0 for no clipping)
     seed: the random seed (prompt init, data order, held-out split)
-    device: cpu, cuda or cuda:N (default: this rank's GPU if there is one, else the CPU)
-    dtype: float16 (default on a GPU, with dynamic loss scaling), bfloat16 or float32 (default
-        on the CPU) for the frozen weights
     recompute: recompute each layer in backward instead of keeping its activations
     recompute_mode: full (keep only each layer's input) or selective (also keep the matrix
         products' outputs, redo only norms, rotary and SiLU: faster, more memory; implies
         --recompute; not with --offload activations or weights)
     offload: comma-separated optimizer,activations,weights: what to keep in CPU memory
-    compile: torch.compile each transformer block (slow first step; needs a C++ compiler)
-    quantize: int8 or int4: quantize a float checkpoint's frozen block linears while loading (a
-        split made with split_model.py --quantize is already quantized)
-    group_size: inputs per int4 scale (default: the largest power of two up to 128 dividing
-        every width)
     log_every: print a line every this many steps
     eval_every: compute the held-out loss every this many steps
     save_every: write checkpoint.pt every this many steps (0 for only at the end)
@@ -97,11 +85,11 @@ def main(ckpt_dir: str, data: str, out: str, tokenizer_path: str = None,
         transformers + peft can load it
     trace: write a Chrome trace of the first --trace_steps steps to this file
     trace_steps: how many steps --trace records
-    timeout_s: seconds to wait for another stage before giving up on it
     max_skipped_steps: stop when this many steps in a row overflow in float16
     debug_overflow_steps: steps whose loss is forced to overflow, to see the loss scaler at work
     """
-    train(RunConfig(**locals()))
+    settings = {name: value for name, value in locals().items() if name != "options"}
+    train(RunConfig(**settings, **options))
 
 
 if __name__ == "__main__":

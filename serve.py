@@ -11,33 +11,30 @@ from pathlib import Path
 from llama.parallel.pipeline import Stage
 from llama.serving.conversation import DEFAULT_TEMPLATE
 from llama.serving.engine import Engine
-from llama.training.data import format_prompt
+from llama.training.records import format_prompt
 from llama.cli import run_cli
 from llama.errors import BadInput
-from llama.parallel.faults import PeerLost, report_and_exit
 from llama.tuning.files import load_tuning
 from llama.tuning.methods import apply_saved
-from llama.prepare.stage import start_stage
+from llama.options import MODEL, takes
+from llama.prepare.stage import run_on_stage
 from llama.serving.http import (Access, Limits, Served, Service, parse_served_prompts,
                                 run_server)
 
 
-def main(ckpt_dir: str, prompts: str = "", host: str = "127.0.0.1", port: int = 8000,
-         api_key: str = None, max_batch: int = 8, max_wait_ms: float = 10.0,
-         max_tokens: int = 256, max_prompt_tokens: int = 0, max_body_bytes: int = 1 << 20,
-         base_name: str = None, tokenizer_path: str = None, max_seq_len: int = None,
-         device: str = None, dtype: str = None, timeout_s: float = 300.0, log: bool = False,
-         idle_timeout_s: float = 30.0, max_connections: int = 64, allow_origins: str = "",
-         allow_hosts: str = ""):
-    """Serve the model and soft prompts over HTTP: /v1/completions, /v1/chat/completions, /v1/models.
+@takes(MODEL)
+def main(prompts: str = "", host: str = "127.0.0.1", port: int = 8000, api_key: str = None,
+         max_batch: int = 8, max_wait_ms: float = 10.0, max_tokens: int = 256,
+         max_prompt_tokens: int = 0, max_body_bytes: int = 1 << 20, base_name: str = None,
+         log: bool = False, idle_timeout_s: float = 30.0, max_connections: int = 64,
+         allow_origins: str = "", allow_hosts: str = "", **options):
+    """Serve the model and tunings over HTTP: /v1/completions, /v1/chat/completions, /v1/models.
 
     Rank 0 listens (standard library HTTP server); the other ranks follow. A request's "model"
     picks the tuning (or the base model); requests join the running batch at its next step
-    (continuous batching), which may mix every method. /metrics: Prometheus text. See
-    docs/serving.md.
+    (continuous batching), which may mix every method. /metrics: Prometheus text; /: a chat
+    page. See docs/serving.md.
 
-    ckpt_dir: the model: a split folder (split_model.py), a Meta folder, a llama2.c .bin or a
-        Hugging Face folder
     prompts: the tunings to serve, NAME=FOLDER,NAME=FOLDER (each folder: ft_main.py's --out of
         any method, soft prompt, prefix or adapter, or a PEFT export of one)
     host: the address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface)
@@ -51,13 +48,6 @@ def main(ckpt_dir: str, prompts: str = "", host: str = "127.0.0.1", port: int = 
     max_body_bytes: the largest request body
     base_name: the model name of the base model, without a soft prompt (default: the
         checkpoint's folder name)
-    tokenizer_path: the sentencepiece tokenizer.model (default: the one beside the checkpoint)
-    max_seq_len: the longest prompt + reply in tokens, soft prompt included (default: the
-        model's own)
-    device: cpu, cuda or cuda:N (default: this rank's GPU if there is one, else the CPU)
-    dtype: float32, float16 or bfloat16 for the weights (default: float16 on a GPU, float32 on
-        the CPU)
-    timeout_s: seconds to wait for another stage before giving up on it
     log: print one access line per HTTP request on stderr (time, model, prompt and completion
         tokens, time to first token, total time, status)
     idle_timeout_s: seconds a connection may stay silent (between requests, or mid-request)
@@ -70,28 +60,19 @@ def main(ckpt_dir: str, prompts: str = "", host: str = "127.0.0.1", port: int = 
         NAME,NAME (*: any); others are refused, which defeats DNS rebinding
     """
     named = parse_served_prompts(prompts)
-    base_name = base_name or Path(ckpt_dir).stem
+    base_name = base_name or Path(options["ckpt_dir"]).stem
     if base_name in named:
         raise BadInput(f"--prompts names {base_name!r}, the base model's name: rename the prompt "
                        "or pass another --base_name")
-    for name, value in (("max_batch", max_batch), ("max_tokens", max_tokens),
-                        ("max_body_bytes", max_body_bytes)):
-        if value < 1:
-            raise BadInput(f"--{name}={value} must be at least 1")
-    if not idle_timeout_s > 0 or max_connections < 1:  # "not >": NaN is refused too
-        raise BadInput(f"--idle_timeout_s={idle_timeout_s:g} must be > 0 and --max_connections="
-                       f"{max_connections} at least 1")
+    limits = Limits(max_body_bytes, max_prompt_tokens, max_tokens, max_batch, max_wait_ms,
+                    idle_timeout_s, max_connections)
+    check_limits(limits, port)
     api_key = required_api_key(api_key)
-    if max_wait_ms < 0 or max_prompt_tokens < 0 or not 0 <= port <= 65535:
-        raise BadInput(f"--max_wait_ms={max_wait_ms:g} and --max_prompt_tokens="
-                       f"{max_prompt_tokens} must be >= 0, --port={port} in 0..65535")
-    ctx, model, tokenizer = start_stage(ckpt_dir, tokenizer_path, device, dtype, max_seq_len,
-                                        timeout_s)
-    try:
-        tunings, served = load_served(named, model, ctx)
-        check_templates({name: s.template for name, s in served.items()}, named)
-        limits = Limits(max_body_bytes, max_prompt_tokens, max_tokens, max_batch, max_wait_ms,
-                        idle_timeout_s, max_connections)
+    access = Access(host, names(allow_origins), tuple(n.lower() for n in names(allow_hosts)))
+    log_line = (lambda line: print(line, file=sys.stderr, flush=True)) if log else None
+
+    def work(ctx, model, tokenizer, _):
+        tunings, served = load_served(ctx, model, named)
         engine = Engine(Stage(model, ctx), tunings, max_rows=max_batch)
 
         def service():
@@ -104,22 +85,32 @@ def main(ckpt_dir: str, prompts: str = "", host: str = "127.0.0.1", port: int = 
                   f"{server.port} ({ctx.world_size} stage{'s' if ctx.world_size > 1 else ''}, "
                   f"batches of up to {max_batch}; {key}; Ctrl+C stops)", flush=True)
 
-        access = Access(host, names(allow_origins), tuple(n.lower() for n in names(allow_hosts)))
         run_server(engine, service, host, port,
-                   heartbeat_s=min(2.0, timeout_s / 4), on_listen=listening,
-                   log=(lambda line: print(line, file=sys.stderr, flush=True)) if log else None,
-                   access=access)
-    except PeerLost as error:
-        report_and_exit(error, ctx.rank)
-    ctx.close()
+                   heartbeat_s=min(2.0, options["timeout_s"] / 4), on_listen=listening,
+                   log=log_line, access=access)
+
+    run_on_stage(options, work)
 
 
-def load_served(named: dict, model, ctx):
+def check_limits(limits: Limits, port: int):
+    for name in ("max_batch", "max_tokens", "max_body_bytes"):
+        if getattr(limits, name) < 1:
+            raise BadInput(f"--{name}={getattr(limits, name)} must be at least 1")
+    if not limits.idle_timeout_s > 0 or limits.max_connections < 1:  # "not >": NaN is refused
+        raise BadInput(f"--idle_timeout_s={limits.idle_timeout_s:g} must be > 0 and "
+                       f"--max_connections={limits.max_connections} at least 1")
+    if limits.max_wait_ms < 0 or limits.max_prompt_tokens < 0 or not 0 <= port <= 65535:
+        raise BadInput(f"--max_wait_ms={limits.max_wait_ms:g} and --max_prompt_tokens="
+                       f"{limits.max_prompt_tokens} must be >= 0, --port={port} in 0..65535")
+
+
+def load_served(ctx, model, named: dict):
     """({name: the tuning on this stage}, {name: Served}) for --prompts: rank 0 reads and checks
     every folder, and every stage keeps the tensors of its own layers."""
     loaded = {name: load_tuning(folder, model.args) for name, folder in named.items()} \
         if ctx.rank == 0 else None
     loaded = ctx.broadcast_object(loaded)
+    check_templates({name: info.get("template") for name, (_, _, info) in loaded.items()}, named)
     tunings = {name: apply_saved(model, method, tensors, ctx.is_first)
                for name, (method, tensors, _) in loaded.items()}
     served = {name: Served(name, tunings[name].n_virtual, info.get("template"))

@@ -119,8 +119,8 @@ def print_table(records: list, columns: list):
 
 
 def as_list(value) -> list:
-    """A fire argument that may be one value or several: fire makes `--micro_batch 1,2,4` a
-    tuple, but leaves `--schedule gpipe,1f1b` a string (1f1b is no Python literal)."""
+    """An argument that may be one value or several: the command line makes `--micro_batch 1,2,4`
+    a tuple, but leaves `--schedule gpipe,1f1b` a string (1f1b is no Python literal)."""
     if isinstance(value, str):
         return value.split(",")
     return list(value) if isinstance(value, (list, tuple)) else [value]

@@ -9,10 +9,8 @@
 # OUT/summary.txt (each target, met or not), printed last. OUT: the argument, else $OUT (the
 # device tool's folder), else runs/gpu_check.
 #
-# The GPU machine has torch with CUDA, sentencepiece, transformers and peft, but not fire, and no
-# network: `bash bench/gpu_wheels.sh`, run beforehand where pip reaches the index, leaves fire's
-# wheels in .gpu_wheels/, which travels with the tree (the device tool's carry=[".gpu_wheels"])
-# and is installed here with --no-index into a folder of its own put on PYTHONPATH.
+# The GPU machine has torch with CUDA, numpy, sentencepiece, transformers and peft and no network:
+# everything the project needs is there (it has not needed fire since llama/cli.py parses argv).
 #
 # The parts run in order of value, each under its own time limit, and none starts once the whole
 # run is past its deadline (BUDGET_S, 450 s by default): a part left out says so in the summary.
@@ -30,14 +28,8 @@ BUDGET_S="${BUDGET_S:-450}"
 STARTED=$(date +%s)
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
 
-if [ -d .gpu_wheels ]; then
-  python3 -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/gpu_check_site .gpu_wheels/*.whl > "$OUT_DIR/wheels.log" 2>&1 \
-    || echo "note: installing .gpu_wheels failed, see $OUT_DIR/wheels.log"
-  export PYTHONPATH="/tmp/gpu_check_site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-python3 -c "import fire, sentencepiece, torch" || {
-  echo "error: fire, sentencepiece and torch must import: run bash bench/gpu_wheels.sh where pip reaches the index and carry .gpu_wheels along"
+python3 -c "import numpy, sentencepiece, torch" || {
+  echo "error: numpy, sentencepiece and torch must import on this machine"
   exit 2
 }
 

@@ -1,11 +1,8 @@
-"""The command line of every script: argv checked against main's signature before any work.
+"""The command line of every script: run_cli(main), or run_cli({command: function}).
 
-fire.Fire(main) consumes arguments lazily: a misspelt flag surfaced only after main had run, and
-its value parser turned "Hello, world" into a tuple and 2,500 words into a MemoryError. Here each
-flag is matched to a parameter first (an unknown one is refused, naming the nearest real one),
-each value is converted by the parameter's annotation (text stays the text the user typed;
-unannotated values go through fire's own parser), and only then is main called. --help is
-written from main's docstring: its first line, then one "name: meaning" line per parameter.
+argv is checked against main's signature before any work: an unknown flag is refused with the
+nearest real one, each value is converted by its parameter's annotation (a text stays as typed),
+and --help is written from main's docstring. A BadInput ends the program with one line, exit 2.
 """
 import ast
 import difflib
@@ -19,279 +16,206 @@ import traceback
 import typing
 from collections.abc import Sequence
 
-from fire.parser import DefaultParseValue
-
 from llama.errors import BadInput
 
+EMPTY = inspect.Parameter.empty
 HELP_FLAGS = ("--help", "-h")
-NO_DEFAULT = inspect.Parameter.empty
-
-
-# ---- parsing argv against a signature ----
-
-def is_flag(token: str) -> bool:
-    """fire's rule: '--x' or '-x...' is a flag; '-1' and '-0.5' are values."""
-    return token.startswith("--") or re.match(r"^-[a-zA-Z]", token) is not None
+WORDS = {str: ("TEXT", "a text"), int: ("INT", "an integer"), float: ("FLOAT", "a number"),
+         bool: ("True|False", "True or False"), EMPTY: ("VALUE", "a value")}  # help, errors
+TEXTS_EXAMPLE = '\'["first text", "second text"]\''
 
 
 def parse_command_line(main, argv, prog: str) -> dict:
     """The keyword arguments main gets from argv, each checked and converted; BadInput if not."""
     params = inspect.signature(main).parameters
     names = [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
-    texts, positionals, index, last_flag = {}, [], 0, None
+    texts, loose = {}, []  # loose: (a value without its flag, the flag before it)
+    # '--x' and '-x' are flags, '-1' is a value; the end of argv counts as a flag
+    is_flag = [t.startswith("--") or re.match("-[a-zA-Z]", t) is not None for t in argv] + [True]
+    index = 0
     while index < len(argv):
-        token = argv[index]
-        index += 1
-        if not is_flag(token):
-            positionals.append((token, last_flag))
+        token, index = argv[index], index + 1
+        if not is_flag[index - 1]:
+            loose.append((token, f"--{next(reversed(texts))}" if texts else None))
             continue
         key, has_value, value = token.lstrip("-").partition("=")
-        key = key.replace("-", "_")
-        bool_syntax = not has_value and (index == len(argv) or is_flag(argv[index]))
-        name, negated = flag_name(key, names, params, bool_syntax, takes_any, token, prog)
-        if not has_value:
-            if bool_syntax:
-                value = "False" if negated else "True"
-            else:
-                value, index = argv[index], index + 1
+        name, negated = flag_name(key.replace("-", "_"), params, names, token, prog)
+        if negated and (has_value or not is_flag[index]):
+            raise BadInput(f"{token} takes no value: write --{name} False instead")
+        if not has_value:  # '--x' alone, before another flag or the end, is True ('--nox' False)
+            value, index = (str(not negated), index) if is_flag[index] else (argv[index], index + 1)
         if name in texts:
             raise BadInput(f"--{name} is given twice ({texts[name]!r} and {value!r}): keep one")
         texts[name] = value
-        last_flag = f"--{name}"
-    required = [n for n in names if params[n].default is NO_DEFAULT and n not in texts]
-    for name, (value, _) in zip(required, positionals):
-        texts[name] = value
-    if len(positionals) > len(required):
-        raise BadInput(unexpected_value(*positionals[len(required)], required, params, prog))
-    missing = [n for n in names if params[n].default is NO_DEFAULT and n not in texts]
-    if missing:
-        raise BadInput(f"--{missing[0]} is required ({meaning_or_type(main, missing[0])}); "
-                       f"see {prog} --help")
-    return {name: convert(name, text, params[name] if name in params else None)
-            for name, text in texts.items()}
+    required = [n for n in names if params[n].default is EMPTY and n not in texts]
+    if len(loose) > len(required):
+        raise BadInput(unexpected_value(*loose[len(required)], required, params, prog))
+    texts.update(zip(required, (value for value, _ in loose)))
+    if len(loose) < len(required):
+        name = required[len(loose)]
+        meaning = split_docstring(main)[1].get(name) or describe(params[name].annotation)
+        raise BadInput(f"--{name} is required ({meaning}); see {prog} --help")
+    return {name: convert(name, text, params.get(name)) for name, text in texts.items()}
 
 
-def flag_name(key: str, names: list, params, bool_syntax: bool, takes_any: bool, token: str,
-              prog: str) -> tuple:
-    """(the parameter a flag names, whether it is negated): the name itself, a bool's
-    --no<name> / --no-<name>, or fire's one-letter shortcut when just one parameter starts
-    with that letter."""
-    if key in names or (takes_any and key not in ("no" + n for n in names)):
+def flag_name(key: str, params, names: list, token: str, prog: str) -> tuple:
+    """(the parameter a flag names, whether it is negated): its name, a bool's --noname or
+    --no-name, or any name where main takes **kwargs."""
+    if key in names:
         return key, False
-    for prefix in ("no_", "no"):
-        negated = key[len(prefix):]
-        if key.startswith(prefix) and negated in names and annotation_of(params[negated]) is bool:
-            if not bool_syntax:
-                raise BadInput(f"{token} takes no value: write --{negated} False instead")
-            return negated, True
-    if len(key) == 1:
-        starting = [n for n in names if n.startswith(key)]
-        if len(starting) == 1:
-            return starting[0], False
-        if starting:
-            raise BadInput(f"{token} is ambiguous: it could be "
-                           f"{', '.join('--' + n for n in starting)}; write the whole name")
+    negated = key[2:].removeprefix("_")
+    if key.startswith("no") and negated in names and kinds(params[negated].annotation) == [bool]:
+        return negated, True
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return key, False
     nearest = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
     hint = f"did you mean --{nearest[0]}?" if nearest else "no flag is close to it"
     raise BadInput(f"unknown flag {token.split('=')[0]} ({hint}); {prog} --help lists the flags")
 
 
 def unexpected_value(value: str, after, required: list, params, prog: str) -> str:
-    shown = value if len(value) <= 40 else value[:40] + "…"
-    where = f" after {after}" if after else ""
-    listed = [n for n, p in params.items() if is_text_list(annotation_of(p))]
-    hint = (f"; several texts for --{listed[0]} go in one list: --{listed[0]} "
-            "'[\"first text\", \"second text\"]'") if listed else ""
-    only = (f"only {', '.join(required)} can be given without its --name"
-            if required else "every value needs its --name")
-    return f"unexpected value {shown!r}{where}: {only}{hint}; see {prog} --help"
+    shown = repr(value if len(value) <= 40 else value[:40] + "…")
+    shown += f" after {after}" if after else ""
+    only = (f"only {', '.join(required)} can be given without its --name" if required
+            else "every value needs its --name")
+    lists = [n for n, p in params.items() if item_type(kinds(p.annotation)[0]) is str]
+    if lists:
+        only += f"; several texts for --{lists[0]} go in one list: --{lists[0]} {TEXTS_EXAMPLE}"
+    return f"unexpected value {shown}: {only}; see {prog} --help"
 
 
-# ---- values by annotation ----
-
-def annotation_of(param):
-    """The parameter's type: its annotation, Optional[...] unwrapped to its one other type."""
-    annotation = param.annotation
-    if typing.get_origin(annotation) is typing.Union:
-        others = [a for a in typing.get_args(annotation) if a is not type(None)]
-        annotation = others[0] if len(others) == 1 else annotation
-    return annotation
+def kinds(annotation) -> list:
+    """The types a value may have: [int] for Optional[int], [bool, str] for Union[bool, str]."""
+    if typing.get_origin(annotation) is not typing.Union:
+        return [annotation]
+    return [a for a in typing.get_args(annotation) if a is not type(None)]
 
 
-def is_text_list(annotation) -> bool:
-    return (typing.get_origin(annotation) in (list, tuple, Sequence)
-            and typing.get_args(annotation)[:1] == (str,))
-
-
-def convert(name: str, text: str, param):
-    """The value of --name from the text the user typed, by the parameter's annotation."""
-    annotation = annotation_of(param) if param is not None else NO_DEFAULT
-    may_be_none = param is not None and (param.default is None or annotation is not param.annotation)
-    if text == "None" and may_be_none:
-        return None
-    if annotation is NO_DEFAULT:
-        return fire_value(text)
-    if typing.get_origin(annotation) is typing.Union:  # several types: the first that fits
-        for alternative in typing.get_args(annotation):
-            try:
-                return convert_to(name, text, alternative)
-            except BadInput:
-                pass
-        raise BadInput(f"--{name} {text!r} is not {describe(annotation)}")
-    return convert_to(name, text, annotation)
-
-
-def convert_to(name: str, text: str, annotation):
-    if annotation is str:
-        return text  # as typed: fire would make "2024" a number and "a, b" a tuple
-    if annotation is bool:
-        if text.lower() in ("true", "false"):
-            return text.lower() == "true"
-        raise BadInput(f"--{name} {text!r} is not True or False: write --{name} or --no{name}")
-    if annotation is int:
-        try:
-            return int(text)
-        except ValueError:
-            raise BadInput(f"--{name} {text!r} is not an integer: give a whole number") from None
-    if annotation is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise BadInput(f"--{name} {text!r} is not a number") from None
-    if typing.get_origin(annotation) in (list, tuple, Sequence):
-        return convert_list(name, text, typing.get_args(annotation)[0])
-    if annotation is type(None) and text == "None":
-        return None
-    raise BadInput(f"--{name} {text!r} is not {describe(annotation)}")
-
-
-def convert_list(name: str, text: str, item_type):
-    """One value, or several written as a list: a text is the whole of what was typed unless
-    it is written as a list ('["a", "b"]'), so a prompt with a comma stays one prompt."""
-    if item_type is str and not text.lstrip().startswith(("[", "(")):
-        return (text,)
-    value = literal(name, text) if item_type is str else fire_value(text)
-    items = value if isinstance(value, (list, tuple)) else (value,)
-    if item_type is float:  # "4,8" GiB are numbers too
-        items = [float(i) if isinstance(i, int) and not isinstance(i, bool) else i for i in items]
-    for item in items:
-        if not isinstance(item, item_type) or isinstance(item, bool) is not (item_type is bool):
-            example = '\'["first text", "second text"]\'' if item_type is str else "1,2,3"
-            raise BadInput(f"--{name} {text!r} holds {item!r}, which is not "
-                           f"{describe(item_type)}: write one value or a list such as {example}")
-    return tuple(items)
-
-
-def literal(name: str, text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        raise BadInput(f"--{name} {text[:40]!r} is not a list of quoted texts: write it as "
-                       "'[\"first text\", \"second text\"]'") from None
-
-
-def fire_value(text: str):
-    """fire's own parser (Python literals, else the text); what it cannot parse stays text."""
-    try:
-        return DefaultParseValue(text)
-    except (MemoryError, RecursionError):
-        return text
+def item_type(annotation):
+    """int for tuple[int, ...] or Sequence[int], str for a bare tuple; None if not a list."""
+    if annotation in (list, tuple) or typing.get_origin(annotation) in (list, tuple, Sequence):
+        return (typing.get_args(annotation) or (str,))[0]
+    return None
 
 
 def describe(annotation) -> str:
-    names = {str: "a text", int: "an integer", float: "a number", bool: "True or False",
-             type(None): "None"}
-    if annotation in names:
-        return names[annotation]
-    if typing.get_origin(annotation) is typing.Union:
-        return " or ".join(describe(a) for a in typing.get_args(annotation))
-    if typing.get_origin(annotation) in (list, tuple, Sequence):
-        return f"one or a list of {describe(typing.get_args(annotation)[0])[2:]}s"
-    return getattr(annotation, "__name__", str(annotation))
+    return " or ".join(WORDS[k][1] if k in WORDS else getattr(k, "__name__", str(k))
+                       for k in kinds(annotation))
 
 
-# ---- help from the docstring and the signature ----
+def convert(name: str, text: str, param):
+    """The value of --name from the text typed, by its parameter's annotation (param is None
+    for a flag that only main's **kwargs takes)."""
+    annotation = EMPTY if param is None else param.annotation
+    if text == "None" and param is not None and (
+            param.default is None or type(None) in typing.get_args(annotation)):
+        return None
+    if annotation is EMPTY:
+        return python_value(text)
+    for kind in kinds(annotation):  # the first that fits
+        if item_type(kind) is not None:
+            return to_list(name, text, item_type(kind))
+        if kind is str:
+            return text  # as typed: fire made "2024" a number and "a, b" a tuple
+        if kind is bool and text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        if kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+    hint = {(int,): ": give a whole number", (bool,): f": write --{name} or --no{name}"}
+    raise BadInput(f"--{name} {text!r} is not {describe(annotation)}"
+                   f"{hint.get(tuple(kinds(annotation)), '')}")
+
+
+def to_list(name: str, text: str, kind) -> tuple:
+    """One value, or several written as a list. A text is all that was typed unless it is
+    written as a list ('["a", "b"]'), so a prompt with a comma stays one prompt."""
+    if kind is str and not text.lstrip().startswith(("[", "(")):
+        return (text,)
+    value = python_value(text)
+    if kind is str and value is text:  # python_value gave the text back: no Python literal
+        raise BadInput(f"--{name} {text[:40]!r} is not a list of quoted texts: write it as "
+                       f"{TEXTS_EXAMPLE}")
+    items = value if isinstance(value, (list, tuple)) else (value,)
+    if kind is float:  # "4,8" GiB are numbers too
+        items = [float(item) if type(item) is int else item for item in items]
+    for item in items:
+        if not isinstance(item, kind) or isinstance(item, bool) is not (kind is bool):
+            example = TEXTS_EXAMPLE if kind is str else "1,2,3"
+            raise BadInput(f"--{name} {text!r} holds {item!r}, which is not {describe(kind)}: "
+                           f"write one value or a list such as {example}")
+    return tuple(items)
+
+
+def python_value(text: str):
+    """A Python literal ('3', '1,2', "['a']", 'None'), else the text as typed."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return text
+
 
 def split_docstring(main):
-    """(description lines, {parameter: meaning}) from "name: meaning" lines (or "a, b: ...")."""
-    names = set(inspect.signature(main).parameters)
+    """(description lines, {parameter: meaning}) from main's docstring, where a line "name:
+    meaning" (continued on indented lines) describes a parameter; the shared options' meanings
+    come from llama/options.py's @takes (main.option_meanings)."""
+    names = inspect.signature(main).parameters
     description, meanings, current = [], {}, None
     for line in inspect.cleandoc(main.__doc__ or "").splitlines():
-        match = re.match(r"^([\w, ]+): (.*)$", line)
-        keys = [k.strip() for k in match.group(1).split(",")] if match else []
-        if keys and all(k in names for k in keys):
-            current = keys
-            for key in keys:
-                meanings[key] = match.group(2).strip()
-        elif current and line.startswith((" ", "\t")) and line.strip():
-            for key in current:
-                meanings[key] += " " + line.strip()
+        match = re.match(r"(\w+): (.*)$", line)
+        if match and match.group(1) in names:
+            current = match.group(1)
+            meanings[current] = match.group(2).strip()
+        elif current and line[:1].isspace() and line.strip():
+            meanings[current] += " " + line.strip()
         else:
             current = None
             description.append(line)
-    while description and not description[-1].strip():
-        description.pop()
-    return description, meanings
-
-
-def meaning_or_type(main, name: str) -> str:
-    meaning = split_docstring(main)[1].get(name)
-    return meaning or describe(annotation_of(inspect.signature(main).parameters[name]))
+    shared = getattr(main, "option_meanings", {})
+    meanings = {n: meanings.get(n) or shared.get(n, "") for n in names
+                if n in meanings or n in shared}
+    return "\n".join(description).rstrip().splitlines(), meanings
 
 
 def type_word(param) -> str:
-    annotation = annotation_of(param)
-    if annotation is NO_DEFAULT:
-        annotation = type(param.default) if param.default not in (None, NO_DEFAULT) else None
-    words = {str: "TEXT", int: "INT", float: "FLOAT", bool: "True|False"}
-    if annotation in words:
-        return words[annotation]
-    if typing.get_origin(annotation) is typing.Union:
-        return "|".join(words.get(a, "None") for a in typing.get_args(annotation))
-    if typing.get_origin(annotation) in (list, tuple, Sequence) or annotation in (list, tuple):
-        item = (typing.get_args(annotation) or (str,))[0]
-        return f"{words.get(item, 'VALUE')} or [{words.get(item, 'VALUE')}, ...]"
-    return "VALUE"
-
-
-def show_default(default) -> str:
-    if default is NO_DEFAULT:
-        return "required"
-    if isinstance(default, (tuple, list)):
-        return "default " + json.dumps(list(default))
-    return f"default {default}"
+    """INT, True|False|TEXT, TEXT or [TEXT, ...]: a parameter's type in --help (without an
+    annotation, its default's)."""
+    annotation = param.annotation
+    if annotation is EMPTY and param.default not in (None, EMPTY):
+        annotation = type(param.default)
+    if item_type(annotation) is not None:
+        word = WORDS.get(item_type(annotation), ("VALUE",))[0]
+        return f"{word} or [{word}, ...]"
+    return "|".join(WORDS.get(kind, ("VALUE",))[0] for kind in kinds(annotation))
 
 
 def help_text(main, prog: str) -> str:
-    params = {n: p for n, p in inspect.signature(main).parameters.items()
-              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    """What main does (its docstring's first line), the usage, then every option with its
+    type, default and meaning."""
+    params = [p for p in inspect.signature(main).parameters.values()
+              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     description, meanings = split_docstring(main)
-    required = " ".join(f"--{n} {type_word(p)}" for n, p in params.items()
-                        if p.default is NO_DEFAULT)
-    lines = [description[0] if description else prog, "",
-             f"usage: {prog} {required} [options]".replace("  ", " ")]
-    if description[1:]:
-        lines += [*description[1:]]
-    lines += ["", "options:"]
-    for name, param in params.items():
-        lines.append(f"  --{name} {type_word(param)} ({show_default(param.default)})")
-        lines += textwrap.wrap(meanings.get(name, ""), 92, initial_indent=" " * 6,
+    required = "".join(f" --{p.name} {type_word(p)}" for p in params if p.default is EMPTY)
+    lines = [description[0] if description else prog, "", f"usage: {prog}{required} [options]",
+             *description[1:], "", "options:"]
+    for p in params:
+        default = json.dumps(list(p.default)) if isinstance(p.default, (tuple, list)) else p.default
+        default = "required" if p.default is EMPTY else f"default {default}"
+        lines.append(f"  --{p.name} {type_word(p)} ({default})")
+        lines += textwrap.wrap(meanings.get(p.name, ""), 92, initial_indent=" " * 6,
                                subsequent_indent=" " * 6)
-    lines.append("  --help, -h\n      show this help and exit")
-    return "\n".join(lines)
+    return "\n".join(lines + ["  --help, -h", "      show this help and exit"])
 
 
 def commands_help(commands: dict, prog: str) -> str:
     module = sys.modules[next(iter(commands.values())).__module__]
-    summary = inspect.cleandoc(module.__doc__ or "").splitlines()
-    lines = [summary[0] if summary else prog, "", f"usage: {prog} COMMAND [options]", "",
-             "commands:"]
-    for name, command in commands.items():
-        first = split_docstring(command)[0]
-        lines.append(f"  {name:10s} {first[0] if first else ''}")
-    lines.append(f"\n{prog} COMMAND --help shows a command's options.")
-    return "\n".join(lines)
+    lines = [(inspect.cleandoc(module.__doc__ or "") or prog).splitlines()[0], "",
+             f"usage: {prog} COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:10s} {(split_docstring(command)[0] or [''])[0]}"
+              for name, command in commands.items()]
+    return "\n".join(lines + [f"\n{prog} COMMAND --help shows a command's options."])
 
 
 def program_name() -> str:
@@ -302,79 +226,46 @@ def program_name() -> str:
     return f"python {os.path.basename(sys.argv[0])}"
 
 
-# ---- the entry point ----
-
-def wants_help(argv) -> bool:
-    """--help or -h anywhere among the flags, or after fire's '--' separator."""
-    return any(token in HELP_FLAGS for token in argv)
-
-
-def split_fire_flags(argv) -> list:
-    """The arguments before fire's '--' separator (then --help, if it follows the separator);
-    after it fire took its own flags, of which only --help is understood here."""
-    if "--" not in argv:
-        return argv
-    at = argv.index("--")
-    rest = [token for token in argv[at + 1:] if token not in HELP_FLAGS]
-    if rest:
-        raise BadInput(f"{' '.join(rest)} after '--' is not understood: only --help is")
-    return argv[:at] + (["--help"] if len(argv) > at + 1 else [])
-
-
-def pick_command(commands: dict, argv, prog: str):
-    if not argv or argv[0] in HELP_FLAGS:
-        return None, argv
-    name = argv[0]
-    if name not in commands:
-        nearest = difflib.get_close_matches(name, list(commands), n=1, cutoff=0.5)
-        hint = f"did you mean {nearest[0]}?" if nearest else f"one of {', '.join(commands)}"
-        raise BadInput(f"unknown command {name!r} ({hint}); see {prog} --help")
-    return commands[name], argv[1:]
-
-
-def fail(message: str, status: int):
-    line = f"error: {message}"
-    print(line, file=sys.stderr, flush=True)
-    # A script that can run as a rank under torchrun has imported llama.parallel.faults (through
-    # llama.parallel.distributed): it writes the line for torchrun and tells the other ranks. The other
-    # scripts are spared torch's import time.
-    faults = sys.modules.get("llama.parallel.faults")
-    if faults is not None and faults.note_own_error(line):
-        leave_without_teardown(status)  # the group's threads could hold up a normal exit
-    sys.exit(status)
-
-
 def run(main, argv=None):
-    """Parse argv (default sys.argv[1:]) for main (a function, or {command: function}), call it.
-
-    --help prints the help and exits 0; a BadInput, from the command line or from main, ends
-    the program with its one line and exit status 2."""
+    """Parse argv (default sys.argv[1:]) for main (a function, or {command: function}) and call
+    it; --help prints the help; a BadInput ends the program with its line and exit status 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = program_name()
     try:
-        argv = split_fire_flags(argv)
+        if "--" in argv:  # fire read its own flags after '--'; only --help is understood here
+            rest = [token for token in argv[argv.index("--") + 1:] if token not in HELP_FLAGS]
+            if rest:
+                raise BadInput(f"{' '.join(rest)} after '--' is not understood: only --help is")
+            argv.remove("--")
+        if isinstance(main, dict) and argv and argv[0] not in HELP_FLAGS:
+            if argv[0] not in main:
+                nearest = difflib.get_close_matches(argv[0], list(main), n=1, cutoff=0.5)
+                hint = f"did you mean {nearest[0]}?" if nearest else f"one of {', '.join(main)}"
+                raise BadInput(f"unknown command {argv[0]!r} ({hint}); see {prog} --help")
+            prog, main, argv = f"{prog} {argv[0]}", main[argv[0]], argv[1:]
         if isinstance(main, dict):
-            command, rest = pick_command(main, argv, prog)
-            if command is None:
-                print(commands_help(main, prog))
-                return
-            prog, main, argv = f"{prog} {argv[0]}", command, rest
-        if wants_help(argv):
+            print(commands_help(main, prog))
+        elif any(token in HELP_FLAGS for token in argv):
             print(help_text(main, prog))
-            return
-        kwargs = parse_command_line(main, argv, prog)
-        main(**kwargs)
+        else:
+            main(**parse_command_line(main, argv, prog))
     except BadInput as error:
-        fail(str(error), 2)
+        line = f"error: {error}"
+        print(line, file=sys.stderr, flush=True)
+        # A script that can run as a rank under torchrun has imported llama.parallel.faults
+        # (through llama.parallel.distributed): it writes the line for torchrun and tells the
+        # other ranks. The other scripts are spared torch's import time.
+        faults = sys.modules.get("llama.parallel.faults")
+        if faults is not None and faults.note_own_error(line):
+            leave_without_teardown(2)  # the group's threads could hold up a normal exit
+        sys.exit(2)
 
 
 def run_cli(main):
-    """Run a script's main (or {command: function}) from the command line: every flag checked
-    against the signature before any work, --help from the docstring, and a BadInput ends the
-    program with its message and exit status 2."""
-    if not is_rank_of_a_job():
-        run(main)
-        return
+    """run(main) from the command line; a rank of a multi-process job (WORLD_SIZE > 1) then
+    leaves through leave_without_teardown, with the status Python would have given."""
+    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "0", "1"):
+        return run(main)
     try:
         run(main)
         status = 0
@@ -386,22 +277,13 @@ def run_cli(main):
     leave_without_teardown(status)
 
 
-def is_rank_of_a_job() -> bool:
-    """Started by torchrun (or by hand) as one of several ranks that join a process group."""
-    return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
-
-
 def leave_without_teardown(status: int):
-    """End a rank with status, skipping the interpreter's teardown.
-
-    gloo's worker threads release each finished operation, and with it the Python tensors it
-    used, a moment after the operation has completed. The process group (and its threads) should
-    go away in destroy_process_group, but once torch._dynamo is imported (initialising any module
-    on the meta device imports it) torch keeps the group alive to the end. If the interpreter is
-    being torn down when a worker thread releases a tensor, that thread cannot take the GIL and
-    the process dies with SIGABRT ("terminate called without an active exception"), although its
-    work was done. Every file this project writes is complete (fsynced and renamed) before this
-    point, so flushing the standard streams is all that is left to do."""
+    """End a rank with status, skipping the interpreter's teardown: once torch._dynamo is
+    imported (any module initialised on the meta device imports it), torch keeps the gloo group
+    alive to the end, and a gloo thread that releases a finished operation's tensors while the
+    interpreter is torn down cannot take the GIL: the rank dies with SIGABRT ("terminate called
+    without an active exception") after its work was done. Every file this project writes is
+    complete (fsynced and renamed) before this point; only the standard streams need a flush."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

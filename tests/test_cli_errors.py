@@ -384,10 +384,10 @@ def calls(monkeypatch):
     monkeypatch.setattr(ft_main, "RunConfig", dict)
     monkeypatch.setattr(ft_main, "train", seen.append)
 
-    def start_stage(*args):
-        seen.append(args)
-        raise BadInput("start_stage reached")
-    monkeypatch.setattr(example, "start_stage", start_stage)
+    def run_on_stage(options, *rest):
+        seen.append(options)
+        raise BadInput("start-up reached")
+    monkeypatch.setattr(example, "run_on_stage", run_on_stage)
     return seen
 
 
@@ -407,6 +407,7 @@ FT_REQUIRED = ["--ckpt_dir", "m", "--data", "d.json", "--out", "o"]
     (["--recompute", "maybe"], r"--recompute 'maybe' is not True or False"),
     (["--debug_overflow_steps", "[1, 'x']"], r"holds 'x', which is not an integer"),
     (["--", "--trace"], r"--trace after '--' is not understood: only --help is"),
+    (["-s", "3"], r"unknown flag -s \(no flag is close to it\)"),  # fire's one-letter forms are gone
 ])
 def test_ft_main_refuses_a_bad_command_line_before_any_work(argv, message, calls, monkeypatch,
                                                              capsys):
@@ -434,6 +435,18 @@ def test_flags_in_every_form_fire_accepts(calls, monkeypatch, capsys):
     assert cfg["lr"] == -1.0 and cfg["init_text"] == "2024" and cfg["resume"] is True
     assert cfg["offload"] == "optimizer,activations" and cfg["tokenizer_path"] is None
     assert cfg["debug_overflow_steps"] == (2, 4)
+
+
+def test_a_value_without_an_annotation_is_a_python_literal_or_the_text():
+    from llama.cli import parse_command_line
+
+    def main(batch=(1, 8), schedule="1f1b", force=False, mirror=None):
+        """Doc."""
+    assert parse_command_line(main, ["--batch", "1,2,4", "--schedule", "gpipe,1f1b", "--force",
+                                     "--mirror", "None"], "bench.py") == {
+        "batch": (1, 2, 4), "schedule": "gpipe,1f1b", "force": True, "mirror": None}
+    assert parse_command_line(main, ["--batch", "[" * 5000, "--schedule", "2"], "bench.py") == {
+        "batch": "[" * 5000, "schedule": 2}
 
 
 @pytest.mark.parametrize("argv, prompts", [
@@ -562,7 +575,7 @@ def test_help_of_a_module_with_commands_and_after_fires_separator():
 
 
 def test_a_skipped_record_note_names_the_flag_as_typed(tmp_path):
-    from llama.training.data import load_records
+    from llama.training.records import load_records
     path = tmp_path / "t.json"
     path.write_text(json.dumps([{"instruction": "a", "output": 1}, {"instruction": "b",
                                                                      "output": "c"}]))

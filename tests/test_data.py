@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from llama.training import data
-from llama.training.data import (ALPACA_PREAMBLE, IGNORE_INDEX, TEMPLATES, BatchLoader, MicroBatch,
-                        eval_batches, format_prompt, load_dataset, load_records,
-                        make_micro_batch, split_dataset)
+from llama.training.records import ALPACA_PREAMBLE, TEMPLATES, format_prompt, load_records
+from llama.training.data import IGNORE_INDEX, MicroBatch, load_dataset, make_micro_batch
+from llama.training.batches import BatchLoader, eval_batches, split_dataset
 from llama.errors import BadInput
 from llama.model.tokenizer import Tokenizer
 

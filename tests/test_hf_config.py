@@ -108,7 +108,7 @@ def test_rms_norm_eps_is_carried_through_and_defaults_as_transformers_does(sourc
     assert HFSource(folder).args.norm_eps == 1e-6
 
 
-@pytest.mark.parametrize("rope_type", ["llama3", "linear", "dynamic", "yarn", "longrope"])
+@pytest.mark.parametrize("rope_type", ["dynamic", "yarn", "longrope"])
 @pytest.mark.parametrize("where", ["rope_parameters", "rope_scaling", "rope_scaling_type"])
 def test_rope_types_the_model_lacks_are_refused_by_name(rope_type, where, source, tensors,
                                                         tmp_path):
@@ -122,9 +122,9 @@ def test_rope_types_the_model_lacks_are_refused_by_name(rope_type, where, source
     else:
         config = transformers4_config(args, rope_scaling={"type": rope_type, **scaling})
     folder = hf_folder(tmp_path, tensors, args, config)
-    with pytest.raises(BadInput, match=rf"config.json: {where.replace('_type', '')} has rope "
-                                       rf"type '{rope_type}', which this model does not "
-                                       r"implement \(only 'default'"):
+    with pytest.raises(BadInput, match=rf"config.json: {where.replace('_type', '')}: rope type "
+                                       rf"'{rope_type}' is not implemented here \(only "
+                                       r"'default', 'linear', 'llama3'\)"):
         HFSource(folder)
 
 
@@ -173,7 +173,7 @@ def test_tied_embeddings_use_the_embedding_as_transformers_does(source, tensors,
         assert (logits(folder, tokens) - expected).abs().max().item() <= 1e-5
 
 
-# ---- other architectures and tensors a LLaMA does not have (issue 18, item 13) ----
+# ---- other architectures and tensors a LLaMA does not have (issue 18, item 13; issue 23) ----
 
 def qwen2_folder(tmp_path, tensors, args, config: dict, name="qwen2"):
     """A Qwen2 checkpoint in miniature: a LLaMA's tensors plus q/k/v biases, and a config.json
@@ -196,15 +196,13 @@ def qwen2_config(args, **changes) -> dict:
     return config
 
 
-def test_qwen2_checkpoint_is_refused_by_architecture_and_its_biases_by_name(source, tensors,
-                                                                            tmp_path):
+def test_qwen2_biases_in_a_checkpoint_labelled_llama_are_refused_by_name(source, tensors,
+                                                                          tmp_path):
+    """Qwen2 runs (tests/test_families.py), but a config relabelled as a LLaMA does not let its
+    biases be dropped silently."""
     args = source.args
     folder = qwen2_folder(tmp_path, tensors, args, qwen2_config(args))
-    with pytest.raises(BadInput, match=r"qwen2/config\.json: model_type='qwen2' is not a LLaMA "
-                                       r"\(only model_type 'llama', LlamaForCausalLM\): this "
-                                       r"model does not implement it"):
-        load_model(folder)
-    # Even a config relabelled as a LLaMA does not let its biases be dropped silently.
+    load_model(folder)
     (folder / "config.json").write_text(json.dumps(transformers4_config(args)))
     with pytest.raises(BadInput, match=r"qwen2/model\.safetensors holds "
                                        r"'model\.layers\.0\.self_attn\.q_proj\.bias', which a "
@@ -213,13 +211,19 @@ def test_qwen2_checkpoint_is_refused_by_architecture_and_its_biases_by_name(sour
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]},
-     r"model_type='mistral' is not a LLaMA"),
+    ({"model_type": "gemma", "architectures": ["GemmaForCausalLM"]},
+     r"model_type='gemma' is not one of the families this model runs \(llama "
+     r"\(LlamaForCausalLM\), qwen2 \(Qwen2ForCausalLM\)"),
     ({"architectures": ["Qwen2ForCausalLM"]},
-     r"architectures=\['Qwen2ForCausalLM'\] is not a LLaMA \(only \['LlamaForCausalLM'\]"),
+     r"architectures=\['Qwen2ForCausalLM'\] with model_type 'llama' is not a family this model "
+     r"runs"),
+    ({"model_type": None, "architectures": ["PhiForCausalLM"]},
+     r"architectures=\['PhiForCausalLM'\] is not a family this model runs"),
 ])
 def test_other_architectures_are_refused_by_name(change, message, source, tensors, tmp_path):
-    folder = hf_folder(tmp_path, tensors, source.args, transformers4_config(source.args, **change))
+    config = {k: v for k, v in transformers4_config(source.args, **change).items()
+              if v is not None or k != "model_type"}
+    folder = hf_folder(tmp_path, tensors, source.args, config)
     with pytest.raises(BadInput, match=message):
         load_model(folder)
 

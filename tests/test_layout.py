@@ -70,11 +70,11 @@ def test_the_cycle_finder_finds_a_cycle():
 
 
 # The package's parts, lowest first: a module imports only from its own part or from a part
-# below it. The top-level modules errors, cli and progress serve every part; prepare (join the
+# below it. The top-level modules errors, cli, options and progress serve every part; prepare (join the
 # job, load a stage, apply the run's transforms in order) serves training and serving alike;
 # the tools sit above the runtime and are imported by no part of it.
-LAYERS = ["errors", "cli", "progress", "model", "formats", "tuning", "parallel", "prepare",
-          "training", "serving", "tools"]
+LAYERS = ["errors", "cli", "options", "progress", "model", "formats", "tuning", "parallel",
+          "prepare", "training", "serving", "tools"]
 
 
 def layer_of(module: str) -> int:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from llama.formats import convert
+from llama.formats.checksums import Sha256List
 from llama.formats.checkpoint import load_model, open_source, write_split
 from llama.errors import BadInput
 from llama.formats.hf import interleaved_to_rotate_half, meta_to_hf_name, rotate_half_to_interleaved
@@ -266,6 +267,30 @@ def test_sha256_list_checks_inputs_and_outputs_and_prints_in_its_format(model_bi
         convert.main(str(model_bin), str(tmp_path / "none"), sha256=str(tmp_path / "empty.md"))
     assert not (tmp_path / "none").exists()
 
+
+
+def test_sha256_lists_in_every_shape_a_user_may_give(tmp_path):
+    """sha256sum's lines (with -b's '*', from Windows with a byte-order mark and CRLF), a
+    Markdown table, JSON either way round, a JSON list of objects: the same names and hashes."""
+    a, b = "ab" * 32, "CD" * 32
+    lists = {"sums.txt": f"\ufeff{a}  7B/consolidated.00.pth\r\n{b} *tokenizer.model\r\n",
+             "SHA256.md": f"| Model | File | SHA256 |\n| --- | --- | --- |\n"
+                          f"| 7B | `7B/consolidated.00.pth` | {a} |\n| - | tokenizer.model | {b} |\n",
+             "by_name.json": json.dumps({"7B/consolidated.00.pth": a, "tokenizer.model": b}),
+             "by_hash.json": json.dumps({a: "7B/consolidated.00.pth", b: "tokenizer.model"}),
+             "list.json": json.dumps([{"file": "7B/consolidated.00.pth", "sha256": a},
+                                      {"name": "tokenizer.model", "hash": b}])}
+    for name, text in lists.items():
+        (tmp_path / name).write_text(text, encoding="utf-8", newline="")
+        sha_list = Sha256List(tmp_path / name)
+        assert sha_list.hashes == {"7B/consolidated.00.pth": {a}, "tokenizer.model": {b.lower()}}
+        assert sha_list.listed("/models/llama/7B/consolidated.00.pth") == {a}, name
+        assert sha_list.listed("13B/consolidated.00.pth") == set()
+    assert [Sha256List(tmp_path / name).format for name in ("sums.txt", "SHA256.md", "list.json")] \
+        == ["plain", "markdown", "json"]
+    (tmp_path / "broken.json").write_text('{"a.bin": ')
+    with pytest.raises(BadInput, match=r"broken\.json is not valid JSON \(.*\): pass a list of "):
+        Sha256List(tmp_path / "broken.json")
 
 # ---- bad adapters: one line each, nothing written ----
 

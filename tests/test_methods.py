@@ -25,6 +25,8 @@ from llama.tuning.peft import export_peft
 from llama.tuning.files import load_tuning, save_tuning
 from llama.tuning.methods import apply_adapter, apply_prefix, apply_saved
 from llama.parallel.pipeline import Stage
+from llama.prepare.offload import apply_recompute
+from llama.prepare.stage import Preparation
 from llama.training.run_folder import LOCK_FILE, claim_out
 from workers.prompt_grad import Batch, make_micro_batches
 
@@ -114,7 +116,7 @@ def test_recompute_and_activation_offload_give_the_same_gradient(model_bin, meth
         model = load_model(model_bin)
         tuning = with_tuning(model, method)
         if recompute:
-            train.apply_recompute(model, offload_activations=True)
+            apply_recompute(model, offload_activations=True)
         Stage(model, DistContext(), tuning=tuning).train_step(
             make_micro_batches(model.args.vocab_size, 2, 2), "1f1b")
         grads.append({k: t.grad for k, t in tuning.trainable.items()})
@@ -206,16 +208,16 @@ def test_adapter_run_generates_the_unfused_ids_with_example_ft_fused_or_not(
         model_bin, adapter_run, fused, monkeypatch):
     """example_ft fuses q/k/v by default: the adapter then has no wq/wk/wv to call, and must
     project its prompt the way the attention does."""
-    real_start = example_ft.start_stage
-    monkeypatch.setattr(example_ft, "start_stage",
-                        lambda *a, **k: real_start(*a, **{**k, "fuse_projections": fused}))
+    monkeypatch.setattr(example_ft, "Preparation",
+                        lambda **k: Preparation(**{**k, "fuse_projections": fused}))
     calls = []
 
     def recording_generate(stage, ids, *args, **kwargs):
         calls.append((stage, ids, args, kwargs, generate(stage, ids, *args, **kwargs)))
         return calls[-1][-1]
     monkeypatch.setattr(example_ft, "generate", recording_generate)
-    example_ft.main(str(model_bin), str(adapter_run), max_gen_len=12, compare=True)
+    example_ft.main(ckpt_dir=str(model_bin), prompt=str(adapter_run), max_gen_len=12,
+                    compare=True)
 
     (stage, ids, args, kwargs, tuned), (*_, base) = calls
     assert (stage.model.layers["4"].attention.wqkv is not None) == fused

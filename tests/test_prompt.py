@@ -20,7 +20,7 @@ import ft_main
 from launch import REPO
 from llama.formats.checkpoint import load_model
 from llama.model.transformer import params_digest
-from llama.training.data import ALPACA_PREAMBLE, format_prompt
+from llama.training.records import ALPACA_PREAMBLE, format_prompt
 from llama.parallel.distributed import DistContext
 from llama.errors import BadInput
 from llama.formats.files import sha256_of

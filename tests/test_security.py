@@ -86,12 +86,12 @@ def unsafe_loads(path):
 
 def test_every_torch_load_in_the_repository_uses_weights_only():
     files = python_files()
-    assert any(p.name == "formats.py" for p in files)
+    assert any(p.name == "tensor_files.py" for p in files)
     found = {str(p.relative_to(REPO)): unsafe_loads(p) for p in files}
     assert {path: lines for path, lines in found.items() if lines} == {}
     # the check sees what it checks: the loader itself, and the repository's tests
     uses = sum(p.read_text().count("torch.load(") for p in files)
-    assert uses >= 10 and "weights_only=True" in (REPO / "llama" / "formats.py").read_text()
+    assert uses >= 10 and "weights_only=True" in (REPO / "llama" / "formats" / "tensor_files.py").read_text()
 
 
 def test_the_source_check_catches_unsafe_loads(tmp_path):
@@ -171,7 +171,7 @@ def test_peft_adapter_model_bin_that_runs_code_is_refused(source, prompt_dir, tm
                                        r"refused"):
         load_soft_prompt(prompt_dir / "peft", source.args)
     with pytest.raises(BadInput, match=r"adapter_model\.bin needs code to unpickle"):
-        example_ft.main(str(source.path), str(prompt_dir / "peft"), max_gen_len=2)
+        example_ft.main(ckpt_dir=str(source.path), prompt=str(prompt_dir / "peft"), max_gen_len=2)
     assert not marker.exists()
 
 
@@ -242,7 +242,7 @@ def test_paths_named_in_a_prompt_folder_are_never_opened(source, prompt_dir, tmp
     with recording_opens() as files:
         for folder in (prompt_dir, peft):
             load_soft_prompt(folder, source.args)
-            example_ft.main(str(source.path), str(folder), prompts=["Hi"], max_gen_len=2)
+            example_ft.main(ckpt_dir=str(source.path), prompt=str(folder), prompts=["Hi"], max_gen_len=2)
     opened = {Path(p).resolve() for p in files}
     assert (prompt_dir / "tuning.pt").resolve() in opened  # the recorder does see opens
     assert not [p for p in opened if outside.resolve() in p.parents]

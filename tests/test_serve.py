@@ -616,7 +616,7 @@ def test_serve_refuses_bad_settings_before_any_work(model_bin, flags, message, m
     import serve
     monkeypatch.setattr(serve, "run_server", never_serve)
     with pytest.raises(BadInput, match=re.escape(message)):
-        serve.main(str(model_bin), **flags)
+        serve.main(ckpt_dir=str(model_bin), **flags)
 
 
 def never_serve(*_, **__):
@@ -628,7 +628,7 @@ def test_serve_refuses_an_empty_api_key_in_the_environment(model_bin, monkeypatc
     monkeypatch.setattr(serve, "run_server", never_serve)
     monkeypatch.setenv("LLAMA_API_KEY", "")
     with pytest.raises(BadInput, match=re.escape("$LLAMA_API_KEY is set but empty")):
-        serve.main(str(model_bin))
+        serve.main(ckpt_dir=str(model_bin))
 
 
 def test_a_served_prompt_with_an_unknown_template_is_refused_at_start(model, model_bin, tmp_path,
@@ -638,7 +638,7 @@ def test_a_served_prompt_with_an_unknown_template_is_refused_at_start(model, mod
     save_tuning(tmp_path / "odd", "prompt", {"prompt": torch.zeros(2, model.args.dim)}, model.args, {"template": "chatml"})
     with pytest.raises(BadInput, match=re.escape(f"--prompts odd={tmp_path / 'odd'}: its tuning.json "
                                                  "has an unknown template 'chatml'")):
-        serve.main(str(model_bin), prompts=f"odd={tmp_path / 'odd'}")
+        serve.main(ckpt_dir=str(model_bin), prompts=f"odd={tmp_path / 'odd'}")
 
 
 def test_serve_command_line_refusals(model_bin):

@@ -1,4 +1,5 @@
-"""Tracer spans, the Chrome trace file, bubble fractions, and the hand-written SVG pictures."""
+"""Tracer spans, the Chrome trace file, bubble fractions, and the hand-written SVG pictures
+(llama.tools.plot, drawn from what llama.tools.plot_inputs reads, with llama.tools.svg)."""
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from llama.parallel import trace
-from llama.tools import plot
+from llama.tools import plot, plot_inputs, svg
 from llama.errors import BadInput
 from llama.parallel.trace import Tracer, bubble_fraction, ideal_bubble_fraction, write_chrome_trace
 
@@ -130,7 +131,7 @@ def parse_svg(text):
 
 
 def test_schedule_svg_has_a_row_per_stage_and_a_caption(tmp_path):
-    svg = plot.schedule_svg(plot.load_trace(str(written_trace(tmp_path))), title="p<2 & m=2")
+    svg = plot.schedule_svg(plot_inputs.load_trace(str(written_trace(tmp_path))), title="p<2 & m=2")
     root = parse_svg(svg)
     labels = [node.text for node in root.iter(f"{SVG}text")
               if node.get("class") == "stage-label"]
@@ -146,21 +147,21 @@ def test_schedule_svg_has_a_row_per_stage_and_a_caption(tmp_path):
 
 def test_schedule_draws_the_last_complete_step_by_default(tmp_path):
     path = written_trace(tmp_path, steps=(4, 5))
-    loaded = plot.load_trace(str(path))
+    loaded = plot_inputs.load_trace(str(path))
     # Cut step 5 short: its backwards never ran on stage 0.
     loaded["traceEvents"] = [event for event in loaded["traceEvents"]
                              if not (event.get("pid") == 0 and event.get("cat") == "backward"
                                      and event["args"].get("step") == 5)]
-    spans, step = plot.select_step([e for e in loaded["traceEvents"] if e["ph"] == "X"])
+    spans, step = plot_inputs.select_step([e for e in loaded["traceEvents"] if e["ph"] == "X"])
     assert step == 4 and len(spans) == 11
-    assert plot.select_step(spans, 4)[1] == 4
+    assert plot_inputs.select_step(spans, 4)[1] == 4
     with pytest.raises(BadInput, match="step 9"):
-        plot.select_step(spans, 9)
+        plot_inputs.select_step(spans, 9)
 
 
 def test_micro_batches_are_inferred_without_metadata(tmp_path):
     path = written_trace(tmp_path, metadata={"schedule": "gpipe"})
-    svg = plot.schedule_svg(plot.load_trace(str(path)))
+    svg = plot.schedule_svg(plot_inputs.load_trace(str(path)))
     assert "m=2 micro-batches" in svg and "gpipe pipeline schedule, step 0" in svg
 
 
@@ -177,7 +178,7 @@ def test_loss_svg_draws_train_and_eval_series(tmp_path):
     lines += [json.dumps({"step": 10, "eval_loss": 2.5}),
               json.dumps({"step": 20, "eval_loss": 1.6}),
               '{"step": 21, "lo']  # a last line still being written
-    records = plot.read_metrics(str(write_metrics(tmp_path, lines)))
+    records = plot_inputs.read_metrics(str(write_metrics(tmp_path, lines)))
     root = parse_svg(plot.losses_svg(records, title="stories260K"))
     polylines = {node.get("class"): node for node in root.iter(f"{SVG}polyline")}
     assert len(polylines["train-loss"].get("points").split()) == 20
@@ -188,23 +189,22 @@ def test_loss_svg_draws_train_and_eval_series(tmp_path):
 
 def test_metrics_without_losses_or_lines_are_refused(tmp_path):
     with pytest.raises(BadInput, match="metrics.jsonl"):
-        plot.read_metrics(str(write_metrics(tmp_path, [])))
+        plot_inputs.read_metrics(str(write_metrics(tmp_path, [])))
     with pytest.raises(BadInput, match="missing.jsonl"):
-        plot.read_metrics(str(tmp_path / "missing.jsonl"))
+        plot_inputs.read_metrics(str(tmp_path / "missing.jsonl"))
     no_loss = write_metrics(tmp_path, [json.dumps({"step": 1, "lr": 0.1})])
     with pytest.raises(BadInput, match="metrics.jsonl"):
         plot.losses(str(no_loss), str(tmp_path / "loss.svg"))
     broken = write_metrics(tmp_path, ["{not json", json.dumps({"step": 1, "loss": 2.0})])
     with pytest.raises(BadInput, match="line 1"):
-        plot.read_metrics(str(broken))
+        plot_inputs.read_metrics(str(broken))
 
 
-def test_nice_axis_covers_the_range_with_round_ticks():
-    low, high, ticks = plot.nice_axis(0.13, 0.87)
-    assert low <= 0.13 and high >= 0.87 and ticks[0] == low and ticks[-1] == high
-    assert [plot.format_tick(tick, 0.2) for tick in ticks] == ["0.0", "0.2", "0.4", "0.6", "0.8",
-                                                              "1.0"]
-    assert plot.nice_axis(5, 5, min_spacing=1)[2] == [4, 5, 6]
+def test_nice_ticks_cover_the_range_with_round_ticks():
+    ticks = svg.nice_ticks(0.13, 0.87)
+    assert ticks[0] <= 0.13 and ticks[-1] >= 0.87
+    assert svg.tick_labels(ticks) == ["0.0", "0.2", "0.4", "0.6", "0.8", "1.0"]
+    assert svg.nice_ticks(5, 5, min_spacing=1) == [4, 5, 6]
 
 
 def run_plot(*args):
@@ -279,7 +279,7 @@ def span_rects(root, category):
 
 
 def test_waits_are_never_drawn_over_compute_boxes(tmp_path):
-    root = parse_svg(plot.schedule_svg(plot.load_trace(str(nested_trace(tmp_path)))))
+    root = parse_svg(plot.schedule_svg(plot_inputs.load_trace(str(nested_trace(tmp_path)))))
     waits = [rect_box(node) for node in span_rects(root, "recv_wait")]
     compute = [rect_box(node) for category in ("forward", "backward", "optimizer")
                for node in span_rects(root, category)]
@@ -288,7 +288,7 @@ def test_waits_are_never_drawn_over_compute_boxes(tmp_path):
 
 
 def test_micro_batch_numbers_are_visible_and_not_covered(tmp_path):
-    root = parse_svg(plot.schedule_svg(plot.load_trace(str(nested_trace(tmp_path)))))
+    root = parse_svg(plot.schedule_svg(plot_inputs.load_trace(str(nested_trace(tmp_path)))))
     numbers = [node for node in root.iter(f"{SVG}text") if node.get("class") == "micro-batch"]
     # Every compute box of this trace is wide enough for its number: 4 per stage.
     assert sorted(node.text for node in numbers) == ["0", "0", "0", "0", "1", "1", "1", "1"]
@@ -299,7 +299,7 @@ def test_micro_batch_numbers_are_visible_and_not_covered(tmp_path):
 
 
 def test_the_optimizer_step_is_never_a_sliver(tmp_path):
-    root = parse_svg(plot.schedule_svg(plot.load_trace(str(nested_trace(tmp_path)))))
+    root = parse_svg(plot.schedule_svg(plot_inputs.load_trace(str(nested_trace(tmp_path)))))
     (step,) = span_rects(root, "optimizer")
     assert float(step.get("width")) >= plot.MIN_OPTIMIZER_WIDTH
     assert float(step.get("x")) + float(step.get("width")) <= float(root.get("width"))
@@ -312,7 +312,7 @@ def eval_markers(root):
 def test_loss_svg_shows_every_held_out_point(tmp_path):
     lines = [json.dumps({"step": step, "loss": 3.0 - 0.1 * step}) for step in range(1, 21)]
     lines += [json.dumps({"step": 10, "eval_loss": 2.5}), json.dumps({"step": 20, "eval_loss": 1.6})]
-    root = parse_svg(plot.losses_svg(plot.read_metrics(str(write_metrics(tmp_path, lines)))))
+    root = parse_svg(plot.losses_svg(plot_inputs.read_metrics(str(write_metrics(tmp_path, lines)))))
     assert len(eval_markers(root)) == 2
     texts = [node.text for node in root.iter(f"{SVG}text")]
     assert "1.600" in texts  # the last held-out loss, written beside its point

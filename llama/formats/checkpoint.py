@@ -21,6 +21,8 @@ from llama.formats.tensor_files import read_json, safe_torch_load
 from llama.model.transformer import ModelArgs, Transformer, args_to_params, params_digest
 from llama.model.partition import balanced_ranges, describe_stage, ranges_from_counts
 from llama.model.dtypes import dtype_named
+from llama.model.hf_tokenizer import (TOKENIZER_JSON_NAMES, derived_generation_config,
+                                      is_hf_tokenizer, tokenizer_files_to_copy)
 from llama.model.quant import (SCHEMES, apply_quantization, check_quantizable, quantization_args,
                          quantization_entry, quantizing_fetch)
 
@@ -126,7 +128,8 @@ def open_source(path, **overrides) -> TensorSource:
 
 
 def find_tokenizer(ckpt_dir) -> str:
-    """tokenizer.model beside the weights, in the parent folder (Meta's layout) or any *.model."""
+    """tokenizer.model beside the weights, in the parent folder (Meta's layout) or any *.model;
+    else a Hugging Face tokenizer.json beside them (Llama 3, Qwen2.5: no tokenizer.model)."""
     folder = Path(ckpt_dir)
     folder = folder.parent if folder.is_file() else folder
     for candidate in (folder / "tokenizer.model", folder.parent / "tokenizer.model"):
@@ -135,7 +138,20 @@ def find_tokenizer(ckpt_dir) -> str:
     models = sorted(folder.glob("*.model"))
     if len(models) == 1:
         return str(models[0])
-    raise BadInput(f"no tokenizer.model found beside {ckpt_dir}: pass --tokenizer_path")
+    if (folder / "tokenizer.json").is_file():
+        return str(folder / "tokenizer.json")
+    raise BadInput(f"no tokenizer.model or tokenizer.json found beside {ckpt_dir}: pass "
+                   "--tokenizer_path")
+
+
+def copy_tokenizer(tokenizer_path, folder: Path):
+    """Copy a tokenizer into folder: tokenizer.model, or tokenizer.json with the files beside it
+    that name its BOS and stop tokens."""
+    for source, name in tokenizer_files_to_copy(tokenizer_path):
+        shutil.copyfile(source, folder / name)
+    if is_hf_tokenizer(tokenizer_path) and derived_generation_config(tokenizer_path):
+        atomic_write_text(folder / "generation_config.json",
+                          json.dumps(derived_generation_config(tokenizer_path), indent=2))
 
 
 # ---- split directories ----
@@ -149,7 +165,36 @@ def safe_child(folder: Path, name, what: str) -> Path:
 
 
 # What a split folder holds: only these are ever replaced by --overwrite.
-SPLIT_FILE_NAMES = r"params\.json|split\.json|tokenizer\.model|stage\.\d+\.pth"
+SPLIT_FILE_NAMES = r"params\.json|split\.json|tokenizer\.model|stage\.\d+\.pth|" + \
+    TOKENIZER_JSON_NAMES
+
+
+def write_stage_file(source: TensorSource, folder: Path, index: int, stage, target_dtype,
+                     quantization):
+    """Write stage.NN.pth of one (layer_range, embeddings, head) into folder: (its split.json
+    entry, the dtype of its float tensors). Quantized stages store the block linears packed."""
+    layer_range, embeddings, head = stage
+
+    def load_float(name):
+        tensor = source.load(name)
+        return tensor if target_dtype is None else tensor.to(target_dtype)
+    names, fetch = stage_tensor_names(source.args, layer_range, embeddings, head), load_float
+    if quantization:
+        with torch.device("meta"):
+            model = apply_quantization(Transformer(source.args, layer_range, embeddings, head),
+                                       **quantization_args(quantization))
+        names = list(model.state_dict())
+        fetch = quantizing_fetch(load_float, model, **quantization_args(quantization))
+    tensors = {name: fetch(name).detach().clone().contiguous() for name in names}
+    # the dtype of the float tensors (a norm's weight), not of the packed codes
+    stored_dtype = str(tensors[names[-1]].dtype if not quantization else next(
+        t.dtype for t in tensors.values() if t.is_floating_point())).replace("torch.", "")
+    file_name = f"stage.{index:02d}.pth"
+    atomic_torch_save(tensors, folder / file_name)
+    entry = {"file": file_name, "layers": list(layer_range), "embeddings": embeddings,
+             "head": head, "bytes": (folder / file_name).stat().st_size,
+             "sha256": sha256_of(folder / file_name)}
+    return entry, stored_dtype
 
 
 def write_split(source: TensorSource, out_dir, n_stages: int, dtype: str = "auto",
@@ -178,29 +223,11 @@ def write_split(source: TensorSource, out_dir, n_stages: int, dtype: str = "auto
     tmp_dir = make_temp_folder(out_dir, "--out_dir")
     try:
         stages, stored_dtype = [], None
-        for index, (layer_range, embeddings, head) in enumerate(plan):
-            def load_float(name):
-                tensor = source.load(name)
-                return tensor if target_dtype is None else tensor.to(target_dtype)
-            names, fetch = stage_tensor_names(source.args, layer_range, embeddings, head), load_float
-            if quantization:
-                with torch.device("meta"):
-                    model = apply_quantization(Transformer(source.args, layer_range, embeddings,
-                                                           head), **quantization_args(quantization))
-                names = list(model.state_dict())
-                fetch = quantizing_fetch(load_float, model, **quantization_args(quantization))
-            tensors = {name: fetch(name).detach().clone().contiguous() for name in names}
-            # the dtype of the float tensors (a norm's weight), not of the packed codes
-            stored_dtype = str(tensors[names[-1]].dtype if not quantization else next(
-                t.dtype for t in tensors.values() if t.is_floating_point())).replace("torch.", "")
-            file_name = f"stage.{index:02d}.pth"
-            atomic_torch_save(tensors, tmp_dir / file_name)
-            size = (tmp_dir / file_name).stat().st_size
-            stages.append({"file": file_name, "layers": list(layer_range), "embeddings": embeddings,
-                           "head": head, "bytes": size, "sha256": sha256_of(tmp_dir / file_name)})
-            log(f"stage {index}: {describe_stage(layer_range, embeddings, head)}: "
-                f"{size / 2**20:.1f} MiB")
-            del tensors
+        for index, stage in enumerate(plan):
+            entry, stored_dtype = write_stage_file(source, tmp_dir, index, stage, target_dtype,
+                                                   quantization)
+            stages.append(entry)
+            log(f"stage {index}: {describe_stage(*stage)}: {entry['bytes'] / 2**20:.1f} MiB")
         manifest = {"format": QUANTIZED_SPLIT_FORMAT if quantization else SPLIT_FORMAT,
                     "n_stages": n_stages, "n_layers": source.args.n_layers,
                     "stages": stages, "source": source.description, "dtype": stored_dtype,
@@ -212,7 +239,7 @@ def write_split(source: TensorSource, out_dir, n_stages: int, dtype: str = "auto
         atomic_write_text(tmp_dir / "params.json", json.dumps(args_to_params(source.args), indent=2))
         atomic_write_text(tmp_dir / "split.json", json.dumps(manifest, indent=2))
         if tokenizer_path:
-            shutil.copyfile(tokenizer_path, tmp_dir / "tokenizer.model")
+            copy_tokenizer(tokenizer_path, tmp_dir)
         fsync_dir(tmp_dir)
         replace_folder(tmp_dir, out_dir)
     finally:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from dataclasses import replace
 
-from llama.formats.checkpoint import (find_tokenizer, is_split_dir, load_stage_tensors,
-                              open_source, read_split, refuse_unknown_tensors,
+from llama.formats.checkpoint import (copy_tokenizer, find_tokenizer, is_split_dir,
+                              load_stage_tensors, open_source, read_split, refuse_unknown_tensors,
                               stage_tensor_names)
 from llama.formats.checksums import Sha256List, check_files, format_list
 from llama.cli import run_cli
@@ -25,13 +25,14 @@ from llama.formats.layouts import META_SHARD_DIM, save_meta
 from llama.formats.hf import save_hf_safetensors
 from llama.formats.lora import describe, merged_tensor, plan_shapes, read_adapter
 from llama.model.dtypes import dtype_named
+from llama.model.hf_tokenizer import TOKENIZER_JSON_NAMES, is_hf_tokenizer
 from llama.model.tokenizer import Tokenizer
 
 # Written into every converted folder: --overwrite replaces only a folder that has it and
 # nothing but the files listed here (a Meta download of one's own has no marker).
 MARKER = "converted.json"
 CONVERTED_FILE_NAMES = (r"converted\.json|params\.json|tokenizer\.model|consolidated\.\d+\.pth"
-                        r"|config\.json|model\.safetensors")
+                        r"|config\.json|model\.safetensors|" + TOKENIZER_JSON_NAMES)
 LAYOUTS = ("meta", "hf")
 
 
@@ -99,7 +100,8 @@ def tokenizer_for(tokenizer_path, base_tokenizer, adapters, args, base_vocab: in
     if tokenizer is None:
         return base_tokenizer
     pieces = Tokenizer(str(tokenizer)).n_words
-    if pieces != args.vocab_size:
+    # a tokenizer.json may make fewer ids than the embedding has rows (Qwen2.5 pads it)
+    if pieces > args.vocab_size or (pieces != args.vocab_size and not is_hf_tokenizer(tokenizer)):
         why = f" (the adapters resized it from {base_vocab})" if resized else ""
         raise BadInput(f"tokenizer {tokenizer} has {pieces} pieces but the merged model's "
                        f"vocabulary has {args.vocab_size}{why}: pass the tokenizer that came "
@@ -188,7 +190,7 @@ def main(src: str, dst: str, n_shards: int = 1, dtype: str = "auto", overwrite: 
         dtype_name = str(next(iter(tensors.values())).dtype).replace("torch.", "")
         write_layout(tensors, args, tmp_dir, to, n_shards)
         if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp_dir / "tokenizer.model")
+            copy_tokenizer(tokenizer, tmp_dir)
         hashes = check_outputs(tmp_dir, dst, sha_list, checked)
         marker = {"written_by": "llama.formats.convert", "source": str(Path(src).resolve()),
                   "source_format": what, "layout": to, "n_shards": n_shards, "dtype": dtype_name,

@@ -32,7 +32,7 @@ CHUNK_BYTES = 1 << 20
 MODEL_CAP_BYTES = 64 << 30
 DATA_CAP_BYTES = 1 << 30
 # Where the repository's tests and quickstart find the assets without internet.
-ASSETS_BESIDE_REPO = Path(__file__).resolve().parents[2] / "shared" / "assets"
+ASSETS_BESIDE_REPO = Path(__file__).resolve().parents[3] / "shared" / "assets"
 MIRROR_HINT = ("retry, or pass --mirror (or set LLAMA_MIRROR) to a URL or folder laid out like "
                "shared/assets")
 
@@ -129,7 +129,7 @@ def log(message: str):
 
 
 def parse_names(names, catalogue: dict, what: str) -> list:
-    """Names from fire (a string 'a,b', a tuple, or None/'none' for nothing) -> catalogue keys."""
+    """Names from the command line (a string 'a,b', a tuple, or None/'none' for nothing) -> catalogue keys."""
     if names is None:
         return []
     if isinstance(names, str):

@@ -16,6 +16,7 @@ import torch
 from llama.errors import BadInput
 from llama.formats.files import atomic_torch_save, atomic_write_text
 from llama.formats.tensor_files import read_json, safe_torch_load, state_dict_of_tensors
+from llama.model.rotary import META_LLAMA3_SCALING, check_rope_scaling
 from llama.model.transformer import ModelArgs
 
 # Which dimension Meta's model-parallel shards cut: column-parallel layers split their output
@@ -30,7 +31,11 @@ IGNORED_KEYS = {"rope.freqs"}
 # a damaged or foreign file, and would otherwise overflow tensor sizes or take ages to build.
 PARAM_LIMITS = {"dim": 1 << 20, "hidden_dim": 1 << 22, "n_layers": 1 << 12, "n_heads": 1 << 12,
                 "n_kv_heads": 1 << 12, "vocab_size": 1 << 24, "multiple_of": 1 << 20,
-                "max_seq_len": 1 << 24}
+                "max_seq_len": 1 << 24, "sliding_window": 1 << 24}
+
+
+# Settings that are true or false (Qwen2's q/k/v biases).
+FLAGS = {"qkv_bias"}
 
 
 def model_args_from_dict(params: dict, source: str, **overrides) -> ModelArgs:
@@ -38,10 +43,15 @@ def model_args_from_dict(params: dict, source: str, **overrides) -> ModelArgs:
     if not isinstance(params, dict):
         raise BadInput(f"{source} must hold a JSON object of model parameters")
     known = {f for f in ModelArgs.__dataclass_fields__}
-    values = {}
+    values = {"rope_scaling": meta_rope_scaling(params, source)}
     for key, value in {**params, **overrides}.items():
-        if key not in known:
-            continue  # e.g. Llama 3.1's use_scaled_rope: not a field this model has
+        if key not in known or key == "rope_scaling":
+            continue
+        if key in FLAGS:
+            if value not in (True, False):
+                raise BadInput(f"{source}: {key}={value!r} must be true or false")
+            values[key] = bool(value)
+            continue
         if value is None:
             values[key] = None
             continue
@@ -58,7 +68,8 @@ def model_args_from_dict(params: dict, source: str, **overrides) -> ModelArgs:
         if values.get(key) is None:
             raise BadInput(f"{source} lacks {key!r}: use the params.json that came with the weights")
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim",
-                "max_seq_len", "multiple_of", "norm_eps", "rope_theta", "ffn_dim_multiplier"):
+                "max_seq_len", "multiple_of", "norm_eps", "rope_theta", "ffn_dim_multiplier",
+                "sliding_window"):
         if values.get(key) is not None and values[key] <= 0:
             raise BadInput(f"{source}: {key}={values[key]} must be positive")
     if values["dim"] % values["n_heads"] or (values["dim"] // values["n_heads"]) % 2:
@@ -72,6 +83,22 @@ def model_args_from_dict(params: dict, source: str, **overrides) -> ModelArgs:
         raise BadInput(f"{source}: the feed-forward width {args.hidden_dim} is beyond any LLaMA: "
                        "check ffn_dim_multiplier and multiple_of")
     return args
+
+
+def meta_rope_scaling(params: dict, source: str):
+    """rope_scaling as our own params.json writes it, or Meta's "use_scaled_rope": true (Llama
+    3.1/3.2), which means llama3 scaling with Meta's defaults (factor 8 unless
+    rope_scaling_factor, as later llama-models params.json files give, says otherwise)."""
+    if params.get("rope_scaling") is not None:
+        return check_rope_scaling(params["rope_scaling"], source)
+    scaled = params.get("use_scaled_rope", False)
+    if scaled not in (True, False):
+        raise BadInput(f"{source}: use_scaled_rope={scaled!r} must be true or false")
+    if not scaled:
+        return None
+    factor = params.get("rope_scaling_factor")
+    return check_rope_scaling({**META_LLAMA3_SCALING, **({"factor": factor} if factor is not None
+                                                         else {})}, source)
 
 
 class TensorSource:
@@ -109,7 +136,7 @@ class MetaSource(TensorSource):
 
     def load(self, name):
         parts = [shard[name] for shard in self.shards]
-        if len(parts) == 1 or parts[0].dim() == 1:
+        if len(parts) == 1 or (parts[0].dim() == 1 and not name.endswith(".bias")):
             return parts[0]  # one shard, or a norm weight that every shard repeats
         return torch.cat(parts, dim=META_SHARD_DIM[name.split(".")[-2]])
 
@@ -128,13 +155,21 @@ def save_meta(tensors: dict, args: ModelArgs, folder, n_shards: int = 1):
     for shard in range(n_shards):
         part = {}
         for name, tensor in tensors.items():
-            if tensor.dim() > 1:
+            if tensor.dim() > 1 or name.endswith(".bias"):  # a bias is cut as its rows are
                 tensor = tensor.chunk(n_shards, dim=META_SHARD_DIM[name.split(".")[-2]])[shard]
             part[name] = tensor if owns_its_storage(tensor) else tensor.clone()
         atomic_torch_save(part, folder / f"consolidated.{shard:02d}.pth")
     params = {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
                                              "multiple_of", "ffn_dim_multiplier", "norm_eps",
                                              "rope_theta", "hidden_dim", "max_seq_len")}
+    if args.qkv_bias:
+        params["qkv_bias"] = True  # not Meta's: our own name for Qwen2's biases
+    if args.sliding_window is not None:
+        params["sliding_window"] = args.sliding_window  # Mistral's (Meta's files have none)
+    if args.rope_scaling is not None:
+        params["rope_scaling"] = args.rope_scaling
+        if args.rope_scaling["rope_type"] == "llama3":  # what Meta's own code reads
+            params.update(use_scaled_rope=True, rope_scaling_factor=args.rope_scaling["factor"])
     atomic_write_text(folder / "params.json", json.dumps(params, indent=2))
 
 

@@ -20,9 +20,13 @@ def _fuse(module, fused_name: str, part_names):
     parts = [getattr(module, name) for name in part_names]
     key_order = list(module.state_dict().keys())  # "wq.weight", ...: saved in this order again
     weight = torch.cat([p.weight.detach() for p in parts], dim=0)
+    biased = parts[0].bias is not None  # Qwen2's q/k/v: their biases join as their rows do
     with torch.device("meta"):
-        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=biased)
     fused.weight = nn.Parameter(weight, requires_grad=parts[0].weight.requires_grad)
+    if biased:
+        fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]),
+                                  requires_grad=parts[0].bias.requires_grad)
     sizes = [p.weight.shape[0] for p in parts]
     for name in part_names:
         delattr(module, name)
@@ -38,9 +42,11 @@ def _split_on_save(fused_name, part_names, sizes, key_order):
         # unfused model's order, the fused matrix as its parts.
         mine = {key[len(prefix):]: state_dict.pop(key) for key in list(state_dict)
                 if key.startswith(prefix)}
-        fused = mine.pop(f"{fused_name}.weight")
-        mine.update({f"{name}.weight": piece
-                     for name, piece in zip(part_names, fused.split(sizes, dim=0))})
+        for kind in ("weight", "bias"):
+            if f"{fused_name}.{kind}" in mine:
+                fused = mine.pop(f"{fused_name}.{kind}")
+                mine.update({f"{name}.{kind}": piece
+                             for name, piece in zip(part_names, fused.split(sizes, dim=0))})
         for name in key_order:
             state_dict[prefix + name] = mine[name]
     return hook
@@ -48,10 +54,11 @@ def _split_on_save(fused_name, part_names, sizes, key_order):
 
 def _join_on_load(fused_name, part_names):
     def hook(module, state_dict, prefix, *args):
-        keys = [f"{prefix}{name}.weight" for name in part_names]
-        if all(key in state_dict for key in keys):
-            state_dict[f"{prefix}{fused_name}.weight"] = torch.cat(
-                [state_dict.pop(key) for key in keys], dim=0)
+        for kind in ("weight", "bias"):
+            keys = [f"{prefix}{name}.{kind}" for name in part_names]
+            if all(key in state_dict for key in keys):
+                state_dict[f"{prefix}{fused_name}.{kind}"] = torch.cat(
+                    [state_dict.pop(key) for key in keys], dim=0)
     return hook
 
 
@@ -71,6 +78,9 @@ def apply_fused_projections(model):
 
 
 def _plain(module, part_names) -> bool:
-    """Float nn.Linear projections; a quantized stage's (llama/model/quant.py) stay as they are: their
-    packed codes and per-row scales would need their own fused layout."""
-    return all(type(getattr(module, name)) is nn.Linear for name in part_names)
+    """Float nn.Linear projections, all with biases (Qwen2's q/k/v) or none; a quantized stage's
+    (llama/model/quant.py) stay as they are: their packed codes and per-row scales would need
+    their own fused layout."""
+    linears = [getattr(module, name) for name in part_names]
+    return all(type(linear) is nn.Linear for linear in linears) and \
+        len({linear.bias is None for linear in linears}) == 1  # all biased, or none

@@ -114,11 +114,14 @@ class _FrozenQuantizedMatmul(torch.autograd.Function):
 
 
 class QuantizedLinear(nn.Module):
-    """A bias-free nn.Linear whose frozen weight is stored packed; see the module docstring."""
+    """An nn.Linear whose frozen weight is stored packed (its bias, where it has one, such as
+    Qwen2's q/k/v, stays float); see the module docstring."""
 
     def __init__(self, in_features: int, out_features: int, scheme: str, group_size=None,
-                 scale_dtype=torch.float32, device=None):
+                 scale_dtype=torch.float32, device=None, bias: bool = False):
         super().__init__()
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=scale_dtype, device=device),
+                                 requires_grad=False) if bias else None
         self.in_features, self.out_features = in_features, out_features
         self.scheme, self.group_size = scheme, group_size
         if scheme == "int8":
@@ -147,8 +150,10 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x):
         if torch.is_grad_enabled() and x.requires_grad:
-            return _FrozenQuantizedMatmul.apply(x, self)
-        return self.matmul(x)
+            out = _FrozenQuantizedMatmul.apply(x, self)
+        else:
+            out = self.matmul(x)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def matmul(self, x):
         """(..., in) -> (..., out): the fused kernel where it runs, else dequantize this layer."""
@@ -225,9 +230,11 @@ def apply_quantization(model, scheme: str, group_size=None):
         if scheme == "int4":
             check_group_size(group_size, linear.in_features, f"{name}.weight")
         layer = QuantizedLinear(linear.in_features, linear.out_features, scheme, group_size,
-                                weight.dtype, weight.device)
+                                weight.dtype, weight.device, bias=linear.bias is not None)
         if weight.device.type != "meta":
             state = quantized_tensors("", weight.detach(), scheme, group_size)
+            if linear.bias is not None:
+                state[".bias"] = linear.bias.detach()
             layer.load_state_dict({k[1:]: v for k, v in state.items()}, assign=True)
         setattr(parent, attr, layer.requires_grad_(False))
     return model
@@ -248,7 +255,7 @@ def quantizing_fetch(fetch, model, scheme: str, group_size):
 
     def fetch_quantized(name):
         prefix, field = name.rsplit(".", 1)
-        if prefix not in prefixes:
+        if prefix not in prefixes or field == "bias":  # a bias stays float
             return fetch(name)
         if prefix not in done:
             done.clear()  # one layer's tensors at a time

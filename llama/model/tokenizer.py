@@ -1,16 +1,30 @@
-"""SentencePiece tokenizer wrapper: text <-> ids with explicit BOS/EOS handling."""
+"""SentencePiece tokenizer wrapper: text <-> ids with explicit BOS/EOS handling.
+
+Tokenizer(path) of a Hugging Face tokenizer.json (Llama 3, Qwen2.5, SmolLM2) gives an
+HFTokenizer (llama/model/hf_tokenizer.py) with the same interface; sentencepiece stays for
+LLaMA 1/2 and TinyLlama.
+"""
 import os
 
 from sentencepiece import SentencePieceProcessor
 
 from llama.errors import BadInput
+from llama.model.hf_tokenizer import HFTokenizer, is_hf_tokenizer
+from llama.model.text import check_text
 
 
 class Tokenizer:
+    """Tokenizer(path): sentencepiece for a tokenizer.model, HFTokenizer for a tokenizer.json."""
+
+    def __new__(cls, model_path: str = None):  # None: unpickling and copying call it bare
+        if cls is Tokenizer and model_path is not None and is_hf_tokenizer(model_path):
+            return HFTokenizer(model_path)  # imports the optional tokenizers library
+        return super().__new__(cls)
+
     def __init__(self, model_path: str):
         if not os.path.isfile(model_path):
             raise BadInput(f"tokenizer {model_path} does not exist: pass --tokenizer_path to a "
-                           "sentencepiece tokenizer.model")
+                           "sentencepiece tokenizer.model or a Hugging Face tokenizer.json")
         self.sp = SentencePieceProcessor()
         try:
             self.sp.Load(model_path)
@@ -46,15 +60,3 @@ class Tokenizer:
             raise BadInput(f"tokenizer {self.path} has {self.n_words} pieces but the model's "
                            f"vocabulary has {vocab_size}: pass the tokenizer that matches the "
                            "checkpoint (--tokenizer_path)")
-
-
-def check_text(text: str):
-    """Refuse text that is not Unicode: a lone surrogate, as JSON's "\\ud800" makes, or as Python
-    makes of bytes that are not UTF-8 (command lines, stdin); sentencepiece cannot encode it."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        shown = text[max(error.start - 10, 0):error.start + 10]
-        raise BadInput(f"the text {shown!r} holds {text[error.start]!r} at character "
-                       f"{error.start}, which is not a Unicode character (bytes that are not "
-                       "UTF-8, or a lone surrogate): give UTF-8 text") from None

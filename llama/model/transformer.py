@@ -13,13 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-# Meta's params.json of LLaMA-1/2 7B and 13B (hidden_dim follows from multiple_of: 11008 and
-# 13824): the shapes the planner, llama.tools.explain and the benchmarks know by name.
-NAMED_SHAPES = {
-    "7B": {"dim": 4096, "n_layers": 32, "n_heads": 32, "vocab_size": 32000, "multiple_of": 256},
-    "13B": {"dim": 5120, "n_layers": 40, "n_heads": 40, "vocab_size": 32000, "multiple_of": 256},
-}
+from llama.model.named_shapes import NAMED_SHAPES  # noqa: F401 (the planner's names; re-exported)
+from llama.model.rotary import apply_rotary, rotary_tables  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -35,6 +30,12 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
+    # Rotary scaling for long contexts (llama/model/rotary.py): None, or e.g. {"rope_type":
+    # "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    # "original_max_position_embeddings": 8192} (Llama 3.1/3.2) or {"rope_type": "linear", ...}
+    rope_scaling: Optional[dict] = None
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2, Qwen2.5)
+    sliding_window: Optional[int] = None  # each query sees the last this many keys (Mistral)
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -55,12 +56,18 @@ def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[flo
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
+# Fields added after digests were first stored: at these defaults they leave the digest as it
+# was, so prompts and splits made for a plain LLaMA before still load.
+LATER_FIELDS = {"rope_scaling": None, "qkv_bias": False, "sliding_window": None}
+
+
 def params_digest(args: ModelArgs) -> str:
     """A short fingerprint of the model's shape, stored with prompts to refuse a wrong model.
 
     max_seq_len is left out: it is a runtime limit, not part of the weights.
     """
-    params = {k: v for k, v in args_to_params(args).items() if k != "max_seq_len"}
+    params = {k: v for k, v in args_to_params(args).items() if k != "max_seq_len"
+              and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
     text = json.dumps(params, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -80,38 +87,6 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
-
-
-def rotary_tables(head_dim: int, theta: float, start_pos, length: int, device):
-    """cos and sin of the rotary angles for positions [start_pos, start_pos + length).
-
-    Meta's convention: pair i of a head is (x[2i], x[2i+1]) and turns at theta^(-2i/head_dim)
-    per position. Computed on the fly in float32: it is tiny next to the matrix products.
-    start_pos is an int: tables (T, head_dim/2); or a device tensor of one start per row (or
-    one for all rows), so rows of a batch may sit at different positions: (B|1, T, head_dim/2).
-    """
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    steps = torch.arange(length, device=device, dtype=torch.float32)
-    if torch.is_tensor(start_pos):
-        # Whole numbers are exact in float32, so these equal the int path's positions.
-        positions = start_pos.to(torch.float32)[:, None] + steps  # (B|1, T)
-        angles = positions[..., None] * inv_freq  # (B|1, T, head_dim/2)
-    else:
-        angles = torch.outer(steps + start_pos, inv_freq)  # (T, head_dim/2)
-    return angles.cos(), angles.sin()
-
-
-def apply_rotary(x, cos, sin):
-    """Rotate interleaved pairs of x (B, T, heads, head_dim) by the given angles."""
-    B, T, H, D = x.shape
-    pairs = x.float().reshape(B, T, H, D // 2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    if cos.dim() == 3:  # one table per row
-        cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B|1, T, 1, D/2)
-    else:
-        cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D/2)
-    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return rotated.flatten(3).type_as(x)
 
 
 class KVCache:
@@ -163,8 +138,9 @@ class KVCache:
         self.values[:len(rows)] = self.values[index]
 
 
-def causal_mask(n_queries: int, n_keys: int, device, start_pos=None):
-    """Boolean mask: query t, at position start_pos + t, sees keys up to its own position.
+def causal_mask(n_queries: int, n_keys: int, device, start_pos=None, window=None):
+    """Boolean mask: query t, at position start_pos + t, sees keys up to its own position
+    (and, with a sliding window, only the last `window` of them, its own included).
 
     start_pos defaults to S - T (the keys end with the queries): a (T, S) mask. A device tensor
     (one start per row, or one for all) for the static cache, whose S is its whole length:
@@ -173,19 +149,45 @@ def causal_mask(n_queries: int, n_keys: int, device, start_pos=None):
     key_pos = torch.arange(n_keys, device=device)
     if torch.is_tensor(start_pos):
         query_pos = start_pos[:, None] + torch.arange(n_queries, device=device)  # (B|1, T)
-        return (key_pos <= query_pos[..., None]).unsqueeze(1)
+        visible = key_pos <= query_pos[..., None]  # (B|1, T, S)
+        if window is not None:
+            visible &= key_pos > query_pos[..., None] - window
+        return visible.unsqueeze(1)
     offset = n_keys - n_queries if start_pos is None else start_pos
     query_pos = torch.arange(n_queries, device=device) + offset
-    return key_pos[None, :] <= query_pos[:, None]
+    visible = key_pos[None, :] <= query_pos[:, None]
+    if window is not None:
+        visible &= key_pos[None, :] > query_pos[:, None] - window
+    return visible
+
+
+def attention_mask(n_queries: int, n_keys: int, device, start_pos, window=None):
+    """(mask, is_causal) for scaled_dot_product_attention.
+
+    Without earlier positions the plain causal flag does it (and picks the fast kernels); one
+    new query sees every cached key; a chunk after a prefix needs the offset mask. A device-side
+    start_pos means the whole static cache came back: always masked. A sliding window needs a
+    mask only once there are more keys than it spans.
+    """
+    static = torch.is_tensor(start_pos)
+    if static or (window is not None and n_keys > window):
+        return causal_mask(n_queries, n_keys, device, start_pos if static else None, window), \
+            False
+    if n_queries == 1:
+        return None, False
+    if n_keys == n_queries:
+        return None, True
+    return causal_mask(n_queries, n_keys, device), False
 
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.window = args.sliding_window
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.wqkv: Optional[nn.Linear] = None  # wq, wk, wv as one matrix (llama/model/fused.py)
         self.cache: Optional[KVCache] = None  # set by Transformer.setup_kv_cache for generation
@@ -214,14 +216,7 @@ class Attention(nn.Module):
             k, v = (torch.cat([p.to(x.dtype).expand(B, -1, -1, -1), t], dim=1)
                     for p, t in zip(prefix, (k, v)))  # (B, P + T, kv_heads, hd)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T|S, hd)
-        n_keys = k.shape[2]
-        # Without earlier positions the plain causal flag does it (and picks the fast kernels);
-        # one new query sees every cached key; a chunk after a prefix needs the offset mask.
-        # A device-side start_pos means the whole static cache came back: always masked.
-        static = torch.is_tensor(start_pos)
-        is_causal = n_keys == T and T > 1 and not static
-        mask = causal_mask(T, n_keys, x.device, start_pos if static else None) \
-            if static or (n_keys > T and T > 1) else None
+        mask, is_causal = attention_mask(T, k.shape[2], x.device, start_pos, self.window)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                              enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
@@ -294,7 +289,7 @@ class Transformer(nn.Module):
         start_pos: an int, or a one-element device tensor for the static KV cache (fixed shapes).
         """
         cos, sin = rotary_tables(self.args.head_dim, self.args.rope_theta, start_pos, h.shape[1],
-                                 h.device)
+                                 h.device, self.args.rope_scaling)
         for block in self.layers.values():
             h = block(h, cos, sin, start_pos)
         return h

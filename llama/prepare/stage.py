@@ -1,16 +1,34 @@
-"""What every script does first: join the process group, load this rank's stage, find the tokenizer.
+"""What every script does first: join the process group, load this rank's stage, find the
+tokenizer, then prepare the stage for the run.
 
-One function for example.py, example_ft.py and ft_main.py, so they cannot drift apart.
+    ctx, model, tokenizer = start_stage(ckpt_dir, ..., quantize="int4")  # quantized while loading
+    tuning = prepare_stage(model, ctx.device, Preparation(method=..., recompute="full"))
+
+prepare_stage applies the run's transforms in one declared order, after refusing combinations
+that cannot work together:
+
+    fuse projections -> tuning method -> recompute (and offload) -> compile
+
+The order matters: a method attaches to the plain blocks (through the projection the attention
+uses, fused or not); recompute wraps the blocks the method changed; compile sees the final
+blocks, wrappers included. run_on_stage is the start-up path of every script that loads a model.
 """
+from dataclasses import dataclass, replace
+from typing import Callable, Optional, Union
+
 import torch
 
-from llama.formats.checkpoint import find_tokenizer, is_split_dir, load_model, read_split
-from llama.prepare.compiling import apply_compile, compiler_missing
-from llama.parallel.distributed import init_distributed
 from llama.errors import BadInput
-from llama.model.fused import apply_fused_projections
+from llama.formats.checkpoint import find_tokenizer, is_split_dir, load_model, read_split
 from llama.model.dtypes import dtype_named
+from llama.model.fused import apply_fused_projections
+from llama.model.quant import QuantizedLinear
 from llama.model.tokenizer import Tokenizer
+from llama.options import MODEL, pick
+from llama.parallel.distributed import init_distributed
+from llama.parallel.faults import PeerLost, report_and_exit
+from llama.prepare.compiling import apply_compile, compiler_missing
+from llama.prepare.offload import RECOMPUTE_MODES, apply_recompute, apply_weight_streaming
 
 
 def pick_dtype(name, device: torch.device):
@@ -21,13 +39,11 @@ def pick_dtype(name, device: torch.device):
 
 
 def start_stage(ckpt_dir, tokenizer_path=None, device=None, dtype=None, max_seq_len=None,
-                timeout_s: float = 300.0, fuse_projections: bool = False, quantize=None,
-                group_size=None):
+                timeout_s: float = 300.0, quantize=None, group_size=None):
     """(ctx, model of this rank's stage, tokenizer) for a split directory or any checkpoint.
 
-    fuse_projections: one wqkv and one w13 matrix per block (llama/model/fused.py; generation uses it:
-    decode steps measured faster, see docs/PERFORMANCE.md). quantize: int8 or int4 frozen block
-    linears made while a float checkpoint loads, one layer at a time (llama/model/quant.py)."""
+    quantize: int8 or int4 frozen block linears made while a float checkpoint loads, one layer
+    at a time (llama/model/quant.py), so the float model is never whole in memory."""
     if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 2):
         raise BadInput(f"--max_seq_len={max_seq_len!r} must be an integer of at least 2")
     expected = len(read_split(ckpt_dir)[1]["stages"]) if is_split_dir(ckpt_dir) else None
@@ -37,9 +53,64 @@ def start_stage(ckpt_dir, tokenizer_path=None, device=None, dtype=None, max_seq_
                        group_size=group_size)
     tokenizer = Tokenizer(tokenizer_path or find_tokenizer(ckpt_dir))
     tokenizer.check_matches(model.args.vocab_size)
-    if fuse_projections:
-        apply_fused_projections(model)
     return ctx, model, tokenizer
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """What a run does to its loaded stage (prepare_stage applies it in the order of the fields).
+
+    fuse_projections: one wqkv and one w13 matrix per block (llama/model/fused.py; generation
+        uses it, see docs/PERFORMANCE.md)
+    method: (ctx, model, tokenizer) -> the run's tuning (a soft prompt, prefixes or adaption
+        prompts), or None
+    recompute: None, "full" or "selective" (recompute each block in backward)
+    offload_activations: keep what recompute saves in pinned CPU memory (needs "full")
+    stream_weights: keep the block weights in pinned CPU memory, each brought in as it runs
+        (needs "full")
+    compile: False, True (inductor) or a backend's name
+    """
+    fuse_projections: bool = False
+    method: Optional[Callable] = None
+    recompute: Optional[str] = None
+    offload_activations: bool = False
+    stream_weights: bool = False
+    compile: Union[bool, str] = False
+
+
+def check_transforms(prep: Preparation):
+    """Refuse, in one line, the transforms that cannot go together (before any weight is read)."""
+    if prep.recompute not in (None, *RECOMPUTE_MODES):
+        raise BadInput(f"--recompute_mode {prep.recompute!r} must be one of "
+                       f"{', '.join(RECOMPUTE_MODES)}")
+    moved = [name for name, on in (("activations", prep.offload_activations),
+                                   ("weights", prep.stream_weights)) if on]
+    if moved and prep.recompute != "full":
+        raise BadInput(f"--recompute_mode {prep.recompute or 'none'} keeps activations on the "
+                       f"device, so it cannot go with --offload {','.join(moved)}: use "
+                       "--recompute_mode full with offload, or leave offload out")
+
+
+def check_preparation(model, prep: Preparation):
+    """check_transforms, and what depends on the loaded stage."""
+    check_transforms(prep)
+    if prep.stream_weights and any(isinstance(m, QuantizedLinear) for m in model.modules()):
+        raise BadInput("--offload weights streams float block weights, but this stage's are "
+                       "quantized (int8/int4) and stay on the device: leave out one of the two")
+
+
+def prepare_stage(ctx, model, tokenizer, prep: Preparation):
+    """Apply prep to a loaded stage in the declared order; returns the method's tuning (or None)."""
+    check_preparation(model, prep)
+    if prep.fuse_projections:
+        apply_fused_projections(model)
+    tuning = prep.method(ctx, model, tokenizer) if prep.method is not None else None
+    if prep.recompute:
+        apply_recompute(model, offload_activations=prep.offload_activations, mode=prep.recompute)
+    if prep.stream_weights:
+        apply_weight_streaming(model, ctx.device)
+    compile_blocks(model, prep.compile)
+    return tuning
 
 
 def compile_blocks(model, compile):
@@ -53,3 +124,24 @@ def compile_blocks(model, compile):
     if missing:
         raise BadInput(f"--compile: {missing}; install one or leave out --compile")
     return apply_compile(model, backend)
+
+
+def run_on_stage(options: dict, work, prep: Preparation = Preparation()):
+    """The start-up path of every script that loads a model: join the job, load this rank's
+    stage with the MODEL options, prepare it (prep, with --compile from the options), then
+    work(ctx, model, tokenizer, tuning); a lost peer ends the rank with one line naming the
+    stage at fault; after the work the process group is left."""
+    model_options = pick(options, MODEL)
+    prep = replace(prep, compile=model_options.pop("compile"))
+    check_transforms(prep)  # before any weight is read
+    ctx, model, tokenizer = start_stage(**model_options)
+    try:
+        tuning = prepare_stage(ctx, model, tokenizer, prep)
+        result = work(ctx, model, tokenizer, tuning)
+    except PeerLost as error:
+        report_and_exit(error, ctx.rank)
+    # Left only after the work: a rank that stops with an error of its own must first say so
+    # in the job's store (llama/cli.py), or its neighbours, seeing the group close, would
+    # blame a silent stage.
+    ctx.close()
+    return result

@@ -3,7 +3,7 @@
 Shared by the terminal chat (llama/serving/chat.py) and the HTTP server (llama/serving/http.py), so a turn is
 the same ids in both.
 """
-from llama.training.data import format_prompt
+from llama.training.records import format_prompt
 
 TURN_SEPARATOR = "\n\n"  # between a reply and the next turn's template
 DEFAULT_TEMPLATE = "plain"  # without a prompt, or when the prompt names none

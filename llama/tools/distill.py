@@ -13,13 +13,13 @@ from pathlib import Path
 
 from llama.cli import run_cli
 from llama.errors import BadInput
-from llama.parallel.faults import PeerLost, report_and_exit
 from llama.formats.files import atomic_write_text
 from llama.serving.generation import decode_continuation, generate
 from llama.parallel.pipeline import Stage
 from llama.tuning.prompt import SoftPrompt
 from llama.tuning.files import load_soft_prompt
-from llama.prepare.stage import start_stage
+from llama.options import MODEL, takes
+from llama.prepare.stage import run_on_stage
 
 HARD_PROMPT = ("Max was a big brown dog. Max liked to bark. Max the dog ran and barked. "
                "Max had a red ball. Max the dog was happy. ")
@@ -49,38 +49,32 @@ def trait_rate(stories, trait: str = TRAIT) -> float:
     return sum(bool(re.search(trait, s)) for s in stories) / max(len(stories), 1)
 
 
-def teach(ckpt_dir: str, out: str, n_samples: int = 512, max_gen_len: int = 96, seed: int = 0,
-          hard_prompt: str = HARD_PROMPT, trait: str = TEACH_TRAIT, tokenizer_path: str = None,
-          device: str = None, timeout_s: float = 300.0):
+@takes(MODEL, dtype="float32")
+def teach(out: str, n_samples: int = 512, max_gen_len: int = 96, seed: int = 0,
+          hard_prompt: str = HARD_PROMPT, trait: str = TEACH_TRAIT, **options):
     """Sample stories after a hard prompt and write those that show its trait to --out (JSONL).
 
-    ckpt_dir: the model: a split folder, a Meta folder, a llama2.c .bin or a Hugging Face folder
     out: the JSONL file to write (plain-text records, for ft_main.py --template plain)
     n_samples: how many stories to sample
     max_gen_len: the most tokens per story
     seed: the random seed of sampling
     hard_prompt: the text put before each story, whose trait the stories should show
     trait: a regular expression a story must match to be kept
-    tokenizer_path: the sentencepiece tokenizer.model (default: the one beside the checkpoint)
-    device: cpu, cuda or cuda:N (default: this rank's GPU if there is one, else the CPU)
-    timeout_s: seconds to wait for another stage before giving up on it
     """
-    ctx, model, tokenizer = start_stage(ckpt_dir, tokenizer_path, device, "float32", None, timeout_s)
-    try:
+    def work(ctx, model, tokenizer, _):
         stories = sample_stories(Stage(model, ctx), tokenizer, hard_prompt, n_samples,
                                  max_gen_len, seed)
-    except PeerLost as error:
-        report_and_exit(error, ctx.rank)
-    kept = [s for s in stories if re.search(trait, s)]
-    if not kept:
-        raise BadInput(f"none of {n_samples} stories showed the trait {trait!r}: "
-                       "use a stronger --hard_prompt or more --n_samples")
-    if ctx.rank == 0:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, "".join(json.dumps({"text": s}) + "\n" for s in kept))
-    ctx.log(f"kept {len(kept)} of {n_samples} stories that match {trait} "
-            f"(the hard prompt's own rate: {len(kept) / n_samples:.0%}); wrote {out}")
-    ctx.close()
+        kept = [s for s in stories if re.search(trait, s)]
+        if not kept:
+            raise BadInput(f"none of {n_samples} stories showed the trait {trait!r}: "
+                           "use a stronger --hard_prompt or more --n_samples")
+        if ctx.rank == 0:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out, "".join(json.dumps({"text": s}) + "\n" for s in kept))
+        ctx.log(f"kept {len(kept)} of {n_samples} stories that match {trait} "
+                f"(the hard prompt's own rate: {len(kept) / n_samples:.0%}); wrote {out}")
+
+    run_on_stage(options, work)
 
 
 def trait_rates(stage, tokenizer, n_samples: int = 32, max_gen_len: int = 96, seed: int = 1000,
@@ -95,25 +89,21 @@ def trait_rates(stage, tokenizer, n_samples: int = 32, max_gen_len: int = 96, se
     return rates, stories
 
 
-def score(ckpt_dir: str, prompt: str, n_samples: int = 32, max_gen_len: int = 96, seed: int = 1000,
-          trait: str = TRAIT, show: int = 2, tokenizer_path: str = None, device: str = None,
-          timeout_s: float = 300.0):
+@takes(MODEL, dtype="float32")
+def score(prompt: str, n_samples: int = 32, max_gen_len: int = 96, seed: int = 1000,
+          trait: str = TRAIT, show: int = 2, **options):
     """Share of stories from BOS + "Once upon a time" that show the trait, with and without the prompt.
 
-    ckpt_dir: the model: a split folder, a Meta folder, a llama2.c .bin or a Hugging Face folder
     prompt: the soft prompt's folder (ft_main.py's --out)
     n_samples: how many stories to sample with the prompt, and as many without
     max_gen_len: the most tokens per story
     seed: the random seed of sampling
     trait: a regular expression a story must match to count
     show: how many stories of each kind to print
-    tokenizer_path: the sentencepiece tokenizer.model (default: the one beside the checkpoint)
-    device: cpu, cuda or cuda:N (default: this rank's GPU if there is one, else the CPU)
-    timeout_s: seconds to wait for another stage before giving up on it
     """
-    ctx, model, tokenizer = start_stage(ckpt_dir, tokenizer_path, device, "float32", None, timeout_s)
     labels = {"without": "without a prompt", "with": "with the soft prompt"}
-    try:
+
+    def work(ctx, model, tokenizer, _):
         soft_prompt = None
         if ctx.is_first:
             soft_prompt = SoftPrompt(load_soft_prompt(prompt, model.args)[0]).to(ctx.device)
@@ -123,11 +113,10 @@ def score(ckpt_dir: str, prompt: str, n_samples: int = 32, max_gen_len: int = 96
         for key, label in labels.items():
             for story in stories[key][:show]:
                 ctx.log(f"[{label}] {story.strip()}\n")
-    except PeerLost as error:
-        report_and_exit(error, ctx.rank)
-    for key, label in labels.items():
-        ctx.log(f"{rates[key]:.0%} of {n_samples} stories {label} match {trait}")
-    ctx.close()
+        for key, label in labels.items():
+            ctx.log(f"{rates[key]:.0%} of {n_samples} stories {label} match {trait}")
+
+    run_on_stage(options, work)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from llama.errors import BadInput
 from llama.tuning.methods import method_named
 from llama.prepare.offload import OFFLOAD_CHOICES, RECOMPUTE_MODES
 from llama.parallel.pipeline import SCHEDULES
+from llama.prepare.stage import Preparation, check_transforms
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
 
@@ -101,11 +102,7 @@ class RunConfig:
                            "continue the run in --out, or --overwrite to start it again")
         object.__setattr__(self, "offload", parse_offload(self.offload))
         self._one_of("recompute_mode", RECOMPUTE_MODES)
-        moved = self.offload & {"activations", "weights"}
-        if self.recompute_mode == "selective" and moved:
-            raise BadInput(f"--recompute_mode selective keeps activations on the device, so it "
-                           f"cannot go with --offload {','.join(sorted(moved))}: use "
-                           "--recompute_mode full with offload, or leave offload out")
+        check_transforms(self.preparation())
         steps = self.debug_overflow_steps
         object.__setattr__(self, "debug_overflow_steps",
                            (steps,) if isinstance(steps, int) else tuple(steps or ()))
@@ -118,12 +115,15 @@ class RunConfig:
                            f"max_seq_len={model_max_seq_len}: use fewer virtual tokens or a larger "
                            "--max_seq_len")
 
-    @property
-    def recomputes(self) -> bool:
-        """Recomputation: asked for (selective implies it), or needed by activation offload /
-        weight streaming."""
-        return self.recompute or self.recompute_mode == "selective" or \
+    def preparation(self, method=None) -> Preparation:
+        """What this run does to its loaded stage (llama/prepare/stage.py applies it in order).
+        Recomputation when asked for (selective implies it), or when activation offload or
+        weight streaming need it."""
+        recompute = self.recompute or self.recompute_mode == "selective" or \
             bool(self.offload & {"activations", "weights"})
+        return Preparation(method=method, recompute=self.recompute_mode if recompute else None,
+                           offload_activations="activations" in self.offload,
+                           stream_weights="weights" in self.offload, compile=self.compile)
 
     def _positive_int(self, name):
         self._int_at_least(name, 1, "a positive integer")

@@ -1,6 +1,7 @@
-"""Training data for soft-prompt tuning: Alpaca JSON / JSONL records, prompt templates,
-response-only targets, a token cache keyed by content, and deterministic, resumable batches.
-Every rank rebuilds the same batches from the same seed: `load_dataset` then `BatchLoader`.
+"""Training data for soft-prompt tuning: records tokenized with response-only targets, notes on
+what was skipped, truncated or dropped, and a token cache keyed by content.
+Every rank rebuilds the same batches from the same seed: `load_dataset` then `BatchLoader`
+(llama/training/batches.py).
 """
 from __future__ import annotations
 
@@ -15,187 +16,12 @@ import torch
 
 from llama.errors import BadInput
 from llama.formats.files import atomic_write, sha256_of, underlying_os_error
-
-ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
-                   "Write a response that appropriately completes the request.")
-_ALPACA_PREAMBLE_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further "
-    "context. Write a response that appropriately completes the request.")
-
-# Each template is (with_input, no_input). "plain" is Alpaca without its preamble, for runs where
-# the soft prompt (often initialised from ALPACA_PREAMBLE) takes the preamble's place.
-TEMPLATES = {
-    "alpaca": (
-        _ALPACA_PREAMBLE_WITH_INPUT
-        + "\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
-        ALPACA_PREAMBLE + "\n\n### Instruction:\n{instruction}\n\n### Response:\n",
-    ),
-    "plain": (
-        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
-        "### Instruction:\n{instruction}\n\n### Response:\n",
-    ),
-    "none": ("{instruction}\n{input}", "{instruction}"),
-}
+from llama.training.records import (N_NAMED, PASSED_OVER, format_prompt, load_records,
+                                    passed_over_note, read_bytes, records_from_bytes,
+                                    template_pair)
 
 IGNORE_INDEX = -100  # the target value cross-entropy skips
 CACHE_FORMAT_VERSION = 2  # 2: the first records skipped, truncated and dropped are kept, with why
-N_NAMED = 3  # records named in a note on skipped, truncated or dropped records; the rest counted
-_ALPACA_FIELDS = ("instruction", "input", "output")
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading records
-
-
-def load_records(path, strict: bool = False, log=print):
-    """Read Alpaca or plain-text records from a JSON list or a JSONL file.
-
-    Returns (records, n_skipped): each record is {"instruction", "input", "output"} (input "" when
-    absent) or {"text"}. Unusable records are skipped and counted, or refused when strict.
-    """
-    records, skipped = _records_from_bytes(path, _read_bytes(path), strict)
-    if skipped:
-        log(f"note: {path}: " + passed_over_note("skipped", len(skipped), skipped[:N_NAMED]))
-    return [record for _, record in records], len(skipped)
-
-
-def _read_bytes(path) -> bytes:
-    try:
-        with open(path, "rb") as file:
-            return file.read()
-    except FileNotFoundError:
-        raise BadInput(f"data file {path} does not exist: pass --data the path of an Alpaca "
-                       "JSON or JSONL file") from None
-    except IsADirectoryError:
-        raise BadInput(f"data path {path} is a folder: pass --data the path of an Alpaca JSON "
-                       "or JSONL file") from None
-
-
-def _records_from_bytes(path, raw: bytes, strict: bool):
-    """([(where, record)], [(where, why skipped)]): where names the record's place in the file."""
-    try:
-        text = raw.decode("utf-8-sig")  # -sig: tolerate the byte-order mark some editors write
-    except UnicodeDecodeError as error:
-        raise BadInput(f"data file {path} is not UTF-8 (bad byte at offset {error.start}): "
-                       "re-encode it as UTF-8") from None
-    is_json_list = text.lstrip().startswith("[")
-    located = _parse_json_list(path, text) if is_json_list else _parse_jsonl(path, text)
-    records, skipped = [], []
-    for where, raw_record in located:
-        record, problem = _check_record(raw_record)
-        if record is not None:
-            records.append((where, record))
-            continue
-        if strict:
-            raise BadInput(f"data file {path}, {where}: {problem}; fix or remove that record, or "
-                           "leave strict off to skip such records")
-        skipped.append((where, problem))
-    if not records:
-        raise BadInput(f"data file {path} holds no usable records: each needs a non-empty "
-                       "'instruction' and 'output' (Alpaca) or a non-empty 'text'")
-    return records, skipped
-
-
-def _parse_json_list(path, text: str):
-    """[(where, value)] from a JSON list; a syntax error names line:column."""
-    try:
-        values = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise BadInput(f"data file {path}:{error.lineno}:{error.colno}: not valid JSON "
-                       f"({error.msg}); fix the file at that place") from None
-    except RecursionError:
-        raise BadInput(f"data file {path} nests lists or objects too deeply to be Alpaca "
-                       "records: write a list [{...}, ...] of flat objects") from None
-    if not isinstance(values, list):
-        raise BadInput(f"data file {path} holds a JSON {type(values).__name__}, not a list of "
-                       "records: write a list [{...}, ...] or JSONL (one object per line)")
-    return [(f"record index {index}", value) for index, value in enumerate(values)]
-
-
-def _parse_jsonl(path, text: str):
-    """[(where, value)] from JSONL, one object per line; blank lines are allowed."""
-    located = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            located.append((f"line {line_number}", json.loads(line)))
-        except json.JSONDecodeError as error:
-            raise BadInput(f"data file {path} line {line_number}: not valid JSON ({error.msg} at "
-                           f"column {error.colno}); a JSONL file holds one JSON object per line, "
-                           "a JSON file a single list") from None
-        except RecursionError:
-            raise BadInput(f"data file {path} line {line_number}: nested too deeply to be a "
-                           "record; each line holds one flat JSON object") from None
-    return located
-
-
-def _is_text(value: str) -> bool:
-    """False for strings JSON's \\ud800 escapes can make but no UTF-8 (nor the tokenizer) holds."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _json_kind(value) -> str:
-    """What a JSON value is, in JSON's words: 'a number', 'null', 'a list' ..."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    kinds = {int: "a number", float: "a number", str: "a string", list: "a list",
-             dict: "an object"}
-    return kinds.get(type(value), f"a {type(value).__name__}")
-
-
-def _check_record(value):
-    """(normalised record, None) when usable, else (None, what is wrong with it)."""
-    if not isinstance(value, dict):
-        return None, f"{_json_kind(value)}, not an object"
-    if "instruction" in value or "output" in value:
-        fields = {"input": ""} | {name: value[name] for name in _ALPACA_FIELDS if name in value}
-        for name in _ALPACA_FIELDS:
-            if name not in fields:
-                return None, f"field '{name}' is missing"
-            if not isinstance(fields[name], str):
-                return None, f"field '{name}' is {_json_kind(fields[name])}, not a string"
-            if not _is_text(fields[name]):
-                return None, f"field '{name}' holds a lone surrogate (\\ud800-\\udfff), not text"
-        for name in ("instruction", "output"):
-            if not fields[name].strip():
-                return None, f"field '{name}' is empty"
-        return fields, None
-    if "text" in value:
-        if not isinstance(value["text"], str):
-            return None, f"field 'text' is {_json_kind(value['text'])}, not a string"
-        if not _is_text(value["text"]):
-            return None, "field 'text' holds a lone surrogate (\\ud800-\\udfff), not text"
-        if not value["text"].strip():
-            return None, "field 'text' is empty"
-        return {"text": value["text"]}, None
-    return None, "has neither 'instruction'/'output' (Alpaca) nor 'text'"
-
-
-# ----------------------------------------------------------------------------------------------
-# Templates and tokenising
-
-
-def _template_pair(template: str):
-    if template not in TEMPLATES:
-        raise BadInput(f"unknown template {template!r}: choose one of {', '.join(TEMPLATES)}")
-    return TEMPLATES[template]
-
-
-def format_prompt(record, template: str = "alpaca") -> str:
-    """The prompt text of an instruction record (everything before the response)."""
-    with_input, no_input = _template_pair(template)
-    input_text = record.get("input") or ""
-    if input_text:
-        return with_input.format(instruction=record["instruction"], input=input_text)
-    return no_input.format(instruction=record["instruction"])
-
 
 # The token trained after the end of each text: the model's stop token, which generation stops
 # at. "auto" is resolved with the model itself (model_stop_token below) before tokenising.
@@ -256,34 +82,6 @@ def model_stop_token(path, tokenizer, template: str, train_on_prompt: bool, max_
         f"of the data its -log p is {losses['eos']:.2f} for EOS, {losses['bos']:.2f} for BOS); "
         "--eos_target eos, bos or none overrides")
     return chosen
-
-
-PASSED_OVER = ("skipped", "truncated", "dropped")
-
-
-def _records(count: int) -> str:
-    return f"{count} record" if count == 1 else f"{count} records"
-
-
-def passed_over_note(kind: str, count: int, named, max_len: int = 0,
-                     max_len_said: str = "") -> str:
-    """One line on the records of a file that were skipped, truncated or dropped: how many, which
-    (the first few of them, named) and why. max_len_said: how the user set max_len."""
-    more = f"; and {count - len(named)} more" if count > len(named) else ""
-    if kind == "skipped":  # named: (where, why)
-        which = "; ".join(f"{where}: {why}" for where, why in named)
-        return (f"{_records(count)} skipped ({which}{more}); pass --strict to refuse the file "
-                "instead")
-    if kind == "truncated":  # named: (where, n_tokens)
-        which = "; ".join(f"{where}: {n_tokens} tokens" for where, n_tokens in named)
-        return (f"{_records(count)} longer than {max_len_said}, truncated to {max_len} tokens "
-                f"({which}{more}): the tokens past the cut are not trained")
-    # dropped, named: (where, n_tokens, first_target)
-    which = "; ".join(f"{where}: response from token {first_target} of {n_tokens}"
-                      for where, n_tokens, first_target in named)
-    its, it = ("its", "it") if count == 1 else ("their", "them")
-    return (f"{_records(count)} dropped: {its} response starts past {max_len_said} "
-            f"({which}{more}); raise --max_seq_len or use fewer virtual tokens to keep {it}")
 
 
 class TokenizedDataset:
@@ -366,7 +164,7 @@ def cache_key(data_sha256: str, tokenizer_sha256: str, template: str, max_len: i
               train_on_prompt: bool, end_target: str = "eos") -> str:
     """A digest of everything the cached tokens depend on: any change gives a new key."""
     settings = {"data": data_sha256, "tokenizer": tokenizer_sha256, "template": template,
-                "template_text": list(_template_pair(template)), "max_len": max_len,
+                "template_text": list(template_pair(template)), "max_len": max_len,
                 "train_on_prompt": train_on_prompt, "format": CACHE_FORMAT_VERSION}
     if end_target != "eos":  # only when not the default, so caches written before stay valid
         settings["end_target"] = end_target
@@ -446,13 +244,13 @@ def load_dataset(path, tokenizer, template: str = "alpaca", max_len: int = 512,
     end_target: eos, bos or none, the token trained after each text. The cache lies in
     token_cache_folder(cache_dir) as <data name>.<key>.npz; "none" or "off" turns it off.
     """
-    _template_pair(template)
+    template_pair(template)
     end_target_ids(tokenizer, end_target)  # refuse an unknown one before any work
     if max_len < 2:
         raise BadInput(f"max_len {max_len} leaves no room for a target token: it must be at "
                        "least 2 (max_seq_len minus the virtual tokens)")
     path = Path(path)
-    raw = _read_bytes(path)
+    raw = read_bytes(path)
     key = cache_key(hashlib.sha256(raw).hexdigest(), sha256_of(tokenizer.path), template,
                     max_len, train_on_prompt, end_target)
     cache_folder = token_cache_folder(cache_dir)
@@ -467,9 +265,9 @@ def load_dataset(path, tokenizer, template: str = "alpaca", max_len: int = 512,
             log(f"token cache {cache_path} is unreadable ({type(error).__name__}: {error}); "
                 "rebuilding it")
     if dataset is not None and strict and dataset.n_skipped:
-        _records_from_bytes(path, raw, strict=True)  # raises, naming the bad record
+        records_from_bytes(path, raw, strict=True)  # raises, naming the bad record
     if dataset is None:
-        records, skipped = _records_from_bytes(path, raw, strict)
+        records, skipped = records_from_bytes(path, raw, strict)
         dataset = _tokenize_records(records, tokenizer, template, max_len, train_on_prompt,
                                     skipped, end_target)
         if len(dataset) == 0:
@@ -482,36 +280,6 @@ def load_dataset(path, tokenizer, template: str = "alpaca", max_len: int = 512,
     for note in dataset.notes(max_len, max_len_said or f"max_len {max_len}"):
         log("note: " + note)
     return dataset
-
-
-# ----------------------------------------------------------------------------------------------
-# Held-out split
-
-
-def split_dataset(dataset: TokenizedDataset, eval_fraction: float = 0.05, seed: int = 0):
-    """(train, held_out), the same for the same seed; each keeps the file's order."""
-    if not 0 <= eval_fraction < 1:
-        raise BadInput(f"eval_fraction {eval_fraction} must be at least 0 and below 1")
-    n_examples = len(dataset)
-    n_held_out = 0
-    if eval_fraction > 0 and n_examples >= 2:
-        n_held_out = max(1, int(n_examples * eval_fraction))
-    if n_examples - n_held_out < 1:
-        raise BadInput(f"holding out {n_held_out} of {n_examples} examples leaves none to train "
-                       "on: lower eval_fraction or use more data")
-    generator = torch.Generator().manual_seed(_mix_seed("split", seed))
-    order = torch.randperm(n_examples, generator=generator).numpy()
-    return dataset.select(np.sort(order[n_held_out:])), dataset.select(np.sort(order[:n_held_out]))
-
-
-def _mix_seed(purpose: str, *numbers: int) -> int:
-    """A 63-bit seed from a purpose and numbers, so (seed, epoch) pairs never collide."""
-    text = " ".join([purpose] + [str(number) for number in numbers])
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
-
-
-# ----------------------------------------------------------------------------------------------
-# Batches
 
 
 @dataclass
@@ -532,70 +300,3 @@ def make_micro_batch(examples, pad_id: int) -> MicroBatch:
         # position t predicts ids[t + 1]; the first trained token is predicted from t = first - 1
         targets[row, first_target - 1:len(ids) - 1] = ids[first_target:]
     return MicroBatch(tokens, targets, int((targets != IGNORE_INDEX).sum()))
-
-
-class BatchLoader:
-    """Global batches of micro-batches in a fresh seeded order each epoch; resumable."""
-
-    def __init__(self, dataset: TokenizedDataset, global_batch_size: int, micro_batch_size: int,
-                 pad_id: int, seed: int = 0, drop_last: bool = True):
-        if micro_batch_size < 1 or global_batch_size < 1:
-            raise BadInput(f"batch sizes must be positive (global {global_batch_size}, micro "
-                           f"{micro_batch_size})")
-        if global_batch_size % micro_batch_size:
-            raise BadInput(f"micro_batch_size {micro_batch_size} does not divide "
-                           f"global_batch_size {global_batch_size}: pick a divisor")
-        if len(dataset) < global_batch_size:
-            raise BadInput(f"the dataset has {len(dataset)} examples, fewer than one global batch "
-                           f"of {global_batch_size}: lower global_batch_size or add data")
-        self.dataset, self.pad_id, self.seed, self.drop_last = dataset, pad_id, seed, drop_last
-        self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
-        self.epoch, self.position = 0, 0  # position: examples of this epoch's order used so far
-        self._order, self._order_epoch = None, None
-
-    @property
-    def steps_per_epoch(self) -> int:
-        if self.drop_last:
-            return len(self.dataset) // self.global_batch_size
-        return -(-len(self.dataset) // self.global_batch_size)
-
-    def _epoch_order(self):
-        if self._order_epoch != self.epoch:
-            generator = torch.Generator().manual_seed(_mix_seed("epoch", self.seed, self.epoch))
-            self._order = torch.randperm(len(self.dataset), generator=generator).tolist()
-            self._order_epoch = self.epoch
-        return self._order
-
-    def next_global_batch(self) -> list:
-        """global_batch_size // micro_batch_size micro-batches (fewer only at the end of an epoch
-        with drop_last=False), each padded to its own longest example."""
-        needed = self.global_batch_size if self.drop_last else 1
-        if self.position + needed > len(self.dataset):
-            self.epoch, self.position = self.epoch + 1, 0
-        chosen = self._epoch_order()[self.position:self.position + self.global_batch_size]
-        self.position += len(chosen)
-        return _micro_batches(self.dataset, chosen, self.micro_batch_size, self.pad_id)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict):
-        epoch, position = state.get("epoch"), state.get("position")
-        if not all(isinstance(value, int) and not isinstance(value, bool) and value >= 0
-                   for value in (epoch, position)) or position > len(self.dataset):
-            raise BadInput(f"data position {state} does not fit a dataset of {len(self.dataset)} "
-                           "examples: resume with the same data file and settings")
-        self.epoch, self.position = epoch, position
-
-
-def eval_batches(dataset: TokenizedDataset, micro_batch_size: int, pad_id: int) -> list:
-    """Every example once, in dataset order, micro_batch_size at a time (the last may be short)."""
-    if micro_batch_size < 1:
-        raise BadInput(f"micro_batch_size {micro_batch_size} must be positive")
-    return _micro_batches(dataset, range(len(dataset)), micro_batch_size, pad_id)
-
-
-def _micro_batches(dataset, indices, micro_batch_size: int, pad_id: int) -> list:
-    groups = [indices[start:start + micro_batch_size]
-              for start in range(0, len(indices), micro_batch_size)]
-    return [make_micro_batch([dataset[i] for i in group], pad_id) for group in groups]

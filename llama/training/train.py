@@ -20,11 +20,10 @@ import torch
 
 from llama.model.transformer import params_digest
 from llama.training.config import RunConfig
-from llama.training.data import (BatchLoader, eval_batches, load_dataset, model_stop_token,
-                        split_dataset)
+from llama.training.batches import BatchLoader, eval_batches, split_dataset
+from llama.training.data import load_dataset, model_stop_token
 from llama.errors import BadInput
-from llama.parallel.faults import PeerLost, report_and_exit
-from llama.prepare.offload import apply_recompute, apply_weight_streaming, optimizer_device
+from llama.prepare.offload import optimizer_device
 from llama.tuning.methods import (apply_adapter, apply_prefix, apply_prompt, init_ids,
                            init_prefix_from_tokens)
 from llama.tuning.peft import export_peft
@@ -35,7 +34,7 @@ from llama.training.resume import (checkpoint_path, restore, resume_path, run_id
                           save_training_state)
 from llama.training.run_folder import PEFT_FOLDER, claim_out
 from llama.training.runlog import RunLog, peak_memory_gib, step_record, write_trace
-from llama.prepare.stage import compile_blocks, start_stage
+from llama.prepare.stage import run_on_stage
 from llama.parallel.trace import Tracer
 from llama.tuning.files import save_tuning
 
@@ -93,23 +92,27 @@ class Run:
 
 
 def train(cfg: RunConfig):
-    ctx, model, tokenizer = start_stage(cfg.ckpt_dir, cfg.tokenizer_path, cfg.device, cfg.dtype,
-                                        cfg.max_seq_len, cfg.timeout_s, quantize=cfg.quantize,
-                                        group_size=cfg.group_size)
+    """ft_main.py's run on this rank's stage: loaded and prepared (the method, then recompute,
+    offload and --compile) by the one start-up path every script uses."""
+    def method(ctx, model, tokenizer):
+        cfg.check_fits(model.args.max_seq_len)  # before --out exists: a bad value leaves nothing
+        return build_tuning(cfg, model, tokenizer, ctx)
+
+    run_on_stage(vars(cfg), lambda *stage: train_stage(cfg, *stage), cfg.preparation(method))
+
+
+def train_stage(cfg, ctx, model, tokenizer, tuning):
     stop = StopRequest()  # only now: before this point a signal has nothing to save
     try:
         with contextlib.ExitStack() as held:
-            return _train(cfg, ctx, model, tokenizer, stop, held)
-    except PeerLost as error:
-        report_and_exit(error, ctx.rank)
+            return _train(cfg, ctx, model, tokenizer, tuning, stop, held)
     finally:
-        ctx.close()
         stop.restore()
 
 
-def _train(cfg, ctx, model, tokenizer, stop, held):
+def _train(cfg, ctx, model, tokenizer, tuning, stop, held):
     """held: an ExitStack that lives as long as the run (it keeps --out locked)."""
-    run = set_up(cfg, ctx, model, tokenizer, held)
+    run = set_up(cfg, ctx, model, tokenizer, tuning, held)
     start_step, losses = start_or_resume(cfg, ctx, run)
     log = RunLog(ctx, Path(cfg.out), run.total_steps, start_step, cfg.log_every, bool(cfg.resume))
     skipped_in_a_row = 0
@@ -154,20 +157,10 @@ def stopped_by_signal(cfg, ctx, step: int, log):
     log.close()
 
 
-def set_up(cfg, ctx, model, tokenizer, held) -> Run:
-    cfg.check_fits(model.args.max_seq_len)
-    # Before --out: a bad --init_text or --adapter_layers leaves nothing behind. Before the
-    # memory transforms too: a method attaches to the plain blocks.
-    tuning = build_tuning(cfg, model, tokenizer, ctx)
+def set_up(cfg, ctx, model, tokenizer, tuning, held) -> Run:
     if ctx.rank == 0:  # before any work: a second run into the same --out stops here at once
         held.enter_context(claim_out(Path(cfg.out), cfg.resume, cfg.overwrite, ctx.log,
                                      cfg.ckpt_dir))
-    if cfg.recomputes:
-        apply_recompute(model, offload_activations="activations" in cfg.offload,
-                        mode=cfg.recompute_mode)
-    if "weights" in cfg.offload:
-        apply_weight_streaming(model, ctx.device)
-    compile_blocks(model, cfg.compile)
     sync = torch.cuda.synchronize if ctx.device.type == "cuda" else None
     tracer = Tracer(ctx.rank, enabled=bool(cfg.trace), synchronize=sync)
     stage = Stage(model, ctx, tracer=tracer, tuning=tuning)

@@ -15,7 +15,7 @@ from llama.model.transformer import params_digest
 from llama.errors import BadInput
 from llama.formats.files import atomic_torch_save, atomic_write_text, sha256_of
 from llama.formats.tensor_files import read_json, safe_torch_load
-from llama.tuning.methods import METHODS, expected_shapes
+from llama.tuning.methods import METHODS, apply_saved, expected_shapes
 from llama.tuning.peft import import_peft
 
 TUNING_FILES = ("tuning.json", "tuning.pt")  # what save_tuning writes
@@ -156,3 +156,14 @@ def check_shapes(source, method: str, tensors: dict, args):
             raise BadInput(f"{source}: {key} has shape {tuple(tensors[key].shape)}, but this model "
                            f"(dim={args.dim}, n_kv_heads={args.n_kv_heads}) needs {expected[key]}: "
                            "it was trained for another model; use the matching --ckpt_dir")
+
+
+def saved_tuning(folder):
+    """The method for prepare_stage (llama/prepare/stage.py): rank 0 reads and checks the folder
+    and sends it to every stage, which keeps the tensors of its own layers. Returns the tuning;
+    its description (template, ...) is kept on the function for the caller."""
+    def method(ctx, model, tokenizer):
+        loaded = load_tuning(folder, model.args) if ctx.rank == 0 else None
+        name, tensors, method.info = ctx.broadcast_object(loaded)
+        return apply_saved(model, name, tensors, ctx.is_first)
+    return method

@@ -1,0 +1,107 @@
+"""The families of issue 23 against the real transformers (skipped when it is not installed):
+tiny random Llama 3.2 / Qwen2.5 / Mistral folders (tests/tiny_families.py) give the logits
+transformers gives, and a Llama-3-style tokenizer.json the ids its tokenizer gives. The product
+never imports transformers; only this file does.
+Run (in a venv that has transformers): python3 -m pytest -q tests/test_interop_families.py
+"""
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from llama.formats.checkpoint import load_model  # noqa: E402
+from llama.formats.hf import HFSource, save_hf_safetensors  # noqa: E402
+from llama.model.tokenizer import Tokenizer  # noqa: E402
+from tiny_families import (TEXTS, as_transformers5, llama32_config,  # noqa: E402
+                           mistral_config, qwen25_config, write_family, write_llama3_tokenizer)
+
+TOKENS = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+
+
+def assert_logits_as_transformers(folder, tokens=TOKENS):
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = theirs(tokens).logits
+        torch.testing.assert_close(load_model(folder)(tokens), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("writer", ["transformers4", "transformers5"])
+def test_llama32_rope_scaling_gives_transformers_logits(tmp_path, writer):
+    config = llama32_config() if writer == "transformers4" else as_transformers5(llama32_config())
+    assert_logits_as_transformers(write_family(tmp_path / "llama32", config))
+
+
+def test_linear_rope_scaling_gives_transformers_logits(tmp_path):
+    config = llama32_config(rope_scaling={"rope_type": "linear", "factor": 4.0})
+    assert_logits_as_transformers(write_family(tmp_path / "linear", config))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_qwen25_gives_transformers_logits(tmp_path, tied):
+    config = qwen25_config(tie_word_embeddings=tied)
+    assert_logits_as_transformers(write_family(tmp_path / "qwen25", config))
+
+
+def test_qwen25_written_by_us_gives_transformers_logits(tmp_path):
+    """Our HF writer's Qwen2 config.json and q/k bias permutation, read by transformers."""
+    source = HFSource(write_family(tmp_path / "qwen25", qwen25_config(tie_word_embeddings=False)))
+    save_hf_safetensors({n: source.load(n) for n in source.names()}, source.args, tmp_path / "out")
+    assert_logits_as_transformers(tmp_path / "out")
+
+
+@pytest.mark.parametrize("window", [8, None])
+def test_mistral_gives_transformers_logits_across_the_window(tmp_path, window):
+    config = mistral_config(sliding_window=window)
+    assert_logits_as_transformers(write_family(tmp_path / "mistral", config))
+
+
+def test_mistral_greedy_ids_past_the_window_are_transformers(tmp_path):
+    """Cached decoding (ours and theirs) well past the window of 8."""
+    folder = write_family(tmp_path / "mistral", mistral_config())
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    theirs.generation_config.eos_token_id = None  # random weights: id 2 is not an end here
+    prompt = TOKENS[:1, :6]
+    generated = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20,
+                                do_sample=False)[0, 6:].tolist()
+    model, ids = load_model(folder), prompt[0].tolist()
+    with torch.no_grad():
+        model.setup_kv_cache(1, 32)
+        logits = model(prompt, 0)
+        for _ in range(20):
+            ids.append(int(logits[0, -1].argmax()))
+            logits = model(torch.tensor([ids[-1:]]), len(ids) - 1)
+    assert ids[6:] == generated
+
+
+def test_llama3_style_tokenizer_json_encodes_and_decodes_as_transformers(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    folder = write_llama3_tokenizer(tmp_path / "tok", tokenizers)
+    ours = Tokenizer(str(folder / "tokenizer.json"))
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    assert (ours.bos_id, ours.eos_id) == (theirs.bos_token_id, theirs.eos_token_id)
+    for text in TEXTS + ["Hi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nOk"]:
+        ids = ours.encode(text, bos=True, eos=False)
+        assert ids == theirs(text)["input_ids"]  # its post-processor adds BOS
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("config", [llama32_config, qwen25_config, mistral_config],
+                         ids=["llama32", "qwen25", "mistral"])
+def test_folders_transformers_itself_writes_give_its_logits(tmp_path, config):
+    """transformers' own save_pretrained (its config.json as this version writes it: for
+    transformers 5 rope_parameters, layer_types, dtype), read here."""
+    fields = {k: v for k, v in config().items()
+              if k not in ("architectures", "model_type", "transformers_version", "torch_dtype")}
+    config_class = transformers.AutoConfig.for_model(config()["model_type"], **fields)
+    torch.manual_seed(0)
+    theirs = transformers.AutoModelForCausalLM.from_config(config_class).eval()
+    with torch.no_grad():
+        for name, parameter in theirs.named_parameters():  # transformers starts biases at 0
+            if name.endswith("bias") or name.endswith("norm.weight"):
+                parameter.uniform_(0.5, 1.5)
+    theirs.save_pretrained(tmp_path / "saved")
+    written = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert written["model_type"] == config()["model_type"]
+    assert_logits_as_transformers(tmp_path / "saved")

@@ -1,0 +1,48 @@
+"""One way to prepare a stage: prepare_stage applies fuse -> method -> recompute/offload ->
+compile in that order, and refuses combinations that cannot work together in one line, before
+any weight is read where it can.
+Run: python3 -m pytest -q tests/test_prepare.py
+"""
+import pytest
+
+from llama.errors import BadInput
+from llama.formats.checkpoint import load_model
+from llama.parallel.distributed import DistContext
+from llama.prepare.offload import RecomputedBlock
+from llama.prepare.stage import Preparation, check_transforms, prepare_stage
+from llama.tuning.methods import apply_adapter
+
+
+@pytest.mark.parametrize("prep, message", [
+    (Preparation(recompute="selective", offload_activations=True),
+     r"--recompute_mode selective keeps activations on the device, so it cannot go with "
+     r"--offload activations"),
+    (Preparation(stream_weights=True), r"--recompute_mode none keeps activations .* --offload weights"),
+    (Preparation(recompute="sometimes"), r"--recompute_mode 'sometimes' must be one of full, selective"),
+])
+def test_transforms_that_cannot_go_together_are_refused_before_loading(prep, message):
+    with pytest.raises(BadInput, match=message):
+        check_transforms(prep)
+
+
+def test_streaming_quantized_weights_is_refused(model_bin):
+    model = load_model(model_bin, quantize="int8")
+    with pytest.raises(BadInput, match=r"--offload weights streams float block weights, but this "
+                                       r"stage's are quantized \(int8/int4\)"):
+        prepare_stage(DistContext(), model, None, Preparation(recompute="full", stream_weights=True))
+
+
+def test_the_method_attaches_to_fused_blocks_before_recompute_wraps_them(model_bin):
+    model = load_model(model_bin)
+    seen = {}
+
+    def method(ctx, stage_model, tokenizer):
+        block = stage_model.layers["0"]
+        seen["fused"] = block.attention.wqkv is not None
+        seen["wrapped"] = isinstance(block, RecomputedBlock)
+        return apply_adapter(stage_model, 4, 2, seed=0)
+
+    tuning = prepare_stage(DistContext(), model, None, Preparation(
+        fuse_projections=True, method=method, recompute="full"))
+    assert seen == {"fused": True, "wrapped": False}
+    assert tuning.trainable and all(isinstance(b, RecomputedBlock) for b in model.layers.values())
