@@ -12,11 +12,11 @@ from llama.cli import run_cli
 from llama.errors import BadInput
 from llama.serving.sampling import Sampling, check_sampling
 from llama.tuning.files import saved_tuning
-from llama.options import GENERATION, MODEL, takes
+from llama.options import DECODING, GENERATION, MODEL, takes
 from llama.prepare.stage import Preparation, run_on_stage
 
 
-@takes(MODEL, GENERATION, max_gen_len=256, temperature=0.6)
+@takes(MODEL, GENERATION, DECODING, max_gen_len=256, temperature=0.6)
 def main(prompt: str = None, template: str = None, **options):
     """Chat in the terminal through the pipeline (rank 0 reads your lines, the reply streams).
 
@@ -35,7 +35,7 @@ def main(prompt: str = None, template: str = None, **options):
     method = saved_tuning(prompt) if prompt is not None else None
 
     def work(ctx, model, tokenizer, tuning):
-        stage = Stage(model, ctx, tuning=tuning)
+        stage = Stage(model, ctx, tuning=tuning, cuda_graph=options["cuda_graph"])
         info = method.info if method is not None else {}
         chosen = template or info.get("template") or DEFAULT_TEMPLATE
         format_prompt({"instruction": ""}, chosen)  # an unknown template is refused here

@@ -16,13 +16,13 @@ from llama.cli import run_cli
 from llama.errors import BadInput
 from llama.tuning.files import load_tuning
 from llama.tuning.methods import apply_saved
-from llama.options import MODEL, takes
+from llama.options import DECODING, MODEL, takes
 from llama.prepare.stage import run_on_stage
 from llama.serving.http import (Access, Limits, Served, Service, parse_served_prompts,
                                 run_server)
 
 
-@takes(MODEL)
+@takes(MODEL, DECODING)
 def main(prompts: str = "", host: str = "127.0.0.1", port: int = 8000, api_key: str = None,
          max_batch: int = 8, max_wait_ms: float = 10.0, max_tokens: int = 256,
          max_prompt_tokens: int = 0, max_body_bytes: int = 1 << 20, base_name: str = None,
@@ -73,7 +73,8 @@ def main(prompts: str = "", host: str = "127.0.0.1", port: int = 8000, api_key: 
 
     def work(ctx, model, tokenizer, _):
         tunings, served = load_served(ctx, model, named)
-        engine = Engine(Stage(model, ctx), tunings, max_rows=max_batch)
+        engine = Engine(Stage(model, ctx, cuda_graph=options["cuda_graph"]), tunings,
+                        max_rows=max_batch)
 
         def service():
             return Service(tokenizer, served, base_name, model.args.max_seq_len, limits, api_key)

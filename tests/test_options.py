@@ -20,7 +20,7 @@ LOADS_A_MODEL = {"example.py": example.main, "example_ft.py": example_ft.main,
                  "chat.py": chat.main, "serve.py": serve.main, "ft_main.py": ft_main.main,
                  "distill teach": distill.teach, "distill score": distill.score}
 GENERATES = {"example.py": (GENERATION, DECODING), "example_ft.py": (GENERATION, DECODING),
-             "chat.py": (GENERATION,)}
+             "chat.py": (GENERATION, DECODING), "serve.py": (DECODING,)}
 # where a script's default differs from the declared one, and why it may
 OWN_DEFAULTS = {("ft_main.py", "max_seq_len"): 512,  # the examples' length, not the model's
                 ("chat.py", "max_gen_len"): 256, ("chat.py", "temperature"): 0.6,  # a chat

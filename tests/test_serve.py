@@ -80,13 +80,14 @@ def served_tunings(model, folders: dict):
     return tunings, {n: Served(n, t.n_virtual, "none") for n, t in tunings.items()}
 
 
-def start_server(model, tokenizer, folders: dict, log=None, **limits):
+def start_server(model, tokenizer, folders: dict, log=None, cuda_graph=False, **limits):
     tunings, served = served_tunings(model, folders)
     settings = dict(max_body_bytes=4096, max_tokens=64, max_batch=8, max_wait_ms=300)
     service = Service(tokenizer, served, "base", model.args.max_seq_len,
                       Limits(**{**settings, **limits}))
     running = Server(service, "127.0.0.1", 0, log=log)
-    running.engine = Engine(Stage(model, DistContext()), tunings, max_rows=8)
+    running.engine = Engine(Stage(model, DistContext(), cuda_graph=cuda_graph), tunings,
+                            max_rows=8)
     running.runner = threading.Thread(target=running.run, args=(running.engine, 0.2), daemon=True)
     running.runner.start()
     return running
@@ -426,6 +427,20 @@ def test_openai_client(server):
     chunks = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "Hi"}],
                                             max_tokens=8, temperature=0, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in chunks)
+
+
+def test_the_static_decode_mode_serves_the_same_answers(server, model_bin, tokenizer,
+                                                         prompt_folders, method_folders):
+    """--cuda_graph (uncaptured on a CPU): the engine's fixed-shape decode steps, every method."""
+    static = start_server(load_model(model_bin), tokenizer, {**prompt_folders, **method_folders},
+                          cuda_graph=True)
+    try:
+        for name in ("base", "long", "prefix", "adapter"):
+            assert complete(static.port, name, TEXTS[1]) == complete(server.port, name, TEXTS[1])
+        assert static.engine.graphs.steps  # the decode steps went through it
+    finally:
+        static.stop()
+        static.runner.join(timeout=60)
 
 
 def test_stream_options_include_usage_ends_with_a_usage_chunk(server):
