@@ -368,8 +368,9 @@ def test_a_soft_prompt_is_not_merged(model_bin, tmp_path, kind):
         (folder / "tuning.pt").write_bytes(b"")
     else:
         (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING"}))
-    with pytest.raises(BadInput, match=r"holds .* \(method (prefix|prompt)\), which adds inputs "
-                                       r"to the model instead of changing its weights"):
+    with pytest.raises(BadInput, match=r"holds .* \(method (prefix|prompt)\): it adds inputs "
+                                       r"to the model instead of changing its weights, so it "
+                                       r"cannot be merged"):
         convert.main(str(model_bin), str(tmp_path / "m.gguf"), to="gguf", lora=str(folder))
     assert_nothing_written(tmp_path, "prompt")
 

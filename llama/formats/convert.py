@@ -104,7 +104,7 @@ def files_in(path) -> list:
 def refuse_unmergeable(folder: Path):
     """A soft prompt, prefix or adapter (ours or PEFT's) passed as --lora: say in one line that
     it is not a weight change, rather than fail on the LoRA files it lacks."""
-    method = None
+    method, what = None, f"--lora {folder}"
     if (folder / "tuning.json").is_file():
         info = read_json(folder / "tuning.json")
         method = info.get("method") if isinstance(info, dict) else None
@@ -114,10 +114,11 @@ def refuse_unmergeable(folder: Path):
         config = read_json(folder / "adapter_config.json")
         peft_type = config.get("peft_type") if isinstance(config, dict) else None
         method = PEFT_NOT_MERGEABLE.get(str(peft_type).upper())
+        what = f"{folder / 'adapter_config.json'}: peft_type={peft_type!r} is not LoRA; it"
     if method in NOT_MERGEABLE:
-        raise BadInput(f"--lora {folder} holds {NOT_MERGEABLE[method]} (method {method}), which "
-                       "adds inputs to the model instead of changing its weights, so it cannot be "
-                       "merged into a checkpoint or GGUF: run it with example_ft.py --prompt "
+        raise BadInput(f"{what} holds {NOT_MERGEABLE[method]} (method {method}): it adds inputs "
+                       "to the model instead of changing its weights, so it cannot be merged "
+                       "into a checkpoint or GGUF: run it with example_ft.py --prompt "
                        f"{folder} (docs/convert.md says what llama.cpp runs)")
 
 
