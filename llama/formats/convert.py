@@ -222,7 +222,7 @@ def export_gguf(src, dst: Path, lora_folders, tokenizer_path, base_tokenizer, gg
     if not any(name == "output.weight" for name, _, _ in plan):
         print("note: the classifier equals the embedding (tied), so only token_embd is written; "
               "llama.cpp uses it for both")
-    print(f"run it: llama-cli -m {dst} -p 'Once upon a time' -n 128 --temp 0")
+    print(f"run it with llama.cpp: llama-simple -m {dst} -n 64 'Once upon a time'")
     print(f"sha256 of the file written:\n{sha256_of(dst)}  {dst.name}")
 
 
