@@ -20,7 +20,7 @@ from llama.formats.checkpoint import open_source, write_split
 from llama.formats.hf import meta_to_hf_name
 from llama.formats.layouts import save_meta
 from llama.formats.tensor_files import write_safetensors
-from llama.model.quant import dequantize, quantize_int8
+from llama.model.quant import dequantize, quantized_tensors
 from llama.model.tokenizer import Tokenizer
 from llama.model.transformer import Transformer
 
@@ -247,19 +247,23 @@ def test_lora_merged_into_the_gguf_equals_the_merged_checkpoint(model_bin, stori
                            tensors["layers.1.attention.wq.weight"])
 
 
-def test_int8_split_is_dequantized_then_written(model_bin, assets, stories, tmp_path):
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_split_is_dequantized_then_written(model_bin, assets, stories, tmp_path,
+                                                     scheme):
     args, tensors = stories
-    split = tmp_path / "pp2_int8"
-    write_split(open_source(model_bin), split, 2, quantize="int8", log=lambda *_: None,
+    split = tmp_path / f"pp2_{scheme}"
+    write_split(open_source(model_bin), split, 2, quantize=scheme, log=lambda *_: None,
                 tokenizer_path=assets / "stories260K" / "tok512.model")
-    convert.main(str(split), str(tmp_path / "int8.gguf"), to="gguf", gguf_type="f32")
-    _, stored = read_gguf(tmp_path / "int8.gguf")
+    group_size = json.loads((split / "split.json").read_text())["quantization"].get("group_size")
+    convert.main(str(split), str(tmp_path / "q.gguf"), to="gguf", gguf_type="f32")
+    _, stored = read_gguf(tmp_path / "q.gguf")
     for name, tensor in tensors.items():
         if name == "output.weight":
             continue
-        if ".attention.w" in name or ".feed_forward.w" in name:
-            codes, scales = quantize_int8(tensor)
-            tensor = dequantize("int8", codes, scales.to(tensor.dtype), None, tensor.dtype)
+        if ".attention.w" in name or ".feed_forward.w" in name:  # the split's packed linears
+            packed = quantized_tensors("w", tensor, scheme, group_size)
+            tensor = dequantize(scheme, packed["w.weight"], packed["w.scales"],
+                                packed.get("w.zeros"), tensor.dtype)
         check_tensor(gguf_name(name), stored[gguf_name(name)], tensor, "f32")
 
 

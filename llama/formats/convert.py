@@ -172,6 +172,16 @@ def check_outputs(tmp_dir: Path, dst: Path, sha_list, checked: dict) -> dict:
     return hashes
 
 
+def check_inputs(sha_list, src, lora_folders, tokenizer_path, base_tokenizer) -> dict:
+    """Every file read that the --sha256 list names, checked before any work."""
+    if not sha_list:
+        return {}
+    inputs = [*files_in(src), *(f for folder in lora_folders if folder.is_dir()
+                                for f in files_in(folder))]
+    inputs += [Path(t) for t in (tokenizer_path, base_tokenizer) if t and Path(t).is_file()]
+    return check_files(sha_list, [(p, p) for p in inputs], "input")
+
+
 def write_layout(tensors: dict, args, folder: Path, to: str, n_shards: int):
     if to == "hf":
         save_hf_safetensors(tensors, args, folder)
@@ -237,7 +247,7 @@ def main(src: str, dst: str, n_shards: int = 1, dtype: str = "auto", overwrite: 
     merges LoRA adapters on the way.
 
     src: the checkpoint to read: a llama2.c .bin, a Hugging Face, Meta or split folder
-    dst: the folder to write
+    dst: the folder to write (with --to gguf, the file)
     n_shards: how many model-parallel shards (consolidated.NN.pth) to write
     dtype: auto keeps the checkpoint's own precision; float32, float16 or bfloat16 converts
     overwrite: replace dst if it already exists
@@ -245,7 +255,8 @@ def main(src: str, dst: str, n_shards: int = 1, dtype: str = "auto", overwrite: 
     tokenizer_path: the tokenizer to ship, checked against the merged vocabulary (default: the
       one beside src, or the adapter's own when an adapter resizes the vocabulary)
     sha256: a published list ('hash  file' lines, a SHA256.md table or JSON): every input and
-      output file it names is checked, and the result's list is printed in its format
+      output file it names is checked (inputs only with --to gguf), and the result's list is
+      printed in its format
     to: the layout to write: meta, hf (Hugging Face safetensors + config.json) or gguf (one
       file for llama.cpp, tokenizer inside)
     gguf_type: with --to gguf, the matrices' type: f32, f16 (default) or q8_0; norms stay f32
@@ -271,10 +282,7 @@ def main(src: str, dst: str, n_shards: int = 1, dtype: str = "auto", overwrite: 
     for folder in lora_folders:
         refuse_unmergeable(folder)
     sha_list = Sha256List(sha256) if sha256 else None
-    inputs = [*files_in(src), *(f for folder in lora_folders if folder.is_dir()
-                                for f in files_in(folder))]
-    inputs += [Path(t) for t in (tokenizer_path, base_tokenizer) if t and Path(t).is_file()]
-    checked = check_files(sha_list, [(p, p) for p in inputs], "input") if sha_list else {}
+    checked = check_inputs(sha_list, src, lora_folders, tokenizer_path, base_tokenizer)
     if to == "gguf":
         if sha_list and not checked:
             raise BadInput(f"--sha256 {sha_list.path} names none of the files read (first "
