@@ -390,6 +390,15 @@ def test_a_failure_while_writing_leaves_no_file(model_bin, tmp_path, monkeypatch
     assert_nothing_written(tmp_path)
 
 
+def test_a_temp_file_left_by_a_killed_export_is_removed(model_bin, tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (tmp_path / f".m.gguf.tmp-{dead}").write_bytes(b"GGUF half")
+    (tmp_path / ".other.gguf.tmp-1").write_bytes(b"not ours to remove")  # another name
+    convert.main(str(model_bin), str(tmp_path / "m.gguf"), to="gguf")
+    assert_nothing_written(tmp_path, "m.gguf", ".other.gguf.tmp-1")
+
+
 def test_the_command_line_says_one_line(model_bin, tmp_path):
     result = subprocess.run([sys.executable, "-m", "llama.formats.convert", "--src",
                              str(model_bin), "--dst", str(tmp_path / "m.gguf"), "--to", "gguf",

@@ -10,13 +10,14 @@ which is what llama.cpp's converter restores from Hugging Face's rotate-half ord
 and other 1-D tensors in f32 whatever the file type; q8_0 blocks of 32 int8 and one fp16 scale.
 """
 import os
+import re
 import struct
 from pathlib import Path
 
 import torch
 
 from llama.errors import BadInput
-from llama.formats.files import atomic_write
+from llama.formats.files import atomic_write, process_is_alive
 from llama.model.tokenizer import Tokenizer
 
 MAGIC = b"GGUF"
@@ -306,9 +307,22 @@ def check_destination(dst, reads, overwrite: bool):
         if not overwrite:
             raise BadInput(f"{dst} already exists (a GGUF file {WRITER} wrote): pass --overwrite "
                            "to replace it, or choose another --dst")
+    remove_stale_temp_file(dst)
     folder = dst.absolute().parent
     while not folder.exists():
         folder = folder.parent
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise BadInput(f"--dst {dst} cannot be written: {folder} does not take new files; pick a "
                        "writable place for --dst")
+
+
+def remove_stale_temp_file(dst: Path):
+    """A killed export leaves atomic_write's temp file (as big as the model) beside dst: it is
+    deleted once the process that wrote it is gone; a live run's file is its own."""
+    ours = re.compile(rf"\.{re.escape(dst.name)}\.tmp-(\d+)")
+    if not dst.parent.is_dir():
+        return
+    for path in dst.parent.iterdir():
+        match = ours.fullmatch(path.name)
+        if match and path.is_file() and not process_is_alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
