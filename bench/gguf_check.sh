@@ -11,7 +11,8 @@
 # reuse OUT/llama.cpp-build. LLAMA_SIMPLE=/path/to/llama-simple skips the build; MODEL= picks
 # the checkpoint (default ckpts/stories260K, else ../shared/assets/stories260K/stories260K.bin);
 # N_PREDICT= tokens to generate (64); PYTHON= the interpreter (python). Exit status 1 when the
-# f32 file's text differs from ours.
+# f32 file's text differs from ours. llama-simple takes no thread count: it runs llama.cpp's
+# default (4 threads); ours runs OMP_NUM_THREADS (default 1) threads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
