@@ -9,6 +9,7 @@ token_embd / blk.N.attn_q … / output_norm / output; q/k rows in Meta's interle
 which is what llama.cpp's converter restores from Hugging Face's rotate-half order; norms
 and other 1-D tensors in f32 whatever the file type; q8_0 blocks of 32 int8 and one fp16 scale.
 """
+import math
 import os
 import re
 import struct
@@ -58,7 +59,7 @@ def gguf_name(meta_name: str) -> str:
     if meta_name in TOP_NAMES:
         return TOP_NAMES[meta_name]
     _, index, inner = meta_name.split(".", 2)
-    return f"blk.{index}.{LAYER_NAMES[inner[:-len('.weight')]]}.weight"
+    return f"blk.{index}.{LAYER_NAMES[inner.removesuffix('.weight')]}.weight"
 
 
 # ---- what goes in: tensors and their types ----
@@ -79,7 +80,8 @@ def tensor_plan(tensors: dict, gguf_type: str) -> list:
     embedding (tied, as in stories260K) is left out: llama.cpp then uses token_embd for it."""
     order = ["tok_embeddings.weight"] + sorted(
         (n for n in tensors if n.startswith("layers.")),
-        key=lambda n: (int(n.split(".")[1]), list(LAYER_NAMES).index(n.split(".", 2)[2][:-7])))
+        key=lambda n: (int(n.split(".")[1]),
+                       list(LAYER_NAMES).index(n.split(".", 2)[2].removesuffix(".weight"))))
     order += ["norm.weight", "output.weight"]
     if torch.equal(tensors["output.weight"], tensors["tok_embeddings.weight"]):
         order.remove("output.weight")
@@ -87,9 +89,7 @@ def tensor_plan(tensors: dict, gguf_type: str) -> list:
 
 
 def data_size(shape, ggml_type: int) -> int:
-    count = 1
-    for size in shape:
-        count *= size
+    count = math.prod(shape)
     return {F32: 4 * count, F16: 2 * count, Q8_0: count // Q8_BLOCK * (2 + Q8_BLOCK)}[ggml_type]
 
 
