@@ -6,6 +6,7 @@ Run: python3 -m pytest -q tests/test_gguf.py
 """
 import json
 import struct
+from dataclasses import replace
 import subprocess
 import sys
 
@@ -219,6 +220,25 @@ def test_gguf_weights_give_the_reference_logits(exported, stories, assets):
         quantized = model_from_gguf(exported / "q8_0.gguf", stories[0])(ids)[0, -1]
     assert (logits - expected).abs().max() < fixture["suggested_abs_tolerance"]
     assert quantized.argmax() == expected.argmax()
+
+
+def test_embedding_rows_beyond_the_pieces_get_pad_pieces(stories, assets, tmp_path):
+    """A vocabulary padded past the tokenizer (to a multiple of 8, say): llama.cpp's converter
+    names the extra rows [PAD<id>], unused, score -10000; so do we."""
+    args, tensors = stories
+    padded = dict(tensors)
+    for name in ("tok_embeddings.weight", "output.weight"):
+        padded[name] = torch.cat([tensors[name], torch.zeros(8, args.dim)])
+    save_meta(padded, replace(args, vocab_size=520), tmp_path / "padded")
+    (tmp_path / "padded" / "tokenizer.model").write_bytes(
+        (assets / "stories260K" / "tok512.model").read_bytes())
+    convert.main(str(tmp_path / "padded"), str(tmp_path / "p.gguf"), to="gguf", gguf_type="f32")
+    metadata, stored = read_gguf(tmp_path / "p.gguf")
+    assert metadata["llama.vocab_size"] == (4, 520)
+    assert metadata["tokenizer.ggml.tokens"][1][1][512:] == [f"[PAD{i}]" for i in range(512, 520)]
+    assert metadata["tokenizer.ggml.scores"][1][1][512:] == [-10000.0] * 8
+    assert metadata["tokenizer.ggml.token_type"][1][1][512:] == [5] * 8
+    assert stored["token_embd.weight"][1] == (520, args.dim)
 
 
 def test_lora_merged_into_the_gguf_equals_the_merged_checkpoint(model_bin, stories, tmp_path):
