@@ -19,6 +19,7 @@ from llama.errors import BadInput
 from llama.formats import convert
 from llama.formats.checkpoint import open_source, write_split
 from llama.formats.hf import meta_to_hf_name
+from llama.formats.files import sha256_of
 from llama.formats.layouts import save_meta
 from llama.formats.tensor_files import write_safetensors
 from llama.model.quant import dequantize, quantized_tensors
@@ -397,6 +398,22 @@ def test_a_soft_prompt_is_not_merged(model_bin, tmp_path, kind):
                                        r"cannot be merged"):
         convert.main(str(model_bin), str(tmp_path / "m.gguf"), to="gguf", lora=str(folder))
     assert_nothing_written(tmp_path, "prompt")
+
+
+def test_sha256_list_checks_the_inputs(model_bin, assets, tmp_path, capsys):
+    good = tmp_path / "good.sha256"
+    good.write_text(f"{sha256_of(model_bin)}  stories260K.bin\n")
+    convert.main(str(model_bin), str(tmp_path / "m.gguf"), to="gguf", sha256=str(good))
+    assert f"{sha256_of(tmp_path / 'm.gguf')}  m.gguf" in capsys.readouterr().out
+    bad = tmp_path / "bad.sha256"
+    bad.write_text(f"{'0' * 64}  stories260K.bin\n")
+    with pytest.raises(BadInput, match=r"input \S+stories260K\.bin has sha256 [0-9a-f]{64}, but"):
+        convert.main(str(model_bin), str(tmp_path / "n.gguf"), to="gguf", sha256=str(bad))
+    unrelated = tmp_path / "unrelated.sha256"
+    unrelated.write_text(f"{'0' * 64}  other.bin\n")
+    with pytest.raises(BadInput, match=r"names none of the files read"):
+        convert.main(str(model_bin), str(tmp_path / "n.gguf"), to="gguf", sha256=str(unrelated))
+    assert_nothing_written(tmp_path, "m.gguf", "good.sha256", "bad.sha256", "unrelated.sha256")
 
 
 def test_a_failure_while_writing_leaves_no_file(model_bin, tmp_path, monkeypatch):
