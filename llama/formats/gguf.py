@@ -132,8 +132,8 @@ def model_metadata(args, gguf_type: str, name: str) -> list:
             ("llama.rope.freq_base", FLOAT32, args.rope_theta),
             ("llama.rope.dimension_count", UINT32, args.head_dim),
             ("llama.attention.layer_norm_rms_epsilon", FLOAT32, args.norm_eps)]
-    # No llama.rope.scaling.*: this model has no rope scaling (readers refuse checkpoints
-    # that ask for it), so llama.cpp computes the same unscaled rotary.
+    # No llama.rope.scaling.*: this model has no rope scaling (the HF reader refuses configs
+    # that ask for it), so llama.cpp computes the same unscaled rotary as this project.
 
 
 def tokenizer_metadata(tokenizer_path, vocab_size: int) -> list:
