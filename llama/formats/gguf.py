@@ -119,6 +119,8 @@ def tensor_bytes(name: str, tensor, ggml_type: int) -> bytes:
 
 def model_metadata(args, gguf_type: str, name: str) -> list:
     """[(key, value type, value)] of the llama architecture, under llama.cpp's key names."""
+    # No llama.rope.scaling.*: this model has no rope scaling (the HF reader refuses configs
+    # that ask for it), so llama.cpp computes the same unscaled rotary as this project.
     return [("general.architecture", STRING, "llama"), ("general.name", STRING, name),
             ("general.file_type", UINT32, GGUF_TYPES[gguf_type][1]),
             ("general.quantization_version", UINT32, QUANTIZATION_VERSION),
@@ -132,8 +134,6 @@ def model_metadata(args, gguf_type: str, name: str) -> list:
             ("llama.rope.freq_base", FLOAT32, args.rope_theta),
             ("llama.rope.dimension_count", UINT32, args.head_dim),
             ("llama.attention.layer_norm_rms_epsilon", FLOAT32, args.norm_eps)]
-    # No llama.rope.scaling.*: this model has no rope scaling (the HF reader refuses configs
-    # that ask for it), so llama.cpp computes the same unscaled rotary as this project.
 
 
 def tokenizer_metadata(tokenizer_path, vocab_size: int) -> list:
