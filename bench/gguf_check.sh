@@ -7,7 +7,7 @@
 #   bash bench/gguf_check.sh [OUT]     from the repository root; OUT defaults to runs/gguf_check
 #
 # The first run downloads llama-cpp-python's source (pip download, ~75 MB) and builds one
-# program (about 76 compile steps: minutes on many cores, ~20 min on 2 busy ones); later runs
+# program (76 compile steps: 9 minutes on a busy 2-core machine, measured); later runs
 # reuse OUT/llama.cpp-build. LLAMA_SIMPLE=/path/to/llama-simple skips the build; MODEL= picks
 # the checkpoint (default ckpts/stories260K, else ../shared/assets/stories260K/stories260K.bin);
 # N_PREDICT= tokens to generate (64); PYTHON= the interpreter (python). Exit status 1 when the
