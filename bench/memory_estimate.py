@@ -16,7 +16,8 @@ from llama.formats.checkpoint import stage_plan
 from llama.cli import run_cli
 from llama.errors import BadInput
 from llama.training.memory import saved_bytes_per_token, stage_estimates
-from llama.model.transformer import ModelArgs, rotary_tables
+from llama.model.transformer import ModelArgs
+from llama.model.rotary import rotary_tables
 from llama.model.dtypes import DTYPES, dtype_named
 TABLE = ["n_stages", "stage", "layers", "micro_batch", "in_flight", "weights_gib",
          "kept_plain_gib", "kept_recompute_gib", "kept_offload_gib", "peak_plain_gib",

@@ -12,7 +12,8 @@ from llama.formats.checkpoint import stage_plan
 from llama.errors import BadInput
 from llama.formats.layouts import model_args_from_dict
 from llama.formats.tensor_files import read_json
-from llama.model.transformer import NAMED_SHAPES, ModelArgs, Transformer
+from llama.model.named_shapes import NAMED_SHAPES
+from llama.model.transformer import ModelArgs, Transformer
 from llama.model.quant import apply_quantization
 
 # The named shapes of llama/model/transformer.py (7B, 13B), and a tiny shape of the stories260K family for

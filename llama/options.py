@@ -31,8 +31,8 @@ class Option:
 MODEL = (
     Option("ckpt_dir", str, REQUIRED, "the model: a split folder (split_model.py), a Meta folder, "
            "a llama2.c .bin or a Hugging Face folder"),
-    Option("tokenizer_path", str, None, "the sentencepiece tokenizer.model (default: the one "
-           "beside the checkpoint)"),
+    Option("tokenizer_path", str, None, "the tokenizer: a sentencepiece tokenizer.model or a "
+           "Hugging Face tokenizer.json (default: the one beside the checkpoint)"),
     Option("max_seq_len", int, None, "the longest sequence in tokens, soft prompt included: "
            "prompt + reply when generating, one example when training (longer ones are cut; "
            "default: the model's own)"),

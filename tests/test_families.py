@@ -19,8 +19,9 @@ from llama.formats.tensor_files import (read_safetensor, read_safetensors_header
 from llama.model.fused import apply_fused_projections
 from llama.model.static_decode import StepGraphs
 from llama.model.rotary import rope_frequencies, rotary_tables
-from llama.model.transformer import (NAMED_SHAPES, ModelArgs, Transformer, attention_mask,
-                                     causal_mask, params_digest)
+from llama.model.named_shapes import NAMED_SHAPES
+from llama.model.transformer import (ModelArgs, Transformer, attention_mask, causal_mask,
+                                     params_digest)
 from tiny_families import (as_transformers5, llama32_config, mistral_config, qwen25_config,
                            write_family)
 

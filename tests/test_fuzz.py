@@ -756,7 +756,10 @@ def test_scripts_show_one_error_line_for_these_inputs(model_bin, meta_dir, data_
     edit_json(meta_dir / "params.json", lambda p: p.update(dim="64"))
     cases = [
         (["example.py", "--ckpt_dir", str(model_bin), "--tokenizer_path", str(not_a_tokenizer)],
-         r"^error: tokenizer \S*tokenizer\.json is not a sentencepiece model \("),
+         # a .json tokenizer is read as Hugging Face's: refused without the optional library,
+         # and as no tokenizer.json with it
+         r"^error: tokenizer \S*tokenizer\.json is (a Hugging Face tokenizer\.json, which needs "
+         r"the optional tokenizers library|not a Hugging Face tokenizer\.json \()"),
         (["split_model.py", "--ckpt_dir", str(meta_dir), "--n_stages", "2"],
          r"^error: \S*params\.json: dim='64' must be an integer$"),
         (["ft_main.py", *[f"--{k}={v}" for k, v in run_args(model_bin, data_file, tmp_path / "out",

@@ -75,13 +75,26 @@ def test_mistral_greedy_ids_past_the_window_are_transformers(tmp_path):
     assert ids[6:] == generated
 
 
+def hostile_texts(n: int, seed: int = 0) -> list:
+    """n seeded texts of what tokenizers trip on: unicode of several scripts and emoji, runs of
+    spaces, tabs and newlines, digit runs, punctuation, special tokens inside words."""
+    import random
+    pieces = ["a", "Hello", " world", "  ", "   ", "\t", "\n", "\n\n", "\r\n", "0", "12",
+              "3456789", "1,000.50", "ü", "Köln", "東京", "русский", "العربية", "🙂", "👍🏽",
+              "e\u0301", "!?", "...", "--", "'s", "n't", "<|eot_id|>", "<|begin_of_text|>",
+              "<|start_header_id|>", "<", "|", ">", "\u00a0", "\u200b", "ﬁ", "Ⅻ"]
+    rng = random.Random(seed)
+    return ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 12))) for _ in range(n)]
+
+
 def test_llama3_style_tokenizer_json_encodes_and_decodes_as_transformers(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
     folder = write_llama3_tokenizer(tmp_path / "tok", tokenizers)
     ours = Tokenizer(str(folder / "tokenizer.json"))
     theirs = transformers.AutoTokenizer.from_pretrained(folder)
     assert (ours.bos_id, ours.eos_id) == (theirs.bos_token_id, theirs.eos_token_id)
-    for text in TEXTS + ["Hi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nOk"]:
+    for text in TEXTS + ["Hi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nOk"] + \
+            hostile_texts(300):
         ids = ours.encode(text, bos=True, eos=False)
         assert ids == theirs(text)["input_ids"]  # its post-processor adds BOS
         assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)

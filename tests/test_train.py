@@ -25,7 +25,7 @@ from llama.formats.checkpoint import load_model
 from llama.training.data import load_dataset, make_micro_batch
 from llama.parallel.distributed import DistContext
 from llama.errors import BadInput
-from llama.model.transformer import rotary_tables
+from llama.model.rotary import rotary_tables
 from llama.prepare.offload import apply_recompute, apply_weight_streaming, optimizer_device
 from llama.parallel.pipeline import Stage, loss_sum
 from llama.training.precision import ScaledAdamW

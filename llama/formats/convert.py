@@ -1,11 +1,14 @@
 """Convert any checkpoint this project reads (llama2.c .bin, Hugging Face, Meta, a split folder)
 to Meta's layout (params.json + consolidated.NN.pth) or Hugging Face's (--to hf), with
 tokenizer.model when one is found and converted.json saying what it was made from; optionally
-merging PEFT LoRA adapters on the way and checking files against a published sha256 list.
+merging PEFT LoRA adapters on the way and checking files against a published sha256 list;
+or to one GGUF file for llama.cpp (--to gguf, llama/formats/gguf.py).
 
     python -m llama.formats.convert --src ckpts/stories260K --dst ckpts/stories260K_meta [--n_shards 1]
     python -m llama.formats.convert --src ckpts/7B --lora lora_a,lora_b --dst ckpts/7B-merged \
         [--tokenizer_path lora_b/tokenizer.model] [--sha256 SHA256.md] [--to hf]
+    python -m llama.formats.convert --src ckpts/stories260K --dst stories260K.gguf --to gguf \
+        [--gguf_type f32|f16|q8_0]
 """
 import json
 import shutil
@@ -22,10 +25,14 @@ from llama.errors import BadInput
 from llama.formats.files import (atomic_write_text, check_output_folder, clean_stale_folders_beside,
                          make_temp_folder, replace_folder, sha256_of)
 from llama.formats.layouts import META_SHARD_DIM, save_meta
+from llama.formats.gguf import (GGUF_TYPES, TYPE_NAMES, check_describable, check_destination,
+                                write_gguf)
 from llama.formats.hf import save_hf_safetensors
+from llama.formats.tensor_files import read_json
 from llama.formats.lora import describe, merged_tensor, plan_shapes, read_adapter
 from llama.model.dtypes import dtype_named
 from llama.model.hf_tokenizer import TOKENIZER_JSON_NAMES, is_hf_tokenizer
+from llama.model.quant import dequantize
 from llama.model.tokenizer import Tokenizer
 
 # Written into every converted folder: --overwrite replaces only a folder that has it and
@@ -33,16 +40,25 @@ from llama.model.tokenizer import Tokenizer
 MARKER = "converted.json"
 CONVERTED_FILE_NAMES = (r"converted\.json|params\.json|tokenizer\.model|consolidated\.\d+\.pth"
                         r"|config\.json|model\.safetensors|" + TOKENIZER_JSON_NAMES)
-LAYOUTS = ("meta", "hf")
+LAYOUTS = ("meta", "hf", "gguf")
+# What a tuning folder trained here (tuning.json's "method") or by PEFT (peft_type) holds when
+# it is not LoRA: inputs added to the model, not a change of its weights.
+NOT_MERGEABLE = {"prompt": "a soft prompt", "prefix": "per-layer key/value prefixes",
+                 "adapter": "LLaMA-Adapter's gated adaption prompts"}
+PEFT_NOT_MERGEABLE = {"PROMPT_TUNING": "prompt", "P_TUNING": "prompt",
+                      "PREFIX_TUNING": "prefix", "ADAPTION_PROMPT": "adapter"}
 
 
 def read_all_tensors(src):
-    """(ModelArgs, {Meta name: tensor}, description) of every weight in the checkpoint at src."""
+    """(ModelArgs, {Meta name: tensor}, description) of every weight in the checkpoint at src;
+    a quantized split's packed linears come back dequantized, in the split's float dtype."""
     if is_split_dir(src):
         args, manifest = read_split(src)
         tensors = {}
         for index in range(len(manifest["stages"])):
             tensors.update(load_stage_tensors(src, manifest, index))
+        if manifest.get("quantization"):
+            tensors = dequantized(tensors, manifest["quantization"]["scheme"])
         wanted = stage_tensor_names(args, (0, args.n_layers), True, True)
         if sorted(tensors) != sorted(wanted):
             odd = sorted(set(tensors) ^ set(wanted))[0]
@@ -53,6 +69,20 @@ def read_all_tensors(src):
     refuse_unknown_tensors(source, src)
     tensors = {name: source.load(name) for name in source.names()}
     return source.args, tensors, source.description["format"]
+
+
+def dequantized(tensors: dict, scheme: str) -> dict:
+    """A quantized split's tensors with each packed linear (weight + scales [+ zeros]) turned
+    back into its float weight, w = code * scale (int8) or (code - 8) * scale + zero (int4)."""
+    result = {}
+    for name, tensor in tensors.items():
+        prefix, field = name.rsplit(".", 1)
+        if field in ("scales", "zeros"):
+            continue
+        scales = tensors.get(f"{prefix}.scales")
+        result[name] = tensor if scales is None else dequantize(
+            scheme, tensor, scales, tensors.get(f"{prefix}.zeros"), scales.dtype)
+    return result
 
 
 def check_shardable(tensors: dict, n_shards: int):
@@ -71,6 +101,27 @@ def files_in(path) -> list:
     path = Path(path)
     return sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else \
         [path] if path.is_file() else []
+
+
+def refuse_unmergeable(folder: Path):
+    """A soft prompt, prefix or adapter (ours or PEFT's) passed as --lora: say in one line that
+    it is not a weight change, rather than fail on the LoRA files it lacks."""
+    method, what = None, f"--lora {folder}"
+    if (folder / "tuning.json").is_file():
+        info = read_json(folder / "tuning.json")
+        method = info.get("method") if isinstance(info, dict) else None
+    elif (folder / "prompt.pt").is_file():
+        method = "prompt"
+    elif (folder / "adapter_config.json").is_file():
+        config = read_json(folder / "adapter_config.json")
+        peft_type = config.get("peft_type") if isinstance(config, dict) else None
+        method = PEFT_NOT_MERGEABLE.get(str(peft_type).upper())
+        what = f"{folder / 'adapter_config.json'}: peft_type={peft_type!r} is not LoRA; it"
+    if method in NOT_MERGEABLE:
+        raise BadInput(f"{what} holds {NOT_MERGEABLE[method]} (method {method}): it adds inputs "
+                       "to the model instead of changing its weights, so it cannot be merged "
+                       "into a checkpoint or GGUF: run it with example_ft.py --prompt "
+                       f"{folder} (docs/convert.md says what llama.cpp runs)")
 
 
 def merge_adapters(args, tensors: dict, lora_folders: list, target_dtype):
@@ -124,6 +175,16 @@ def check_outputs(tmp_dir: Path, dst: Path, sha_list, checked: dict) -> dict:
     return hashes
 
 
+def check_inputs(sha_list, src, lora_folders, tokenizer_path, base_tokenizer) -> dict:
+    """Every file read that the --sha256 list names, checked before any work."""
+    if not sha_list:
+        return {}
+    inputs = [*files_in(src), *(f for folder in lora_folders if folder.is_dir()
+                                for f in files_in(folder))]
+    inputs += [Path(t) for t in (tokenizer_path, base_tokenizer) if t and Path(t).is_file()]
+    return check_files(sha_list, [(p, p) for p in inputs], "input")
+
+
 def write_layout(tensors: dict, args, folder: Path, to: str, n_shards: int):
     if to == "hf":
         save_hf_safetensors(tensors, args, folder)
@@ -131,15 +192,66 @@ def write_layout(tensors: dict, args, folder: Path, to: str, n_shards: int):
         save_meta(tensors, args, folder, n_shards)
 
 
+def check_arguments(n_shards, to: str, dtype: str, gguf_type):
+    if isinstance(n_shards, bool) or not isinstance(n_shards, int) or n_shards < 1:
+        raise BadInput(f"--n_shards={n_shards!r} must be a positive integer")
+    if to not in LAYOUTS:
+        raise BadInput(f"--to {to!r} is not a layout written here: use meta, hf or gguf")
+    if to in ("hf", "gguf") and n_shards != 1:
+        raise BadInput(f"--n_shards {n_shards} is for the Meta layout: --to {to} writes one "
+                       f"{'model.safetensors' if to == 'hf' else 'file'}, so leave --n_shards out")
+    if to == "gguf" and dtype != "auto":
+        raise BadInput(f"--dtype {dtype} is for the Meta and HF layouts: a GGUF's precision is "
+                       f"--gguf_type ({', '.join(GGUF_TYPES)})")
+    if to != "gguf" and gguf_type is not None:
+        raise BadInput(f"--gguf_type {gguf_type} is for --to gguf: add it, or drop --gguf_type")
+    if to == "gguf" and gguf_type not in GGUF_TYPES:
+        raise BadInput(f"--gguf_type {gguf_type!r} is not a GGUF type written here: use "
+                       f"{', '.join(GGUF_TYPES)}")
+
+
+def export_gguf(src, dst: Path, lora_folders, tokenizer_path, base_tokenizer, gguf_type: str):
+    """The model (LoRA adapters merged) as one GGUF file with its tokenizer inside."""
+    args, tensors, what = read_all_tensors(src)
+    check_describable(args, tokenizer_path or base_tokenizer)
+    base_vocab = args.vocab_size
+    args, tensors, adapters = merge_adapters(args, tensors, lora_folders, None)
+    tokenizer = tokenizer_for(tokenizer_path, base_tokenizer, adapters, args, base_vocab)
+    if tokenizer is None:
+        raise BadInput(f"no tokenizer.model found beside {src}, and a GGUF file carries its "
+                       "tokenizer: pass it with --tokenizer_path")
+    provenance = {"source": Path(src).name, "source_format": what}
+    if adapters:
+        provenance["lora"] = ",".join(a.folder.name for a in adapters)
+    plan = write_gguf(dst, args, tensors, tokenizer, gguf_type, provenance)
+    types = sorted({TYPE_NAMES[ggml_type] for _, _, ggml_type in plan})
+    merged = f", {len(adapters)} LoRA adapter(s) merged" if adapters else ""
+    print(f"wrote {dst}: {what} as GGUF {gguf_type} ({'/'.join(types)}), {len(plan)} tensors, "
+          f"{dst.stat().st_size / 2**20:.1f} MiB{merged}")
+    fallback = [name for name, tensor, t in plan if gguf_type == "q8_0" and tensor.dim() > 1
+                and t != GGUF_TYPES["q8_0"][0]]
+    if fallback:
+        print(f"note: {len(fallback)} matrices (first: {fallback[0]}) have rows that are not whole "
+              "q8_0 blocks of 32, so they are f16, as llama.cpp's own converter writes them")
+    if not any(name == "output.weight" for name, _, _ in plan):
+        print("note: the classifier equals the embedding (tied), so only token_embd is written; "
+              "llama.cpp uses it for both")
+    print(f"run it with llama.cpp: llama-simple -m {dst} -n 64 'Once upon a time'")
+    print(f"sha256 of the file written:\n{sha256_of(dst)}  {dst.name}")
+
+
 def main(src: str, dst: str, n_shards: int = 1, dtype: str = "auto", overwrite: bool = False,
-         lora: str = None, tokenizer_path: str = None, sha256: str = None, to: str = "meta"):
-    """Convert a checkpoint (llama2.c .bin, Hugging Face, Meta, a split folder) to Meta's or HF's layout.
+         lora: str = None, tokenizer_path: str = None, sha256: str = None, to: str = "meta",
+         gguf_type: str = None):
+    """Convert a checkpoint (llama2.c .bin, Hugging Face, Meta, a split folder) to Meta's or HF's
+    layout, or to one GGUF file for llama.cpp.
 
     Writes dst/params.json and dst/consolidated.NN.pth … (+ tokenizer.model when one is found),
-    or dst/config.json and dst/model.safetensors with --to hf; merges LoRA adapters on the way.
+    or dst/config.json and dst/model.safetensors with --to hf, or the file dst with --to gguf;
+    merges LoRA adapters on the way.
 
     src: the checkpoint to read: a llama2.c .bin, a Hugging Face, Meta or split folder
-    dst: the folder to write
+    dst: the folder to write (with --to gguf, the file)
     n_shards: how many model-parallel shards (consolidated.NN.pth) to write
     dtype: auto keeps the checkpoint's own precision; float32, float16 or bfloat16 converts
     overwrite: replace dst if it already exists
@@ -147,16 +259,15 @@ def main(src: str, dst: str, n_shards: int = 1, dtype: str = "auto", overwrite: 
     tokenizer_path: the tokenizer to ship, checked against the merged vocabulary (default: the
       one beside src, or the adapter's own when an adapter resizes the vocabulary)
     sha256: a published list ('hash  file' lines, a SHA256.md table or JSON): every input and
-      output file it names is checked, and the result's list is printed in its format
-    to: the layout to write: meta, or hf (Hugging Face safetensors + config.json)
+      output file it names is checked (inputs only with --to gguf), and the result's list is
+      printed in its format
+    to: the layout to write: meta, hf (Hugging Face safetensors + config.json) or gguf (one
+      file for llama.cpp, tokenizer inside)
+    gguf_type: with --to gguf, the matrices' type: f32, f16 (default) or q8_0; norms stay f32
     """
-    if isinstance(n_shards, bool) or not isinstance(n_shards, int) or n_shards < 1:
-        raise BadInput(f"--n_shards={n_shards!r} must be a positive integer")
-    if to not in LAYOUTS:
-        raise BadInput(f"--to {to!r} is not a layout written here: use meta or hf")
-    if to == "hf" and n_shards != 1:
-        raise BadInput(f"--n_shards {n_shards} is for the Meta layout: --to hf writes one "
-                       "model.safetensors, so leave --n_shards out")
+    if to == "gguf" and gguf_type is None:
+        gguf_type = "f16"  # llama.cpp's converter's default too
+    check_arguments(n_shards, to, dtype, gguf_type)
     target_dtype = None if dtype == "auto" else dtype_named(dtype)
     lora_folders = [Path(str(p).strip()) for p in
                     (lora.split(",") if isinstance(lora, str) else lora or []) if str(p).strip()]
@@ -166,14 +277,21 @@ def main(src: str, dst: str, n_shards: int = 1, dtype: str = "auto", overwrite: 
         base_tokenizer = find_tokenizer(src)
     except BadInput:
         base_tokenizer = None
-    check_output_folder(dst, "--dst", "a folder that llama.formats.convert wrote", MARKER,
-                        CONVERTED_FILE_NAMES, [src, base_tokenizer, tokenizer_path, sha256,
-                                               *lora_folders], overwrite)
+    reads = [src, base_tokenizer, tokenizer_path, sha256, *lora_folders]
+    if to == "gguf":
+        check_destination(dst, reads, overwrite)
+    else:
+        check_output_folder(dst, "--dst", "a folder that llama.formats.convert wrote", MARKER,
+                            CONVERTED_FILE_NAMES, reads, overwrite)
+    for folder in lora_folders:
+        refuse_unmergeable(folder)
     sha_list = Sha256List(sha256) if sha256 else None
-    inputs = [*files_in(src), *(f for folder in lora_folders if folder.is_dir()
-                                for f in files_in(folder))]
-    inputs += [Path(t) for t in (tokenizer_path, base_tokenizer) if t and Path(t).is_file()]
-    checked = check_files(sha_list, [(p, p) for p in inputs], "input") if sha_list else {}
+    checked = check_inputs(sha_list, src, lora_folders, tokenizer_path, base_tokenizer)
+    if to == "gguf":
+        if sha_list and not checked:
+            raise BadInput(f"--sha256 {sha_list.path} names none of the files read (first "
+                           f"listed: {next(iter(sha_list.hashes))}): list them as 'hash  file name'")
+        return export_gguf(src, dst, lora_folders, tokenizer_path, base_tokenizer, gguf_type)
 
     # Written beside dst and renamed at the end: a failure, whatever it is, leaves no
     # half-converted folder; made before the work so an unwritable --dst is refused at once.

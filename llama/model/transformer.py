@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama.model.named_shapes import NAMED_SHAPES  # noqa: F401 (the planner's names; re-exported)
-from llama.model.rotary import apply_rotary, rotary_tables  # noqa: F401 (re-exported)
+from llama.model.rotary import apply_rotary, rotary_tables
 
 
 @dataclass

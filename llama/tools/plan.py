@@ -13,7 +13,8 @@ from llama.formats.checkpoint import is_split_dir, open_source, read_split, stag
 from llama.cli import run_cli
 from llama.errors import BadInput
 from llama.training.memory import stage_estimates
-from llama.model.transformer import NAMED_SHAPES, ModelArgs
+from llama.model.named_shapes import NAMED_SHAPES
+from llama.model.transformer import ModelArgs
 from llama.model.partition import parameter_costs
 from llama.model.dtypes import DTYPES
 from llama.model.quant import largest_group_size
@@ -102,7 +103,7 @@ def main(model: str = "7B", gpus: Sequence[float] = (4.0, 4.0), global_batch: in
          schedule: str = "1f1b", reserve_gib: float = 0.5, top: int = 10):
     """Print the training configurations that fit on the given cards, best first.
 
-    model: a named shape (7B, 13B) or a checkpoint folder (its params.json)
+    model: a named shape (7B, 13B, Llama-3.2-1B, Qwen2.5-0.5B, Mistral-7B, ...: llama/model/named_shapes.py) or a checkpoint folder (its params.json)
     gpus: GiB of each card, one pipeline stage per card, e.g. 4,4 or 4,4,8
     global_batch: sequences per optimizer step
     seq_len: tokens per sequence (the soft prompt's tokens come on top)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama.errors import BadInput
-from llama.model.transformer import apply_rotary
+from llama.model.rotary import apply_rotary
 from llama.tuning.prompt import SoftPrompt
 
 METHODS = ("prompt", "prefix", "adapter")
