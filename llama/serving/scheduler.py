@@ -91,6 +91,13 @@ class Batcher:
         if request.on_finish:
             request.on_finish(request)
 
+    def abandon(self) -> list:
+        """Forget every request (the engine's rows stay as they are: it is closing) and return
+        those not finished, so their callers can be told why."""
+        pending = [r for r in self.live + list(self.waiting) if r.finish is None]
+        self.live, self.waiting = [], collections.deque()
+        return pending
+
     def run(self):
         """Steps until every request submitted so far is done."""
         while self.busy:

@@ -232,10 +232,8 @@ class Service:
 
     def fail(self, batcher: Batcher, error: ApiError):
         """End every job not finished yet with error (the rows are left as they are)."""
-        pending = [r.owner for r in list(batcher.live) + list(batcher.waiting) if r.finish is None]
-        for job in pending + drain(self.jobs):
+        for job in [request.owner for request in batcher.abandon()] + drain(self.jobs):
             job.events.put(("error", error))
-        batcher.live, batcher.waiting = [], type(batcher.waiting)()
         self.metrics.step(0, 0)
 
 
