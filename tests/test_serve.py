@@ -88,7 +88,15 @@ def start_server(model, tokenizer, folders: dict, log=None, cuda_graph=False, **
     running = Server(service, "127.0.0.1", 0, log=log)
     running.engine = Engine(Stage(model, DistContext(), cuda_graph=cuda_graph), tunings,
                             max_rows=8)
-    running.runner = threading.Thread(target=running.run, args=(running.engine, 0.2), daemon=True)
+    running.error = None
+
+    def run():
+        try:
+            running.run(running.engine, 0.2)
+        except Exception as error:  # kept for the test that makes a step fail
+            running.error = error
+
+    running.runner = threading.Thread(target=run, daemon=True)
     running.runner.start()
     return running
 
@@ -549,6 +557,24 @@ def test_stopping_ends_the_replies_in_flight_with_a_clear_error(model_bin, token
     assert status == 503 and whole["error"]["code"] == "server_shutdown", whole
     assert "shutting down" in whole["error"]["message"]
     assert json.loads(answers["stream"][-1])["error"]["code"] == "server_shutdown"
+
+
+def test_a_failing_step_ends_the_replies_with_a_500_not_a_hang(model_bin, tokenizer):
+    """A bug in a step (here an engine that raises): the request waiting on it gets a 500
+    internal_error, and the error reaches the caller of run() (serve.py then ends with its
+    traceback)."""
+    running = start_server(load_model(model_bin), tokenizer, {}, max_wait_ms=0)
+
+    def broken(plan):
+        raise RuntimeError("a bug in a step")
+
+    running.engine.do = broken
+    body = {"model": "base", "prompt": TEXTS[0], "max_tokens": 4}
+    status, answer = call(running.port, "POST", "/v1/completions", body)
+    assert (status, answer["error"]["code"]) == (500, "internal_error"), answer
+    assert "RuntimeError: a bug in a step" in answer["error"]["message"]
+    running.runner.join(timeout=60)
+    assert isinstance(running.error, RuntimeError) and not running.runner.is_alive()
 
 
 def raw_stream(port, body) -> list:

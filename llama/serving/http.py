@@ -14,7 +14,6 @@ import time
 from http.server import ThreadingHTTPServer
 
 from llama.errors import BadInput
-from llama.parallel.faults import PeerLost
 from llama.serving.access import Access
 from llama.serving.handler import make_handler
 from llama.serving.requests import ApiError, Limits, parse_served_prompts
@@ -114,8 +113,8 @@ class Server:
         try:
             self.service.serve(engine, self.stopping, heartbeat_s)
             self.service.wait_for_handlers()  # each in-flight reply's error is written first
-        except PeerLost:
-            self.service.wait_for_handlers(0.5)  # their 503s, before the process ends
+        except Exception:  # a lost stage (503s) or a bug (500s): answered before the end
+            self.service.wait_for_handlers(0.5)
             raise
         finally:
             self.httpd.shutdown()

@@ -118,7 +118,8 @@ class Service:
         self.base_name, self.max_seq_len, self.limits = base_name, max_seq_len, limits
         self.api_key = api_key
         self.jobs = queue.Queue()
-        self.down = None  # why the stages can serve no more (a lost stage)
+        self.down = None  # why the stages can serve no more (a lost stage, a bug)
+        self.down_code = "stage_lost"
         self.closing = False  # shutting down: no new jobs
         self.stats = {"batches": 0, "rows": 0, "largest_batch": 0, "cancelled": 0}
         self.metrics = Metrics(limits.max_batch)
@@ -149,8 +150,9 @@ class Service:
 
     def submit(self, job: Job):
         if self.down:
-            raise ApiError(503, f"the server lost a pipeline stage and is stopping: {self.down}",
-                           kind="server_error", code="stage_lost")
+            what = "lost a pipeline stage" if self.down_code == "stage_lost" else "failed"
+            raise ApiError(503, f"the server {what} and is stopping: {self.down}",
+                           kind="server_error", code=self.down_code)
         with self.open_lock:  # closing is set under it too: no job slips in after the last drain
             if self.closing:
                 raise ApiError(503, "the server is shutting down: retry on another one or later",
@@ -190,6 +192,11 @@ class Service:
             self.down = str(error)
             self.fail(batcher, ApiError(503, f"a pipeline stage was lost: {error}",
                                         kind="server_error", code="stage_lost"))
+            raise
+        except Exception as error:  # a bug: its replies end with a 500, not a hang, then the trace
+            self.down, self.down_code = f"{type(error).__name__}: {error}", "internal_error"
+            self.fail(batcher, ApiError(500, f"generation failed ({self.down}); the server is "
+                                        "stopping", kind="server_error", code="internal_error"))
             raise
         return batcher
 
