@@ -65,3 +65,27 @@ def test_a_request_that_cannot_fit_is_refused_in_one_line(model_bin):
             Batcher(engine).submit(Request(list(range(1, 9)), 4))
     finally:
         engine.close()
+
+
+def test_rows_whose_padding_would_not_fit_are_prefilled_one_by_one(model_bin):
+    """A prefix row (text after its 3 positions) joining with a longer plain row in a cache of
+    10 positions: padded together they would write past the end, so each goes alone."""
+    model = load_model(model_bin)
+    stage, named = Stage(model, DistContext()), tunings(model, DistContext())
+
+    def run(rows):
+        engine = Engine(stage, named, max_rows=2, length=10)
+        try:
+            requests = [Request(ids, 8, tuning) for tuning, ids in rows]
+            batcher = Batcher(engine)
+            for request in requests:
+                batcher.submit(request)
+            batcher.run()
+        finally:
+            engine.close()
+        return [r.new for r in requests]
+
+    rows = [("prefix", [1, 403]), (None, [1, 403, 407, 261, 280, 300, 290, 310])]
+    together = run(rows)
+    assert together == [run([row])[0] for row in rows]
+    assert len(together[1]) == 2  # at positions 8 and 9: the cache is full then

@@ -129,12 +129,14 @@ class KVCache:
         self.values[:B, start_pos:start_pos + T] = values
         return self.keys[:B, :start_pos + T], self.values[:B, :start_pos + T]
 
-    def keep_rows(self, rows):
+    def keep_rows(self, rows, length: int = None):
         """Move the given batch rows (a list of indices) to the front, in that order. In place:
-        a captured CUDA graph keeps reading the same memory."""
+        a captured CUDA graph keeps reading the same memory. length: only the first positions
+        hold anything yet (the rest is masked until written), so only they are moved."""
         index = torch.tensor(rows, dtype=torch.long, device=self.keys.device)
-        self.keys[:len(rows)] = self.keys[index]
-        self.values[:len(rows)] = self.values[index]
+        length = self.keys.shape[1] if length is None else length
+        self.keys[:len(rows), :length] = self.keys[index, :length]
+        self.values[:len(rows), :length] = self.values[index, :length]
 
 
 def causal_mask(n_queries: int, n_keys: int, device, start_pos=None, window=None):

@@ -1,12 +1,12 @@
 """The one generation engine: rows that join at any step, each with its own tuning and sampling.
 
 Every rank holds an Engine over its stage: a KV cache of up to max_rows rows and the two kinds
-of work done on it. A row's prefill runs that row alone (batch 1, on a view of its cache row),
-with its own tuning: a soft prompt's vectors before its text, a prefix's keys and values in its
-first cache positions, an adapter's gated outputs. A decode step feeds every row its last id at
-its own position (a (B,) position tensor, a per-row mask, llama/model/transformer.py); an adapter
-then adds its outputs times a per-row gate, 1 for its rows and 0 for the others. So each row
-computes what it computes alone, and rows of any tunings share a batch.
+of work done on it. The rows that join in one step are prefilled together, right-padded, each at
+its own positions (a (B,) position tensor, a per-row mask, llama/model/transformer.py) and with
+its own tuning: a soft prompt's vectors before its text, a prefix's keys and values written into
+its first cache positions, an adapter's outputs. A decode step feeds every row its last id at its
+own position. An adapter adds its outputs times a per-row gate, 1 for its rows and 0 for the
+others. So each row computes what it computes alone, and rows of any tunings share a batch.
 
 Rank 0 decides each step (llama/serving/scheduler.py) and broadcasts it as a small plan; every
 rank runs it (`run`), the others in `follow`. cuda_graph: decode steps with fixed shapes are
@@ -16,6 +16,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from llama.model.static_decode import StepGraphs
 from llama.serving.sampling import Sampling, pick_ids
@@ -66,14 +67,15 @@ class Engine:
         if plan.get("keep") is not None:
             self.keep(plan["keep"])
         decoded = self.decode(len(self.rows)) if plan.get("decode") and self.rows else []
-        prefilled = []
+        first = len(self.rows)
         for join in plan.get("join", ()):
             sampling = Sampling(**join["sampling"])
             generator = torch.Generator().manual_seed(sampling.seed)
             self.rows.append(RowState(join["tuning"], sampling, generator))
-            prefilled.append(self.prefill(len(self.rows) - 1, join["ids"], fresh=True))
+        joins = [join["ids"] for join in plan.get("join", ())]
+        prefilled = self.prefill(first, joins, fresh=True) if joins else []
         for index, ids in plan.get("extend", ()):
-            prefilled.append(self.prefill(index, ids, fresh=False))
+            prefilled += self.prefill(index, [ids], fresh=False)
         return {"decoded": decoded, "prefilled": prefilled}
 
     def do(self, plan: dict) -> dict:
@@ -90,35 +92,68 @@ class Engine:
                 self.run(plan)
 
     def keep(self, kept: list):
+        written = max((self.rows[i].pos for i in kept), default=0)  # later positions: masked
         for cache in self.caches:
-            cache.keep_rows(kept)
+            cache.keep_rows(kept, written)
         self.rows = [self.rows[i] for i in kept]
 
-    # ---- prefill: one row alone ----
+    # ---- prefill: rows that start (or go on) together, each at its own positions ----
 
     @torch.no_grad()
-    def prefill(self, index: int, ids: list, fresh: bool) -> int:
-        """Feed ids to row index at its position; the id picked after them. fresh: the row's
-        first ids, where its prompt enters before them and its prefix fills the first positions."""
-        row = self.rows[index]
-        tuning = self.tunings[row.tuning] if row.tuning is not None else None
-        with self.caches_as(lambda cache: cache.row(index)), self.only(tuning):
-            hidden_virtual = tuning.hidden_virtual if tuning is not None and fresh else 0
-            start = row.pos
-            if fresh and tuning is not None:
-                tuning.fill_cache(self.model)
-                start = tuning.n_virtual - hidden_virtual  # text after a prefix's positions
-            tokens = torch.tensor([ids], dtype=torch.long)
-            if self.stage.is_first:
-                h = self.model.embed(tokens.to(self.ctx.device))
-                h = tuning.prepend(h) if hidden_virtual else h
-            else:
-                h = self.receive((1, hidden_virtual + len(ids), self.model.args.dim))
-            h = self.model.run_layers(h, start)
-            row.pos = start + h.shape[1]
-            out = self.model.logits(h[:, -1]) if self.stage.is_last else h
-        row.last = self.pick_and_share(out, [row])[0]
-        return row.last
+    def prefill(self, first: int, chunks: list, fresh: bool) -> list:
+        """Feed chunks[i] to row first + i, at its position, all in one pass; the ids picked
+        after them. fresh: the rows' first ids, where a prompt enters before them and a prefix
+        fills the first positions. Rows are right-padded to the longest: a row's padding sits
+        after its own positions (masked for it, overwritten by its later ids)."""
+        rows = self.rows[first:first + len(chunks)]
+        tunings = [self.tunings[r.tuning] if r.tuning is not None else None for r in rows]
+        prepended = [t.hidden_virtual if t is not None and fresh else 0 for t in tunings]
+        starts = [t.n_virtual - v if fresh and t is not None else r.pos  # after a prefix
+                  for r, t, v in zip(rows, tunings, prepended)]
+        lengths = [v + len(ids) for v, ids in zip(prepended, chunks)]
+        width = max(lengths)
+        if len(chunks) > 1 and max(starts) + width > self.length:  # padding would not fit
+            return [self.prefill(first + i, [ids], fresh)[0] for i, ids in enumerate(chunks)]
+        if fresh:
+            self.fill_prefixes(first, tunings)
+        h = self.prefill_input(chunks, tunings, prepended, width)
+        positions = torch.tensor(starts, dtype=torch.long, device=self.ctx.device)
+        adapters = tuple(name for name in self.gates if any(r.tuning == name for r in rows))
+        end = first + len(chunks)
+        visible = max(starts) + width
+        with self.caches_as(lambda c: c.view(c.keys[first:end, :visible],
+                                             c.values[first:end, :visible])), \
+                self.only(None), self.adapters_on(adapters, rows):
+            h = self.model.run_layers(h, positions)
+        for row, start, length in zip(rows, starts, lengths):
+            row.pos = start + length
+        out = h
+        if self.stage.is_last:  # each row's last own position
+            last = torch.tensor(lengths, device=h.device) - 1
+            out = self.model.logits(h[torch.arange(len(rows), device=h.device), last])
+        picked = self.pick_and_share(out, rows)
+        for row, token in zip(rows, picked):
+            row.last = token
+        return picked
+
+    def fill_prefixes(self, first: int, tunings: list):
+        """Each new row's prefix (if its tuning has one) into that row's first cache positions."""
+        for i, tuning in enumerate(tunings):
+            if tuning is not None:
+                with self.caches_as(lambda cache: cache.row(first + i)), self.only(tuning):
+                    tuning.fill_cache(self.model)
+
+    def prefill_input(self, chunks: list, tunings: list, prepended: list, width: int):
+        """First stage: each row's embeddings (after its prompt's vectors), right-padded to
+        width; the others receive that from the stage before."""
+        if not self.stage.is_first:
+            return self.receive((len(chunks), width, self.model.args.dim))
+        rows = []
+        for ids, tuning, virtual in zip(chunks, tunings, prepended):
+            h = self.model.embed(torch.tensor([ids], dtype=torch.long, device=self.ctx.device))
+            h = tuning.prepend(h) if virtual else h  # (1, virtual + len(ids), dim)
+            rows.append(F.pad(h, (0, 0, 0, width - h.shape[1])))
+        return torch.cat(rows)  # (rows, width, dim)
 
     @contextlib.contextmanager
     def caches_as(self, view):
