@@ -114,7 +114,7 @@ def main(shape: str = "7B", ckpt_dir: str = None, n_stages: int = None, micro_ba
     Stage sizes, bytes sent per micro-batch, the bubble and the soft prompt's size: arithmetic
     from the shape (and a split folder's split.json); no weights are read but one table.
 
-    shape: a named shape (7B, 13B, Llama-3.2-1B, Qwen2.5-0.5B, Mistral-7B, ...: llama/model/named_shapes.py), used when no --ckpt_dir is given
+    shape: a named shape (7B, 13B, Llama-3.2-1B, Qwen2.5-0.5B, Mistral-7B and the others in llama/model/named_shapes.py), used when no --ckpt_dir is given
     ckpt_dir: a checkpoint (Meta, Hugging Face, llama2.c .bin) or a split folder (its stages)
     n_stages: how many pipeline stages (default: the split folder's own, else 4)
     micro_batch_size: examples per micro-batch

@@ -103,7 +103,7 @@ def main(model: str = "7B", gpus: Sequence[float] = (4.0, 4.0), global_batch: in
          schedule: str = "1f1b", reserve_gib: float = 0.5, top: int = 10):
     """Print the training configurations that fit on the given cards, best first.
 
-    model: a named shape (7B, 13B, Llama-3.2-1B, Qwen2.5-0.5B, Mistral-7B, ...: llama/model/named_shapes.py) or a checkpoint folder (its params.json)
+    model: a named shape (7B, 13B, Llama-3.2-1B, Qwen2.5-0.5B, Mistral-7B and the others in llama/model/named_shapes.py) or a checkpoint folder (its params.json)
     gpus: GiB of each card, one pipeline stage per card, e.g. 4,4 or 4,4,8
     global_batch: sequences per optimizer step
     seq_len: tokens per sequence (the soft prompt's tokens come on top)
