@@ -25,8 +25,14 @@ FIELD_KINDS = {"step": int, "trainable": dict, "optimizer": dict, "scaler": dict
                "loader": dict, "identity": str, "losses": str, "rng": torch.Tensor}
 
 
+# A LoRA run's too (only a LoRA run's: a checkpoint of another method, or of an earlier
+# version, has none of them).
+LORA_IDENTITY = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "use_rslora")
+
+
 def run_identity(cfg) -> dict:
-    return {name: getattr(cfg, name) for name in RUN_IDENTITY}
+    names = RUN_IDENTITY + (LORA_IDENTITY if cfg.method == "lora" else ())
+    return {name: getattr(cfg, name) for name in names}
 
 
 def checkpoint_path(cfg) -> Path:

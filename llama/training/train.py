@@ -1,8 +1,8 @@
-"""The soft-prompt training loop, run by every pipeline rank (ft_main.py is its command line).
+"""The tuning loop, run by every pipeline rank (ft_main.py is its command line).
 
 Every rank builds the same batches; each stage owns the trainable tensors of its tuning method
-(llama/tuning/methods.py: the prompt on stage 0, every layer's prefix on the stage that runs the layer)
-and their optimizer; the last stage owns the loss. Once per step all ranks agree, in one small
+(llama/tuning/methods.py, lora.py: the prompt on stage 0, every layer's prefix, adaption prompt or
+LoRA pairs on the stage that runs the layer) and their optimizer; the last stage owns the loss. Once per step all ranks agree, in one small
 all-reduce, on whether the step overflowed, whether to stop, what to report and every stage's
 squared gradient norm (one slot per rank: the max fills in the others, the sum is the global
 norm); so every rank takes the same decisions and clips by the same norm.
@@ -24,6 +24,7 @@ from llama.training.batches import BatchLoader, eval_batches, split_dataset
 from llama.training.data import load_dataset, model_stop_token
 from llama.errors import BadInput
 from llama.prepare.offload import optimizer_device
+from llama.tuning.lora import apply_lora
 from llama.tuning.methods import (apply_adapter, apply_prefix, apply_prompt, init_ids,
                            init_prefix_from_tokens)
 from llama.tuning.peft import export_peft
@@ -192,6 +193,8 @@ def build_tuning(cfg, model, tokenizer, ctx):
         return tuning
     if cfg.method == "adapter":
         return apply_adapter(model, cfg.n_virtual_tokens, cfg.adapter_layers, cfg.seed)
+    if cfg.method == "lora":
+        return apply_lora(model, cfg.lora(), cfg.seed)
     prompt = None
     if ctx.is_first:
         weight = init_prompt_weight(cfg.init, cfg.n_virtual_tokens, model.tok_embeddings.weight,
@@ -288,6 +291,8 @@ def finish(cfg, ctx, run: Run, tokenizer, start_step: int, losses: dict):
                     "tokenizer": tokenizer.path, "losses": losses, "base_model": cfg.base_model}
         if cfg.method == "adapter":
             metadata.update(adapter_layers=cfg.adapter_layers)
+        if cfg.method == "lora":  # A starts seeded, B at zero: --init does not apply
+            metadata.update(lora=cfg.lora().describe(), init=None, init_text=None)
         save_tuning(out, cfg.method, tensors, args, metadata)
         export_peft(out / PEFT_FOLDER, cfg.method, tensors, args, metadata)
         ctx.log(f"saved the {cfg.method} tensors to {out}/tuning.pt (+ tuning.json, PEFT layout "
