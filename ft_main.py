@@ -37,7 +37,7 @@ def main(data: str, out: str,
          resume: Union[bool, str] = None, overwrite: bool = False, base_model: str = None,
          trace: str = None, trace_steps: int = 3, max_skipped_steps: int = 20,
          debug_overflow_steps: tuple[int, ...] = (), **options):
-    """Tune a frozen LLaMA (prompt, prefix, adapter or LoRA), one pipeline stage per process.
+    """Train a soft prompt (or prefixes, adaption prompts, LoRA) for a frozen LLaMA, stage by stage.
 
     Writes <out>/tuning.pt + tuning.json (every method's tensors and description),
     peft/ (PEFT's layout), metrics.jsonl and checkpoint.pt.

@@ -315,3 +315,54 @@ def test_lora_made_by_peft_runs_here_as_in_peft(model_bin, tmp_path):
         base = load_model(model_bin)(TOKENS)
     torch.testing.assert_close(peft_logits, ours, atol=1e-4, rtol=0)
     assert (ours - base).abs().max() > 0.05
+
+
+# ---- the planner ----
+
+def test_the_planner_counts_loras_parameters_state_and_kept_inputs():
+    from llama.formats.checkpoint import stage_plan
+    from llama.model.partition import GIB
+    from llama.model.transformer import NAMED_SHAPES, ModelArgs
+    from llama.training.memory import (lora_parameters, lora_saved_bytes_per_token,
+                                       stage_estimates)
+    args = ModelArgs(**NAMED_SHAPES["7B"])
+    assert lora_parameters(args, 32, 8, ("q", "v")) == 32 * 2 * 8 * (4096 + 4096)  # 4.2 M
+    lora = lora_settings(r=8, targets="all")
+    # fp16: q/k/v's and gate/up's normed inputs, down's 11008-wide input, A x of 7 targets
+    assert lora_saved_bytes_per_token(args, 2, 8, lora.targets) == 2 * (2 * 4096 + 11008 + 56)
+    plan = stage_plan(args, 2)
+    without = stage_estimates(args, plan, 32, 2, 512, 0, 2, "1f1b", 1.0)
+    with_lora = stage_estimates(args, plan, 32, 2, 512, 0, 2, "1f1b", 1.0, lora=lora)
+    for plain, tuned in zip(without, with_lora):
+        n_layers = tuned["layers"][1] - tuned["layers"][0]
+        assert tuned["trainable"] == lora_parameters(args, n_layers, 8, lora.targets)
+        assert tuned["trainable_state_gib"] == tuned["trainable"] * 20 / GIB
+        # offload keeps one layer's saved tensors at a time: the state and one layer's extra
+        extra = 2 * 512 * lora_saved_bytes_per_token(args, 2, 8, lora.targets) / GIB
+        assert tuned["peak_offload_gib"] - plain["peak_offload_gib"] == pytest.approx(
+            tuned["trainable_state_gib"] + extra)
+
+
+def test_lora_dropout_run_on_two_stages_resumes_bitwise(model_bin, alpaca_small, tmp_path):
+    """Dropout draws from the random state of the rank a layer runs on: checkpoint.pt keeps
+    every rank's, and each takes its own back."""
+    split = tmp_path / "split"
+    split_model.main(str(model_bin), 2, out_dir=str(split))
+    runs = {}
+    for name in ("reference", "stopped"):
+        runs[name] = tmp_path / name
+        cli = as_cli(lora_args(split, alpaca_small, runs[name], lora_dropout=0.2))
+        script = "ft_main.py" if name == "reference" else os.path.join("tests", "workers",
+                                                                          "stop_before_step.py")
+        results = launch([script, *cli], 2, timeout_s=150, extra_env={"STOP_BEFORE_STEP": "3"})
+        if name == "reference":
+            check_all_ok(results)
+    assert not (runs["stopped"] / "tuning.pt").exists()
+    assert torch.load(runs["stopped"] / "checkpoint.pt", weights_only=True)["step"] == 2
+    check_all_ok(launch(["ft_main.py", *as_cli(lora_args(split, alpaca_small, runs["stopped"],
+                                                         lora_dropout=0.2)), "--resume", "True"],
+                        2, timeout_s=150))
+    resumed = torch.load(runs["stopped"] / "tuning.pt", weights_only=True)
+    for key, tensor in torch.load(runs["reference"] / "tuning.pt", weights_only=True).items():
+        assert torch.equal(resumed[key], tensor), key
+    assert metrics(runs["stopped"])[-2:] == metrics(runs["reference"])[-2:]

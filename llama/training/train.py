@@ -81,10 +81,12 @@ class Run:
         global key to rank 0, which writes the one file."""
         optimizer_states = self.stage.ctx.gather_objects(
             self.optimizer.state_dict() if self.optimizer is not None else {})
+        # Every rank's: a LoRA's dropout draws from the random state of the rank it runs on.
+        rng_states = self.stage.ctx.gather_objects(torch.get_rng_state())
         if self.stage.ctx.rank == 0:
             save_training_state(checkpoint_path(cfg), step, optimizer_states, self.scaler,
                                 self.loader, run_identity(cfg),
-                                params_digest(self.stage.model.args), losses)
+                                params_digest(self.stage.model.args), losses, rng_states)
 
     def optimizer_span(self, step: int):
         if self.optimizer is None:
@@ -159,6 +161,9 @@ def stopped_by_signal(cfg, ctx, step: int, log):
 
 
 def set_up(cfg, ctx, model, tokenizer, tuning, held) -> Run:
+    # A LoRA's dropout draws from torch's global generator: a run starts it from --seed, not
+    # from wherever an earlier run in the same process (a test, a notebook) left it.
+    torch.manual_seed(cfg.seed)
     if ctx.rank == 0:  # before any work: a second run into the same --out stops here at once
         held.enter_context(claim_out(Path(cfg.out), cfg.resume, cfg.overwrite, ctx.log,
                                      cfg.ckpt_dir))
