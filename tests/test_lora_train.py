@@ -366,3 +366,27 @@ def test_lora_dropout_run_on_two_stages_resumes_bitwise(model_bin, alpaca_small,
     for key, tensor in torch.load(runs["reference"] / "tuning.pt", weights_only=True).items():
         assert torch.equal(resumed[key], tensor), key
     assert metrics(runs["stopped"])[-2:] == metrics(runs["reference"])[-2:]
+
+
+# ---- generation: cache == recomputation, static decode == eager ----
+
+def test_lora_generation_cached_static_and_recomputed_agree(model_bin):
+    model = load_model(model_bin)
+    tuning = opened_lora(model)
+    with torch.no_grad():  # an update large enough to change what is said
+        for key, tensor in tuning.trainable.items():
+            tensor.mul_(10 if key.endswith("lora_B") else 1)
+    stage = Stage(model, DistContext(), tuning=tuning)
+    prompts = [[1, 403, 407, 261], [1, 403]]  # unequal lengths
+    cached = generate(stage, prompts, 10)
+    assert cached != generate(stage, prompts, 10, use_prompt=False)
+    static = Stage(model, DistContext(), tuning=stage.tuning, cuda_graph=True)
+    for use_prompt in (True, False):  # --cuda_graph's static decode (uncaptured on a CPU)
+        assert generate(static, prompts, 10, use_prompt=use_prompt) == \
+            generate(stage, prompts, 10, use_prompt=use_prompt)
+    for prompt, new in zip(prompts, cached):
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(len(new)):
+                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        assert ids[len(prompt):] == new
