@@ -6,9 +6,10 @@
 prompt: virtual-token embeddings before the text (the first stage only). prefix: P-tuning v2 /
 PEFT's PREFIX_TUNING: n_virtual keys and values in front of every layer's attention, as many
 kv heads as the model has (GQA). adapter: LLaMA-Adapter / PEFT's ADAPTION_PROMPT: in the top
-layers, a zero-gated attention of each query to adaption-prompt keys and values. Every method's
-tensors are float32 and named by global layer keys ("layers.3.prefix"), so what trained on p
-stages loads on q.
+layers, a zero-gated attention of each query to adaption-prompt keys and values. lora
+(llama/tuning/lora.py): low-rank updates of the projections. Every method's tensors are float32
+and named by global layer keys ("layers.3.prefix"), so what trained on p stages loads on q;
+apply_saved puts any method's saved tensors on a stage.
 """
 import math
 
