@@ -1,7 +1,7 @@
 """LoRA trained through the pipeline stages (llama/tuning/lora.py), on float or quantized weights.
 
 The gradient of every A and B through 2 real gloo stages equals one process's on the full batch
-(plain, with recomputation and activation offload, on int8 weights); a fresh LoRA is the base
+(plain, with recomputation and activation offload, on int8 and int4 weights); a fresh LoRA is the base
 model; ft_main --method lora through 2 stages trains like one process and resumes bitwise; the
 PEFT export merges with convert --lora into a model of the same logits, and loads in peft onto
 the HF export with the same logits (when peft is installed); bad settings are refused in one line.
@@ -89,9 +89,9 @@ def test_fused_projections_get_the_unfused_update_and_gradient(model_bin):
         assert float((results[1][1][key] - grad).norm() / grad.norm()) <= 1e-4, key
 
 
-@pytest.mark.parametrize("variant", ["plain", "recompute", "int8"])
+@pytest.mark.parametrize("variant", ["plain", "recompute", "int8", "int4"])
 def test_lora_gradient_through_two_stages_equals_one_process(model_bin, variant, tmp_path):
-    quantize = "int8" if variant == "int8" else None
+    quantize = variant if variant.startswith("int") else None
     model = load_model(model_bin, quantize=quantize)
     tuning = opened_lora(model)
     micro = make_micro_batches(model.args.vocab_size, 4, 2)
