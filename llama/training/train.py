@@ -252,9 +252,16 @@ def start_or_resume(cfg, ctx, run: Run):
     if run.held_out:
         losses["eval_loss_no_prompt"] = run.stage.mean_loss(run.held_out, with_prompt=False)
         losses["eval_loss_init"] = run.stage.mean_loss(run.held_out, with_prompt=True)
-        ctx.log(f"held-out loss: {losses['eval_loss_no_prompt']:.4f} without a prompt, "
-                f"{losses['eval_loss_init']:.4f} with the initial prompt")
+        what = tuned_thing(cfg)
+        ctx.log(f"held-out loss: {losses['eval_loss_no_prompt']:.4f} without a {what}, "
+                f"{losses['eval_loss_init']:.4f} with the initial {what}")
     return 0, losses
+
+
+def tuned_thing(cfg) -> str:
+    """What the log calls the trained tensors: a prompt (the deep methods' too, as before), or
+    a LoRA, which is no prompt at all."""
+    return "LoRA" if cfg.method == "lora" else "prompt"
 
 
 def run_train_step(stage, batches, cfg, scale, ctx):
@@ -280,8 +287,9 @@ def finish(cfg, ctx, run: Run, tokenizer, start_step: int, losses: dict):
     """The final held-out loss, a trace of a run too short for one, the prompt's files."""
     if run.held_out:
         losses["eval_loss"] = run.stage.mean_loss(run.held_out)
-        ctx.log(f"held-out loss {losses['eval_loss']:.4f} with the trained prompt "
-                f"(no prompt: {losses.get('eval_loss_no_prompt', float('nan')):.4f})")
+        what = tuned_thing(cfg)
+        ctx.log(f"held-out loss {losses['eval_loss']:.4f} with the trained {what} "
+                f"(no {what}: {losses.get('eval_loss_no_prompt', float('nan')):.4f})")
     if cfg.trace and run.total_steps - start_step < cfg.trace_steps:
         write_trace(cfg.trace, ctx, run.tracer, cfg.schedule,
                     cfg.global_batch_size // cfg.micro_batch_size)
