@@ -390,3 +390,16 @@ def test_lora_generation_cached_static_and_recomputed_agree(model_bin):
             for _ in range(len(new)):
                 ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
         assert ids[len(prompt):] == new
+
+
+def test_a_peft_lora_this_method_cannot_run_is_refused_with_the_merge_advice(model_bin,
+                                                                              single_run, tmp_path):
+    import shutil
+    folder = tmp_path / "peft"
+    shutil.copytree(single_run / "peft", folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "rank_pattern": {"q_proj": 2}}))
+    with pytest.raises(BadInput, match=r"adapter_config\.json: rank_pattern=\{'q_proj': 2\} is not "
+                                       r"run here .* merge it into the weights with python -m "
+                                       r"llama\.formats\.convert --lora instead"):
+        load_tuning(folder, load_model(model_bin).args)
