@@ -1,4 +1,4 @@
-"""Generate with a tuned soft prompt, prefix or adapter (ours or PEFT's layout), one stage per process.
+"""Generate with a tuned soft prompt, prefix, adapter or LoRA (ours or PEFT's layout), one stage per process.
 
     torchrun --nproc_per_node 4 example_ft.py --ckpt_dir ckpts/7B_pp4 --prompt ckpts/prompts/alpaca
     python example_ft.py --ckpt_dir ckpts/stories260K_pp2 --prompt runs/demo/prompt --compare
@@ -22,7 +22,7 @@ def saved_tuning(folder):
     def method(ctx, model, tokenizer):
         loaded = load_tuning(folder, model.args) if ctx.rank == 0 else None
         name, tensors, method.info = ctx.broadcast_object(loaded)
-        return apply_saved(model, name, tensors, ctx.is_first)
+        return apply_saved(model, name, tensors, ctx.is_first, method.info)
     return method
 
 
