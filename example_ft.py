@@ -1,4 +1,4 @@
-"""Generate with a tuned soft prompt, prefix or adapter (ours or PEFT's layout), one stage per process.
+"""Generate with a tuned soft prompt, prefix, adapter or LoRA (ours or PEFT's layout), one stage per process.
 
     torchrun --nproc_per_node 4 example_ft.py --ckpt_dir ckpts/7B_pp4 --prompt ckpts/prompts/alpaca
     python example_ft.py --ckpt_dir ckpts/stories260K_pp2 --prompt runs/demo/prompt --compare

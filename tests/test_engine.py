@@ -1,5 +1,5 @@
-"""The one generation engine: rows of every tuning (none, soft prompt, prefix, adapter) share a
-batch, join at different steps and each generates what it generates alone, greedy and sampled;
+"""The one generation engine: rows of every tuning (none, soft prompt, prefix, adapter, LoRA)
+share a batch, join at different steps and each generates what it generates alone, greedy and sampled;
 on one process and on two stages; the static (CUDA-graph) decode mode gives the same ids.
 Run: python3 -m pytest -q tests/test_engine.py
 """
@@ -33,9 +33,10 @@ def test_a_mixed_batch_with_rows_joining_late_equals_each_row_alone(single):
 def test_tunings_change_what_a_row_says(model_bin):
     model = load_model(model_bin)
     stage, named = Stage(model, DistContext()), tunings(model, DistContext())
-    rows = [(name, [1, 300, 400], 0.0, 0) for name in (None, "prompt", "prefix", "adapter")]
-    outs, _ = run_rows(stage, named, rows, max_rows=4)
-    assert len({tuple(o) for o in outs}) == 4, outs
+    names = (None, "prompt", "prefix", "adapter", "lora")
+    rows = [(name, [1, 300, 400], 0.0, 0) for name in names]
+    outs, _ = run_rows(stage, named, rows, max_rows=5)
+    assert len({tuple(o) for o in outs}) == len(names), outs
 
 
 def test_static_decode_mode_gives_the_same_ids_and_captures_per_batch_and_adapters(model_bin,
@@ -45,7 +46,8 @@ def test_static_decode_mode_gives_the_same_ids_and_captures_per_batch_and_adapte
     outs, engine = run_rows(stage, named, ROWS, max_rows=4, cuda_graph=True)
     assert outs == single["mixed"]
     keys = set(engine.graphs.steps)
-    assert (4, ("adapter",)) in keys and any(adapters == () for _, adapters in keys), keys
+    assert any("adapter" in gated for _, gated in keys) and any("lora" in gated for _, gated in keys)
+    assert any(gated == () for _, gated in keys), keys
 
 
 def test_two_stages_generate_what_one_process_generates(model_bin, single, tmp_path):

@@ -636,8 +636,8 @@ def test_truncated_or_damaged_prompt_checkpoints(prompt_dir, args):
     adapter.write_bytes(adapter.read_bytes()[:-100])
     with pytest.raises(BadInput, match=r"adapter_model\.bin is corrupt or truncated"):
         load_soft_prompt(prompt_dir / "peft", args)
-    edit_json(prompt_dir / "peft" / "adapter_config.json", lambda c: c.update(peft_type="LORA"))
-    with pytest.raises(BadInput, match=r"adapter_config\.json is a PEFT 'LORA' adapter; this "
+    edit_json(prompt_dir / "peft" / "adapter_config.json", lambda c: c.update(peft_type="IA3"))
+    with pytest.raises(BadInput, match=r"adapter_config\.json is a PEFT 'IA3' adapter; this "
                                        r"project reads PROMPT_TUNING"):
         load_soft_prompt(prompt_dir / "peft", args)
 

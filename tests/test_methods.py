@@ -250,7 +250,7 @@ def test_overwrite_with_another_method_leaves_no_file_of_the_old_run(model_bin, 
         "PROMPT_TUNING"
 
 
-@pytest.mark.parametrize("method", ["prompt", *METHODS])
+@pytest.mark.parametrize("method", ["prompt", *METHODS, "lora"])
 def test_overwrite_knows_every_file_a_run_of_each_method_writes(model_bin, alpaca_small,
                                                                 method, tmp_path):
     out = tmp_path / "run"
@@ -352,15 +352,17 @@ def test_tuning_of_another_method_is_refused_naming_the_file(model_bin, tmp_path
 
 
 def test_peft_folder_of_another_type_is_refused(model_bin, tmp_path):
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
-    with pytest.raises(BadInput, match=r"adapter_config\.json is a PEFT 'LORA' adapter; this "
-                                       r"project reads PROMPT_TUNING, PREFIX_TUNING, ADAPTION_PROMPT"):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    with pytest.raises(BadInput, match=r"adapter_config\.json is a PEFT 'IA3' adapter; this "
+                                       r"project reads PROMPT_TUNING, PREFIX_TUNING, "
+                                       r"ADAPTION_PROMPT, LORA"):
         load_tuning(tmp_path, load_model(model_bin).args)
 
 
 def test_unknown_method_is_refused(model_bin, alpaca_small, tmp_path):
-    with pytest.raises(BadInput, match=r"--method 'lora' must be one of prompt, prefix, adapter"):
-        ft_main.main(**run_args(model_bin, alpaca_small, tmp_path / "run", method="lora"))
+    with pytest.raises(BadInput, match=r"--method 'ia3' must be one of prompt, prefix, adapter, "
+                                       r"lora"):
+        ft_main.main(**run_args(model_bin, alpaca_small, tmp_path / "run", method="ia3"))
     assert not (tmp_path / "run").exists()
 
 

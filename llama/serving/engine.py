@@ -4,9 +4,9 @@ Every rank holds an Engine over its stage: a KV cache of up to max_rows rows and
 of work done on it. The rows that join in one step are prefilled together, right-padded, each at
 its own positions (a (B,) position tensor, a per-row mask, llama/model/transformer.py) and with
 its own tuning: a soft prompt's vectors before its text, a prefix's keys and values written into
-its first cache positions, an adapter's outputs. A decode step feeds every row its last id at its
-own position. An adapter adds its outputs times a per-row gate, 1 for its rows and 0 for the
-others. So each row computes what it computes alone, and rows of any tunings share a batch.
+its first cache positions, an adapter's or a LoRA's outputs. A decode step feeds every row its
+last id at its own position. An adapter or a LoRA (a method that acts in every step) adds its
+outputs times a per-row gate, 1 for its rows and 0 for the others. So each row computes what it computes alone, and rows of any tunings share a batch.
 
 Rank 0 decides each step (llama/serving/scheduler.py) and broadcasts it as a small plan; every
 rank runs it (`run`), the others in `follow`. cuda_graph: decode steps with fixed shapes are
@@ -50,8 +50,9 @@ class Engine:
         self.caches = [block.attention.cache for block in self.model.layers.values()]
         graphs = stage.cuda_graph if cuda_graph is None else cuda_graph
         self.graphs = StepGraphs(self.decode_compute, self.ctx.device) if graphs else None
+        # A gate per tuning that acts in every step (adapter, LoRA): 1 on its rows, 0 elsewhere
         self.gates = {name: torch.zeros(max_rows, device=self.ctx.device)
-                      for name, t in self.tunings.items() if t.method == "adapter"}
+                      for name, t in self.tunings.items() if t.in_every_step}
 
     def n_virtual(self, tuning) -> int:
         return self.tunings[tuning].n_virtual if tuning is not None else 0
@@ -118,12 +119,12 @@ class Engine:
             self.fill_prefixes(first, tunings)
         h = self.prefill_input(chunks, tunings, prepended, width)
         positions = torch.tensor(starts, dtype=torch.long, device=self.ctx.device)
-        adapters = tuple(name for name in self.gates if any(r.tuning == name for r in rows))
+        gated = tuple(name for name in self.gates if any(r.tuning == name for r in rows))
         end = first + len(chunks)
         visible = max(starts) + width
         with self.caches_as(lambda c: c.view(c.keys[first:end, :visible],
                                              c.values[first:end, :visible])), \
-                self.only(None), self.adapters_on(adapters, rows):
+                self.only(None), self.gates_on(gated, rows):
             h = self.model.run_layers(h, positions)
         for row, start, length in zip(rows, starts, lengths):
             row.pos = start + length
@@ -186,10 +187,10 @@ class Engine:
             x = torch.tensor([[r.last] for r in rows], dtype=torch.long, device=self.ctx.device)
         else:
             x = self.receive((n, 1, self.model.args.dim))
-        adapters = tuple(name for name in self.gates if any(r.tuning == name for r in rows))
-        with self.only(None), self.adapters_on(adapters, rows):
+        gated = tuple(name for name in self.gates if any(r.tuning == name for r in rows))
+        with self.only(None), self.gates_on(gated, rows):
             if self.graphs is not None:  # fixed shapes: attention over the whole cache
-                out = self.graphs((n, adapters), x, positions)
+                out = self.graphs((n, gated), x, positions)
             else:  # attention over the positions some row has written, not the whole cache
                 with self.caches_as(lambda cache: cache.narrow(max(r.pos for r in rows) + 1)):
                     out = self.decode_compute(x, positions)
@@ -207,8 +208,9 @@ class Engine:
         return self.model.logits(h[:, -1]) if self.stage.is_last else h
 
     @contextlib.contextmanager
-    def adapters_on(self, names: tuple, rows: list):
-        """The named adapters on, each for its own rows only (a gate of 1, 0 elsewhere)."""
+    def gates_on(self, names: tuple, rows: list):
+        """The named tunings (adapters, LoRAs) on, each for its own rows only (a gate of 1, 0
+        elsewhere)."""
         tunings = [self.tunings[name] for name in names]
         try:
             for name, tuning in zip(names, tunings):

@@ -1,7 +1,9 @@
 """What fits on the cards you have: every configuration (quantization, micro-batch, recompute /
-offload) of pipelined soft-prompt training, each stage's estimated peak and margin, best first.
+offload) of pipelined soft-prompt or LoRA training, each stage's estimated peak and margin, best
+first.
 
     python -m llama.tools.plan --model 7B --gpus 4,4 --global_batch 32 --seq_len 512
+    python -m llama.tools.plan --model 7B --gpus 4,4 --method lora --lora_r 8 --lora_targets all
 
 Arithmetic only (llama/training/memory.py), nothing runs; stages are one per card, layers shared in
 proportion to the cards (split_model.py --stage_memory makes the same split).
@@ -18,6 +20,8 @@ from llama.model.transformer import ModelArgs
 from llama.model.partition import parameter_costs
 from llama.model.dtypes import DTYPES
 from llama.model.quant import largest_group_size
+from llama.tuning.lora import lora_settings
+from llama.tuning.methods import METHODS
 
 MODES = ("plain", "recompute", "offload")
 # Step time, for ordering only: compute at an assumed rate, offloaded activations over PCIe, and
@@ -60,7 +64,7 @@ def step_seconds(args, rows, mode, quantization, tokens_per_micro, dtype_bytes) 
 
 
 def configurations(args, gpus, global_batch, seq_len, n_virtual_tokens, dtype_name, schedule,
-                   reserve_gib):
+                   reserve_gib, lora=None):
     """One dict per (quantization, micro-batch, mode), with per-stage peaks and margins."""
     dtype_bytes = DTYPES[dtype_name].itemsize
     plan = stage_plan(args, len(gpus), capacities=gpus)
@@ -70,7 +74,8 @@ def configurations(args, gpus, global_batch, seq_len, n_virtual_tokens, dtype_na
     for name, quantization in quantization_options(args, dtype_name):
         for micro_batch in micro_batches:
             rows = stage_estimates(args, plan, global_batch, micro_batch, seq_len,
-                                   n_virtual_tokens, dtype_bytes, schedule, 1.0, quantization)
+                                   n_virtual_tokens, dtype_bytes, schedule, 1.0, quantization,
+                                   lora)
             for mode in MODES:
                 peaks = [row[f"peak_{mode}_gib"] + reserve_gib for row in rows]
                 margins = [gpu - peak for gpu, peak in zip(gpus, peaks)]
@@ -100,7 +105,8 @@ def check_counts(**counts):
 
 def main(model: str = "7B", gpus: Sequence[float] = (4.0, 4.0), global_batch: int = 32,
          seq_len: int = 512, n_virtual_tokens: int = 32, dtype: str = "float16",
-         schedule: str = "1f1b", reserve_gib: float = 0.5, top: int = 10):
+         schedule: str = "1f1b", reserve_gib: float = 0.5, top: int = 10,
+         method: str = "prompt", lora_r: int = 8, lora_targets: str = "q,v"):
     """Print the training configurations that fit on the given cards, best first.
 
     model: a named shape (7B, 13B, Llama-3.2-1B, Qwen2.5-0.5B, Mistral-7B and the others in llama/model/named_shapes.py) or a checkpoint folder (its params.json)
@@ -112,6 +118,10 @@ def main(model: str = "7B", gpus: Sequence[float] = (4.0, 4.0), global_batch: in
     schedule: 1f1b or gpipe (how many micro-batches a stage holds at once)
     reserve_gib: GiB of each card kept for the CUDA context and the allocator's slack
     top: how many fitting configurations to print
+    method: prompt (also prefix, adapter: their few numbers are not counted) or lora
+    lora_r: with --method lora, the rank of each update
+    lora_targets: with --method lora, the projections updated (q,k,v,o,gate,up,down, attention,
+        mlp or all), as ft_main.py takes them
     """
     sizes = list(gpus) if isinstance(gpus, (list, tuple)) else [gpus]
     if not sizes or any(isinstance(g, bool) or not isinstance(g, (int, float)) or not g > 0
@@ -127,15 +137,21 @@ def main(model: str = "7B", gpus: Sequence[float] = (4.0, 4.0), global_batch: in
     if isinstance(reserve_gib, bool) or not isinstance(reserve_gib, (int, float)) or \
             not 0 <= reserve_gib < math.inf:
         raise BadInput(f"--reserve_gib={reserve_gib!r} must be a number of GiB, 0 or more")
+    if method not in METHODS:
+        raise BadInput(f"--method {method!r} must be one of {', '.join(METHODS)}")
+    lora = lora_settings(r=lora_r, targets=lora_targets) if method == "lora" else None
+    n_virtual_tokens = 0 if lora else n_virtual_tokens  # a LoRA takes no positions
     args = model_args_for(model)
     if len(sizes) > args.n_layers:
         raise BadInput(f"--gpus lists {len(sizes)} cards but the model has {args.n_layers} layers")
     found = configurations(args, [float(g) for g in sizes], global_batch, seq_len,
-                           n_virtual_tokens, dtype, schedule, reserve_gib)
+                           n_virtual_tokens, dtype, schedule, reserve_gib, lora)
     fits = sorted((c for c in found if c["fits"]), key=lambda c: (c["step_s"], -min(c["margins"])))
     cards = " + ".join(f"{g:g} GiB" for g in sizes)
-    print(f"{model} on {cards}, global batch {global_batch} x {seq_len} tokens (+{n_virtual_tokens}"
-          f" virtual), {schedule}, {reserve_gib:g} GiB reserved a card; estimates, not measured:")
+    what = (f"LoRA r {lora.r} on {','.join(lora.targets)}" if lora else
+            f"+{n_virtual_tokens} virtual")
+    print(f"{model} on {cards}, global batch {global_batch} x {seq_len} tokens ({what}), "
+          f"{schedule}, {reserve_gib:g} GiB reserved a card; estimates, not measured:")
     for config in fits[:top]:
         print(f"fits  {describe(config)}")
     if not fits:

@@ -10,12 +10,17 @@ from typing import Optional, Union
 
 from llama.training.data import END_TARGETS
 from llama.errors import BadInput
+from llama.tuning.lora import LoraSettings, lora_settings
 from llama.tuning.methods import method_named
 from llama.prepare.offload import OFFLOAD_CHOICES, RECOMPUTE_MODES
 from llama.parallel.pipeline import SCHEDULES
 from llama.prepare.stage import Preparation, check_transforms
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
+# A soft prompt moves far from its start; a LoRA update is a small correction of real weights
+# (PEFT's and QLoRA's recipes use 1e-4..3e-4).
+DEFAULT_LR = {"lora": 2e-4}
+PROMPT_LR = 3e-2
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,12 @@ class RunConfig:
     adapter_layers: Optional[int]
     init: str
     init_text: str
+    # LoRA (--method lora)
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    lora_targets: str
+    use_rslora: bool
     # data
     template: str
     train_on_prompt: bool
@@ -45,7 +56,7 @@ class RunConfig:
     steps: Optional[int]
     epochs: int
     # optimisation
-    lr: float
+    lr: Optional[float]  # None: the method's default (DEFAULT_LR)
     lr_schedule: str
     warmup_steps: int
     weight_decay: float
@@ -89,6 +100,8 @@ class RunConfig:
             self._positive_int("adapter_layers")
         self._one_of("schedule", SCHEDULES)
         self._one_of("lr_schedule", LR_SCHEDULES, "--lr_schedule {!r} must be cosine, linear or constant")
+        if self.lr is None:
+            object.__setattr__(self, "lr", DEFAULT_LR.get(self.method, PROMPT_LR))
         if not (_number(self.lr) and self.lr > 0):
             raise BadInput(f"--lr={self.lr!r} must be a positive number")
         for name in ("weight_decay", "max_grad_norm"):
@@ -103,14 +116,30 @@ class RunConfig:
         object.__setattr__(self, "offload", parse_offload(self.offload))
         self._one_of("recompute_mode", RECOMPUTE_MODES)
         check_transforms(self.preparation())
+        self._check_lora()
         steps = self.debug_overflow_steps
         object.__setattr__(self, "debug_overflow_steps",
                            (steps,) if isinstance(steps, int) else tuple(steps or ()))
 
+    def lora(self) -> LoraSettings:
+        return lora_settings(self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_targets,
+                             self.use_rslora)
+
+    def _check_lora(self):
+        settings = self.lora()  # refuses a bad value whatever the method: a typo is a typo
+        # One spelling of the same targets ("v,q", "q,v"): resume compares them.
+        object.__setattr__(self, "lora_targets", ",".join(settings.targets))
+        if self.method == "lora" and settings.dropout and self.preparation().recompute == "full":
+            # Full recomputation runs the forward without gradients and again in backward:
+            # the dropout masks of the two would differ, and so would the gradient.
+            raise BadInput(f"--lora_dropout {settings.dropout} cannot go with full recomputation "
+                           "(--recompute or --offload activations/weights): use --lora_dropout "
+                           "0, or --recompute_mode selective")
+
     def check_fits(self, model_max_seq_len: int):
         """The virtual tokens must leave room for text in the model's (or --max_seq_len's) length
-        (an adapter's prompt takes no positions, but is held to the same bound)."""
-        if self.n_virtual_tokens >= model_max_seq_len - 1:
+        (an adapter's prompt takes no positions, but is held to the same bound; a LoRA has none)."""
+        if self.method != "lora" and self.n_virtual_tokens >= model_max_seq_len - 1:
             raise BadInput(f"--n_virtual_tokens={self.n_virtual_tokens} leaves no room for text in "
                            f"max_seq_len={model_max_seq_len}: use fewer virtual tokens or a larger "
                            "--max_seq_len")

@@ -1,5 +1,6 @@
-"""Per-stage memory of pipelined soft-prompt training, by arithmetic (nothing is run): the
-weights of a stage (float, int8 or int4) and what autograd keeps per micro-batch.
+"""Per-stage memory of pipelined tuning, by arithmetic (nothing is run): the weights of a stage
+(float, int8 or int4), what autograd keeps per micro-batch, and a LoRA's tensors and what their
+gradients keep.
 
 Used by `python -m llama.tools.plan` (what fits on given cards), split_model.py --stage_memory and
 bench/memory_estimate.py; the formulas are explained in docs/PERFORMANCE.md.
@@ -7,6 +8,11 @@ bench/memory_estimate.py; the formulas are explained in docs/PERFORMANCE.md.
 from llama.model.transformer import ModelArgs
 from llama.model.partition import GIB, linear_parameters, stage_weight_bytes
 from llama.parallel.pipeline import LOSS_CHUNK_TOKENS
+from llama.tuning.lora import TARGETS, linear_shape
+
+# A LoRA's float32 parameter, its gradient, ScaledAdamW's float32 master, the master's gradient
+# and AdamW's two moments (the parameter's gradient is freed when the master's is made).
+LORA_STATE_BYTES_PER_PARAMETER = 4 * 5
 
 def saved_bytes_per_token(args: ModelArgs, dtype_bytes: int) -> int:
     """Bytes autograd keeps per token per block when only the block's input needs a gradient.
@@ -21,6 +27,26 @@ def saved_bytes_per_token(args: ModelArgs, dtype_bytes: int) -> int:
     attention = dtype_bytes * (2 * args.dim + 2 * kv_dim) + 4 * args.n_heads
     feed_forward = 3 * dtype_bytes * args.hidden_dim
     return norms + attention + feed_forward
+
+
+def lora_parameters(args: ModelArgs, n_layers: int, r: int, targets) -> int:
+    """A and B of every targeted projection of n_layers layers: r * (in + out) each."""
+    return n_layers * sum(r * sum(linear_shape(args, TARGETS[t])) for t in targets)
+
+
+def lora_saved_bytes_per_token(args: ModelArgs, dtype_bytes: int, r: int, targets) -> int:
+    """What a LoRA adds to saved_bytes_per_token: each targeted projection's input, which its
+    A's gradient needs (one normed hidden state serves q, k and v, another gate and up; down's
+    input, the SwiGLU product, is kept only for it; wo's input is SDPA's output, kept anyway),
+    and A x (r wide) for B's gradient."""
+    kept = dtype_bytes * r * len(targets)
+    if set(targets) & {"q", "k", "v"}:
+        kept += dtype_bytes * args.dim
+    if set(targets) & {"gate", "up"}:
+        kept += dtype_bytes * args.dim
+    if "down" in targets:
+        kept += dtype_bytes * args.hidden_dim
+    return kept
 
 
 def head_bytes_per_target(args: ModelArgs, dtype_bytes: int) -> int:
@@ -38,16 +64,19 @@ def dequantized_layer_bytes(args: ModelArgs, dtype_bytes: int, quantization) -> 
 
 
 def stage_estimates(args, plan, global_batch, micro_batch, seq_len, n_virtual_tokens,
-                    dtype_bytes, schedule, target_fraction, quantization=None):
+                    dtype_bytes, schedule, target_fraction, quantization=None, lora=None):
     """One dict per stage of `plan` [(layer_range, has_embeddings, has_head)]: weights, what one
     micro-batch keeps, how many are in flight, and the peak in each activation mode (bytes in
-    *_gib fields divided by GIB)."""
+    *_gib fields divided by GIB). lora: the LoraSettings of a LoRA run (None: a soft prompt's
+    few numbers, not counted)."""
     n_stages = len(plan)
     n_micro = global_batch // micro_batch
     tokens = micro_batch * (seq_len + n_virtual_tokens)  # of one micro-batch
     targets = micro_batch * max(1, round(target_fraction * (seq_len - 1)))
     hidden = tokens * dtype_bytes * args.dim  # one (b, T, dim) activation
     per_layer = tokens * saved_bytes_per_token(args, dtype_bytes)
+    if lora is not None:
+        per_layer += tokens * lora_saved_bytes_per_token(args, dtype_bytes, lora.r, lora.targets)
     ffn_grads = tokens * 3 * dtype_bytes * args.hidden_dim  # SwiGLU's gradients in backward
     dequantized = dequantized_layer_bytes(args, dtype_bytes, quantization)
     rows = []
@@ -55,6 +84,8 @@ def stage_estimates(args, plan, global_batch, micro_batch, seq_len, n_virtual_to
         n_layers = last - first
         weights = stage_weight_bytes(args, ((first, last), has_embeddings, has_head),
                                      dtype_bytes, quantization)
+        trainable = lora_parameters(args, n_layers, lora.r, lora.targets) if lora else 0
+        state = trainable * LORA_STATE_BYTES_PER_PARAMETER  # held from the first step on
         in_flight = n_micro if schedule == "gpipe" else min(n_stages - stage, n_micro)
         # kept until the micro-batch's backward; + one hidden: the stage's output (or input)
         kept = {"plain": n_layers * per_layer + hidden,
@@ -69,11 +100,12 @@ def stage_estimates(args, plan, global_batch, micro_batch, seq_len, n_virtual_to
                 + targets * dtype_bytes * args.dim) if has_head else 0
         row = {"n_stages": n_stages, "stage": stage,
                "layers": [first, last], "micro_batch": micro_batch, "n_micro": n_micro,
-               "in_flight": in_flight, "weights_gib": weights / GIB,
+               "in_flight": in_flight, "weights_gib": weights / GIB, "trainable": trainable,
+               "trainable_state_gib": state / GIB,
                "cpu_pinned_offload_gib": in_flight * n_layers * hidden / GIB}
         for mode in ("plain", "recompute", "offload"):
             row[f"kept_{mode}_gib"] = kept[mode] / GIB
-            row[f"peak_{mode}_gib"] = (weights + in_flight * kept[mode] + working[mode] + loss
+            row[f"peak_{mode}_gib"] = (weights + state + in_flight * kept[mode] + working[mode] + loss
                                        + dequantized) / GIB
         rows.append(row)
     return rows

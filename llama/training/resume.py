@@ -25,8 +25,14 @@ FIELD_KINDS = {"step": int, "trainable": dict, "optimizer": dict, "scaler": dict
                "loader": dict, "identity": str, "losses": str, "rng": torch.Tensor}
 
 
+# A LoRA run's too (only a LoRA run's: a checkpoint of another method, or of an earlier
+# version, has none of them).
+LORA_IDENTITY = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "use_rslora")
+
+
 def run_identity(cfg) -> dict:
-    return {name: getattr(cfg, name) for name in RUN_IDENTITY}
+    names = RUN_IDENTITY + (LORA_IDENTITY if cfg.method == "lora" else ())
+    return {name: getattr(cfg, name) for name in names}
 
 
 def checkpoint_path(cfg) -> Path:
@@ -39,17 +45,20 @@ def resume_path(cfg) -> Path:
     return checkpoint_path(cfg) if cfg.resume is True else Path(cfg.resume)
 
 
-def save_training_state(path, step, optimizer_states, scaler, loader, identity, digest, losses):
+def save_training_state(path, step, optimizer_states, scaler, loader, identity, digest, losses,
+                        rng_states=None):
     """Everything a resumed run needs, in one file written atomically (rank 0 only).
 
     optimizer_states: each stage's ScaledAdamW.state_dict() ({global key: {"master", moments}}).
+    rng_states: every rank's torch.get_rng_state() (default: this process's alone).
     """
     optimizer = {k: v for part in optimizer_states for k, v in part.items()}
+    rng_states = list(rng_states) if rng_states else [torch.get_rng_state()]
     atomic_torch_save({"step": step, "trainable": {k: v["master"] for k, v in optimizer.items()},
                        "optimizer": optimizer, "scaler": scaler.state_dict(),
                        "loader": loader.state_dict(), "identity": json.dumps(identity),
                        "params_digest": digest, "losses": json.dumps(losses),
-                       "rng": torch.get_rng_state()}, path)
+                       "rng": rng_states[0], "rng_by_rank": rng_states}, path)
 
 
 def read_training_state(path, identity, digest):
@@ -88,21 +97,35 @@ def _saved_identity(path, state) -> dict:
     return saved
 
 
+def rng_by_rank(state, world_size: int):
+    """Every rank's saved random state, when the checkpoint has one per rank of this job (older
+    checkpoints, or one of another number of stages, give rank 0's alone: None)."""
+    states = state.get("rng_by_rank")
+    if not isinstance(states, list) or len(states) != world_size or \
+            not all(isinstance(s, torch.Tensor) for s in states):
+        return None
+    return states
+
+
 def restore(path, ctx, identity, digest, optimizer, scaler, loader):
     """Load the checkpoint into this rank's parts; (the step it ends, the losses so far).
 
     Rank 0 reads and checks the file; the step, scaler, data position, losses and the optimizer
-    states are broadcast (each stage takes the keys of its own tensors); the RNG is rank 0's.
+    states are broadcast (each stage takes the keys of its own tensors); each rank takes its own
+    random state back (rank 0 alone from a checkpoint without every rank's).
     """
     state = read_training_state(path, identity, digest) if ctx.rank == 0 else None
     shared = ctx.broadcast_object(None if state is None else {
-        k: state[k] for k in ("step", "scaler", "loader", "losses", "optimizer")})
+        **{k: state[k] for k in ("step", "scaler", "loader", "losses", "optimizer")},
+        "rng_by_rank": rng_by_rank(state, ctx.world_size)})
     try:
         scaler.load_state_dict(shared["scaler"])
         loader.load_state_dict(shared["loader"])
         if optimizer is not None:
             optimizer.load_state_dict(shared["optimizer"])
-        if state is not None:
+        if shared["rng_by_rank"] is not None:
+            torch.set_rng_state(shared["rng_by_rank"][ctx.rank])
+        elif state is not None:
             torch.set_rng_state(state["rng"])
         return shared["step"], json.loads(shared["losses"])
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:

@@ -1,8 +1,8 @@
-"""The soft-prompt training loop, run by every pipeline rank (ft_main.py is its command line).
+"""The tuning loop, run by every pipeline rank (ft_main.py is its command line).
 
 Every rank builds the same batches; each stage owns the trainable tensors of its tuning method
-(llama/tuning/methods.py: the prompt on stage 0, every layer's prefix on the stage that runs the layer)
-and their optimizer; the last stage owns the loss. Once per step all ranks agree, in one small
+(llama/tuning/methods.py, lora.py: the prompt on stage 0, every layer's prefix, adaption prompt or
+LoRA pairs on the stage that runs the layer) and their optimizer; the last stage owns the loss. Once per step all ranks agree, in one small
 all-reduce, on whether the step overflowed, whether to stop, what to report and every stage's
 squared gradient norm (one slot per rank: the max fills in the others, the sum is the global
 norm); so every rank takes the same decisions and clips by the same norm.
@@ -24,6 +24,7 @@ from llama.training.batches import BatchLoader, eval_batches, split_dataset
 from llama.training.data import load_dataset, model_stop_token
 from llama.errors import BadInput
 from llama.prepare.offload import optimizer_device
+from llama.tuning.lora import apply_lora
 from llama.tuning.methods import (apply_adapter, apply_prefix, apply_prompt, init_ids,
                            init_prefix_from_tokens)
 from llama.tuning.peft import export_peft
@@ -80,10 +81,12 @@ class Run:
         global key to rank 0, which writes the one file."""
         optimizer_states = self.stage.ctx.gather_objects(
             self.optimizer.state_dict() if self.optimizer is not None else {})
+        # Every rank's: a LoRA's dropout draws from the random state of the rank it runs on.
+        rng_states = self.stage.ctx.gather_objects(torch.get_rng_state())
         if self.stage.ctx.rank == 0:
             save_training_state(checkpoint_path(cfg), step, optimizer_states, self.scaler,
                                 self.loader, run_identity(cfg),
-                                params_digest(self.stage.model.args), losses)
+                                params_digest(self.stage.model.args), losses, rng_states)
 
     def optimizer_span(self, step: int):
         if self.optimizer is None:
@@ -158,6 +161,9 @@ def stopped_by_signal(cfg, ctx, step: int, log):
 
 
 def set_up(cfg, ctx, model, tokenizer, tuning, held) -> Run:
+    # A LoRA's dropout draws from torch's global generator: a run starts it from --seed, not
+    # from wherever an earlier run in the same process (a test, a notebook) left it.
+    torch.manual_seed(cfg.seed)
     if ctx.rank == 0:  # before any work: a second run into the same --out stops here at once
         held.enter_context(claim_out(Path(cfg.out), cfg.resume, cfg.overwrite, ctx.log,
                                      cfg.ckpt_dir))
@@ -192,6 +198,8 @@ def build_tuning(cfg, model, tokenizer, ctx):
         return tuning
     if cfg.method == "adapter":
         return apply_adapter(model, cfg.n_virtual_tokens, cfg.adapter_layers, cfg.seed)
+    if cfg.method == "lora":
+        return apply_lora(model, cfg.lora(), cfg.seed)
     prompt = None
     if ctx.is_first:
         weight = init_prompt_weight(cfg.init, cfg.n_virtual_tokens, model.tok_embeddings.weight,
@@ -244,9 +252,16 @@ def start_or_resume(cfg, ctx, run: Run):
     if run.held_out:
         losses["eval_loss_no_prompt"] = run.stage.mean_loss(run.held_out, with_prompt=False)
         losses["eval_loss_init"] = run.stage.mean_loss(run.held_out, with_prompt=True)
-        ctx.log(f"held-out loss: {losses['eval_loss_no_prompt']:.4f} without a prompt, "
-                f"{losses['eval_loss_init']:.4f} with the initial prompt")
+        what = tuned_thing(cfg)
+        ctx.log(f"held-out loss: {losses['eval_loss_no_prompt']:.4f} without a {what}, "
+                f"{losses['eval_loss_init']:.4f} with the initial {what}")
     return 0, losses
+
+
+def tuned_thing(cfg) -> str:
+    """What the log calls the trained tensors: a prompt (the deep methods' too, as before), or
+    a LoRA, which is no prompt at all."""
+    return "LoRA" if cfg.method == "lora" else "prompt"
 
 
 def run_train_step(stage, batches, cfg, scale, ctx):
@@ -272,8 +287,9 @@ def finish(cfg, ctx, run: Run, tokenizer, start_step: int, losses: dict):
     """The final held-out loss, a trace of a run too short for one, the prompt's files."""
     if run.held_out:
         losses["eval_loss"] = run.stage.mean_loss(run.held_out)
-        ctx.log(f"held-out loss {losses['eval_loss']:.4f} with the trained prompt "
-                f"(no prompt: {losses.get('eval_loss_no_prompt', float('nan')):.4f})")
+        what = tuned_thing(cfg)
+        ctx.log(f"held-out loss {losses['eval_loss']:.4f} with the trained {what} "
+                f"(no {what}: {losses.get('eval_loss_no_prompt', float('nan')):.4f})")
     if cfg.trace and run.total_steps - start_step < cfg.trace_steps:
         write_trace(cfg.trace, ctx, run.tracer, cfg.schedule,
                     cfg.global_batch_size // cfg.micro_batch_size)
@@ -288,6 +304,8 @@ def finish(cfg, ctx, run: Run, tokenizer, start_step: int, losses: dict):
                     "tokenizer": tokenizer.path, "losses": losses, "base_model": cfg.base_model}
         if cfg.method == "adapter":
             metadata.update(adapter_layers=cfg.adapter_layers)
+        if cfg.method == "lora":  # A starts seeded, B at zero: --init does not apply
+            metadata.update(lora=cfg.lora().describe(), init=None, init_text=None)
         save_tuning(out, cfg.method, tensors, args, metadata)
         export_peft(out / PEFT_FOLDER, cfg.method, tensors, args, metadata)
         ctx.log(f"saved the {cfg.method} tensors to {out}/tuning.pt (+ tuning.json, PEFT layout "

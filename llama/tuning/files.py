@@ -2,8 +2,10 @@
 
 tuning.pt is a plain dict of float32 tensors under global names ("prompt" (n_virtual, dim);
 "layers.3.prefix" (2, n_virtual, n_kv_heads, head_dim); "layers.4.adaption_prompt" (len, dim) and
-"layers.4.adaption_gate" (1,)), so a folder trained on p stages loads on q. tuning.json holds the
-method, its sizes, the model's params digest, init, data, steps and losses. load_tuning also reads
+"layers.4.adaption_gate" (1,); "layers.2.attention.wq.lora_A" (r, in) and "...lora_B" (out, r)),
+so a folder trained on p stages loads on q. tuning.json holds the method, its sizes (a LoRA's
+"lora": r, alpha, dropout, targets, use_rslora), the model's params digest, init, data, steps
+and losses. load_tuning also reads
 PEFT folders (llama/tuning/peft.py) and the prompt.pt + prompt.json folders of earlier versions.
 """
 import json
@@ -15,6 +17,7 @@ from llama.model.transformer import params_digest
 from llama.errors import BadInput
 from llama.formats.files import atomic_torch_save, atomic_write_text, sha256_of
 from llama.formats.tensor_files import read_json, safe_torch_load
+from llama.tuning.lora import saved_settings
 from llama.tuning.methods import METHODS, apply_saved, expected_shapes
 from llama.tuning.peft import import_peft
 
@@ -61,7 +64,7 @@ def load_tuning(path, args):
     else:
         raise BadInput(f"{folder} holds no tuning.pt, prompt.pt or adapter_config.json: pass the "
                        "--out folder of ft_main.py or a PEFT folder (PROMPT_TUNING, "
-                       "PREFIX_TUNING, ADAPTION_PROMPT)")
+                       "PREFIX_TUNING, ADAPTION_PROMPT, LORA)")
     validate(source, method, tensors, info, args)
     return method, {k: t.float() for k, t in tensors.items()}, info
 
@@ -114,7 +117,7 @@ def validate(source, method: str, tensors: dict, info: dict, args):
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
             raise BadInput(f"{source}: {key!r} is not a float tensor: the file is not a tuning "
                            "checkpoint; pass a folder ft_main.py wrote")
-    check_shapes(source, method, tensors, args)
+    check_shapes(source, method, tensors, args, info)
     declared, n_virtual = info.get("n_virtual_tokens"), n_virtual_of(method, tensors)
     if declared is not None and declared != n_virtual:
         raise BadInput(f"{source} holds {n_virtual} virtual tokens but its description says "
@@ -130,20 +133,22 @@ def validate(source, method: str, tensors: dict, info: dict, args):
         raise BadInput(f"{source} contains NaN or inf values: use an earlier checkpoint")
 
 
-def check_shapes(source, method: str, tensors: dict, args):
+def check_shapes(source, method: str, tensors: dict, args, info: dict):
     """Every name the model needs, each of the right shape; a file for another model, or for
     another method, names the first difference."""
     n_virtual = n_virtual_of(method, tensors)
     # An adapter's layers must be the top ones, as many as it has.
     adapter_layers = min(max(sum(k.endswith(".adaption_prompt") for k in tensors), 1),
                          args.n_layers)
-    expected = expected_shapes(method, args, n_virtual, adapter_layers)
+    # A LoRA's rank and targets are its tensors' (every layer the same), its alpha the info's.
+    lora = saved_settings(source, tensors, info) if method == "lora" else None
+    expected = expected_shapes(method, args, n_virtual, adapter_layers, lora)
     kinds = {e.rsplit(".", 1)[-1] for e in expected}
     foreign = sorted(k for k in tensors if k.rsplit(".", 1)[-1] not in kinds)
     if foreign:
         raise BadInput(f"{source} holds {foreign[0]!r}, not a tensor of the {method} method it "
                        "is described as: the files were mixed up; pass a folder one run wrote")
-    if not 1 <= n_virtual < args.max_seq_len:
+    if method != "lora" and not 1 <= n_virtual < args.max_seq_len:
         raise BadInput(f"{source} has {n_virtual} virtual tokens; the model allows 1.."
                        f"{args.max_seq_len - 1}")
     for key in sorted(set(expected) | set(tensors)):
@@ -165,5 +170,5 @@ def saved_tuning(folder):
     def method(ctx, model, tokenizer):
         loaded = load_tuning(folder, model.args) if ctx.rank == 0 else None
         name, tensors, method.info = ctx.broadcast_object(loaded)
-        return apply_saved(model, name, tensors, ctx.is_first)
+        return apply_saved(model, name, tensors, ctx.is_first, method.info)
     return method

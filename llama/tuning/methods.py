@@ -6,11 +6,11 @@
 prompt: virtual-token embeddings before the text (the first stage only). prefix: P-tuning v2 /
 PEFT's PREFIX_TUNING: n_virtual keys and values in front of every layer's attention, as many
 kv heads as the model has (GQA). adapter: LLaMA-Adapter / PEFT's ADAPTION_PROMPT: in the top
-layers, a zero-gated attention of each query to adaption-prompt keys and values. Every method's
-tensors are float32 and named by global layer keys ("layers.3.prefix"), so what trained on p
-stages loads on q.
+layers, a zero-gated attention of each query to adaption-prompt keys and values. lora
+(llama/tuning/lora.py): low-rank updates of the projections. Every method's tensors are float32
+and named by global layer keys ("layers.3.prefix"), so what trained on p stages loads on q;
+apply_saved puts any method's saved tensors on a stage.
 """
-import contextlib
 import math
 
 import torch
@@ -19,35 +19,11 @@ from torch import nn
 
 from llama.errors import BadInput
 from llama.model.rotary import apply_rotary
+from llama.tuning.base import Tuning
+from llama.tuning.lora import apply_lora, expected_lora_shapes, saved_settings
 from llama.tuning.prompt import SoftPrompt
 
-METHODS = ("prompt", "prefix", "adapter")
-
-
-class Tuning:
-    """What a stage trains and how that changes its forward; `off()` runs the plain model."""
-    method = ""
-    hidden_virtual = 0  # positions the method adds to the hidden states sent between stages
-
-    def __init__(self, n_virtual: int, trainable: dict):
-        self.n_virtual = n_virtual  # positions before the text (rotary and KV cache count them)
-        self.trainable = trainable  # global key -> nn.Parameter (float32), this stage's only
-        self.active = True
-
-    def prepend(self, h):
-        """First stage: the token embeddings (B, T, dim) as the first layer sees them."""
-        return h
-
-    def fill_cache(self, model):
-        """Before a prefill: whatever the method keeps in the first cache positions."""
-
-    @contextlib.contextmanager
-    def off(self):
-        before, self.active = self.active, False
-        try:
-            yield
-        finally:
-            self.active = before
+METHODS = ("prompt", "prefix", "adapter", "lora")
 
 
 class PromptTuning(Tuning):
@@ -121,13 +97,13 @@ def apply_prefix(model, n_virtual: int, seed: int = 0, tensors: dict = None) -> 
 class AdapterTuning(Tuning):
     """Gated adaption prompts; they add to attention's output and take no positions."""
     method = "adapter"
+    in_every_step = True
 
     def __init__(self, model, tensors: dict):
         super().__init__(0, tensors)
         self.adapter_len = 0
         # (B,) 1.0 for the rows of a batch that use this adapter, 0.0 for the others (the
         # generation engine mixes rows of several tunings); None: every row uses it.
-        self.row_gate = None
         for name, block in model.layers.items():
             prompt_key = f"layers.{name}.adaption_prompt"
             if prompt_key in tensors:
@@ -140,9 +116,7 @@ class AdapterTuning(Tuning):
             if not self.active:
                 return output
             added = adapter_attention(attention, inputs[0], inputs[1], inputs[2], prompt, gate)
-            if self.row_gate is not None:  # x 1.0 is exact: a row computes what it would alone
-                added = added * self.row_gate[:, None, None].to(added.dtype)
-            return output + added
+            return output + self.gated(added)
         return add_adapter_output
 
 
@@ -195,8 +169,12 @@ def apply_adapter(model, adapter_len: int, adapter_layers=None, seed: int = 0,
     return AdapterTuning(model, trainable)
 
 
-def expected_shapes(method: str, args, n_virtual: int, adapter_layers=None) -> dict:
-    """Every key the whole model's tensors of `method` have, with its shape."""
+def expected_shapes(method: str, args, n_virtual: int, adapter_layers=None,
+                    lora=None) -> dict:
+    """Every key the whole model's tensors of `method` have, with its shape (lora: the
+    LoraSettings, whose rank and targets say it)."""
+    if method == "lora":
+        return expected_lora_shapes(args, lora.r, lora.targets)
     if method == "prefix":
         return {prefix_key(i): (2, n_virtual, args.n_kv_heads, args.head_dim)
                 for i in range(args.n_layers)}
@@ -215,8 +193,11 @@ def method_named(name) -> str:
     return name
 
 
-def apply_saved(model, method: str, tensors: dict, is_first: bool) -> Tuning:
-    """The method with trained tensors (the whole model's, by global key) on this stage."""
+def apply_saved(model, method: str, tensors: dict, is_first: bool, info: dict = None) -> Tuning:
+    """The method with trained tensors (the whole model's, by global key) on this stage; info:
+    load_tuning's description, which a LoRA needs (its alpha is in no tensor)."""
+    if method == "lora":
+        return apply_lora(model, saved_settings("the lora tuning", tensors, info), tensors=tensors)
     if method == "prefix":
         n_virtual = next(iter(tensors.values())).shape[1]
         return apply_prefix(model, n_virtual, tensors=tensors)

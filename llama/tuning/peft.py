@@ -1,8 +1,10 @@
-"""Export to and import from PEFT's layouts, one per tuning method (adapter_model.bin +
-adapter_config.json): PROMPT_TUNING (`prompt_embeddings` (n_virtual, dim)), PREFIX_TUNING (one
-`prompt_embeddings` (n_virtual, n_layers*2*n_kv_heads*head_dim), keys in Hugging Face's
-rotate-half order) and ADAPTION_PROMPT (`...layers.N.self_attn.adaption_*`). Tensors go in and
-come out under our global names (llama/tuning/files.py), so the rest of the code sees one format.
+"""Export to and import from PEFT's layouts, one per tuning method (adapter_model.bin, or
+.safetensors for LoRA, + adapter_config.json): PROMPT_TUNING (`prompt_embeddings` (n_virtual,
+dim)), PREFIX_TUNING (one `prompt_embeddings` (n_virtual, n_layers*2*n_kv_heads*head_dim), keys
+in Hugging Face's rotate-half order), ADAPTION_PROMPT (`...layers.N.self_attn.adaption_*`) and
+LORA (`...layers.N.self_attn.q_proj.lora_A.weight`, q/k lora_B rows in rotate-half order).
+Tensors go in and come out under our global names (llama/tuning/files.py), so the rest of the
+code sees one format.
 """
 import json
 import re
@@ -13,25 +15,39 @@ import torch
 from llama.model.transformer import params_digest
 from llama.errors import BadInput
 from llama.formats.files import atomic_torch_save, atomic_write_text
+from llama.formats.hf import (interleaved_to_rotate_half, meta_to_hf_name,
+                              rotate_half_to_interleaved)
 from llama.formats.tensor_files import (read_json, read_safetensor, read_safetensors_header,
-                                        safe_torch_load)
+                                        safe_torch_load, write_safetensors)
+from llama.tuning.lora import LORA_KEY, TARGETS
 
-PEFT_TYPES = {"PROMPT_TUNING": "prompt", "PREFIX_TUNING": "prefix", "ADAPTION_PROMPT": "adapter"}
+PEFT_TYPES = {"PROMPT_TUNING": "prompt", "PREFIX_TUNING": "prefix", "ADAPTION_PROMPT": "adapter",
+              "LORA": "lora"}
 PEFT_EXTRA_FILE = "llama_prompt.json"  # what our export adds: model digest and template
-PEFT_FILES = ("adapter_config.json", "adapter_model.bin", PEFT_EXTRA_FILE)  # what export writes
+PEFT_WEIGHTS = ("adapter_model.bin", "adapter_model.safetensors")  # one of them, by method
+PEFT_FILES = ("adapter_config.json", *PEFT_WEIGHTS, PEFT_EXTRA_FILE)  # what export writes
 
 
 def export_peft(folder, method: str, tensors: dict, args, metadata: dict):
     """The PEFT layout of `method`, so the tuning can be used with transformers + peft too."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    to_peft = {"prompt": prompt_to_peft, "prefix": prefix_to_peft, "adapter": adapter_to_peft}
+    to_peft = {"prompt": prompt_to_peft, "prefix": prefix_to_peft, "adapter": adapter_to_peft,
+               "lora": lora_to_peft}
     state, config = to_peft[method](tensors, args, metadata)
     # What AutoPeftModelForCausalLM loads: a Hugging Face id or folder when the user named one
     # (--base_model); a split folder otherwise, which transformers cannot load.
     config.update(task_type="CAUSAL_LM", inference_mode=True,
                   base_model_name_or_path=metadata.get("base_model") or metadata.get("ckpt_dir"))
-    atomic_torch_save(state, folder / "adapter_model.bin")
+    # PEFT reads the .safetensors first: the one not written must not be an older run's.
+    weights = folder / PEFT_WEIGHTS[method == "lora"]
+    for name in PEFT_WEIGHTS:
+        if name != weights.name:
+            (folder / name).unlink(missing_ok=True)
+    if method == "lora":  # what PEFT writes for LoRA, and what convert --lora reads fastest
+        write_safetensors(weights, state)
+    else:
+        atomic_torch_save(state, weights)
     atomic_write_text(folder / "adapter_config.json", json.dumps(config, indent=2))
     # PEFT's config has no place for these; a file beside it that PEFT ignores keeps them, so
     # importing our own export still checks the model and wraps text in the same template.
@@ -53,7 +69,7 @@ def import_peft(folder, args):
     method = PEFT_TYPES[kind]
     path, state = read_peft_weights(folder)
     from_peft = {"prompt": prompt_from_peft, "prefix": prefix_from_peft,
-                 "adapter": adapter_from_peft}
+                 "adapter": adapter_from_peft, "lora": lora_from_peft}
     tensors, info = from_peft[method](path, state, config, args)
     if (folder / PEFT_EXTRA_FILE).is_file():
         extra = read_json(folder / PEFT_EXTRA_FILE)
@@ -187,3 +203,68 @@ def adapter_from_peft(path, state, config, args):
     if not tensors:
         raise BadInput(f"{path} holds no '...layers.N.self_attn.adaption_prompt' tensors")
     return tensors, {"adapter_layers": config.get("adapter_layers")}
+
+
+# ---- LORA ----
+
+HF_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
+              "up": "up_proj", "down": "down_proj"}
+PEFT_LORA_KEY = re.compile(r"(?:base_model\.model\.)?(model\.layers\.\d+\.\w+\.\w+)"
+                           r"\.lora_(A|B)(?:\.[\w-]+)?\.weight")
+
+
+def rotate_half_rows(key: str, args):
+    """Heads of a q or k lora_B, whose rows follow the q/k weight's order (None for others)."""
+    return {"attention.wq": args.n_heads, "attention.wk": args.n_kv_heads}.get(
+        LORA_KEY.fullmatch(key).group(2))
+
+
+def lora_to_peft(tensors, args, metadata):
+    """HF module names; B's q/k rows permuted as Hugging Face's conversion permutes q/k weights,
+    since HF applies rotary to halves where Meta (and this project) pairs neighbours."""
+    state = {}
+    for key, tensor in sorted(tensors.items()):
+        match = LORA_KEY.fullmatch(key)
+        heads = rotate_half_rows(key, args) if match.group(3) == "B" else None
+        module = meta_to_hf_name(f"layers.{match.group(1)}.{match.group(2)}.weight")
+        tensor = tensor.detach().float().cpu()
+        tensor = interleaved_to_rotate_half(tensor, heads) if heads else tensor
+        state[f"base_model.model.{module[:-len('.weight')]}.lora_{match.group(3)}.weight"] = \
+            tensor.contiguous()
+    settings = metadata["lora"]
+    config = {"peft_type": "LORA", "r": settings["r"], "lora_alpha": settings["alpha"],
+              "lora_dropout": settings["dropout"], "use_rslora": settings["use_rslora"],
+              "target_modules": [HF_TARGETS[t] for t in settings["targets"]],
+              "bias": "none", "fan_in_fan_out": False, "modules_to_save": None,
+              "init_lora_weights": True}
+    return state, config
+
+
+def lora_from_peft(path, state, config, args):
+    """A PEFT LoRA of plain linears with one r and alpha: what this project's method runs."""
+    where = path.parent / "adapter_config.json"
+    refused = {"rank_pattern": bool(config.get("rank_pattern")),
+               "alpha_pattern": bool(config.get("alpha_pattern")),
+               "use_dora": bool(config.get("use_dora")),
+               "modules_to_save": bool(config.get("modules_to_save")),
+               "bias": config.get("bias") not in (None, "none")}
+    for field in (name for name, found in refused.items() if found):
+        raise BadInput(f"{where}: {field}={config[field]!r} is not run here (one r and "
+                       "lora_alpha, no DoRA, biases or saved modules): merge it into the "
+                       "weights with python -m llama.formats.convert --lora instead")
+    modules = {meta_to_hf_name(f"layers.{i}.{target}.weight")[:-len(".weight")]:
+               f"layers.{i}.{target}" for i in range(args.n_layers) for target in TARGETS.values()}
+    tensors = {}
+    for key, tensor in state.items():
+        match = PEFT_LORA_KEY.fullmatch(key)
+        module = modules.get(match.group(1)) if match else None
+        if module is None or not isinstance(tensor, torch.Tensor) or tensor.dim() != 2:
+            raise BadInput(f"{path}: {key!r} is not the lora_A/lora_B of a LLaMA projection: "
+                           "merge the adapter with python -m llama.formats.convert --lora instead")
+        ours = f"{module}.lora_{match.group(2)}"
+        heads = rotate_half_rows(ours, args) if match.group(2) == "B" else None
+        tensors[ours] = rotate_half_to_interleaved(tensor, heads) if heads else tensor
+    described = {"r": config.get("r"), "alpha": config.get("lora_alpha"),
+                 "dropout": config.get("lora_dropout") or 0.0,
+                 "use_rslora": bool(config.get("use_rslora"))}
+    return tensors, {"lora": described}

@@ -1,10 +1,11 @@
-"""Worker: rows of every tuning (none, prompt, prefix, adapter) joining one engine at different
-steps, and each row alone, through however many stages are running.
+"""Worker: rows of every tuning (none, prompt, prefix, adapter, LoRA) joining one engine at
+different steps, and each row alone, through however many stages are running.
 
 Run as one process or as ranks (tests/launch.py); rank 0 writes {"mixed": [ids per row],
 "alone": [ids per row]} to --out. tests/test_engine.py imports its functions too.
 """
 import json
+import zlib
 
 import torch
 
@@ -15,6 +16,7 @@ from llama.parallel.pipeline import Stage
 from llama.serving.engine import Engine
 from llama.serving.sampling import Sampling
 from llama.serving.scheduler import Batcher, Request
+from llama.tuning.lora import apply_lora, lora_settings
 from llama.tuning.methods import apply_adapter, apply_prefix, apply_prompt
 from llama.tuning.prompt import SoftPrompt
 
@@ -27,12 +29,14 @@ ROWS = [
     ("prompt", [1, 300, 400], 0.8, 3),
     ("adapter", [1, 403, 407, 261], 0.8, 5),
     (None, [1, 280], 0.0, 5),
+    ("lora", [1, 300, 400], 0.0, 1),
+    ("lora", [1, 403, 407], 0.8, 6),
 ]
 MAX_NEW = 10
 
 
 def tunings(model, ctx) -> dict:
-    """A soft prompt, a prefix and an adapter (its gates opened), all on the same model."""
+    """A soft prompt, a prefix, an adapter (its gates opened) and a LoRA, on the same model."""
     std = float(model.tok_embeddings.weight.std()) if ctx.is_first else 0.0
     weight = torch.randn(5, model.args.dim, generator=torch.Generator().manual_seed(7)) * std * 10
     prompt = apply_prompt(SoftPrompt(weight) if ctx.is_first else None, 5)
@@ -41,7 +45,14 @@ def tunings(model, ctx) -> dict:
         for key, tensor in adapter.trainable.items():
             if key.endswith("gate"):
                 tensor.fill_(2.0)
-    return {"prompt": prompt, "prefix": apply_prefix(model, 3, seed=5), "adapter": adapter}
+    lora = apply_lora(model, lora_settings(r=4, alpha=8, targets="q,v,down"), seed=1)
+    with torch.no_grad():  # B starts at zero (the base model): drawn per global key instead
+        for key, tensor in lora.trainable.items():
+            if key.endswith("lora_B"):
+                generator = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.5)
+    return {"prompt": prompt, "prefix": apply_prefix(model, 3, seed=5), "adapter": adapter,
+            "lora": lora}
 
 
 def run_rows(stage, named: dict, rows, max_rows: int, cuda_graph: bool = False):
