@@ -36,7 +36,7 @@ def main(prompts: str = "", host: str = "127.0.0.1", port: int = 8000, api_key: 
     page. See docs/serving.md.
 
     prompts: the tunings to serve, NAME=FOLDER,NAME=FOLDER (each folder: ft_main.py's --out of
-        any method, soft prompt, prefix or adapter, or a PEFT export of one)
+        any method, soft prompt, prefix, adapter or LoRA, or a PEFT export of one)
     host: the address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface)
     port: the TCP port (0: any free port, printed at start)
     api_key: when given, every request but /health needs 'Authorization: Bearer KEY' (default:
@@ -112,8 +112,8 @@ def load_served(ctx, model, named: dict):
         if ctx.rank == 0 else None
     loaded = ctx.broadcast_object(loaded)
     check_templates({name: info.get("template") for name, (_, _, info) in loaded.items()}, named)
-    tunings = {name: apply_saved(model, method, tensors, ctx.is_first)
-               for name, (method, tensors, _) in loaded.items()}
+    tunings = {name: apply_saved(model, method, tensors, ctx.is_first, info)
+               for name, (method, tensors, info) in loaded.items()}
     served = {name: Served(name, tunings[name].n_virtual, info.get("template"))
               for name, (_, _, info) in loaded.items()}
     return tunings, served

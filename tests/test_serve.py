@@ -28,6 +28,7 @@ from llama.parallel.pipeline import Stage
 from llama.tuning.files import load_tuning, save_tuning
 from llama.serving.engine import Engine
 from llama.serving.http import Limits, Served, Server, Service
+from llama.tuning.lora import lora_keys
 from llama.tuning.methods import adapter_layer_range, apply_saved, init_adapter, init_prefix
 from llama.model.tokenizer import Tokenizer
 
@@ -59,24 +60,33 @@ def prompt_folders(model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def method_folders(model, tmp_path_factory):
-    """A prefix and an adapter (its gates opened, so that it changes the text), as ft_main.py
-    writes them."""
+    """A prefix, an adapter (its gates opened, so that it changes the text) and a LoRA (its B
+    not zero, for the same reason), as ft_main.py writes them."""
     root, args = tmp_path_factory.mktemp("served_methods"), model.args
     prefix = {f"layers.{i}.prefix": init_prefix(args, i, 3, seed=5) for i in range(args.n_layers)}
     adapter = {}
     for i in adapter_layer_range(args, 3):
         adapter[f"layers.{i}.adaption_prompt"], _ = init_adapter(args, i, 4, seed=3)
         adapter[f"layers.{i}.adaption_gate"] = torch.full((1,), 2.0)
+    lora = {}
+    for i in range(args.n_layers):
+        for path in ("attention.wq", "attention.wv"):
+            a, b = lora_keys(i, path)
+            lora[a] = torch.randn(4, args.dim, generator=torch.Generator().manual_seed(i)) * 0.1
+            lora[b] = torch.randn(args.dim if path.endswith("q") else args.n_kv_heads
+                                  * args.head_dim, 4, generator=torch.Generator().manual_seed(i))
     save_tuning(root / "prefix", "prefix", prefix, args, {"template": "none"})
     save_tuning(root / "adapter", "adapter", adapter, args, {"template": "none"})
-    return {"prefix": root / "prefix", "adapter": root / "adapter"}
+    save_tuning(root / "lora", "lora", lora, args, {"template": "none", "lora": {
+        "r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q", "v"], "use_rslora": False}})
+    return {"prefix": root / "prefix", "adapter": root / "adapter", "lora": root / "lora"}
 
 
 def served_tunings(model, folders: dict):
     """({name: the tuning on model}, {name: Served}), as serve.py builds them."""
     loaded = {name: load_tuning(folder, model.args) for name, folder in folders.items()}
-    tunings = {name: apply_saved(model, method, tensors, True)
-               for name, (method, tensors, _) in loaded.items()}
+    tunings = {name: apply_saved(model, method, tensors, True, info)
+               for name, (method, tensors, info) in loaded.items()}
     return tunings, {n: Served(n, t.n_virtual, "none") for n, t in tunings.items()}
 
 
@@ -161,12 +171,12 @@ def wait_until(condition, limit_s=60.0) -> bool:
 def test_models_and_health(server):
     status, models = call(server.port, "GET", "/v1/models")
     assert status == 200 and [m["id"] for m in models["data"]] == ["base", "short", "long",
-                                                                   "prefix", "adapter"]
+                                                                   "prefix", "adapter", "lora"]
     status, health = call(server.port, "GET", "/health")
     assert status == 200 and health["status"] == "ok"
 
 
-@pytest.mark.parametrize("name", ["base", "long", "prefix", "adapter"])
+@pytest.mark.parametrize("name", ["base", "long", "prefix", "adapter", "lora"])
 def test_completion_equals_generation_with_that_tuning(server, model_bin, tokenizer,
                                                        prompt_folders, method_folders, name):
     ids = tokenizer.encode(TEXTS[0], bos=True, eos=False)
@@ -199,9 +209,9 @@ def test_streams_joined_equal_the_whole_answer(server):
 
 
 def test_concurrent_mixed_methods_batch_rows_equal_each_alone(server):
-    """Soft prompts, a prefix, an adapter and the base model in one batch; 10 requests for 8
-    rows, so some join while others run (continuous batching)."""
-    models = ("short", "base", "long", "prefix", "adapter")
+    """Soft prompts, a prefix, an adapter, a LoRA and the base model in one batch; 12 requests
+    for 8 rows, so some join while others run (continuous batching)."""
+    models = ("short", "base", "long", "prefix", "adapter", "lora")
     requests = [(model, text) for model in models for text in TEXTS[:2]]
     alone = {r: complete(server.port, *r) for r in requests}
     before = call(server.port, "GET", "/health")[1]["batches"]
@@ -443,7 +453,7 @@ def test_the_static_decode_mode_serves_the_same_answers(server, model_bin, token
     static = start_server(load_model(model_bin), tokenizer, {**prompt_folders, **method_folders},
                           cuda_graph=True)
     try:
-        for name in ("base", "long", "prefix", "adapter"):
+        for name in ("base", "long", "prefix", "adapter", "lora"):
             assert complete(static.port, name, TEXTS[1]) == complete(server.port, name, TEXTS[1])
         assert static.engine.graphs.steps  # the decode steps went through it
     finally:
@@ -604,7 +614,7 @@ def test_two_rank_server_end_to_end_and_a_lost_stage(server, model_bin, prompt_f
     what the one-process server answers; then a lost stage."""
     split_model.main(str(model_bin), 2, out_dir=str(tmp_path / "pp2"))
     served = f"long={prompt_folders['long']},prefix={method_folders['prefix']}," \
-             f"adapter={method_folders['adapter']}"
+             f"adapter={method_folders['adapter']},lora={method_folders['lora']}"
     argv = [sys.executable, "serve.py", "--ckpt_dir", str(tmp_path / "pp2"), "--port", "0",
             "--base_name", "base", "--prompts", served, "--timeout_s", "20"]
     port = free_port()
@@ -613,7 +623,7 @@ def test_two_rank_server_end_to_end_and_a_lost_stage(server, model_bin, prompt_f
                               stderr=logs[r][1]) for r in range(2)]
     try:
         listening = wait_for_port(tmp_path / "0.out", ranks[0])
-        for name in ("base", "long", "prefix", "adapter"):
+        for name in ("base", "long", "prefix", "adapter", "lora"):
             assert complete(listening, name, TEXTS[1]) == complete(server.port, name, TEXTS[1])
         ranks[1].send_signal(signal.SIGKILL)
         ranks[1].wait()
