@@ -25,7 +25,7 @@ def main(prompt: str = None, template: str = None, **options):
 
     prompt: a soft prompt's folder (ft_main.py's --out, or a PEFT prompt-tuning export); none
         chats with the base model
-    template: alpaca, plain or none: how each of your lines is wrapped (default: the prompt's
+    template: alpaca, plain, none, or a chat format (llama2, llama3, chatml): how each of your lines is wrapped (default: the prompt's
         own template, else plain)
     """
     check_sampling(options["temperature"], options["top_p"])
