@@ -140,6 +140,14 @@ class QuantizedLinear(nn.Module):
         # the kernel refuses (a private op: its dtypes and shapes vary by device and version).
         self.use_kernel = True
         self.int4_kernel_weight = None  # the int4 kernel's own packing, made by prepare_int4_kernel
+        # Whether a forward on the CPU that autograd does not track runs dynamic_int8_matmul (the
+        # input quantized per row): the fastest path measured on a CPU at batch 1
+        # (docs/PERFORMANCE.md), ~1% from the exact one (docs/quantization.md). int8 runs it on
+        # its own codes; int4 on an int8 copy (+1 byte a parameter), so only after
+        # use_dynamic_int8(model) asks for it.
+        self.use_dynamic_int8 = scheme == "int8"
+        self.register_buffer("int8_codes", None, persistent=False)
+        self.register_buffer("int8_scales", None, persistent=False)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.scheme == "int4" else ""
@@ -150,10 +158,45 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x):
         if torch.is_grad_enabled() and x.requires_grad:
-            out = _FrozenQuantizedMatmul.apply(x, self)
+            out = _FrozenQuantizedMatmul.apply(x, self)  # exact: training's numbers
+        elif self.dynamic_int8_applies(x):
+            out = self.dynamic_int8(x)
         else:
             out = self.matmul(x)
         return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def int8_codes_and_scales(self):
+        """The int8 matrix (out, in) and per-row scales the dynamic path multiplies by: int8's
+        own, or int4's copy (None before prepare_int8_copy)."""
+        if self.scheme == "int8":
+            return self.weight, self.scales
+        return self.int8_codes, self.int8_scales
+
+    def dynamic_int8_applies(self, x) -> bool:
+        # The rule, not a timing: measured faster on the CPU only; on a GPU torch's weight-only
+        # kernels stay (torch._int_mm wants more than 16 rows there, and it was not measured).
+        return (self.use_dynamic_int8 and x.device.type == "cpu" and x.is_floating_point()
+                and self.int8_codes_and_scales()[0] is not None)
+
+    def dynamic_int8(self, x):
+        """(..., in) -> (..., out) by dynamic_int8_matmul; the exact path where it refuses."""
+        codes, scales = self.int8_codes_and_scales()
+        try:
+            out = dynamic_int8_matmul(x.reshape(-1, self.in_features), codes, scales)
+        except (RuntimeError, NotImplementedError, AttributeError):
+            self.use_dynamic_int8 = False  # a private op: may be missing from a torch build
+            return self.matmul(x)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def prepare_int8_copy(self) -> bool:
+        """int4 only: requantize the dequantized weight to int8 per output channel, kept beside
+        the packed codes (+1 byte a parameter), for the dynamic int8 path. The copy follows the
+        weight as it is now: make it after loading."""
+        if self.scheme != "int4" or self.weight.device.type == "meta":
+            return False
+        self.int8_codes, self.int8_scales = quantize_int8(self.dequantized(torch.float32))
+        self.use_dynamic_int8 = True
+        return True
 
     def matmul(self, x):
         """(..., in) -> (..., out): the fused kernel where it runs, else dequantize this layer."""
@@ -195,6 +238,21 @@ class QuantizedLinear(nn.Module):
         except (RuntimeError, NotImplementedError, AttributeError):
             return False
         return True
+
+
+def dynamic_int8_matmul(rows, codes, scales):
+    """rows (M, in) float @ codes (out, in) int8 .T, each row of `rows` quantized to int8 with its
+    own scale max|row| / 127 (as llama.cpp's q8 activations and fbgemm's dynamic linear do),
+    accumulated in int32 by torch._int_mm, then times both scales; in rows' dtype.
+
+    The transposed view of codes is what _int_mm runs fastest on (measured: faster than a
+    (in, out) contiguous copy at one row), so the int8 weight needs no second copy.
+    """
+    x = rows.float()
+    x_scales = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+    x_codes = (x / x_scales).round_().to(torch.int8)  # |x / scale| <= 127: no clamp needed
+    out = torch._int_mm(x_codes, codes.t())
+    return (out * scales.float() * x_scales).to(rows.dtype)
 
 
 def int4_kernel(rows, packed, group_size: int, scales_and_zeros):
@@ -245,6 +303,22 @@ def use_int4_kernels(model) -> int:
     returns how many layers took it."""
     return sum(layer.prepare_int4_kernel() for layer in model.modules()
                if isinstance(layer, QuantizedLinear))
+
+
+def use_dynamic_int8(model, enabled: bool = True) -> int:
+    """Switch the CPU's dynamic int8 path on or off for every quantized layer (on by default for
+    int8, which runs it on its own codes; int4 layers get an int8 copy when switched on, +1 byte a
+    parameter, and drop it when switched off); returns how many layers run it."""
+    count = 0
+    for layer in model.modules():
+        if isinstance(layer, QuantizedLinear):
+            if layer.scheme == "int4":
+                layer.int8_codes = layer.int8_scales = None
+                if enabled:
+                    layer.prepare_int8_copy()
+            layer.use_dynamic_int8 = enabled and layer.int8_codes_and_scales()[0] is not None
+            count += layer.use_dynamic_int8
+    return count
 
 
 def quantizing_fetch(fetch, model, scheme: str, group_size):
