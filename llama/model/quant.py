@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from llama.errors import BadInput
+from llama.model.int8_matmul import dynamic_int8_matmul
 
 SCHEMES = ("int8", "int4")
 # The linears inside each block. The embeddings and the output head stay in the stage's float
@@ -240,21 +241,6 @@ class QuantizedLinear(nn.Module):
         return True
 
 
-def dynamic_int8_matmul(rows, codes, scales):
-    """rows (M, in) float @ codes (out, in) int8 .T, each row of `rows` quantized to int8 with its
-    own scale max|row| / 127 (as llama.cpp's q8 activations and fbgemm's dynamic linear do),
-    accumulated in int32 by torch._int_mm, then times both scales; in rows' dtype.
-
-    The transposed view of codes is what _int_mm runs fastest on (measured: faster than a
-    (in, out) contiguous copy at one row), so the int8 weight needs no second copy.
-    """
-    x = rows.float()
-    x_scales = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
-    x_codes = (x / x_scales).round_().to(torch.int8)  # |x / scale| <= 127: no clamp needed
-    out = torch._int_mm(x_codes, codes.t())
-    return (out * scales.float() * x_scales).to(rows.dtype)
-
-
 def int4_kernel(rows, packed, group_size: int, scales_and_zeros):
     if rows.device.type == "cuda":
         return torch._weight_int4pack_mm(rows, packed, group_size, scales_and_zeros)
@@ -319,6 +305,26 @@ def use_dynamic_int8(model, enabled: bool = True) -> int:
             layer.use_dynamic_int8 = enabled and layer.int8_codes_and_scales()[0] is not None
             count += layer.use_dynamic_int8
     return count
+
+
+def quantize_head(model) -> bool:
+    """For generation on a CPU: the output head as an int8 QuantizedLinear (run by the dynamic int8
+    path), its float matrix dropped unless it is the embedding table too. At dim 512 and vocab
+    32000 the float head is a third of the bytes a decode step reads (docs/PERFORMANCE.md). The
+    logits move by ~1% (docs/quantization.md). Not for training, nor for saving: the head's file
+    keys change, and strict loading refuses them. Returns whether the stage had a head."""
+    head = model.output
+    if head is None or isinstance(head, QuantizedLinear):
+        return head is not None
+    weight = head.weight.detach()
+    layer = QuantizedLinear(head.in_features, head.out_features, "int8", None, weight.dtype,
+                            weight.device, bias=head.bias is not None)
+    state = quantized_tensors("", weight, "int8", None)
+    if head.bias is not None:
+        state[".bias"] = head.bias.detach()
+    layer.load_state_dict({key[1:]: value for key, value in state.items()}, assign=True)
+    model.output = layer.requires_grad_(False)
+    return True
 
 
 def quantizing_fetch(fetch, model, scheme: str, group_size):
