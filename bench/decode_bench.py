@@ -23,7 +23,8 @@ from llama.parallel.distributed import DistContext, init_distributed
 from llama.cli import run_cli
 from llama.errors import BadInput
 from llama.model.fused import apply_fused_projections
-from llama.model.quant import QuantizedLinear, largest_group_size, use_dynamic_int8, use_int4_kernels
+from llama.model.quant import (QuantizedLinear, largest_group_size, quantize_head, use_dynamic_int8,
+                              use_int4_kernels)
 from llama.serving.generation import generate
 from llama.parallel.pipeline import Stage
 from llama.prepare.stage import compile_blocks, pick_dtype
@@ -31,7 +32,8 @@ from llama.prepare.stage import compile_blocks, pick_dtype
 TABLE = ["impl", "mode", "n_stages", "batch", "decode_tokens_per_s", "bandwidth_limit_tokens_per_s",
          "bandwidth_share", "copy_bandwidth_gb_s", "model_gb"]
 VARIANT_TABLE = ["variant", "batch", "decode_tokens_per_s_median", "decode_tokens_per_s_min",
-                 "decode_tokens_per_s_max", "vs_first", "step_read_gb", "model_gb"]
+                 "decode_tokens_per_s_max", "vs_first", "vs_first_min", "vs_first_max",
+                 "step_read_gb", "model_gb"]
 # --quantize names: the block linears' scheme, then the path their forward takes on a CPU
 # (llama/model/quant.py). "none" is the float model.
 VARIANTS = {
@@ -42,6 +44,7 @@ VARIANTS = {
     "int4_kernel": ("int4", "torch's int4 kernel (use_int4_kernels)"),
     "int4_dequantize": ("int4", "dequantize each layer per call (the default)"),
 }
+HEAD_SUFFIX = "+head"  # e.g. int8+head: the output head quantized too (quantize_head)
 
 
 def default_copy_bytes(device) -> int:
@@ -164,7 +167,15 @@ def run_ours(ctx, args, dtype, batches, prompt_len, gen_len, repeats, bandwidth,
 
 
 def build_variant(name, args, device, dtype, seed, group_size):
-    """One process's whole model for a VARIANTS name, its linears on that path."""
+    """One process's whole model for a VARIANTS name (+head: its output head in int8), its
+    linears on that path."""
+    model = build_blocks(name.removesuffix(HEAD_SUFFIX), args, device, dtype, seed, group_size)
+    if name.endswith(HEAD_SUFFIX):
+        quantize_head(model)
+    return model
+
+
+def build_blocks(name, args, device, dtype, seed, group_size):
     scheme = VARIANTS[name][0]
     model = random_stage(args, 0, 1, device, dtype, seed, scheme, group_size)
     if scheme is None:
@@ -181,43 +192,57 @@ def build_variant(name, args, device, dtype, seed, group_size):
 
 def run_variants(ctx, args, dtype, names, batches, prompt_len, gen_len, repeats, bandwidth,
                  seed, group_size):
-    """Every variant built once; each round times each in turn (gen_len tokens, then the
-    prefill alone), so a busy machine slows them alike; per variant the median and range of
-    the rounds' decode tokens/s, and the median's ratio to the first variant's."""
-    models = {name: build_variant(name, args, ctx.device, dtype, seed, group_size) for name in names}
+    """Every variant built once and timed in alternation (alternating_rounds); per variant the
+    median and range of the rounds' decode tokens/s, and the median over rounds of its ratio to
+    the first variant's in the same round (paired: a round's load slows both)."""
+    models = {name: build_variant(name, args, ctx.device, dtype, seed, group_size)
+              for name in names}
     stages = {name: Stage(model, ctx) for name, model in models.items()}
-    clock = common.Clock(ctx.device)
     records = []
     for batch in batches:
         prompts = random_prompts(args.vocab_size, batch, prompt_len, seed)
-
-        def seconds(stage, n_new):
-            started = clock.now()
-            generate(stage, prompts, n_new, temperature=0.0, stop_ids=())
-            return clock.now() - started
-        for stage in stages.values():  # warm-up: kernels, allocator, caches
-            seconds(stage, gen_len)
-        rounds = {name: [] for name in names}
-        for _ in range(repeats):
-            for name, stage in stages.items():
-                decode_s = seconds(stage, gen_len) - seconds(stage, 1)
-                if decode_s > 0:  # else timing noise: no figure this round
-                    rounds[name].append(batch * (gen_len - 1) / decode_s)
-        first = statistics.median(rounds[names[0]])
+        rounds = alternating_rounds(stages, prompts, common.Clock(ctx.device), gen_len, repeats)
         for name in names:
-            median = statistics.median(rounds[name])
+            ratios = [common.ratio(mine, first)
+                      for mine, first in zip(rounds[name], rounds[names[0]])]
+            ratios = [ratio for ratio in ratios if ratio is not None]
+            done = [tokens_per_s for tokens_per_s in rounds[name] if tokens_per_s is not None]
+            median = statistics.median(done) if done else None
             read = step_read_bytes(models[name]) + batch * args.dim * dtype.itemsize
-            records.append({"bench": "decode_variants", "variant": name, "path": VARIANTS[name][1],
-                            "batch": batch, "gen_len": gen_len, "prompt_len": prompt_len,
-                            "rounds": len(rounds[name]), "decode_tokens_per_s_median": median,
-                            "decode_tokens_per_s_min": min(rounds[name]),
-                            "decode_tokens_per_s_max": max(rounds[name]), "vs_first": median / first,
-                            "step_read_gb": read / 1e9, "model_gb": parameter_bytes(models[name]) / 1e9,
-                            "bandwidth_limit_tokens_per_s": batch * bandwidth / read,
-                            "copy_bandwidth_gb_s": bandwidth / 1e9, "group_size": group_size,
-                            "dtype": str(dtype).replace("torch.", ""),
-                            "threads": torch.get_num_threads()})
+            records.append({
+                "bench": "decode_variants", "variant": name, "batch": batch,
+                "path": VARIANTS[name.removesuffix(HEAD_SUFFIX)][1], "gen_len": gen_len,
+                "prompt_len": prompt_len, "rounds": len(done),
+                "decode_tokens_per_s_median": median,
+                "decode_tokens_per_s_min": min(done, default=None),
+                "decode_tokens_per_s_max": max(done, default=None),
+                "vs_first": statistics.median(ratios) if ratios else None,
+                "vs_first_min": min(ratios, default=None),
+                "vs_first_max": max(ratios, default=None),
+                "step_read_gb": read / 1e9, "model_gb": parameter_bytes(models[name]) / 1e9,
+                "bandwidth_limit_tokens_per_s": batch * bandwidth / read,
+                "copy_bandwidth_gb_s": bandwidth / 1e9, "group_size": group_size,
+                "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads()})
     return records
+
+
+def alternating_rounds(stages, prompts, clock, gen_len: int, repeats: int) -> dict:
+    """{name: decode tokens/s of each round (None where noise left no figure)}: a round times
+    every stage in turn, gen_len tokens then the prefill alone, so a busy machine slows them
+    alike."""
+    def seconds(stage, n_new):
+        started = clock.now()
+        generate(stage, prompts, n_new, temperature=0.0, stop_ids=())
+        return clock.now() - started
+    for stage in stages.values():  # warm-up: kernels, allocator, caches
+        seconds(stage, gen_len)
+    rounds = {name: [] for name in stages}
+    for _ in range(repeats):
+        for name, stage in stages.items():
+            decode_s = seconds(stage, gen_len) - seconds(stage, 1)
+            # None: timing noise made the prefill alone the slower; no figure this round
+            rounds[name].append(len(prompts) * (gen_len - 1) / decode_s if decode_s > 0 else None)
+    return rounds
 
 
 def run_hf(args, dtype, device, batches, prompt_len, gen_len, repeats, bandwidth, seed,
@@ -241,10 +266,10 @@ def run_hf(args, dtype, device, batches, prompt_len, gen_len, repeats, bandwidth
 
 def main_variants(ctx, args, dtype, batches, quantize, group_size, env, **run_args):
     names = [str(name) for name in common.as_list(quantize)]
-    unknown = [name for name in names if name not in VARIANTS]
+    unknown = [name for name in names if name.removesuffix(HEAD_SUFFIX) not in VARIANTS]
     if unknown or ctx.world_size > 1:
-        raise BadInput(f"--quantize {quantize!r} must list names of {', '.join(VARIANTS)}, run in "
-                       f"one process (no --n_stages)")
+        raise BadInput(f"--quantize {quantize!r} must list names of {', '.join(VARIANTS)} (each "
+                       f"may end in {HEAD_SUFFIX}), run in one process (no --n_stages)")
     if group_size is None:
         group_size = largest_group_size(args.dim, args.hidden_dim)  # as split_model.py picks it
     records = run_variants(ctx, args, dtype, names, batches, group_size=group_size, **run_args)
