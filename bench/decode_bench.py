@@ -39,7 +39,8 @@ VARIANT_TABLE = ["variant", "batch", "decode_tokens_per_s_median", "decode_token
 VARIANTS = {
     "none": (None, None),
     "int8": ("int8", "dynamic int8 (the default)"),
-    "int8_weight_only": ("int8", "torch._weight_int8pack_mm"),
+    "int8_exact": ("int8", "exact: dequantize the layer per call (the CPU's rule without dynamic)"),
+    "int8_weight_only": ("int8", "exact: torch._weight_int8pack_mm"),
     "int4_int8_copy": ("int4", "dynamic int8 on an int8 copy (use_dynamic_int8)"),
     "int4_kernel": ("int4", "torch's int4 kernel (use_int4_kernels)"),
     "int4_dequantize": ("int4", "dequantize each layer per call (the default)"),
@@ -180,8 +181,12 @@ def build_blocks(name, args, device, dtype, seed, group_size):
     model = random_stage(args, 0, 1, device, dtype, seed, scheme, group_size)
     if scheme is None:
         return apply_fused_projections(model)
-    if name == "int8_weight_only":
+    if name in ("int8_exact", "int8_weight_only"):
         use_dynamic_int8(model, False)
+    if name == "int8_weight_only":
+        for layer in model.modules():
+            if isinstance(layer, QuantizedLinear):
+                layer.use_kernel = True
     elif name == "int4_int8_copy":
         use_dynamic_int8(model)
     elif name == "int4_kernel" and not use_int4_kernels(model):

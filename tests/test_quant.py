@@ -88,6 +88,7 @@ def test_fused_kernel_and_dequantize_fallback_give_the_same_numbers(scheme, dtyp
     fallback = quantized_layer(weight, scheme, 32)
     fallback.use_kernel = False
     fused.use_dynamic_int8 = fallback.use_dynamic_int8 = False
+    fused.use_kernel = True  # on a CPU the rule would dequantize instead
     if scheme == "int4":
         if not use_int4_kernels(fused):
             pytest.skip("this torch has no CPU int4 weight-only kernel")
@@ -103,7 +104,7 @@ def test_fused_kernel_and_dequantize_fallback_give_the_same_numbers(scheme, dtyp
 def test_a_kernel_that_refuses_falls_back_to_dequantizing(monkeypatch):
     weight = torch.randn(32, 64) * 0.02
     layer = quantized_layer(weight, "int8")
-    layer.use_dynamic_int8 = False
+    layer.use_dynamic_int8, layer.use_kernel = False, True
 
     def refuse(*args):
         raise RuntimeError("not on this device")

@@ -58,14 +58,15 @@ def unpack_int4(packed):
 
 
 def dequantize(scheme: str, weight, scales, zeros, dtype):
-    """The float matrix (out, in) that the packed weight stands for, in dtype."""
+    """The float matrix (out, in) that the packed weight stands for, in dtype. In place on the
+    one new matrix, and scales broadcast per group: one full-size allocation, not three (at
+    4096 x 4096 the fresh pages cost more than the arithmetic)."""
     if scheme == "int8":
-        return weight.to(dtype) * scales.to(dtype)[:, None]
-    codes = unpack_int4(weight).to(dtype) - 8
-    group_size = codes.shape[1] // scales.shape[1]
-    scale = scales.to(dtype).repeat_interleave(group_size, dim=1)
-    zero = zeros.to(dtype).repeat_interleave(group_size, dim=1)
-    return codes * scale + zero
+        return weight.to(dtype).mul_(scales.to(dtype)[:, None])
+    codes = unpack_int4(weight).to(dtype).sub_(8)
+    groups = codes.view(codes.shape[0], scales.shape[1], -1)  # (out, in/group_size, group_size)
+    groups.mul_(scales.to(dtype)[..., None]).add_(zeros.to(dtype)[..., None])
+    return codes
 
 
 def check_group_size(group_size, in_features: int, name: str):
@@ -137,9 +138,11 @@ class QuantizedLinear(nn.Module):
                                                        dtype=torch.uint8, device=device))
             self.register_buffer("scales", torch.empty(groups, dtype=scale_dtype, device=device))
             self.register_buffer("zeros", torch.empty(groups, dtype=scale_dtype, device=device))
-        # Whether forward tries torch's fused weight-only kernel; turned off for this layer when
-        # the kernel refuses (a private op: its dtypes and shapes vary by device and version).
-        self.use_kernel = True
+        # Whether the exact path tries torch's fused weight-only kernel. None: by the rule, on a
+        # GPU only (on a CPU they were measured 15-20x slower than dequantizing the layer for
+        # training's rows, docs/PERFORMANCE.md); True: try; False: never, as after a refusal
+        # (a private op: its dtypes and shapes vary by device and version).
+        self.use_kernel = None
         self.int4_kernel_weight = None  # the int4 kernel's own packing, made by prepare_int4_kernel
         # Whether a forward on the CPU that autograd does not track runs dynamic_int8_matmul (the
         # input quantized per row): the fastest path measured on a CPU at batch 1
@@ -202,7 +205,8 @@ class QuantizedLinear(nn.Module):
     def matmul(self, x):
         """(..., in) -> (..., out): the fused kernel where it runs, else dequantize this layer."""
         rows = x.reshape(-1, self.in_features)
-        out = self.kernel_matmul(rows) if self.use_kernel else None
+        kernel = self.use_kernel if self.use_kernel is not None else rows.device.type != "cpu"
+        out = self.kernel_matmul(rows) if kernel else None
         if out is None:
             out = rows @ self.dequantized(x.dtype).t()
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -238,6 +242,7 @@ class QuantizedLinear(nn.Module):
                     torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         except (RuntimeError, NotImplementedError, AttributeError):
             return False
+        self.use_kernel = True  # asked for, on a CPU too
         return True
 
 
