@@ -8,6 +8,10 @@ A stage file of a quantized split stores, per block linear, `<name>.weight` pack
 or uint8 (out, in/2) with two 4-bit codes a byte: the even input column in the high nibble),
 `<name>.scales` and, for int4, `<name>.zeros` (out, in/group_size), so that
 w = (code - 8) * scale + zero (torch's own int4 convention). docs/quantization.md has the numbers.
+
+Forward is exact under autograd (training) and on a GPU; on a CPU without autograd it
+quantizes the input per row and multiplies in int8 (llama/model/int8_matmul.py), ~1% off, for
+speed (use_dynamic_int8 switches it).
 """
 import torch
 from torch import nn
@@ -139,7 +143,7 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("scales", torch.empty(groups, dtype=scale_dtype, device=device))
             self.register_buffer("zeros", torch.empty(groups, dtype=scale_dtype, device=device))
         # Whether the exact path tries torch's fused weight-only kernel. None: by the rule, on a
-        # GPU only (on a CPU they were measured 15-20x slower than dequantizing the layer for
+        # GPU only (on a CPU they were measured 5-35x slower than dequantizing the layer for
         # training's rows, docs/PERFORMANCE.md); True: try; False: never, as after a refusal
         # (a private op: its dtypes and shapes vary by device and version).
         self.use_kernel = None
@@ -203,7 +207,8 @@ class QuantizedLinear(nn.Module):
         return True
 
     def matmul(self, x):
-        """(..., in) -> (..., out): the fused kernel where it runs, else dequantize this layer."""
+        """(..., in) -> (..., out), exactly: the fused kernel where use_kernel (or, when None, the
+        device) asks for it and it runs, else dequantize this layer."""
         rows = x.reshape(-1, self.in_features)
         kernel = self.use_kernel if self.use_kernel is not None else rows.device.type != "cpu"
         out = self.kernel_matmul(rows) if kernel else None
@@ -316,7 +321,7 @@ def quantize_head(model) -> bool:
     """For generation on a CPU: the output head as an int8 QuantizedLinear (run by the dynamic int8
     path), its float matrix dropped unless it is the embedding table too. At dim 512 and vocab
     32000 the float head is a third of the bytes a decode step reads (docs/PERFORMANCE.md). The
-    logits move by ~1% (docs/quantization.md). Not for training, nor for saving: the head's file
+    logits carry the dynamic path's ~1% error (docs/quantization.md). Not for training, nor for saving: the head's file
     keys change, and strict loading refuses them. Returns whether the stage had a head."""
     head = model.output
     if head is None or isinstance(head, QuantizedLinear):
