@@ -60,7 +60,8 @@ def main(prompt: str, prompts: tuple[str, ...] = DEFAULT_PROMPTS, template: str 
                 ctx.log(f"[base model]  {decode_continuation(tokenizer, ids[i], base[i])}")
             ctx.log("-" * 40)
 
-    run_on_stage(options, work, Preparation(fuse_projections=True, method=method))
+    run_on_stage(options, work, Preparation(fuse_projections=True, dynamic_int8=True,
+                                                 method=method))
 
 
 if __name__ == "__main__":

@@ -153,7 +153,9 @@ class QuantizedLinear(nn.Module):
         # (docs/PERFORMANCE.md), ~1% from the exact one (docs/quantization.md). int8 runs it on
         # its own codes; int4 on an int8 copy (+1 byte a parameter), so only after
         # use_dynamic_int8(model) asks for it.
-        self.use_dynamic_int8 = scheme == "int8"
+        # off until generation asks for it (use_dynamic_int8): training and held-out losses keep
+        # the exact path, and a recomputed block gives what its first forward gave
+        self.use_dynamic_int8 = False
         self.register_buffer("int8_codes", None, persistent=False)
         self.register_buffer("int8_scales", None, persistent=False)
 
@@ -301,14 +303,15 @@ def use_int4_kernels(model) -> int:
                if isinstance(layer, QuantizedLinear))
 
 
-def use_dynamic_int8(model, enabled: bool = True) -> int:
-    """Switch the CPU's dynamic int8 path on or off for every quantized layer (on by default for
-    int8, which runs it on its own codes; int4 layers get an int8 copy when switched on, +1 byte a
-    parameter, and drop it when switched off); returns how many layers run it."""
+def use_dynamic_int8(model, enabled: bool = True, int4_copy: bool = True) -> int:
+    """Switch the CPU's dynamic int8 path on or off for every quantized layer: int8 layers run
+    it on their own codes; int4 layers get an int8 copy (+1 byte a parameter) when int4_copy,
+    and drop it when switched off. Generation turns it on (Preparation.dynamic_int8); training
+    never does. Returns how many layers run it."""
     count = 0
     for layer in model.modules():
         if isinstance(layer, QuantizedLinear):
-            if layer.scheme == "int4":
+            if layer.scheme == "int4" and (int4_copy or not enabled):
                 layer.int8_codes = layer.int8_scales = None
                 if enabled:
                     layer.prepare_int8_copy()
