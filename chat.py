@@ -24,10 +24,10 @@ def main(prompt: str = None, template: str = None, **options):
     outgrows max_seq_len the oldest turns are dropped with a note. /reset clears the history,
     /exit or Ctrl+D quits, Ctrl+C stops the current reply.
 
-    prompt: a tuning's folder (ft_main.py's --out: a soft prompt, prefix or adapter, or a PEFT
-        export of one); none chats with the base model
-    template: alpaca, plain or none: how each of your lines is wrapped (default: the prompt's
-        own template, else plain)
+    prompt: a tuning's folder (ft_main.py's --out: a soft prompt, prefix, adapter or LoRA, or a
+        PEFT export of one); none chats with the base model
+    template: alpaca, plain, none, or a chat format (llama2, llama3, chatml): how each of your
+        lines is wrapped (default: the prompt's own template, else plain)
     """
     check_sampling(options["temperature"], options["top_p"])
     max_gen_len = options["max_gen_len"]

@@ -25,7 +25,8 @@ def main(prompt: str, prompts: tuple[str, ...] = DEFAULT_PROMPTS, template: str 
         earlier version's prompt.pt + prompt.json), or a PEFT export (adapter_model.bin +
         adapter_config.json) of prompt tuning, prefix tuning or adaption prompts
     prompts: the texts (instructions) to answer: one text, or several as a list '["a", "b"]'
-    template: alpaca, plain or none (default: the one the prompt was trained with)
+    template: alpaca, plain, none, llama2, llama3 or chatml (default: the one the prompt was
+        trained with)
     compare: also print the base model's output (without the soft prompt) for each text
     """
     check_sampling(options["temperature"], options["top_p"])
@@ -47,7 +48,8 @@ def main(prompt: str, prompts: tuple[str, ...] = DEFAULT_PROMPTS, template: str 
                 ctx.log(f"[base model]  {decode_continuation(tokenizer, ids[i], base[i])}")
             ctx.log("-" * 40)
 
-    run_on_stage(options, work, Preparation(fuse_projections=True, method=method))
+    run_on_stage(options, work, Preparation(fuse_projections=True, dynamic_int8=True,
+                                                 method=method))
 
 
 if __name__ == "__main__":

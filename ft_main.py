@@ -63,7 +63,8 @@ def main(data: str, out: str,
     lora_targets: with --method lora, the projections that get an update: comma-separated q, k,
         v, o, gate, up, down, or attention (q,k,v,o), mlp (gate,up,down) or all
     use_rslora: with --method lora, scale by lora_alpha / sqrt(r) (rank-stabilised LoRA)
-    template: how a record becomes text: alpaca, plain or none
+    template: how a record becomes text: alpaca, plain, none, or a chat format (llama2, llama3,
+        chatml) for an instruction-tuned model
     train_on_prompt: also learn to predict the instruction, not only the response
     strict: stop at the first unusable record instead of skipping it with a note
     eval_fraction: the share of records held out for the held-out loss (0 for none)

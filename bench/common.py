@@ -89,6 +89,16 @@ def device_name(device) -> str:
     return f"CPU ({model or platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache this Linux reports for cpu0 (0 where it reports none)."""
+    sizes = [0]
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip()
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return max(sizes)
+
+
 def environment(device) -> dict:
     return {"device": str(device), "device_name": device_name(device), "torch": torch.__version__,
             "cuda": torch.version.cuda if device.type == "cuda" else None,

@@ -3,13 +3,16 @@
     python -m bench.decode_bench --shape 7B                    # one stage, batch 1 and 8
     python -m bench.decode_bench --shape 7B --n_stages 4 --compare_single_stage
     python -m bench.decode_bench --shape tiny --gen_len 8      # CPU check that it still runs
+    python -m bench.decode_bench --shape small --batch 1 --quantize none,int8,int4_int8_copy
 
 --cuda_graph: the product's static-cache decode (llama/model/static_decode.py), each step a CUDA graph
 on a GPU; on a CPU the same static path uncaptured ("mode": "static"). --compile: torch.compile
 of each block (True for inductor, or a backend's name). The projections are fused, as in
-example.py. One JSON line per batch size, then a short table.
+example.py (a quantized stage's stay unfused). --quantize: one or several of VARIANTS, built once
+each and timed in alternation (one process). One JSON line per batch size, then a short table.
 """
 import gc
+import statistics
 import sys
 
 import torch
@@ -20,12 +23,59 @@ from llama.parallel.distributed import DistContext, init_distributed
 from llama.cli import run_cli
 from llama.errors import BadInput
 from llama.model.fused import apply_fused_projections
+from llama.model.quant import (QuantizedLinear, largest_group_size, quantize_head, use_dynamic_int8,
+                              use_int4_kernels)
 from llama.serving.generation import generate
 from llama.parallel.pipeline import Stage
 from llama.prepare.stage import compile_blocks, pick_dtype
 
 TABLE = ["impl", "mode", "n_stages", "batch", "decode_tokens_per_s", "bandwidth_limit_tokens_per_s",
          "bandwidth_share", "copy_bandwidth_gb_s", "model_gb"]
+VARIANT_TABLE = ["variant", "batch", "decode_tokens_per_s_median", "decode_tokens_per_s_min",
+                 "decode_tokens_per_s_max", "vs_first", "vs_first_min", "vs_first_max",
+                 "step_read_gb", "model_gb"]
+# --quantize names: the block linears' scheme, then the path their forward takes on a CPU
+# (llama/model/quant.py). "none" is the float model.
+VARIANTS = {
+    "none": (None, None),
+    "int8": ("int8", "dynamic int8 (the default)"),
+    "int8_exact": ("int8", "exact: dequantize the layer per call (the CPU's rule without dynamic)"),
+    "int8_weight_only": ("int8", "exact: torch._weight_int8pack_mm"),
+    "int4_int8_copy": ("int4", "dynamic int8 on an int8 copy (use_dynamic_int8)"),
+    "int4_kernel": ("int4", "torch's int4 kernel (use_int4_kernels)"),
+    "int4_dequantize": ("int4", "dequantize each layer per call (the default)"),
+}
+HEAD_SUFFIX = "+head"  # e.g. int8+head: the output head quantized too (quantize_head)
+
+
+def default_copy_bytes(device) -> int:
+    """1 GiB on a GPU; on a CPU at least 4x the last-level cache (and 128 MiB), so that the copy
+    measures memory, not the cache."""
+    if torch.device(device).type == "cuda":
+        return 2**30
+    return max(128 * 2**20, 4 * common.last_level_cache_bytes())
+
+
+def step_read_bytes(model) -> int:
+    """Weight bytes one decode step reads: every matrix once, but none of the embedding table (a
+    step reads one row of it a token, added by decode_record) and, of a quantized layer, only the
+    tensors its forward uses (int4's packed codes are not read when its int8 copy is)."""
+    def size(*tensors):
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    table = model.tok_embeddings.weight if model.tok_embeddings is not None else None
+    tied = model.output is not None and model.output.weight is table
+    total = parameter_bytes(model) - (size(table) if table is not None and not tied else 0)
+    for layer in model.modules():
+        if isinstance(layer, QuantizedLinear):
+            total -= size(layer.weight, layer.scales, layer.zeros, layer.int8_codes,
+                          layer.int8_scales)
+            if layer.use_dynamic_int8:
+                total += size(*layer.int8_codes_and_scales())
+            elif layer.int4_kernel_weight is not None:
+                total += size(layer.int4_kernel_weight, layer.scales, layer.zeros)
+            else:
+                total += size(layer.weight, layer.scales, layer.zeros)
+    return total
 
 
 def copy_bandwidth(device, n_bytes: int, repeats: int = 10) -> float:
@@ -64,19 +114,22 @@ def fastest_times(make_tokens, clock, gen_len: int, repeats: int):
 
 
 def decode_record(impl, batch, gen_len, full_s, prefill_s, model_bytes, bandwidth,
-                  mode="eager"):
+                  mode="eager", read_bytes=None, row_bytes=0):
     """tokens/s of the gen_len - 1 steps after the prefill, and their share of the limit.
 
-    Each decode step reads every weight once for the whole batch, so the limit is
-    bandwidth / model_bytes steps per second, i.e. batch x that in tokens/s.
+    Each decode step reads every weight it uses once for the whole batch (read_bytes: not the
+    embedding table, only a row of it per token, row_bytes), so the limit is bandwidth / those
+    bytes steps per second, i.e. batch x that in tokens/s. Without read_bytes, model_bytes.
     """
     decode_s = full_s - prefill_s
     # Only timing noise makes gen_len tokens faster than one; then there is no figure to give.
     tokens_per_s = batch * (gen_len - 1) / decode_s if decode_s > 0 else None
-    limit = batch * bandwidth / model_bytes
+    step_bytes = (model_bytes if read_bytes is None else read_bytes) + batch * row_bytes
+    limit = batch * bandwidth / step_bytes
     return {"bench": "decode", "impl": impl, "mode": mode, "batch": batch, "gen_len": gen_len,
             "decode_tokens_per_s": tokens_per_s, "end_to_end_tokens_per_s": batch * gen_len / full_s,
             "prefill_s": prefill_s, "model_bytes": model_bytes, "model_gb": model_bytes / 1e9,
+            "step_read_gb": step_bytes / 1e9,
             "copy_bandwidth_gb_s": bandwidth / 1e9, "bandwidth_limit_tokens_per_s": limit,
             "bandwidth_share": tokens_per_s / limit if tokens_per_s else None}
 
@@ -94,6 +147,7 @@ def run_ours(ctx, args, dtype, batches, prompt_len, gen_len, repeats, bandwidth,
     model = random_stage(args, ctx.rank, ctx.world_size, ctx.device, dtype, seed)
     model_bytes = sum(ctx.gather_objects(parameter_bytes(model)) or [0])
     model_bytes = ctx.broadcast_object(model_bytes)
+    read_bytes = ctx.broadcast_object(sum(ctx.gather_objects(step_read_bytes(model)) or [0]))
     compile_blocks(apply_fused_projections(model), compile)
     stage = Stage(model, ctx, cuda_graph=cuda_graph)
     records = []
@@ -105,11 +159,95 @@ def run_ours(ctx, args, dtype, batches, prompt_len, gen_len, repeats, bandwidth,
         peaks = ctx.gather_objects(round(common.peak_memory_gib(ctx.device), 3))
         if ctx.rank == 0:
             record = decode_record("ours", batch, gen_len, full_s, prefill_s, model_bytes, bandwidth,
-                                   decode_mode(cuda_graph, ctx.device))
+                                   decode_mode(cuda_graph, ctx.device), read_bytes,
+                                   args.dim * dtype.itemsize)
             records.append({**record, "compile": compile, "n_stages": ctx.world_size, "backend": ctx.backend,
                             "prompt_len": prompt_len, "dtype": str(dtype).replace("torch.", ""),
                             "peak_mem_gib": peaks})
     return records
+
+
+def build_variant(name, args, device, dtype, seed, group_size):
+    """One process's whole model for a VARIANTS name (+head: its output head in int8), its
+    linears on that path."""
+    model = build_blocks(name.removesuffix(HEAD_SUFFIX), args, device, dtype, seed, group_size)
+    if name.endswith(HEAD_SUFFIX):
+        quantize_head(model)
+    return model
+
+
+def build_blocks(name, args, device, dtype, seed, group_size):
+    scheme = VARIANTS[name][0]
+    model = random_stage(args, 0, 1, device, dtype, seed, scheme, group_size)
+    if scheme is None:
+        return apply_fused_projections(model)
+    if name in ("int8_exact", "int8_weight_only"):
+        use_dynamic_int8(model, False)
+    if name == "int8_weight_only":
+        for layer in model.modules():
+            if isinstance(layer, QuantizedLinear):
+                layer.use_kernel = True
+    elif name == "int4_int8_copy":
+        use_dynamic_int8(model)
+    elif name == "int4_kernel" and not use_int4_kernels(model):
+        raise BadInput(f"--quantize int4_kernel: this torch has no int4 kernel for group size "
+                       f"{group_size} on {device}")
+    return model
+
+
+def run_variants(ctx, args, dtype, names, batches, prompt_len, gen_len, repeats, bandwidth,
+                 seed, group_size):
+    """Every variant built once and timed in alternation (alternating_rounds); per variant the
+    median and range of the rounds' decode tokens/s, and the median over rounds of its ratio to
+    the first variant's in the same round (paired: a round's load slows both)."""
+    models = {name: build_variant(name, args, ctx.device, dtype, seed, group_size)
+              for name in names}
+    stages = {name: Stage(model, ctx) for name, model in models.items()}
+    records = []
+    for batch in batches:
+        prompts = random_prompts(args.vocab_size, batch, prompt_len, seed)
+        rounds = alternating_rounds(stages, prompts, common.Clock(ctx.device), gen_len, repeats)
+        for name in names:
+            ratios = [common.ratio(mine, first)
+                      for mine, first in zip(rounds[name], rounds[names[0]])]
+            ratios = [ratio for ratio in ratios if ratio is not None]
+            done = [tokens_per_s for tokens_per_s in rounds[name] if tokens_per_s is not None]
+            median = statistics.median(done) if done else None
+            read = step_read_bytes(models[name]) + batch * args.dim * dtype.itemsize
+            records.append({
+                "bench": "decode_variants", "variant": name, "batch": batch,
+                "path": VARIANTS[name.removesuffix(HEAD_SUFFIX)][1], "gen_len": gen_len,
+                "prompt_len": prompt_len, "rounds": len(done),
+                "decode_tokens_per_s_median": median,
+                "decode_tokens_per_s_min": min(done, default=None),
+                "decode_tokens_per_s_max": max(done, default=None),
+                "vs_first": statistics.median(ratios) if ratios else None,
+                "vs_first_min": min(ratios, default=None),
+                "vs_first_max": max(ratios, default=None),
+                "step_read_gb": read / 1e9, "model_gb": parameter_bytes(models[name]) / 1e9,
+                "bandwidth_limit_tokens_per_s": batch * bandwidth / read,
+                "copy_bandwidth_gb_s": bandwidth / 1e9, "group_size": group_size,
+                "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads()})
+    return records
+
+
+def alternating_rounds(stages, prompts, clock, gen_len: int, repeats: int) -> dict:
+    """{name: decode tokens/s of each round (None where noise left no figure)}: a round times
+    every stage in turn, gen_len tokens then the prefill alone, so a busy machine slows them
+    alike."""
+    def seconds(stage, n_new):
+        started = clock.now()
+        generate(stage, prompts, n_new, temperature=0.0, stop_ids=())
+        return clock.now() - started
+    for stage in stages.values():  # warm-up: kernels, allocator, caches
+        seconds(stage, gen_len)
+    rounds = {name: [] for name in stages}
+    for _ in range(repeats):
+        for name, stage in stages.items():
+            decode_s = seconds(stage, gen_len) - seconds(stage, 1)
+            # None: timing noise made the prefill alone the slower; no figure this round
+            rounds[name].append(len(prompts) * (gen_len - 1) / decode_s if decode_s > 0 else None)
+    return rounds
 
 
 def run_hf(args, dtype, device, batches, prompt_len, gen_len, repeats, bandwidth, seed,
@@ -131,13 +269,31 @@ def run_hf(args, dtype, device, batches, prompt_len, gen_len, repeats, bandwidth
     return records
 
 
+def main_variants(ctx, args, dtype, batches, quantize, group_size, env, **run_args):
+    names = [str(name) for name in common.as_list(quantize)]
+    unknown = [name for name in names if name.removesuffix(HEAD_SUFFIX) not in VARIANTS]
+    if unknown or ctx.world_size > 1:
+        raise BadInput(f"--quantize {quantize!r} must list names of {', '.join(VARIANTS)} (each "
+                       f"may end in {HEAD_SUFFIX}), run in one process (no --n_stages)")
+    if group_size is None:
+        group_size = largest_group_size(args.dim, args.hidden_dim)  # as split_model.py picks it
+    records = run_variants(ctx, args, dtype, names, batches, group_size=group_size, **run_args)
+    for record in records:
+        common.emit({**record, **env})
+    ctx.close()
+    common.print_table(records, VARIANT_TABLE)
+
+
 def main(shape: str = "tiny", n_stages: int = None, batch=(1, 8), prompt_len: int = 32,
          gen_len: int = 128, dtype: str = "auto", repeats: int = 3, copy_mib: int = None,
          compare_hf: bool = False, compare_single_stage: bool = False, cuda_graph: bool = False,
-         compile=False, device: str = None, seed: int = 0, timeout_s: float = 600.0):
+         compile=False, device: str = None, seed: int = 0, timeout_s: float = 600.0,
+         quantize=None, group_size: int = None):
     """Greedy decode tokens/s at each batch size (no early stop), with the model's bytes, the
-    measured copy bandwidth (default 1 GiB copied on a GPU, 64 MiB on a CPU) and the share of
-    the bandwidth limit. compare_hf: the same through transformers' generate (skipped, with a
+    measured copy bandwidth (default 1 GiB copied on a GPU; on a CPU 4x its last-level cache, at
+    least 128 MiB) and the share of the bandwidth limit. quantize: VARIANTS names (none for the
+    float model), timed in alternation in one process; group_size for int4 (default as
+    split_model.py picks it). compare_hf: the same through transformers' generate (skipped, with a
     note, when not installed); compare_single_stage: after n stages, one process with the whole
     model, for the pipeline's loss. cuda_graph: the static-cache decode, captured on a GPU;
     compile: torch.compile each block (True: inductor; or a backend's name, e.g. aot_eager)."""
@@ -160,9 +316,13 @@ def main(shape: str = "tiny", n_stages: int = None, batch=(1, 8), prompt_len: in
     if n_stages is not None and ctx.world_size != n_stages:
         raise BadInput(f"torchrun started {ctx.world_size} processes but --n_stages is {n_stages}")
     dtype = pick_dtype(dtype, ctx.device)
-    copy_bytes = (copy_mib or (1024 if ctx.device.type == "cuda" else 64)) * 2**20
+    copy_bytes = copy_mib * 2**20 if copy_mib else default_copy_bytes(ctx.device)
     bandwidth = ctx.broadcast_object(copy_bandwidth(ctx.device, copy_bytes) if ctx.rank == 0 else None)
     env = {"shape": shape_name(shape), **common.environment(ctx.device)}
+    if quantize is not None:
+        return main_variants(ctx, args, dtype, batches, quantize, group_size, env,
+                             prompt_len=prompt_len, gen_len=gen_len, repeats=repeats,
+                             bandwidth=bandwidth, seed=seed)
     run_args = dict(prompt_len=prompt_len, gen_len=gen_len, repeats=repeats, bandwidth=bandwidth,
                     seed=seed, cuda_graph=cuda_graph, compile=compile)
     records = run_ours(ctx, args, dtype, batches, **run_args)

@@ -21,6 +21,8 @@ from llama.model.quant import apply_quantization
 SHAPES = {
     "tiny": {"dim": 64, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "vocab_size": 512,
              "multiple_of": 32},
+    # issue 21's CPU decode shape: FFN 1536 (dim 512 rounded to a multiple of 256), vocab of 7B
+    "small": {"dim": 512, "n_layers": 8, "n_heads": 8, "vocab_size": 32000, "multiple_of": 256},
     **NAMED_SHAPES,
 }
 

@@ -77,6 +77,22 @@ def test_decode_bench_two_stages_then_one_stage():
     assert "decode_tokens_per_s" in header and len(rows) == 4
 
 
+def test_decode_bench_quantized_variants_in_alternation():
+    """--quantize: float, int8 with an int8 head, int4 through its int8 copy, in one process;
+    a decode step reads no embedding table, and int8 blocks read fewer bytes than float ones."""
+    names = ["none", "int8+head", "int4_int8_copy"]
+    lines, done = run_bench("decode_bench", *TINY, "--batch", "1", "--prompt_len", "4",
+                            "--gen_len", "3", "--repeats", "2", "--quantize", ",".join(names))
+    records = [r for r in lines if r.get("bench") == "decode_variants"]
+    assert [r["variant"] for r in records] == names
+    for record in records:
+        has_fields(record, ["decode_tokens_per_s_median", "decode_tokens_per_s_min", "path",
+                            "decode_tokens_per_s_max", "vs_first", "step_read_gb", *ENVIRONMENT])
+        assert record["step_read_gb"] < record["model_gb"]
+    assert records[1]["step_read_gb"] < records[2]["step_read_gb"] < records[0]["step_read_gb"]
+    assert "decode_tokens_per_s_median" in table_after_json(done.stdout)[0]
+
+
 def test_decode_bench_static_cache_path_with_compiled_blocks():
     """--cuda_graph runs the product's static decode (captured only on a GPU); --compile aot_eager
     traces the blocks without building kernels, so the rehearsal stays quick on a CPU."""

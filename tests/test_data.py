@@ -93,7 +93,17 @@ def test_plain_and_none_templates():
         "### Instruction:\nTranslate.\n\n### Response:\n"
     assert format_prompt(with_input, "none") == "Translate.\nBonjour"
     assert format_prompt({"instruction": "Translate."}, "none") == "Translate."
-    assert set(TEMPLATES) == {"alpaca", "plain", "none"}
+    assert set(TEMPLATES) == {"alpaca", "plain", "none", "llama2", "llama3", "chatml"}
+
+
+def test_chat_format_templates_wrap_one_instruction_as_their_models_expect():
+    with_input = {"instruction": "Translate.", "input": "Bonjour"}
+    assert format_prompt({"instruction": "Hi"}, "llama2") == "[INST] Hi [/INST]"
+    assert format_prompt(with_input, "chatml") == \
+        "<|im_start|>user\nTranslate.\n\nBonjour<|im_end|>\n<|im_start|>assistant\n"
+    assert format_prompt({"instruction": "Hi"}, "llama3") == (
+        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
 def test_unknown_template_is_refused():

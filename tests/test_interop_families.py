@@ -118,3 +118,53 @@ def test_folders_transformers_itself_writes_give_its_logits(tmp_path, config):
     written = json.loads((tmp_path / "saved" / "config.json").read_text())
     assert written["model_type"] == config()["model_type"]
     assert_logits_as_transformers(tmp_path / "saved")
+
+
+@pytest.mark.parametrize("family", ["llama3.2", "qwen2.5", "mistral"])
+@pytest.mark.parametrize("method", ["prompt", "prefix", "adapter", "lora"])
+def test_every_methods_peft_export_runs_in_peft_on_each_family(tmp_path, family, method):
+    """A tuning made here, exported to PEFT's layout, loads in peft onto the family's own folder
+    and gives our logits (the model's q/k rows, biases, rope scaling and window all matter)."""
+    peft = pytest.importorskip("peft")
+    if (family, method) == ("qwen2.5", "adapter"):
+        pytest.skip("peft's adaption prompts know llama and mistral models only (ValueError: "
+                    "Unsupported model type for adaption prompt: 'qwen2')")
+    from llama.parallel.distributed import DistContext
+    from llama.parallel.pipeline import Stage
+    from llama.tuning.peft import export_peft
+    from test_interop import tuned_logits
+    from test_methods import with_tuning
+    configs = {"llama3.2": llama32_config, "qwen2.5": qwen25_config, "mistral": mistral_config}
+    folder = write_family(tmp_path / family, configs[family](num_hidden_layers=4))
+    model = load_model(folder)
+    tuning, metadata = tuned(model, method, with_tuning)
+    export_peft(tmp_path / "peft", method, {k: t.detach() for k, t in tuning.trainable.items()},
+                model.args, {"base_model": str(folder), **metadata})
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "peft",
+                                                           dtype=torch.float32).eval()
+    tokens = TOKENS[:1, :12]
+    stage = Stage(model, DistContext(), tuning=tuning)
+    with torch.no_grad():
+        expected = theirs(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits
+    torch.testing.assert_close(tuned_logits(stage, tokens), expected[:, -tokens.shape[1]:],
+                               atol=1e-4, rtol=0)
+
+
+def tuned(model, method, with_tuning):
+    """(the method on the model with values that change its output, export metadata)."""
+    from llama.tuning.lora import TARGETS, LoraSettings, apply_lora
+    from llama.tuning.methods import apply_prompt
+    from llama.tuning.prompt import SoftPrompt, init_prompt_weight
+    if method == "prompt":
+        weight = init_prompt_weight("random", 4, model.tok_embeddings.weight, seed=1)
+        return apply_prompt(SoftPrompt(weight), 4), {}
+    if method != "lora":
+        return with_tuning(model, method), {"adapter_layers": 3}
+    settings = LoraSettings(r=4, alpha=8.0, dropout=0.0, targets=tuple(TARGETS),
+                            use_rslora=False)
+    tuning = apply_lora(model, settings, seed=0)
+    with torch.no_grad():  # B starts at zero (the base model): give it values that show
+        for key, tensor in tuning.trainable.items():
+            if key.endswith("lora_B"):
+                tensor.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(len(key)))
+    return tuning, {"lora": settings.describe()}

@@ -46,3 +46,15 @@ def test_the_method_attaches_to_fused_blocks_before_recompute_wraps_them(model_b
         fuse_projections=True, method=method, recompute="full"))
     assert seen == {"fused": True, "wrapped": False}
     assert tuning.trainable and all(isinstance(b, RecomputedBlock) for b in model.layers.values())
+
+
+def test_generation_multiplies_int8_dynamically_and_training_exactly(model_bin):
+    """A recomputed block must give in backward what its first forward gave, and the held-out
+    loss what training computes: only generation (Preparation.dynamic_int8) takes the faster,
+    inexact int8 product."""
+    from llama.model.quant import QuantizedLinear
+    for dynamic in (False, True):
+        model = load_model(model_bin, quantize="int8")
+        prepare_stage(DistContext(), model, None, Preparation(dynamic_int8=dynamic))
+        layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+        assert layers and all(layer.use_dynamic_int8 == dynamic for layer in layers)

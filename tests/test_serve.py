@@ -686,9 +686,9 @@ def test_a_served_prompt_with_an_unknown_template_is_refused_at_start(model, mod
                                                                      monkeypatch):
     import serve
     monkeypatch.setattr(serve, "run_server", never_serve)
-    save_tuning(tmp_path / "odd", "prompt", {"prompt": torch.zeros(2, model.args.dim)}, model.args, {"template": "chatml"})
+    save_tuning(tmp_path / "odd", "prompt", {"prompt": torch.zeros(2, model.args.dim)}, model.args, {"template": "vicuna"})
     with pytest.raises(BadInput, match=re.escape(f"--prompts odd={tmp_path / 'odd'}: its tuning.json "
-                                                 "has an unknown template 'chatml'")):
+                                                 "has an unknown template 'vicuna'")):
         serve.main(ckpt_dir=str(model_bin), prompts=f"odd={tmp_path / 'odd'}")
 
 

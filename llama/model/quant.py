@@ -8,11 +8,16 @@ A stage file of a quantized split stores, per block linear, `<name>.weight` pack
 or uint8 (out, in/2) with two 4-bit codes a byte: the even input column in the high nibble),
 `<name>.scales` and, for int4, `<name>.zeros` (out, in/group_size), so that
 w = (code - 8) * scale + zero (torch's own int4 convention). docs/quantization.md has the numbers.
+
+Forward is exact under autograd (training) and on a GPU; on a CPU without autograd it
+quantizes the input per row and multiplies in int8 (llama/model/int8_matmul.py), ~1% off, for
+speed (use_dynamic_int8 switches it).
 """
 import torch
 from torch import nn
 
 from llama.errors import BadInput
+from llama.model.int8_matmul import dynamic_int8_matmul
 
 SCHEMES = ("int8", "int4")
 # The linears inside each block. The embeddings and the output head stay in the stage's float
@@ -57,14 +62,15 @@ def unpack_int4(packed):
 
 
 def dequantize(scheme: str, weight, scales, zeros, dtype):
-    """The float matrix (out, in) that the packed weight stands for, in dtype."""
+    """The float matrix (out, in) that the packed weight stands for, in dtype. In place on the
+    one new matrix, and scales broadcast per group: one full-size allocation, not three (at
+    4096 x 4096 the fresh pages cost more than the arithmetic)."""
     if scheme == "int8":
-        return weight.to(dtype) * scales.to(dtype)[:, None]
-    codes = unpack_int4(weight).to(dtype) - 8
-    group_size = codes.shape[1] // scales.shape[1]
-    scale = scales.to(dtype).repeat_interleave(group_size, dim=1)
-    zero = zeros.to(dtype).repeat_interleave(group_size, dim=1)
-    return codes * scale + zero
+        return weight.to(dtype).mul_(scales.to(dtype)[:, None])
+    codes = unpack_int4(weight).to(dtype).sub_(8)
+    groups = codes.view(codes.shape[0], scales.shape[1], -1)  # (out, in/group_size, group_size)
+    groups.mul_(scales.to(dtype)[..., None]).add_(zeros.to(dtype)[..., None])
+    return codes
 
 
 def check_group_size(group_size, in_features: int, name: str):
@@ -136,10 +142,22 @@ class QuantizedLinear(nn.Module):
                                                        dtype=torch.uint8, device=device))
             self.register_buffer("scales", torch.empty(groups, dtype=scale_dtype, device=device))
             self.register_buffer("zeros", torch.empty(groups, dtype=scale_dtype, device=device))
-        # Whether forward tries torch's fused weight-only kernel; turned off for this layer when
-        # the kernel refuses (a private op: its dtypes and shapes vary by device and version).
-        self.use_kernel = True
+        # Whether the exact path tries torch's fused weight-only kernel. None: by the rule, on a
+        # GPU only (on a CPU they were measured 5-35x slower than dequantizing the layer for
+        # training's rows, docs/PERFORMANCE.md); True: try; False: never, as after a refusal
+        # (a private op: its dtypes and shapes vary by device and version).
+        self.use_kernel = None
         self.int4_kernel_weight = None  # the int4 kernel's own packing, made by prepare_int4_kernel
+        # Whether a forward on the CPU that autograd does not track runs dynamic_int8_matmul (the
+        # input quantized per row): the fastest path measured on a CPU at batch 1
+        # (docs/PERFORMANCE.md), ~1% from the exact one (docs/quantization.md). int8 runs it on
+        # its own codes; int4 on an int8 copy (+1 byte a parameter), so only after
+        # use_dynamic_int8(model) asks for it.
+        # off until generation asks for it (use_dynamic_int8): training and held-out losses keep
+        # the exact path, and a recomputed block gives what its first forward gave
+        self.use_dynamic_int8 = False
+        self.register_buffer("int8_codes", None, persistent=False)
+        self.register_buffer("int8_scales", None, persistent=False)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.scheme == "int4" else ""
@@ -150,15 +168,52 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x):
         if torch.is_grad_enabled() and x.requires_grad:
-            out = _FrozenQuantizedMatmul.apply(x, self)
+            out = _FrozenQuantizedMatmul.apply(x, self)  # exact: training's numbers
+        elif self.dynamic_int8_applies(x):
+            out = self.dynamic_int8(x)
         else:
             out = self.matmul(x)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
+    def int8_codes_and_scales(self):
+        """The int8 matrix (out, in) and per-row scales the dynamic path multiplies by: int8's
+        own, or int4's copy (None before prepare_int8_copy)."""
+        if self.scheme == "int8":
+            return self.weight, self.scales
+        return self.int8_codes, self.int8_scales
+
+    def dynamic_int8_applies(self, x) -> bool:
+        # The rule, not a timing: measured faster on the CPU only; on a GPU torch's weight-only
+        # kernels stay (torch._int_mm wants more than 16 rows there, and it was not measured).
+        return (self.use_dynamic_int8 and x.device.type == "cpu" and x.is_floating_point()
+                and self.int8_codes_and_scales()[0] is not None)
+
+    def dynamic_int8(self, x):
+        """(..., in) -> (..., out) by dynamic_int8_matmul; the exact path where it refuses."""
+        codes, scales = self.int8_codes_and_scales()
+        try:
+            out = dynamic_int8_matmul(x.reshape(-1, self.in_features), codes, scales)
+        except (RuntimeError, NotImplementedError, AttributeError):
+            self.use_dynamic_int8 = False  # a private op: may be missing from a torch build
+            return self.matmul(x)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def prepare_int8_copy(self) -> bool:
+        """int4 only: requantize the dequantized weight to int8 per output channel, kept beside
+        the packed codes (+1 byte a parameter), for the dynamic int8 path. The copy follows the
+        weight as it is now: make it after loading."""
+        if self.scheme != "int4" or self.weight.device.type == "meta":
+            return False
+        self.int8_codes, self.int8_scales = quantize_int8(self.dequantized(torch.float32))
+        self.use_dynamic_int8 = True
+        return True
+
     def matmul(self, x):
-        """(..., in) -> (..., out): the fused kernel where it runs, else dequantize this layer."""
+        """(..., in) -> (..., out), exactly: the fused kernel where use_kernel (or, when None, the
+        device) asks for it and it runs, else dequantize this layer."""
         rows = x.reshape(-1, self.in_features)
-        out = self.kernel_matmul(rows) if self.use_kernel else None
+        kernel = self.use_kernel if self.use_kernel is not None else rows.device.type != "cpu"
+        out = self.kernel_matmul(rows) if kernel else None
         if out is None:
             out = rows @ self.dequantized(x.dtype).t()
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -194,6 +249,7 @@ class QuantizedLinear(nn.Module):
                     torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         except (RuntimeError, NotImplementedError, AttributeError):
             return False
+        self.use_kernel = True  # asked for, on a CPU too
         return True
 
 
@@ -245,6 +301,43 @@ def use_int4_kernels(model) -> int:
     returns how many layers took it."""
     return sum(layer.prepare_int4_kernel() for layer in model.modules()
                if isinstance(layer, QuantizedLinear))
+
+
+def use_dynamic_int8(model, enabled: bool = True, int4_copy: bool = True) -> int:
+    """Switch the CPU's dynamic int8 path on or off for every quantized layer: int8 layers run
+    it on their own codes; int4 layers get an int8 copy (+1 byte a parameter) when int4_copy,
+    and drop it when switched off. Generation turns it on (Preparation.dynamic_int8); training
+    never does. Returns how many layers run it."""
+    count = 0
+    for layer in model.modules():
+        if isinstance(layer, QuantizedLinear):
+            if layer.scheme == "int4" and (int4_copy or not enabled):
+                layer.int8_codes = layer.int8_scales = None
+                if enabled:
+                    layer.prepare_int8_copy()
+            layer.use_dynamic_int8 = enabled and layer.int8_codes_and_scales()[0] is not None
+            count += layer.use_dynamic_int8
+    return count
+
+
+def quantize_head(model) -> bool:
+    """For generation on a CPU: the output head as an int8 QuantizedLinear (run by the dynamic int8
+    path), its float matrix dropped unless it is the embedding table too. At dim 512 and vocab
+    32000 the float head is a third of the bytes a decode step reads (docs/PERFORMANCE.md). The
+    logits carry the dynamic path's ~1% error (docs/quantization.md). Not for training, nor for saving: the head's file
+    keys change, and strict loading refuses them. Returns whether the stage had a head."""
+    head = model.output
+    if head is None or isinstance(head, QuantizedLinear):
+        return head is not None
+    weight = head.weight.detach()
+    layer = QuantizedLinear(head.in_features, head.out_features, "int8", None, weight.dtype,
+                            weight.device, bias=head.bias is not None)
+    state = quantized_tensors("", weight, "int8", None)
+    if head.bias is not None:
+        state[".bias"] = head.bias.detach()
+    layer.load_state_dict({key[1:]: value for key, value in state.items()}, assign=True)
+    model.output = layer.requires_grad_(False)
+    return True
 
 
 def quantizing_fetch(fetch, model, scheme: str, group_size):

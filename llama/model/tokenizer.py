@@ -1,8 +1,9 @@
 """SentencePiece tokenizer wrapper: text <-> ids with explicit BOS/EOS handling.
 
 Tokenizer(path) of a Hugging Face tokenizer.json (Llama 3, Qwen2.5, SmolLM2) gives an
-HFTokenizer (llama/model/hf_tokenizer.py) with the same interface; sentencepiece stays for
-LLaMA 1/2 and TinyLlama.
+HFTokenizer (llama/model/hf_tokenizer.py), of Meta's Llama 3 tokenizer.model (tiktoken's
+format) a TiktokenTokenizer (llama/model/tiktoken_tokenizer.py), each with the same interface;
+sentencepiece stays for LLaMA 1/2 and TinyLlama.
 """
 import os
 
@@ -10,6 +11,7 @@ from sentencepiece import SentencePieceProcessor
 
 from llama.errors import BadInput
 from llama.model.hf_tokenizer import HFTokenizer, is_hf_tokenizer
+from llama.model.tiktoken_tokenizer import TiktokenTokenizer, is_tiktoken_file
 from llama.model.text import check_text
 
 
@@ -19,6 +21,8 @@ class Tokenizer:
     def __new__(cls, model_path: str = None):  # None: unpickling and copying call it bare
         if cls is Tokenizer and model_path is not None and is_hf_tokenizer(model_path):
             return HFTokenizer(model_path)  # imports the optional tokenizers library
+        if cls is Tokenizer and model_path is not None and is_tiktoken_file(model_path):
+            return TiktokenTokenizer(model_path)  # Meta's Llama 3: the optional tiktoken library
         return super().__new__(cls)
 
     def __init__(self, model_path: str):

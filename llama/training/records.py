@@ -26,6 +26,16 @@ TEMPLATES = {
         "### Instruction:\n{instruction}\n\n### Response:\n",
     ),
     "none": ("{instruction}\n{input}", "{instruction}"),
+    # The chat formats of instruction-tuned models (one user turn; llama/serving/conversation.py
+    # adds system messages and later turns). Special tokens written as text encode as single
+    # ids with their tokenizer.json (llama/model/hf_tokenizer.py).
+    "llama2": ("[INST] {instruction}\n\n{input} [/INST]", "[INST] {instruction} [/INST]"),
+    "llama3": ("<|start_header_id|>user<|end_header_id|>\n\n{instruction}\n\n{input}<|eot_id|>"
+               "<|start_header_id|>assistant<|end_header_id|>\n\n",
+               "<|start_header_id|>user<|end_header_id|>\n\n{instruction}<|eot_id|>"
+               "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+    "chatml": ("<|im_start|>user\n{instruction}\n\n{input}<|im_end|>\n<|im_start|>assistant\n",
+               "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n"),
 }
 
 _ALPACA_FIELDS = ("instruction", "input", "output")
