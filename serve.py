@@ -17,7 +17,7 @@ from llama.errors import BadInput
 from llama.tuning.files import load_tuning
 from llama.tuning.methods import apply_saved
 from llama.options import DECODING, MODEL, takes
-from llama.prepare.stage import run_on_stage
+from llama.prepare.stage import Preparation, run_on_stage
 from llama.serving.http import (Access, Limits, Served, Service, parse_served_prompts,
                                 run_server)
 
@@ -90,7 +90,7 @@ def main(prompts: str = "", host: str = "127.0.0.1", port: int = 8000, api_key: 
                    heartbeat_s=min(2.0, options["timeout_s"] / 4), on_listen=listening,
                    log=log_line, access=access)
 
-    run_on_stage(options, work)
+    run_on_stage(options, work, Preparation(dynamic_int8=True))
 
 
 def check_limits(limits: Limits, port: int):

@@ -99,3 +99,37 @@ def test_imports_only_go_down_the_layers():
 def test_an_upward_import_is_found():
     graph = {"llama.model.quant": {"llama.training.data"}, "llama.training.data": set()}
     assert upward_imports(graph) == [("llama.model.quant", "llama.training.data")]
+
+
+# ---- small where it is not the point ----
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 60
+
+
+def code_lines(node) -> int:
+    """A function's lines without its docstring (a script's docstring is its --help), classes
+    and functions defined inside it included."""
+    lines = node.end_lineno - node.lineno + 1
+    first = node.body[0]
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and \
+            isinstance(first.value.value, str):
+        lines -= first.end_lineno - first.lineno + 1
+    return lines
+
+
+def oversized() -> list:
+    found = []
+    for path in [*PACKAGE.rglob("*.py"), *PACKAGE.parent.glob("*.py")]:
+        text = path.read_text()
+        name = path.relative_to(PACKAGE.parent)
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            found.append(f"{name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and \
+                    code_lines(node) > MAX_FUNCTION_LINES:
+                found.append(f"{name}:{node.lineno} {node.name}: {code_lines(node)} lines")
+    return found
+
+
+def test_no_module_or_function_is_too_big_to_hold_in_mind():
+    assert oversized() == []
