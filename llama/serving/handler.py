@@ -112,7 +112,7 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(403, f"requests from pages of {shorten(repr(origin))} are "
                            f"refused: start the server with --allow_origins {shorten(origin)} "
                            "to let that site use it", code="origin_not_allowed")
-        if self.path not in OPEN_PATHS and self.command != "OPTIONS" and \
+        if self.route not in OPEN_PATHS and self.command != "OPTIONS" and \
                 not self.service.authorized(self.headers.get("Authorization")):
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer "
                            "<key>'", code="invalid_api_key")
@@ -142,17 +142,23 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Access-Control-Allow-Origin", origin)
             self.send_header("Vary", "Origin")
 
+    @property
+    def route(self) -> str:
+        """The path without its query string: the page reads ?say=… itself (a browser sends
+        it to the server too), and the API has no query parameters of its own."""
+        return self.path.split("?", 1)[0]
+
     def get(self):
-        if self.path in ("/", "/index.html"):
+        if self.route in ("/", "/index.html"):
             self.send_page()
-        elif self.path in ("/health", "/v1/health"):
+        elif self.route in ("/health", "/v1/health"):
             status = 503 if self.service.down else 200
             self.send_json(status, {"status": "down" if self.service.down else "ok",
                                     "models": self.service.models(), **self.service.stats})
-        elif self.path == "/metrics":
+        elif self.route == "/metrics":
             self.send_text(200, self.service.metrics.text(),
                            "text/plain; version=0.0.4; charset=utf-8")
-        elif self.path == "/v1/models":
+        elif self.route == "/v1/models":
             self.send_json(200, {"object": "list", "data": [
                 {"id": name, "object": "model", "created": self.service.created,
                  "owned_by": "llama-pp-prompt"} for name in self.service.models()]})
@@ -162,10 +168,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def post(self):
         kinds = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
-        if self.path not in kinds:
+        if self.route not in kinds:
             raise ApiError(404, f"no such endpoint: POST {shorten(self.path)}",
                            code="not_found")
-        job = self.service.job(self.read_json(), kinds[self.path])
+        job = self.service.job(self.read_json(), kinds[self.route])
         self.service.submit(job)
         self.job = job
         try:
