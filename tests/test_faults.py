@@ -538,7 +538,7 @@ def test_a_ranks_own_error_comes_first_once_and_is_torchruns_root_cause(splits, 
             "--max_gen_len", "2", "--timeout_s", "60"]
     cause = (f"error: {tmp_path} holds no tuning.pt, prompt.pt or adapter_config.json: pass the "
              "--out folder of ft_main.py or a PEFT folder (PROMPT_TUNING, PREFIX_TUNING, "
-             "ADAPTION_PROMPT)")
+             "ADAPTION_PROMPT, LORA)")
     neighbour = ("error: rank 1 (stage 1) stopped: stage 0 stopped with an error of its own (its "
                  "error line comes first); this stage stops with it")
     # torchrun SIGTERMs the other workers as soon as it sees one fail (it looks every 0.1 s by
