@@ -293,6 +293,12 @@ def main(src: str, dst: str, n_shards: int = 1, dtype: str = "auto", overwrite: 
                            f"listed: {next(iter(sha_list.hashes))}): list them as 'hash  file name'")
         return export_gguf(src, dst, lora_folders, tokenizer_path, base_tokenizer, gguf_type)
 
+    export_folder(src, dst, lora_folders, tokenizer_path, base_tokenizer, target_dtype, to,
+                  n_shards, sha_list, checked)
+
+def export_folder(src, dst: Path, lora_folders, tokenizer_path, base_tokenizer, target_dtype,
+                  to: str, n_shards: int, sha_list, checked: dict):
+    """The model (LoRA adapters merged) in the Meta or HF layout, with converted.json."""
     # Written beside dst and renamed at the end: a failure, whatever it is, leaves no
     # half-converted folder; made before the work so an unwritable --dst is refused at once.
     tmp_dir = make_temp_folder(dst, "--dst")
