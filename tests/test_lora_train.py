@@ -23,7 +23,6 @@ from llama.formats.checkpoint import load_model
 from llama.model.fused import apply_fused_projections
 from llama.parallel.distributed import DistContext
 from llama.parallel.pipeline import Stage
-from llama.prepare.offload import apply_recompute
 from llama.serving.generation import generate
 from llama.training import train
 from llama.tuning.files import load_tuning, save_tuning
@@ -111,20 +110,6 @@ def test_lora_gradient_through_two_stages_equals_one_process(model_bin, variant,
             error = float((grad - expected[key]).norm() / expected[key].norm())
             assert error <= 1e-5, f"{variant}, {schedule}, {key}: {error:.2e}"
         assert result["loss"] == pytest.approx(expected_loss, rel=1e-6)
-
-
-def test_recompute_and_activation_offload_give_the_same_lora_gradient(model_bin):
-    grads = []
-    for recompute in (False, True):
-        model = load_model(model_bin, quantize="int8")
-        tuning = opened_lora(model)
-        if recompute:
-            apply_recompute(model, offload_activations=True)
-        Stage(model, DistContext(), tuning=tuning).train_step(
-            make_micro_batches(model.args.vocab_size, 2, 2), "1f1b")
-        grads.append({k: t.grad for k, t in tuning.trainable.items()})
-    for key, grad in grads[0].items():
-        torch.testing.assert_close(grads[1][key], grad, rtol=0, atol=0)
 
 
 # ---- training: 2 stages == 1 process; resume is bitwise ----

@@ -28,6 +28,7 @@ from llama.parallel.pipeline import Stage
 from llama.prepare.offload import apply_recompute
 from llama.prepare.stage import Preparation
 from llama.training.run_folder import LOCK_FILE, claim_out
+from workers.lora_setup import opened_lora
 from workers.prompt_grad import Batch, make_micro_batches
 
 METHODS = ("prefix", "adapter")
@@ -61,7 +62,10 @@ def metrics(out):
 
 
 def with_tuning(model, method, seed=3, gate=0.5):
-    """A method on the model, its adapter gates opened (zero would hide the prompts' gradient)."""
+    """A method on the model, its adapter gates opened (zero would hide the prompts' gradient),
+    a LoRA's B drawn (zero would hide A's)."""
+    if method == "lora":
+        return opened_lora(model)
     if method == "prefix":
         return apply_prefix(model, 4, seed=seed)
     tuning = apply_adapter(model, 4, adapter_layers=3, seed=seed)
@@ -84,36 +88,46 @@ def full_batch(micro_batches):
     return Batch(tokens, targets)
 
 
+def one_process_gradient(model, tuning):
+    """(the summed loss, each trainable tensor's gradient) of one full batch in one process."""
+    micro = make_micro_batches(model.args.vocab_size, 4, 2)
+    loss, _ = Stage(model, DistContext(), tuning=tuning).train_step([full_batch(micro)], "gpipe")
+    grads = {k: t.grad.clone() for k, t in tuning.trainable.items()}
+    assert all(float(g.norm()) > 0 for g in grads.values())
+    return loss, grads
+
+
+def assert_stages_give(ckpt, method, n_stages, expected_loss, expected, out, schedules, what):
+    """method_grad.py on n_stages ranks gives every gradient within 1e-5 and the same loss."""
+    argv = [os.path.join("tests", "workers", "method_grad.py"), "--ckpt", str(ckpt), "--out",
+            str(out), "--method", method, "--schedules", schedules]
+    check_all_ok(launch(argv, n_stages, timeout_s=120))
+    for schedule, result in torch.load(out, weights_only=True).items():
+        assert sorted(result["grads"]) == sorted(expected)
+        for key, grad in result["grads"].items():
+            error = float((grad - expected[key]).norm() / expected[key].norm())
+            assert error <= 1e-5, f"{what}, {n_stages} stages, {schedule}, {key}: {error:.2e}"
+        assert result["loss"] == pytest.approx(expected_loss, rel=1e-6)
+
+
 @pytest.mark.parametrize("n_stages", [2, 4])
 def test_each_methods_gradient_through_stages_equals_one_process_on_the_full_batch(
         model_bin, n_stages, tmp_path):
     for method in METHODS:
         model = load_model(model_bin)
-        tuning = with_tuning(model, method)
-        micro = make_micro_batches(model.args.vocab_size, 4, 2)
-        expected_loss, _ = Stage(model, DistContext(), tuning=tuning).train_step(
-            [full_batch(micro)], "gpipe")
-        expected = {k: t.grad.clone() for k, t in tuning.trainable.items()}
-        assert all(float(g.norm()) > 0 for g in expected.values())
-
-        out = tmp_path / f"{method}.pt"
-        argv = [os.path.join("tests", "workers", "method_grad.py"), "--ckpt", str(model_bin),
-                "--out", str(out), "--method", method, "--schedules", "gpipe,1f1b"]
-        check_all_ok(launch(argv, n_stages, timeout_s=120))
-        for schedule, result in torch.load(out, weights_only=True).items():
-            assert sorted(result["grads"]) == sorted(expected)
-            for key, grad in result["grads"].items():
-                error = float((grad - expected[key]).norm() / expected[key].norm())
-                assert error <= 1e-5, f"{method}, {n_stages} stages, {schedule}, {key}: {error:.2e}"
-            assert result["loss"] == pytest.approx(expected_loss, rel=1e-6)
+        loss, grads = one_process_gradient(model, with_tuning(model, method))
+        assert_stages_give(model_bin, method, n_stages, loss, grads, tmp_path / f"{method}.pt",
+                           "gpipe,1f1b", method)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_recompute_and_activation_offload_give_the_same_gradient(model_bin, method):
-    """Stage 0 has no prompt to ask for a gradient: the recomputed blocks still pass one back."""
+@pytest.mark.parametrize("method, quantize", [("prefix", None), ("adapter", None),
+                                              ("lora", "int8")])
+def test_recompute_and_activation_offload_give_the_same_gradient(model_bin, method, quantize):
+    """Stage 0 has no prompt to ask for a gradient: the recomputed blocks still pass one back
+    (LoRA on int8 weights: a recomputed block must take the exact product its forward took)."""
     grads = []
     for recompute in (False, True):
-        model = load_model(model_bin)
+        model = load_model(model_bin, quantize=quantize)
         tuning = with_tuning(model, method)
         if recompute:
             apply_recompute(model, offload_activations=True)
