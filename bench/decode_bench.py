@@ -27,7 +27,7 @@ from llama.model.quant import (QuantizedLinear, largest_group_size, quantize_hea
                               use_int4_kernels)
 from llama.serving.generation import generate
 from llama.parallel.pipeline import Stage
-from llama.prepare.stage import compile_blocks, pick_dtype
+from llama.prepare.stage import Preparation, pick_dtype, prepare_stage
 
 TABLE = ["impl", "mode", "n_stages", "batch", "decode_tokens_per_s", "bandwidth_limit_tokens_per_s",
          "bandwidth_share", "copy_bandwidth_gb_s", "model_gb"]
@@ -148,7 +148,7 @@ def run_ours(ctx, args, dtype, batches, prompt_len, gen_len, repeats, bandwidth,
     model_bytes = sum(ctx.gather_objects(parameter_bytes(model)) or [0])
     model_bytes = ctx.broadcast_object(model_bytes)
     read_bytes = ctx.broadcast_object(sum(ctx.gather_objects(step_read_bytes(model)) or [0]))
-    compile_blocks(apply_fused_projections(model), compile)
+    prepare_stage(ctx, model, None, Preparation(fuse_projections=True, compile=compile))
     stage = Stage(model, ctx, cuda_graph=cuda_graph)
     records = []
     for batch in batches:

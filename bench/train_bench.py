@@ -20,13 +20,12 @@ from llama.training.data import MicroBatch
 from llama.parallel.distributed import DistContext, init_distributed
 from llama.cli import run_cli
 from llama.errors import BadInput
-from llama.model.fused import apply_fused_projections
-from llama.prepare.offload import RECOMPUTE_MODES, apply_recompute, apply_weight_streaming, optimizer_device
+from llama.prepare.offload import RECOMPUTE_MODES, optimizer_device
 from llama.parallel.pipeline import SCHEDULES, Stage
 from llama.training.precision import LossScaler, ScaledAdamW, agree, finish_step
 from llama.model.quant import check_scheme, largest_group_size
 from llama.tuning.prompt import SoftPrompt, init_prompt_weight
-from llama.prepare.stage import compile_blocks, pick_dtype
+from llama.prepare.stage import Preparation, pick_dtype, prepare_stage
 from llama.parallel.trace import Tracer, bubble_fraction, ideal_bubble_fraction, write_chrome_trace
 from llama.training.config import parse_offload
 
@@ -101,13 +100,11 @@ class PipelineRun:
         model = random_stage(args, ctx.rank, ctx.world_size, ctx.device, dtype, seed, quantize,
                              group_size)
         self.weight_bytes = parameter_bytes(model)
-        if fused:
-            apply_fused_projections(model)
-        if recompute or offload & {"activations", "weights"}:
-            apply_recompute(model, offload_activations="activations" in offload, mode=recompute_mode)
-        if "weights" in offload:
-            apply_weight_streaming(model, ctx.device)
-        compile_blocks(model, compile)
+        recomputes = recompute or offload & {"activations", "weights"}
+        prepare_stage(ctx, model, None, Preparation(
+            fuse_projections=fused, recompute=recompute_mode if recomputes else None,
+            offload_activations="activations" in offload, stream_weights="weights" in offload,
+            compile=compile))
         self.prompt = None
         if ctx.is_first:
             weight = init_prompt_weight("random", n_virtual_tokens, model.tok_embeddings.weight,
