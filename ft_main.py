@@ -10,11 +10,11 @@ from typing import Union
 from llama.training.config import RunConfig
 from llama.training.records import ALPACA_PREAMBLE
 from llama.cli import run_cli
-from llama.options import MODEL, takes
+from llama.options import MODEL, TRAINING, takes
 from llama.training.train import train
 
 
-@takes(MODEL, max_seq_len=512)
+@takes(MODEL, TRAINING, max_seq_len=512)
 def main(data: str, out: str,
          # the tuning method and its prompt
          method: str = "prompt", n_virtual_tokens: int = 32, adapter_layers: int = None,

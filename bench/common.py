@@ -50,6 +50,40 @@ class Clock:
         return time.perf_counter()
 
 
+class StepTimer:
+    """Wall time (device synchronised) and the process's CPU time of `steps` steps run inside it.
+
+    The CPU time counts every thread of the process. On a shared CPU, where other work takes
+    turns on the cores, it tells what the steps cost when the wall time says how long they
+    waited too."""
+
+    def __init__(self, device, steps: int):
+        self.clock, self.steps = Clock(device), steps
+
+    def __enter__(self):
+        self.started, self.cpu_started = self.clock.now(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.step_s = (self.clock.now() - self.started) / self.steps
+        self.cpu_s = (time.process_time() - self.cpu_started) / self.steps
+
+    def record(self, tokens_per_step: int) -> dict:
+        return {"step_time_s": self.step_s, "tokens_per_s": tokens_per_step / self.step_s,
+                "cpu_s_per_step": self.cpu_s, "tokens_per_cpu_s": tokens_per_step / self.cpu_s}
+
+
+def resident_gib() -> float:
+    """The process's resident memory now (Linux; 0 where /proc does not say)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20  # KiB
+    except OSError:
+        pass
+    return 0.0
+
+
 def reset_peak_memory(device):
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -29,10 +29,10 @@ def measured_saved_bytes_per_token(args: ModelArgs, dtype, device, batch=2, seq_
     the distinct tensors autograd saves (the weights and the shared rotary tables left out)."""
     model = random_model(args, (0, 1), False, False, device, dtype)
     block = model.layers["0"]
-    cos, sin = rotary_tables(args.head_dim, args.rope_theta, 0, seq_len, device)
+    turns = rotary_tables(args.head_dim, args.rope_theta, 0, seq_len, device)
     h = torch.randn(batch, seq_len, args.dim, device=device, dtype=dtype, requires_grad=True)
-    saved = common.autograd_saved_bytes(lambda: block(h, cos, sin, 0),
-                                        [*block.parameters(), cos, sin])
+    saved = common.autograd_saved_bytes(lambda: block(h, turns, 0),
+                                        [*block.parameters(), turns])
     return saved / (batch * seq_len)
 
 

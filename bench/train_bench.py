@@ -8,20 +8,27 @@ With --n_stages n > 1 it starts itself as n processes (torch.distributed.run, th
 under torchrun it runs as started. One JSON line per configuration, then a short table.
 """
 import contextlib
+import functools
 import gc
+import itertools
+import statistics
 import sys
 
 import torch
 
 from bench import common
+from bench.rounds import alternate, paired_ratios, spread
 from bench.shapes import model_args, parameter_bytes, random_stage, shape_name
 from llama.formats.checkpoint import stage_plan
 from llama.training.data import MicroBatch
 from llama.parallel.distributed import DistContext, init_distributed
 from llama.cli import run_cli
+from llama.options import TRAINING, takes
 from llama.errors import BadInput
 from llama.prepare.offload import RECOMPUTE_MODES, optimizer_device
+from llama.parallel.loss import LOSS_LOGITS, loss_sum
 from llama.parallel.pipeline import SCHEDULES, Stage
+from llama.training.memory import choose_loss_logits
 from llama.training.precision import LossScaler, ScaledAdamW, agree, finish_step
 from llama.model.quant import check_scheme, largest_group_size
 from llama.tuning.prompt import SoftPrompt, init_prompt_weight
@@ -30,8 +37,12 @@ from llama.parallel.trace import Tracer, bubble_fraction, ideal_bubble_fraction,
 from llama.training.config import parse_offload
 
 TABLE = ["impl", "n_stages", "schedule", "global_batch", "micro_batch", "recompute", "mode",
-         "compile", "offload",
+         "compile", "offload", "keep_logits",
          "tokens_per_s", "step_time_s", "peak_mem_gib", "bubble_measured", "bubble_ideal"]
+RATIO_TABLE = ["global_batch", "micro_batch", "recompute", "keep_logits", "rounds",
+               "tokens_per_s_ratio_median", "tokens_per_s_ratio_min", "tokens_per_s_ratio_max",
+               "tokens_per_cpu_s_ratio_median", "ours_peak_gib_median", "other_peak_gib_median"]
+CONFIG_KEYS = ("global_batch", "micro_batch", "schedule", "recompute", "loss_logits")
 
 
 def synthetic_batches(vocab_size: int, global_batch: int, micro_batch: int, seq_len: int,
@@ -56,23 +67,24 @@ def synthetic_batches(vocab_size: int, global_batch: int, micro_batch: int, seq_
     return ours, theirs
 
 
-def configurations(global_batch, micro_batch, schedule, recompute):
+def configurations(global_batch, micro_batch, schedule, recompute, loss_logits="recompute"):
     """Every combination of the (possibly several) values given; checked before any work."""
     configs = []
-    for gb in common.as_list(global_batch):
-        for mb in common.as_list(micro_batch):
-            for sched in common.as_list(schedule):
-                for rc in common.as_list(recompute):
-                    if isinstance(gb, bool) or not isinstance(gb, int) or gb < 1 or \
-                            isinstance(mb, bool) or not isinstance(mb, int) or mb < 1 or gb % mb:
-                        raise BadInput(f"--micro_batch {mb!r} must be a positive integer that "
-                                       f"divides --global_batch {gb!r}")
-                    if sched not in SCHEDULES:
-                        raise BadInput(f"--schedule {sched!r} must be one of {', '.join(SCHEDULES)}")
-                    if not isinstance(rc, bool):
-                        raise BadInput(f"--recompute {rc!r} must be True or False")
-                    configs.append({"global_batch": gb, "micro_batch": mb, "schedule": sched,
-                                    "recompute": rc})
+    for gb, mb, sched, rc, logits in itertools.product(
+            *(common.as_list(v) for v in (global_batch, micro_batch, schedule, recompute,
+                                          loss_logits))):
+        if isinstance(gb, bool) or not isinstance(gb, int) or gb < 1 or \
+                isinstance(mb, bool) or not isinstance(mb, int) or mb < 1 or gb % mb:
+            raise BadInput(f"--micro_batch {mb!r} must be a positive integer that divides "
+                           f"--global_batch {gb!r}")
+        if sched not in SCHEDULES:
+            raise BadInput(f"--schedule {sched!r} must be one of {', '.join(SCHEDULES)}")
+        if not isinstance(rc, bool):
+            raise BadInput(f"--recompute {rc!r} must be True or False")
+        if logits not in LOSS_LOGITS:
+            raise BadInput(f"--loss_logits {logits!r} must be one of {', '.join(LOSS_LOGITS)}")
+        configs.append({"global_batch": gb, "micro_batch": mb, "schedule": sched,
+                        "recompute": rc, "loss_logits": logits})
     return configs
 
 
@@ -92,10 +104,11 @@ def cap_memory(device, cap_gib):
 class PipelineRun:
     """This rank's stage with random weights, its soft prompt and optimizer, as train.py sets them up."""
 
-    def __init__(self, ctx, args, dtype, n_virtual_tokens, recompute, offload, seed,
+    def __init__(self, ctx, args, dtype, n_virtual_tokens, cfg, offload, seed, seq_len,
                  recompute_mode="full", compile=False, fused=False, quantize=None,
                  group_size=None):
         self.ctx = ctx
+        recompute = cfg["recompute"]
         common.reset_peak_memory(ctx.device)
         model = random_stage(args, ctx.rank, ctx.world_size, ctx.device, dtype, seed, quantize,
                              group_size)
@@ -112,7 +125,17 @@ class PipelineRun:
             self.prompt = SoftPrompt(weight).to(ctx.device)
         sync = torch.cuda.synchronize if ctx.device.type == "cuda" else None
         self.tracer = Tracer(ctx.rank, enabled=False, synchronize=sync)
-        self.stage = Stage(model, ctx, self.prompt, n_virtual_tokens, self.tracer)
+        keep, self.loss_line = False, None
+        if ctx.is_last:  # the loss's choice as training makes it (llama/training/memory.py)
+            mode = "offload" if offload & {"activations", "weights"} else \
+                "recompute" if recomputes else "plain"
+            keep, self.loss_line = choose_loss_logits(
+                cfg["loss_logits"], model, ctx.device, cfg["global_batch"], cfg["micro_batch"],
+                seq_len, n_virtual_tokens, cfg["schedule"], mode)
+        self.keep_logits, self.loss_line = ctx.broadcast_object((keep, self.loss_line),
+                                                                src=ctx.world_size - 1)
+        self.stage = Stage(model, ctx, self.prompt, n_virtual_tokens, self.tracer,
+                           loss_fn=functools.partial(loss_sum, keep_logits=keep))
         self.scaler = LossScaler(enabled=dtype == torch.float16)
         self.optimizer = ScaledAdamW(self.prompt.weight, 1e-3, 0.0, (0.9, 0.999),
                                      optimizer_device(self.prompt.weight, "optimizer" in offload)) \
@@ -139,17 +162,16 @@ def run_ours(ctx, args, dtype, cfg, n_virtual_tokens, offload, steps, warmup_ste
              target_fraction, seed, trace_dir, speed):
     """One configuration on every rank; the record (complete on rank 0). speed: recompute_mode,
     compile and fused, the same for every configuration."""
-    run = PipelineRun(ctx, args, dtype, n_virtual_tokens, cfg["recompute"], offload, seed, **speed)
+    rss_at_start = common.resident_gib()
+    run = PipelineRun(ctx, args, dtype, n_virtual_tokens, cfg, offload, seed, seq_len, **speed)
     batches, _ = synthetic_batches(args.vocab_size, cfg["global_batch"], cfg["micro_batch"],
                                    seq_len, target_fraction, seed)
-    clock = common.Clock(ctx.device)
     for _ in range(warmup_steps):
         run.step(batches, cfg["schedule"])
     ctx.barrier()
-    started = clock.now()
-    for _ in range(steps):
-        loss = run.step(batches, cfg["schedule"])
-    step_time = (clock.now() - started) / steps
+    with common.StepTimer(ctx.device, steps) as timer:
+        for _ in range(steps):
+            loss = run.step(batches, cfg["schedule"])
     ctx.barrier()
     run.tracer.enabled = True  # one more step, traced (with syncs) and not timed
     run.step(batches, cfg["schedule"])
@@ -158,7 +180,7 @@ def run_ours(ctx, args, dtype, cfg, n_virtual_tokens, offload, steps, warmup_ste
     peaks = ctx.gather_objects(round(common.peak_memory_gib(ctx.device), 3))
     reserved = ctx.gather_objects(common.peak_reserved_gib(ctx.device))
     weights = ctx.gather_objects(run.weight_bytes)
-    skipped = run.skipped
+    skipped, keep_logits, loss_line = run.skipped, run.keep_logits, run.loss_line
     del run
     gc.collect()
     n_micro = cfg["global_batch"] // cfg["micro_batch"]
@@ -175,8 +197,9 @@ def run_ours(ctx, args, dtype, cfg, n_virtual_tokens, offload, steps, warmup_ste
             "mode": speed["recompute_mode"] if cfg["recompute"] else None, "n_micro": n_micro, "seq_len": seq_len,
             "n_virtual_tokens": n_virtual_tokens, "dtype": str(dtype).replace("torch.", ""),
             "offload": sorted(offload), "steps": steps, "warmup_steps": warmup_steps,
-            "step_time_s": step_time, "tokens_per_s": tokens / step_time,
+            **timer.record(tokens), "keep_logits": keep_logits, "loss_line": loss_line,
             "peak_mem_gib": peaks, "peak_mem_kind": common.peak_memory_kind(ctx.device),
+            "rss_at_start_gib": rss_at_start,
             "peak_reserved_gib": reserved, "weight_bytes": weights,
             "stage_layers": [list(r) for r, _, _ in stage_plan(args, ctx.world_size)],
             "bubble_measured": bubble_fraction(events),
@@ -188,18 +211,17 @@ def run_hf(args, dtype, device, cfg, n_virtual_tokens, steps, warmup_steps, seq_
            target_fraction, seed, speed=None):
     """The same configuration through transformers + peft in this process (one device)."""
     from bench import hf
+    rss_at_start = common.resident_gib()
     common.reset_peak_memory(device)
     run = hf.PromptTuningRun(args, n_virtual_tokens, device, dtype, cfg["recompute"])
     common.reset_peak_memory(device)
     _, batches = synthetic_batches(args.vocab_size, cfg["global_batch"], cfg["micro_batch"],
                                    seq_len, target_fraction, seed)
-    clock = common.Clock(device)
     for _ in range(warmup_steps):
         run.step(batches)
-    started = clock.now()
-    for _ in range(steps):
-        loss = run.step(batches)
-    step_time = (clock.now() - started) / steps
+    with common.StepTimer(device, steps) as timer:
+        for _ in range(steps):
+            loss = run.step(batches)
     peak = round(common.peak_memory_gib(device), 3)
     reserved = common.peak_reserved_gib(device)
     del run
@@ -207,9 +229,10 @@ def run_hf(args, dtype, device, cfg, n_virtual_tokens, steps, warmup_steps, seq_
     return {"bench": "train", "impl": "hf_peft", "n_stages": 1, **cfg,
             "n_micro": cfg["global_batch"] // cfg["micro_batch"], "seq_len": seq_len,
             "n_virtual_tokens": n_virtual_tokens, "dtype": str(dtype).replace("torch.", ""),
-            "steps": steps, "warmup_steps": warmup_steps, "step_time_s": step_time,
-            "tokens_per_s": cfg["global_batch"] * seq_len / step_time, "peak_mem_gib": [peak],
+            "steps": steps, "warmup_steps": warmup_steps,
+            **timer.record(cfg["global_batch"] * seq_len), "peak_mem_gib": [peak],
             "peak_mem_kind": common.peak_memory_kind(device), "peak_reserved_gib": [reserved],
+            "rss_at_start_gib": rss_at_start,
             "loss": loss, **hf.versions()}
 
 
@@ -231,22 +254,29 @@ def pipeline_ratio_record(piped: dict, single: dict) -> dict:
             "step_time_over_ideal": piped["step_time_s"] / ideal}
 
 
+@takes(TRAINING)
 def main(shape: str = "tiny", n_stages: int = None, schedule="1f1b", global_batch=8, micro_batch=8,
          seq_len: int = 512, n_virtual_tokens: int = 32, dtype: str = "auto", recompute=False,
          offload=None, steps: int = 5, warmup_steps: int = 2, target_fraction: float = 1.0,
-         compare_hf: bool = False, compare_single_stage: bool = False, trace_dir: str = None,
+         compare_hf: bool = False, rounds: int = 1, impl: str = "ours",
+         compare_single_stage: bool = False, trace_dir: str = None,
          recompute_mode: str = "full", compile=False, fused: bool = False, quantize: str = None,
          group_size: int = None, memory_cap_gib: float = None,
-         device: str = None, seed: int = 0, timeout_s: float = 1800.0):
+         device: str = None, seed: int = 0, timeout_s: float = 1800.0, **options):
     """Tokens/s (text tokens: global_batch x seq_len per step; the virtual tokens ride along),
     step time, every stage's peak memory and the traced bubble, per configuration.
 
-    global_batch, micro_batch, schedule and recompute take one value or several (`--micro_batch
-    1,2,4`): every combination runs, each with a freshly built model. offload is one set of
-    switches for the whole run (optimizer,activations,weights). compare_hf runs the same
-    configurations through transformers + peft in one process (skipped, with a note, when they are
-    not installed); compare_single_stage runs them in one process holding the whole model, the
-    anchor for the pipeline's overhead. Both run after the pipeline's processes have finished.
+    global_batch, micro_batch, schedule, recompute and loss_logits take one value or several
+    (`--micro_batch 1,2,4`, `--loss_logits keep,recompute`): every combination runs, each with a
+    freshly built model. offload is one set of switches for the whole run
+    (optimizer,activations,weights). compare_hf: every configuration, and the same through
+    transformers + peft, each in a process of its own (its own peak memory), `rounds` times,
+    alternating the sides round by round; then one train_ratio line per configuration: the
+    median and range of the rounds' paired tokens/s ratios (skipped, with a note, when
+    transformers and peft are not installed). impl: the side this process runs (ours or
+    hf_peft; compare_hf sets it for each process). compare_single_stage runs the configurations
+    in one process holding the whole model after the pipeline's processes have finished, the
+    anchor for the pipeline's overhead.
     recompute_mode: full or selective, for the configurations that recompute; compile: torch.compile
     each block (True: inductor, or a backend's name such as aot_eager); fused: one wqkv and one
     w13 matrix per block (llama/model/fused.py). quantize: int8 or int4 block linears with random codes
@@ -254,6 +284,12 @@ def main(shape: str = "tiny", n_stages: int = None, schedule="1f1b", global_batc
     at most this much GPU memory (torch.cuda.set_per_process_memory_fraction), so one large GPU
     shows whether a stage fits a small card; a stage that hits it stops the run, named.
     """
+    given = {name: value for name, value in locals().items() if name != "options"}
+    given.update(options)
+    if impl not in ("ours", "hf_peft"):
+        raise BadInput(f"--impl {impl!r} must be ours or hf_peft")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise BadInput(f"--rounds {rounds!r} must be a positive integer")
     if recompute_mode not in RECOMPUTE_MODES:
         raise BadInput(f"--recompute_mode {recompute_mode!r} must be one of {', '.join(RECOMPUTE_MODES)}")
     if not isinstance(fused, bool):
@@ -261,36 +297,60 @@ def main(shape: str = "tiny", n_stages: int = None, schedule="1f1b", global_batc
     if n_stages is not None and (isinstance(n_stages, bool) or not isinstance(n_stages, int)
                                  or n_stages < 1):
         raise BadInput(f"--n_stages {n_stages!r} must be a positive integer")
-    if n_stages and n_stages > 1 and not common.started_by_torchrun():
-        sys.exit(common.relaunch_as_stages("bench.train_bench", n_stages))
     for name, value in (("seq_len", seq_len), ("n_virtual_tokens", n_virtual_tokens),
                         ("steps", steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise BadInput(f"--{name} {value!r} must be a positive integer")
     if not 0 < target_fraction <= 1:
         raise BadInput(f"--target_fraction {target_fraction} must be in (0, 1]")
-    offload = parse_offload(offload)
-    if recompute_mode == "selective" and offload & {"activations", "weights"}:
+    offload_set = parse_offload(offload)
+    if recompute_mode == "selective" and offload_set & {"activations", "weights"}:
         raise BadInput("--recompute_mode selective keeps activations on the device: it cannot go "
                        "with --offload activations or weights")
-    configs = configurations(global_batch, micro_batch, schedule, recompute)
-    if offload & {"activations", "weights"}:  # both work through recomputation
+    configs = configurations(global_batch, micro_batch, schedule, recompute,
+                             options["loss_logits"])
+    if offload_set & {"activations", "weights"}:  # both work through recomputation
         configs = [c for c in configs if c["recompute"]] or [{**c, "recompute": True} for c in configs]
-    args = model_args(shape, max_seq_len=seq_len + n_virtual_tokens)
-    ctx = init_distributed(device, timeout_s)
+    if compare_hf and not common.started_by_torchrun():
+        missing = common.hf_missing()
+        if not missing:
+            return compare_with_hf(given, configs)
+        common.emit({"bench": "train", "impl": "hf_peft", "skipped": missing})  # ours still runs
+    if n_stages and n_stages > 1 and impl == "ours" and not common.started_by_torchrun():
+        sys.exit(common.relaunch_as_stages("bench.train_bench", n_stages))
+    run_configurations(given, configs, offload_set)
+
+
+def run_configurations(given: dict, configs: list, offload: frozenset):
+    """This process's side (--impl) of every configuration: one JSON line each, then a table."""
+    shape, n_stages, timeout_s = given["shape"], given["n_stages"], given["timeout_s"]
+    args = model_args(shape, max_seq_len=given["seq_len"] + given["n_virtual_tokens"])
+    ctx = init_distributed(given["device"], timeout_s)
     if n_stages is not None and ctx.world_size != n_stages:
         raise BadInput(f"torchrun started {ctx.world_size} processes but --n_stages is {n_stages}")
-    dtype = pick_dtype(dtype, ctx.device)
-    cap_memory(ctx.device, memory_cap_gib)
+    dtype = pick_dtype(given["dtype"], ctx.device)
+    cap_memory(ctx.device, given["memory_cap_gib"])
+    quantize, group_size = given["quantize"], given["group_size"]
     if quantize == "int4" and group_size is None:
         group_size = largest_group_size(args.dim, args.hidden_dim)  # as split_model.py picks it
     if quantize is not None:
         check_scheme(quantize, group_size)
-    run_args = dict(n_virtual_tokens=n_virtual_tokens, steps=steps, warmup_steps=warmup_steps,
-                    seq_len=seq_len, target_fraction=target_fraction, seed=seed,
-                    speed={"recompute_mode": recompute_mode, "compile": compile, "fused": fused,
-                           "quantize": quantize, "group_size": group_size})
-    env = common.environment(ctx.device)
+    run_args = {name: given[name] for name in ("n_virtual_tokens", "steps", "warmup_steps",
+                                               "seq_len", "target_fraction", "seed")}
+    run_args["speed"] = {"recompute_mode": given["recompute_mode"], "compile": given["compile"],
+                         "fused": given["fused"], "quantize": quantize, "group_size": group_size}
+    env = {"shape": shape_name(shape), **common.environment(ctx.device)}
+    if given["impl"] == "hf_peft":
+        records = run_hf_configurations(args, dtype, ctx.device, configs, env, run_args)
+    else:
+        records = run_our_configurations(ctx, args, dtype, configs, offload, given, env, run_args)
+    if records is not None:
+        common.print_table(records, TABLE)
+
+
+def run_our_configurations(ctx, args, dtype, configs, offload, given, env, run_args):
+    """Ours, on every rank; then (rank 0) the one-process anchor of compare_single_stage."""
+    trace_dir, memory_cap_gib = given["trace_dir"], given["memory_cap_gib"]
     records = []
     for cfg in configs:
         try:
@@ -305,43 +365,84 @@ def main(shape: str = "tiny", n_stages: int = None, schedule="1f1b", global_batc
             record = {"bench": "train", "impl": "ours", **cfg, "error": "out of GPU memory"}
             gc.collect()
         if record is not None:
-            record.update(shape=shape_name(shape), **env)
+            record.update(env)
             common.emit(record)
             records.append(record)
     ctx.barrier()
     ctx.close()
     if ctx.rank != 0:
-        return
+        return None
     records = [r for r in records if "error" not in r]
-    # The other stages have finished: this process alone now runs the anchors.
-    if compare_single_stage and ctx.world_size > 1:
-        single = DistContext(device=ctx.device, timeout_s=timeout_s)
+    # The other stages have finished: this process alone now runs the anchor.
+    if given["compare_single_stage"] and ctx.world_size > 1:
+        single = DistContext(device=ctx.device, timeout_s=given["timeout_s"])
         for record in list(records):
-            cfg = {k: record[k] for k in ("global_batch", "micro_batch", "schedule", "recompute")}
+            cfg = {k: record[k] for k in CONFIG_KEYS}
             one = run_ours(single, args, dtype, cfg, offload=offload, trace_dir=trace_dir, **run_args)
-            one.update(shape=shape_name(shape), **env)
+            one.update(env)
             common.emit(one)
             common.emit(pipeline_ratio_record(record, one))
             records.append(one)
-    if compare_hf:
-        missing = common.hf_missing()
-        if missing:
-            common.emit({"bench": "train", "impl": "hf_peft", "skipped": missing})
-        else:
-            done = {}  # HF has no schedules: one run per (batch, micro-batch, recompute)
-            for record in [r for r in records if r["n_stages"] == ctx.world_size]:
-                cfg = {k: record[k] for k in ("global_batch", "micro_batch", "schedule", "recompute")}
-                key = (cfg["global_batch"], cfg["micro_batch"], cfg["recompute"])
-                if key in done:
-                    common.emit(ratio_record(f"ours ({ctx.world_size} stages) / hf_peft", record,
-                                             done[key]))
-                    continue
-                theirs = done[key] = run_hf(args, dtype, ctx.device, cfg, **run_args)
-                theirs.update(shape=shape_name(shape), **env)
-                common.emit(theirs)
-                common.emit(ratio_record(f"ours ({ctx.world_size} stages) / hf_peft", record, theirs))
-                records.append(theirs)
-    common.print_table(records, TABLE)
+    return records
+
+
+def run_hf_configurations(args, dtype, device, configs, env, run_args):
+    """transformers + peft, once per (batch, micro-batch, recompute): it has no schedules, and
+    its loss keeps its logits."""
+    records, done = [], set()
+    for cfg in configs:
+        key = (cfg["global_batch"], cfg["micro_batch"], cfg["recompute"])
+        if key not in done:
+            done.add(key)
+            record = {**run_hf(args, dtype, device, cfg, **run_args), **env}
+            common.emit(record)
+            records.append(record)
+    return records
+
+
+def compare_with_hf(given: dict, configs: list):
+    """Each configuration of ours and of transformers + peft in its own process, alternated for
+    --rounds rounds (bench/rounds.py); one train_ratio line per configuration of ours."""
+    child = {**given, "compare_hf": False, "rounds": None, "impl": "ours"}
+    sides = {("ours", i): {**child, **cfg} for i, cfg in enumerate(configs)}
+    for cfg in configs:
+        key = ("hf_peft", cfg["global_batch"], cfg["micro_batch"], cfg["recompute"])
+        sides.setdefault(key, {**child, **cfg, "impl": "hf_peft", "n_stages": None,
+                               "compare_single_stage": False})
+    results = alternate("bench.train_bench", sides, given["rounds"], given["timeout_s"])
+    n_stages = given["n_stages"] or 1
+    summaries = []
+    for i, cfg in enumerate(configs):
+        ours = [next(r for r in records if r.get("n_stages") == n_stages)
+                for records in results[("ours", i)]]
+        theirs = [records[0] for records in
+                  results[("hf_peft", cfg["global_batch"], cfg["micro_batch"], cfg["recompute"])]]
+        summaries.append(paired_hf_ratio(n_stages, cfg, ours, theirs))
+        common.emit(summaries[-1])
+    common.print_table(summaries, RATIO_TABLE)
+
+
+def paired_hf_ratio(n_stages: int, cfg: dict, ours: list, theirs: list) -> dict:
+    """Ours against HF over the rounds: the medians and ranges of each side and of the paired
+    ratios (tokens/s, and tokens per CPU-second), and each side's peak memory."""
+    def each(records, field):
+        return [r[field] for r in records]
+    ours_peaks = [max(r["peak_mem_gib"]) for r in ours]
+    their_peaks = [max(r["peak_mem_gib"]) for r in theirs]
+    ratios = paired_ratios(each(ours, "tokens_per_s"), each(theirs, "tokens_per_s"),
+                                  "tokens_per_s_ratio")
+    return {"bench": "train_ratio", "ratio_of": f"ours ({n_stages} stages) / hf_peft, paired by "
+            "round", **cfg, "keep_logits": ours[0]["keep_logits"], "rounds": len(ours),
+            "tokens_per_s_ratio": ratios["tokens_per_s_ratio_median"], **ratios,
+            **paired_ratios(each(ours, "tokens_per_cpu_s"), each(theirs, "tokens_per_cpu_s"),
+                                   "tokens_per_cpu_s_ratio"),
+            **spread(each(ours, "tokens_per_s"), "ours_tokens_per_s"),
+            **spread(each(theirs, "tokens_per_s"), "other_tokens_per_s"),
+            "ours_max_stage_peak_gib": statistics.median(ours_peaks),
+            "other_max_stage_peak_gib": statistics.median(their_peaks),
+            **spread(ours_peaks, "ours_peak_gib"), **spread(their_peaks, "other_peak_gib"),
+            "ours_rss_at_start_gib": statistics.median(each(ours, "rss_at_start_gib")),
+            "other_rss_at_start_gib": statistics.median(each(theirs, "rss_at_start_gib"))}
 
 
 if __name__ == "__main__":

@@ -58,6 +58,14 @@ GENERATION = (
     Option("seed", int, 0, "the random seed of sampling"),
 )
 
+TRAINING = (
+    Option("loss_logits", str, "auto", "the loss head's logits in training: keep (kept from "
+           "forward to backward: faster, targets x vocabulary x dtype bytes more), recompute "
+           "(run the head again in backward, a chunk of targets at a time: least memory) or "
+           "auto (keep when the last stage's estimated peak fits in the memory free at start-up; "
+           "the choice is printed then)"),
+)
+
 DECODING = (
     Option("cuda_graph", bool, False, "decode with a static KV cache, each step replayed as a "
            "CUDA graph on a GPU (on a CPU the same static path runs uncaptured); the same ids as "

@@ -172,9 +172,9 @@ def reference_attention(attention, x, n_rep_order):
     """Attention written out by hand; kv head for query head h is n_rep_order(h)."""
     B, T, _ = x.shape
     H, KV, D = attention.n_heads, attention.n_kv_heads, attention.head_dim
-    cos, sin = model_module.rotary_tables(D, 10000.0, 0, T, x.device)
-    q = model_module.apply_rotary(attention.wq(x).view(B, T, H, D), cos, sin)
-    k = model_module.apply_rotary(attention.wk(x).view(B, T, KV, D), cos, sin)
+    turns = model_module.rotary_tables(D, 10000.0, 0, T, x.device)
+    q = model_module.apply_rotary(attention.wq(x).view(B, T, H, D), turns)
+    k = model_module.apply_rotary(attention.wk(x).view(B, T, KV, D), turns)
     v = attention.wv(x).view(B, T, KV, D)
     kv_index = torch.tensor([n_rep_order(h) for h in range(H)])
     k, v = k[:, :, kv_index], v[:, :, kv_index]  # (B, T, H, D)
@@ -188,9 +188,9 @@ def test_gqa_query_heads_share_kv_heads_in_groups(model):
     attention = model.layers["0"].attention
     assert (attention.n_heads, attention.n_kv_heads) == (8, 4)
     x = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(1))
-    cos, sin = model_module.rotary_tables(8, 10000.0, 0, 7, x.device)
+    turns = model_module.rotary_tables(8, 10000.0, 0, 7, x.device)
     with torch.no_grad():
-        got = attention(x, cos, sin, 0)
+        got = attention(x, turns, 0)
         grouped = reference_attention(attention, x, lambda h: h // 2)  # heads 0,1 -> kv 0; ...
         round_robin = reference_attention(attention, x, lambda h: h % 4)
     assert (got - grouped).abs().max().item() <= 1e-5
@@ -203,17 +203,17 @@ def test_rotary_tables_equal_the_ones_stored_in_the_checkpoint(stories):
     start = source.offsets["norm.weight"][0] + args.dim  # the tables follow the final norm
     half = args.max_seq_len * args.head_dim // 2
     stored = np.array(source.floats[start:start + 2 * half]).reshape(2, args.max_seq_len, -1)
-    cos, sin = model_module.rotary_tables(args.head_dim, args.rope_theta, 0, args.max_seq_len,
-                                          "cpu")
-    assert np.abs(cos.numpy() - stored[0]).max() <= 1e-6
-    assert np.abs(sin.numpy() - stored[1]).max() <= 1e-6
+    turns = model_module.rotary_tables(args.head_dim, args.rope_theta, 0, args.max_seq_len,
+                                       "cpu")
+    assert np.abs(turns.real.numpy() - stored[0]).max() <= 1e-6
+    assert np.abs(turns.imag.numpy() - stored[1]).max() <= 1e-6
 
 
-def rotate_half(x, cos, sin):
+def rotate_half(x, turns):
     """The other rotary convention: pairs (x[i], x[i + head_dim/2])."""
     half = x.shape[-1] // 2
     x0, x1 = x.float()[..., :half], x.float()[..., half:]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = turns.real[None, :, None, :], turns.imag[None, :, None, :]
     return torch.cat((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).type_as(x)
 
 

@@ -1,12 +1,14 @@
 """The speed paths give what the plain paths give: static-cache (CUDA-graph) decode the same ids,
 fused projections the same logits and state dict, --compile the same losses, selective
-recomputation the same gradient. All on the CPU with stories260K or the tiny shape.
+recomputation and kept loss logits the same gradient. All on the CPU with stories260K or the tiny shape.
 Run: python3 -m pytest -q tests/test_speed_paths.py
 """
+import functools
 import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy
 
 from llama.formats.checkpoint import load_model
@@ -18,7 +20,10 @@ from llama.model.fused import apply_fused_projections
 from llama.serving.generation import generate
 from llama.prepare import compiling, offload
 from llama.prepare.offload import apply_recompute
+from llama.parallel import loss
+from llama.parallel.loss import loss_sum
 from llama.parallel.pipeline import Stage
+from llama.training import memory
 from llama.tuning.prompt import SoftPrompt
 from llama.prepare.stage import compile_blocks
 from llama.model.tokenizer import Tokenizer
@@ -87,9 +92,9 @@ def test_fused_projections_give_the_same_logits_and_the_same_state_dict(stories,
 
 # ---- training: --compile and selective recomputation ----
 
-def prompt_gradient(stories, transform):
+def prompt_gradient(stories, transform, loss_fn=loss_sum):
     """(loss, prompt gradient) of one 1F1B step of stories260K with a 4-token soft prompt, after
-    transform(model)."""
+    transform(model), trained on loss_fn."""
     model = transform(load_model(stories / "stories260K.bin"))
     weight = load_model(stories / "stories260K.bin").tok_embeddings.weight[10:14]
     prompt = SoftPrompt(weight)
@@ -100,7 +105,7 @@ def prompt_gradient(stories, transform):
         targets = torch.full_like(tokens, -100)
         targets[:, 4:-1] = tokens[:, 5:]
         batches.append(MicroBatch(tokens, targets, int((targets != -100).sum())))
-    loss, _ = Stage(model, DistContext(), prompt, 4).train_step(batches, "1f1b")
+    loss, _ = Stage(model, DistContext(), prompt, 4, loss_fn=loss_fn).train_step(batches, "1f1b")
     return loss, prompt.weight.grad
 
 
@@ -164,3 +169,83 @@ def test_compile_without_a_compiler_is_refused_in_one_line(model, monkeypatch):
                                        r"one or leave out --compile$"):
         compile_blocks(model, True)
     assert compile_blocks(model, False) is model  # off: untouched
+
+
+# ---- the loss head: logits kept for backward, or recomputed ----
+
+def reference_loss(model, h, targets):
+    """Plain autograd through F.cross_entropy over every position's logits at once."""
+    logits = model.logits(h).float().flatten(0, 1)
+    return F.cross_entropy(logits, targets.flatten().to(h.device), ignore_index=-100,
+                           reduction="sum")
+
+
+@pytest.mark.parametrize("keep_logits", [True, False])
+def test_kept_and_recomputed_logits_give_the_same_loss_and_gradient(stories, monkeypatch,
+                                                                    keep_logits):
+    """In chunks of 5 target positions (of 28), each choice gives F.cross_entropy's loss and
+    prompt gradient, and the two choices each other's, to 1e-5."""
+    expected_loss, expected = prompt_gradient(stories, lambda model: model, reference_loss)
+    monkeypatch.setattr(loss, "LOSS_CHUNK_BYTES", 5 * 4 * 512)
+    assert loss.loss_chunk_rows(512) == 5
+    got_loss, got = prompt_gradient(stories, lambda model: model,
+                                    functools.partial(loss_sum, keep_logits=keep_logits))
+    other_loss, other = prompt_gradient(stories, lambda model: model,
+                                        functools.partial(loss_sum, keep_logits=not keep_logits))
+    for value, gradient in ((got_loss, got), (other_loss, other)):
+        assert value == pytest.approx(expected_loss, rel=1e-5)
+        assert float((gradient - expected).norm() / expected.norm()) <= 1e-5
+    assert float((got - other).norm() / other.norm()) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_cross_entropy_gradient_written_into_the_logits_is_autograds(dtype):
+    generator = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(7, 50, generator=generator)).to(dtype)
+    targets = torch.randint(0, 50, (7,), generator=generator)
+    expected_input = logits.clone().requires_grad_(True)
+    expected = F.cross_entropy(expected_input.float(), targets, reduction="sum")
+    (2 * expected).backward()
+    got_input = logits.clone().requires_grad_(True)
+    mine = loss._CrossEntropySum.apply(got_input * 1, targets)  # a non-leaf, as the head's output
+    (2 * mine).backward()
+    assert float(mine.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got_input.grad, expected_input.grad, rtol=tolerance, atol=tolerance)
+
+
+def test_kept_logits_are_what_the_forward_saves_and_recompute_saves_none(model):
+    """Saved for backward: every target's logits with keep_logits (28 x 512 float32), the
+    hidden states they come from without (the chunks' inputs, 28 x 64)."""
+    h = torch.randn(2, 15, model.args.dim, requires_grad=True)
+    targets = torch.randint(0, 512, (2, 15))
+    targets[:, :1] = -100
+    saved, weights = {}, {p.data_ptr() for p in model.parameters()}
+
+    def pack(tensor):
+        if tensor.data_ptr() not in weights:
+            saved[tensor.data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+    for keep_logits in (True, False):
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss_sum(model, h, targets, keep_logits=keep_logits)
+        largest = max(saved.values())
+        assert largest == (28 * 512 * 4 if keep_logits else 28 * 64 * 4)
+
+
+def test_auto_keeps_the_logits_only_when_the_estimate_fits_the_free_memory(model, monkeypatch):
+    def choose(requested, free):
+        monkeypatch.setattr(memory, "free_memory_bytes", lambda device: free)
+        return memory.choose_loss_logits(requested, model, torch.device("cpu"), 8, 4, 255, 0,
+                                         "1f1b", "plain")
+    keep, line = choose("auto", 2**40)
+    assert keep and line.startswith("loss: the head's logits are kept for backward (auto: ")
+    keep, line = choose("auto", 2**20)
+    assert not keep and line.startswith("loss: the head's logits are recomputed in backward, "
+                                        "15625 target positions at a time (auto: ")
+    assert "over 80% of the 0.00 GiB free" in line
+    assert not choose("auto", None)[0] and choose("keep", 2**20)[0]
+    assert not choose("recompute", 2**40)[0]
+    with pytest.raises(BadInput, match=r"^--loss_logits 'fast' must be one of auto, keep, "):
+        choose("fast", 2**40)

@@ -335,10 +335,10 @@ def test_recompute_and_offload_give_the_plain_runs_losses(model_bin, alpaca_smal
 def block_inputs_and_outputs(model, h):
     """Run h through the model's blocks one by one: [(input, output)] per block."""
     args = model.args
-    cos, sin = rotary_tables(args.head_dim, args.rope_theta, 0, h.shape[1], h.device)
+    turns = rotary_tables(args.head_dim, args.rope_theta, 0, h.shape[1], h.device)
     steps = []
     for block in model.layers.values():
-        out = block(h, cos, sin, 0)
+        out = block(h, turns, 0)
         steps.append((h, out))
         h = out
     return steps

@@ -204,13 +204,13 @@ class Attention(nn.Module):
         kv_width = self.n_kv_heads * self.head_dim
         return self.wqkv(x).split([self.n_heads * self.head_dim, kv_width, kv_width], dim=-1)
 
-    def forward(self, x, cos, sin, start_pos):
+    def forward(self, x, turns, start_pos):
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x)
         q = q.reshape(B, T, self.n_heads, self.head_dim)
         k = k.reshape(B, T, self.n_kv_heads, self.head_dim)
         v = v.reshape(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, turns), apply_rotary(k, turns)
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)  # (B, start_pos + T, kv_heads, hd)
         elif self.prefix is not None and (prefix := self.prefix()) is not None:
@@ -247,8 +247,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.hidden_dim)
 
-    def forward(self, x, cos, sin, start_pos):
-        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos)
+    def forward(self, x, turns, start_pos):
+        h = x + self.attention(self.attention_norm(x), turns, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -289,10 +289,10 @@ class Transformer(nn.Module):
 
         start_pos: an int, or a one-element device tensor for the static KV cache (fixed shapes).
         """
-        cos, sin = rotary_tables(self.args.head_dim, self.args.rope_theta, start_pos, h.shape[1],
+        turns = rotary_tables(self.args.head_dim, self.args.rope_theta, start_pos, h.shape[1],
                                  h.device, self.args.rope_scaling)
         for block in self.layers.values():
-            h = block(h, cos, sin, start_pos)
+            h = block(h, turns, start_pos)
         return h
 
     def logits(self, h):

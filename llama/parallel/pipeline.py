@@ -8,10 +8,9 @@ be checked against it exactly.
 import contextlib
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from llama.errors import BadInput
+from llama.parallel.loss import loss_sum
 from llama.tuning.methods import Tuning, apply_prompt
 
 SCHEDULES = ("gpipe", "1f1b")
@@ -33,35 +32,6 @@ def schedule_actions(schedule: str, stage: int, n_stages: int, n_micro: int):
     for i in range(n_micro - warmup):
         actions += [("F", warmup + i), ("B", i)]
     return actions + [("B", i) for i in range(n_micro - warmup, n_micro)]
-
-
-LOSS_CHUNK_TOKENS = 1024  # target positions whose logits exist at once
-
-
-def _chunk_loss(stage_model, h_chunk, targets_chunk):
-    logits = stage_model.logits(h_chunk).float()  # (chunk, vocab): the only float32 logits
-    return F.cross_entropy(logits, targets_chunk, reduction="sum")
-
-
-def loss_sum(stage_model, h, targets):
-    """Summed cross-entropy over the positions that have a target (-100 marks the others).
-
-    targets stays on the CPU, so finding those positions never waits for the GPU. Only they go
-    through the output head, LOSS_CHUNK_TOKENS at a time; in training each chunk's logits are
-    recomputed in the backward pass rather than kept, so the (B, T, vocab) logits never exist and
-    a chunk's are the most held at once (about 14 bytes x chunk x vocab).
-    """
-    flat_targets = targets.reshape(-1)
-    positions = (flat_targets != -100).nonzero().squeeze(1)
-    picked = h.reshape(-1, h.shape[-1]).index_select(0, positions.to(h.device))  # (N, dim)
-    picked_targets = flat_targets[positions].to(h.device)
-    total = h.new_zeros((), dtype=torch.float32)
-    for h_chunk, t_chunk in zip(picked.split(LOSS_CHUNK_TOKENS), picked_targets.split(LOSS_CHUNK_TOKENS)):
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, stage_model, h_chunk, t_chunk, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(stage_model, h_chunk, t_chunk)
-    return total
 
 
 class Stage:

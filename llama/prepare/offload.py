@@ -29,25 +29,25 @@ class _RecomputeBlock(torch.autograd.Function):
     """Forward without saving anything but the block's input; rebuild the rest in backward."""
 
     @staticmethod
-    def forward(ctx, h, cos, sin, wrapper, start_pos, offload):
-        ctx.wrapper, ctx.start_pos, ctx.cos, ctx.sin = wrapper, start_pos, cos, sin
+    def forward(ctx, h, turns, wrapper, start_pos, offload):
+        ctx.wrapper, ctx.start_pos, ctx.turns = wrapper, start_pos, turns
         ctx.device = h.device
         # With offload the kept input is a copy in host memory and h itself can go. A run on the
         # CPU takes the same path (one copy, nothing saved), so what it tests is what a GPU runs.
         ctx.saved_input = pinned_like(h).copy_(h, non_blocking=True) if offload else h.detach()
         with torch.no_grad():
-            return wrapper.run(h, cos, sin, start_pos, backward=False)
+            return wrapper.run(h, turns, start_pos, backward=False)
 
     @staticmethod
     def backward(ctx, grad_out):
         # Same stream as the copy to the CPU, so the copy back is ordered after it.
         h = ctx.saved_input.to(ctx.device, non_blocking=True).detach().requires_grad_(True)
         with torch.enable_grad():
-            out = ctx.wrapper.run(h, ctx.cos, ctx.sin, ctx.start_pos, backward=True, keep=True)
+            out = ctx.wrapper.run(h, ctx.turns, ctx.start_pos, backward=True, keep=True)
         torch.autograd.backward(out, grad_out)
         ctx.wrapper.done_with_weights()
         del ctx.saved_input
-        return h.grad, None, None, None, None, None
+        return h.grad, None, None, None, None
 
 
 class RecomputedBlock(nn.Module):
@@ -56,12 +56,12 @@ class RecomputedBlock(nn.Module):
         self.block, self.offload = block, offload
         self.streamer = None  # a WeightStreamer, when the weights live on the CPU
 
-    def run(self, h, cos, sin, start_pos: int, backward: bool, keep: bool = False):
+    def run(self, h, turns, start_pos: int, backward: bool, keep: bool = False):
         """The block itself, its weights streamed in first (and out after, unless keep)."""
         if self.streamer is None:
-            return self.block(h, cos, sin, start_pos)
+            return self.block(h, turns, start_pos)
         self.streamer.bring_in(self.block, backward)
-        out = self.block(h, cos, sin, start_pos)
+        out = self.block(h, turns, start_pos)
         if not keep:
             self.streamer.release(self.block)
         return out
@@ -70,10 +70,10 @@ class RecomputedBlock(nn.Module):
         if self.streamer is not None:
             self.streamer.release(self.block)
 
-    def forward(self, h, cos, sin, start_pos: int):
+    def forward(self, h, turns, start_pos: int):
         if not torch.is_grad_enabled():  # eval and generation save nothing anyway
-            return self.run(h, cos, sin, start_pos, backward=False)
-        return _RecomputeBlock.apply(h, cos, sin, self, start_pos, self.offload)
+            return self.run(h, turns, start_pos, backward=False)
+        return _RecomputeBlock.apply(h, turns, self, start_pos, self.offload)
 
 
 def _matrix_products():
@@ -97,10 +97,10 @@ class SelectiveRecomputedBlock(nn.Module):
         super().__init__()
         self.block = block
 
-    def forward(self, h, cos, sin, start_pos: int):
+    def forward(self, h, turns, start_pos: int):
         if not torch.is_grad_enabled():
-            return self.block(h, cos, sin, start_pos)
-        return checkpoint(self.block, h, cos, sin, start_pos, use_reentrant=False,
+            return self.block(h, turns, start_pos)
+        return checkpoint(self.block, h, turns, start_pos, use_reentrant=False,
                           context_fn=functools.partial(create_selective_checkpoint_contexts,
                                                        _keep_matrix_products))
 

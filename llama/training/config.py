@@ -13,6 +13,7 @@ from llama.errors import BadInput
 from llama.tuning.lora import LoraSettings, lora_settings
 from llama.tuning.methods import method_named
 from llama.prepare.offload import OFFLOAD_CHOICES, RECOMPUTE_MODES
+from llama.parallel.loss import LOSS_LOGITS
 from llama.parallel.pipeline import SCHEDULES
 from llama.prepare.stage import Preparation, check_transforms
 
@@ -69,6 +70,7 @@ class RunConfig:
     recompute_mode: str
     offload: frozenset
     compile: bool
+    loss_logits: str
     quantize: Optional[str]
     group_size: Optional[int]
     # bookkeeping
@@ -115,6 +117,7 @@ class RunConfig:
                            "continue the run in --out, or --overwrite to start it again")
         object.__setattr__(self, "offload", parse_offload(self.offload))
         self._one_of("recompute_mode", RECOMPUTE_MODES)
+        self._one_of("loss_logits", LOSS_LOGITS)
         check_transforms(self.preparation())
         self._check_lora()
         steps = self.debug_overflow_steps
@@ -153,6 +156,12 @@ class RunConfig:
         return Preparation(method=method, recompute=self.recompute_mode if recompute else None,
                            offload_activations="activations" in self.offload,
                            stream_weights="weights" in self.offload, compile=self.compile)
+
+    def activation_mode(self) -> str:
+        """How the blocks keep their activations, in llama/training/memory.py's words."""
+        if self.offload & {"activations", "weights"}:
+            return "offload"
+        return "recompute" if self.preparation().recompute else "plain"
 
     def _positive_int(self, name):
         self._int_at_least(name, 1, "a positive integer")

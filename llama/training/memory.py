@@ -1,13 +1,21 @@
 """Per-stage memory of pipelined tuning, by arithmetic (nothing is run): the weights of a stage
 (float, int8 or int4), what autograd keeps per micro-batch, and a LoRA's tensors and what their
-gradients keep.
+gradients keep; and, from that and the memory free when a run starts, whether the loss keeps its
+logits for backward (--loss_logits auto).
 
-Used by `python -m llama.tools.plan` (what fits on given cards), split_model.py --stage_memory and
-bench/memory_estimate.py; the formulas are explained in docs/PERFORMANCE.md.
+Used by `python -m llama.tools.plan` (what fits on given cards), split_model.py --stage_memory,
+training's start-up and bench/memory_estimate.py; the formulas are explained in
+docs/PERFORMANCE.md.
 """
+from pathlib import Path
+
+import torch
+
+from llama.errors import BadInput
 from llama.model.transformer import ModelArgs
 from llama.model.partition import GIB, linear_parameters, stage_weight_bytes
-from llama.parallel.pipeline import LOSS_CHUNK_TOKENS
+from llama.model.quant import QuantizedLinear
+from llama.parallel.loss import LOSS_LOGITS, loss_chunk_rows
 from llama.tuning.lora import TARGETS, linear_shape
 
 # A LoRA's float32 parameter, its gradient, ScaledAdamW's float32 master, the master's gradient
@@ -49,10 +57,17 @@ def lora_saved_bytes_per_token(args: ModelArgs, dtype_bytes: int, r: int, target
     return kept
 
 
-def head_bytes_per_target(args: ModelArgs, dtype_bytes: int) -> int:
-    """The loss's peak per target position of one chunk: dtype logits, fp32 logits, fp32
-    log-probabilities (saved) and their fp32 gradient."""
-    return args.vocab_size * (dtype_bytes + 4 + 4 + 4)
+def loss_bytes(args: ModelArgs, dtype_bytes: int, targets: int, in_flight: int,
+               keep_logits: bool) -> int:
+    """The loss's peak on the last stage (llama/parallel/loss.py): every target's hidden state
+    (saved to run the head again), one chunk's logits with their float32 work (logsumexp's, and
+    a float32 copy below float32), and with keep_logits the logits of every target of every
+    micro-batch in flight, kept from forward to backward."""
+    chunk = min(targets, loss_chunk_rows(args.vocab_size))
+    float_work = 4 + (4 if dtype_bytes < 4 else 0)
+    kept = in_flight * targets * args.vocab_size * dtype_bytes if keep_logits else 0
+    return targets * dtype_bytes * args.dim + chunk * args.vocab_size * (dtype_bytes + float_work) \
+        + kept
 
 
 def dequantized_layer_bytes(args: ModelArgs, dtype_bytes: int, quantization) -> int:
@@ -64,11 +79,13 @@ def dequantized_layer_bytes(args: ModelArgs, dtype_bytes: int, quantization) -> 
 
 
 def stage_estimates(args, plan, global_batch, micro_batch, seq_len, n_virtual_tokens,
-                    dtype_bytes, schedule, target_fraction, quantization=None, lora=None):
+                    dtype_bytes, schedule, target_fraction, quantization=None, lora=None,
+                    keep_logits=False):
     """One dict per stage of `plan` [(layer_range, has_embeddings, has_head)]: weights, what one
     micro-batch keeps, how many are in flight, and the peak in each activation mode (bytes in
     *_gib fields divided by GIB). lora: the LoraSettings of a LoRA run (None: a soft prompt's
-    few numbers, not counted)."""
+    few numbers, not counted). keep_logits: the loss keeps its logits for backward (else it
+    recomputes them, a chunk at a time)."""
     n_stages = len(plan)
     n_micro = global_batch // micro_batch
     tokens = micro_batch * (seq_len + n_virtual_tokens)  # of one micro-batch
@@ -94,10 +111,7 @@ def stage_estimates(args, plan, global_batch, micro_batch, seq_len, n_virtual_to
         # the transient of one micro-batch's backward through one block
         working = {"plain": ffn_grads, "recompute": per_layer + ffn_grads,
                    "offload": per_layer + ffn_grads}
-        # The loss runs in chunks (llama/parallel/pipeline.py): one chunk's logits at a time, plus the
-        # picked hidden states of every target position, saved to recompute each chunk.
-        loss = (min(targets, LOSS_CHUNK_TOKENS) * head_bytes_per_target(args, dtype_bytes)
-                + targets * dtype_bytes * args.dim) if has_head else 0
+        loss = loss_bytes(args, dtype_bytes, targets, in_flight, keep_logits) if has_head else 0
         row = {"n_stages": n_stages, "stage": stage,
                "layers": [first, last], "micro_batch": micro_batch, "n_micro": n_micro,
                "in_flight": in_flight, "weights_gib": weights / GIB, "trainable": trainable,
@@ -109,3 +123,59 @@ def stage_estimates(args, plan, global_batch, micro_batch, seq_len, n_virtual_to
                                        + dequantized) / GIB
         rows.append(row)
     return rows
+
+
+# --loss_logits auto keeps the logits when the stage's estimated peak beyond its weights is at
+# most this share of the memory free at start-up: the rest is for what the arithmetic leaves
+# out (allocator fragmentation, a CUDA context that grows, other work on a shared machine).
+KEEP_LOGITS_SHARE = 0.8
+
+
+def free_memory_bytes(device):
+    """What this process could still allocate: the GPU's free memory, or the CPU's available
+    memory as Linux reports it (None where it does not)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # reported in KiB
+    except OSError:
+        pass
+    return None
+
+
+def choose_loss_logits(requested: str, model, device, global_batch: int, micro_batch: int,
+                       seq_len: int, hidden_virtual: int, schedule: str, mode: str, lora=None):
+    """(keep the logits?, the start-up line saying which and why) for the last stage `model`.
+
+    requested: keep, recompute, or auto: keep when the stage's estimated peak (stage_estimates
+    with the logits kept, every position a target, activation mode `mode`: plain, recompute or
+    offload) beyond its weights, which are resident already, is at most KEEP_LOGITS_SHARE of
+    free_memory_bytes; recompute when that is unknown."""
+    if requested not in LOSS_LOGITS:
+        raise BadInput(f"--loss_logits {requested!r} must be one of {', '.join(LOSS_LOGITS)}")
+    layer = next((m for m in model.modules() if isinstance(m, QuantizedLinear)), None)
+    quantization = {"scheme": layer.scheme, "group_size": layer.group_size} if layer else None
+    dtype_bytes = model.norm.weight.element_size()
+    row = stage_estimates(model.args, [(model.layer_range, model.has_embeddings, True)],
+                          global_batch, micro_batch, seq_len, hidden_virtual, dtype_bytes,
+                          schedule, 1.0, quantization, lora, keep_logits=True)[0]
+    needed = (row[f"peak_{mode}_gib"] - row["weights_gib"]) * GIB
+    rows = loss_chunk_rows(model.args.vocab_size)
+    free = free_memory_bytes(device) if requested == "auto" else None
+    keep = requested == "keep" or (free is not None and needed <= KEEP_LOGITS_SHARE * free)
+    if requested != "auto":
+        why = f"--loss_logits {requested}"
+    elif free is None:
+        why = "auto: the free memory is unknown here"
+    else:
+        why = (f"auto: this stage's estimated peak with them kept is {needed / GIB:.2f} GiB beyond "
+               f"its weights, {'within' if keep else 'over'} {KEEP_LOGITS_SHARE:.0%} of the "
+               f"{free / GIB:.2f} GiB free")
+    if keep:
+        what, other = "kept for backward", "--loss_logits recompute needs less memory"
+    else:
+        what = f"recomputed in backward, {rows} target positions at a time"
+        other = "--loss_logits keep is faster"
+    return keep, f"loss: the head's logits are {what} ({why}; {other})"

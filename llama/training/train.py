@@ -10,6 +10,7 @@ Set-up happens once (`set_up`); then `_train`'s loop is the whole step: forward 
 through the pipeline, agree, unscale + clip + AdamW (llama/training/precision.py), log, save.
 """
 import contextlib
+import functools
 import math
 import signal
 import time
@@ -28,12 +29,14 @@ from llama.tuning.lora import apply_lora
 from llama.tuning.methods import (apply_adapter, apply_prefix, apply_prompt, init_ids,
                            init_prefix_from_tokens)
 from llama.tuning.peft import export_peft
+from llama.parallel.loss import loss_sum
 from llama.parallel.pipeline import Stage
 from llama.training.precision import LossScaler, ScaledAdamW, agree, finish_step, lr_at
 from llama.tuning.prompt import SoftPrompt, init_prompt_weight
 from llama.training.resume import (checkpoint_path, restore, resume_path, run_identity,
                           save_training_state)
 from llama.training.run_folder import PEFT_FOLDER, claim_out
+from llama.training.memory import choose_loss_logits
 from llama.training.runlog import RunLog, peak_memory_gib, step_record, write_trace
 from llama.prepare.stage import run_on_stage
 from llama.parallel.trace import Tracer
@@ -169,8 +172,9 @@ def set_up(cfg, ctx, model, tokenizer, tuning, held) -> Run:
                                      cfg.ckpt_dir))
     sync = torch.cuda.synchronize if ctx.device.type == "cuda" else None
     tracer = Tracer(ctx.rank, enabled=bool(cfg.trace), synchronize=sync)
-    stage = Stage(model, ctx, tracer=tracer, tuning=tuning)
     max_len = model.args.max_seq_len - tuning.n_virtual
+    stage = Stage(model, ctx, tracer=tracer, tuning=tuning,
+                  loss_fn=run_loss(cfg, ctx, model, tuning, max_len))
     end_target = cfg.eos_target if cfg.eos_target != "auto" else model_stop_token(
         cfg.data, tokenizer, cfg.template, cfg.train_on_prompt, max_len, cfg.micro_batch_size,
         lambda batches: Stage(model, ctx, tuning=tuning).mean_loss(batches, with_prompt=False),
@@ -186,6 +190,19 @@ def set_up(cfg, ctx, model, tokenizer, tuning, held) -> Run:
     scaler = LossScaler(enabled=next(model.parameters()).dtype == torch.float16)
     total_steps = cfg.steps or cfg.epochs * loader.steps_per_epoch
     return Run(stage, tuning, optimizer, scaler, loader, held_out, total_steps, end_target, tracer)
+
+
+def run_loss(cfg, ctx, model, tuning, max_len: int):
+    """The cross-entropy this run trains on: its logits kept for backward or recomputed
+    (--loss_logits; auto by the last stage's memory), said in one start-up line."""
+    keep, line = False, None
+    if ctx.is_last:
+        keep, line = choose_loss_logits(
+            cfg.loss_logits, model, ctx.device, cfg.global_batch_size, cfg.micro_batch_size,
+            max_len, tuning.hidden_virtual, cfg.schedule, cfg.activation_mode(),
+            cfg.lora() if cfg.method == "lora" else None)
+    ctx.log(ctx.broadcast_object(line, src=ctx.world_size - 1))
+    return functools.partial(loss_sum, keep_logits=keep)
 
 
 def build_tuning(cfg, model, tokenizer, ctx):

@@ -115,18 +115,18 @@ class AdapterTuning(Tuning):
         def add_adapter_output(attention, inputs, output):
             if not self.active:
                 return output
-            added = adapter_attention(attention, inputs[0], inputs[1], inputs[2], prompt, gate)
+            added = adapter_attention(attention, inputs[0], inputs[1], prompt, gate)
             return output + self.gated(added)
         return add_adapter_output
 
 
-def adapter_attention(attention, x, cos, sin, prompt, gate):
+def adapter_attention(attention, x, turns, prompt, gate):
     """Each query (rotated as in attention) attends to the prompt's keys and values alone; the
     softmax over them is gated (zero at the start, so training starts from the plain model)."""
     B, T, _ = x.shape
     H, KV, D = attention.n_heads, attention.n_kv_heads, attention.head_dim
     # Through the attention's own projection, whatever holds its weights (fused, quantized).
-    q = apply_rotary(attention.project_qkv(x)[0].view(B, T, H, D), cos, sin).transpose(1, 2)
+    q = apply_rotary(attention.project_qkv(x)[0].view(B, T, H, D), turns).transpose(1, 2)
     _, k, v = attention.project_qkv(prompt.to(x.dtype))  # (L, KV * D) each
     k, v = (t.view(-1, KV, D).transpose(0, 1).repeat_interleave(H // KV, dim=0)
             for t in (k, v))  # (H, L, D); q is (B, H, T, D)
