@@ -33,7 +33,8 @@ def main(prompts: tuple[str, ...] = DEFAULT_PROMPTS, **options):
         for prompt_ids, out in zip(ids, outputs):
             ctx.log(tokenizer.decode(prompt_ids + out) + "\n" + "-" * 40)
 
-    run_on_stage(options, work, Preparation(fuse_projections=True, dynamic_int8=True))
+    run_on_stage(options, work, Preparation(fuse_projections=True,
+                                            dynamic_int8=not options["exact_quantized"]))
 
 
 if __name__ == "__main__":

@@ -51,26 +51,35 @@ class Clock:
 
 
 class StepTimer:
-    """Wall time (device synchronised) and the process's CPU time of `steps` steps run inside it.
+    """Wall time (device synchronised) and the process's CPU time of the steps run inside it,
+    each step ended by lap().
 
     The CPU time counts every thread of the process. On a shared CPU, where other work takes
     turns on the cores, it tells what the steps cost when the wall time says how long they
-    waited too."""
+    waited too; the fastest step is the one least disturbed."""
 
-    def __init__(self, device, steps: int):
-        self.clock, self.steps = Clock(device), steps
+    def __init__(self, device):
+        self.clock, self.walls, self.cpus = Clock(device), [], []
 
     def __enter__(self):
         self.started, self.cpu_started = self.clock.now(), time.process_time()
         return self
 
+    def lap(self):
+        now, cpu_now = self.clock.now(), time.process_time()
+        self.walls.append(now - self.started)
+        self.cpus.append(cpu_now - self.cpu_started)
+        self.started, self.cpu_started = now, cpu_now
+
     def __exit__(self, *exc):
-        self.step_s = (self.clock.now() - self.started) / self.steps
-        self.cpu_s = (time.process_time() - self.cpu_started) / self.steps
+        pass
 
     def record(self, tokens_per_step: int) -> dict:
-        return {"step_time_s": self.step_s, "tokens_per_s": tokens_per_step / self.step_s,
-                "cpu_s_per_step": self.cpu_s, "tokens_per_cpu_s": tokens_per_step / self.cpu_s}
+        step_s, cpu_s = sum(self.walls) / len(self.walls), sum(self.cpus) / len(self.cpus)
+        return {"step_time_s": step_s, "tokens_per_s": tokens_per_step / step_s,
+                "fastest_step_s": min(self.walls),
+                "tokens_per_s_fastest": tokens_per_step / min(self.walls),
+                "cpu_s_per_step": cpu_s, "tokens_per_cpu_s": tokens_per_step / cpu_s}
 
 
 def resident_gib() -> float:

@@ -3,26 +3,26 @@
     python -m bench.decode_bench --shape 7B                    # one stage, batch 1 and 8
     python -m bench.decode_bench --shape 7B --n_stages 4 --compare_single_stage
     python -m bench.decode_bench --shape tiny --gen_len 8      # CPU check that it still runs
-    python -m bench.decode_bench --shape small --batch 1 --quantize none,int8,int4_int8_copy
+    python -m bench.decode_bench --shape small --batch 1 --quantize none,int8,int4
 
 --cuda_graph: the product's static-cache decode (llama/model/static_decode.py), each step a CUDA graph
 on a GPU; on a CPU the same static path uncaptured ("mode": "static"). --compile: torch.compile
 of each block (True for inductor, or a backend's name). The projections are fused, as in
 example.py (a quantized stage's stay unfused). --quantize: one or several of VARIANTS, built once
-each and timed in alternation (one process). One JSON line per batch size, then a short table.
+each and timed in alternation (one process), each round beside a copy's bandwidth. One JSON
+line per batch size (or variant), then a short table.
 """
 import gc
-import statistics
 import sys
 
 import torch
 
 from bench import common
+from bench.rounds import paired_ratios, spread
 from bench.shapes import model_args, parameter_bytes, random_stage, shape_name
 from llama.parallel.distributed import DistContext, init_distributed
 from llama.cli import run_cli
 from llama.errors import BadInput
-from llama.model.fused import apply_fused_projections
 from llama.model.quant import (QuantizedLinear, largest_group_size, quantize_head, use_dynamic_int8,
                               use_int4_kernels)
 from llama.serving.generation import generate
@@ -32,20 +32,25 @@ from llama.prepare.stage import Preparation, pick_dtype, prepare_stage
 TABLE = ["impl", "mode", "n_stages", "batch", "decode_tokens_per_s", "bandwidth_limit_tokens_per_s",
          "bandwidth_share", "copy_bandwidth_gb_s", "model_gb"]
 VARIANT_TABLE = ["variant", "batch", "decode_tokens_per_s_median", "decode_tokens_per_s_min",
-                 "decode_tokens_per_s_max", "vs_first", "vs_first_min", "vs_first_max",
+                 "decode_tokens_per_s_max", "vs_first_median", "vs_first_min", "vs_first_max",
+                 "bandwidth_share_median", "bandwidth_share_min", "bandwidth_share_max",
                  "step_read_gb", "model_gb"]
-# --quantize names: the block linears' scheme, then the path their forward takes on a CPU
-# (llama/model/quant.py). "none" is the float model.
+# --quantize names: the block linears' scheme, then what their forward (and the head) run on a
+# CPU (llama/model/quant.py). "none" is the float model; the names without a suffix are what
+# example.py, chat.py and serve.py run (prepare_stage with their Preparation).
 VARIANTS = {
-    "none": (None, None),
-    "int8": ("int8", "dynamic int8 (the default)"),
-    "int8_exact": ("int8", "exact: dequantize the layer per call (the CPU's rule without dynamic)"),
-    "int8_weight_only": ("int8", "exact: torch._weight_int8pack_mm"),
-    "int4_int8_copy": ("int4", "dynamic int8 on an int8 copy (use_dynamic_int8)"),
-    "int4_kernel": ("int4", "torch's int4 kernel (use_int4_kernels)"),
-    "int4_dequantize": ("int4", "dequantize each layer per call (the default)"),
+    "none": (None, "float, q/k/v and w1/w3 fused (example.py's)"),
+    "none_unfused": (None, "float, unfused projections (chat.py's and serve.py's)"),
+    "none_int8_head": (None, "float blocks, an int8 head (quantize_head)"),
+    "int8": ("int8", "int8 products, int8 head (generation's default)"),
+    "int4": ("int4", "int8 products on an int8 copy, int8 head (generation's default)"),
+    "int8_float_head": ("int8", "int8 products, the float head"),
+    "int4_float_head": ("int4", "int8 products on an int8 copy, the float head"),
+    "int8_exact": ("int8", "--exact_quantized: dequantize each layer per call, float head"),
+    "int4_exact": ("int4", "--exact_quantized: dequantize each layer per call, float head"),
+    "int8_weight_only": ("int8", "torch._weight_int8pack_mm, float head"),
+    "int4_kernel": ("int4", "torch's int4 kernel (use_int4_kernels), float head"),
 }
-HEAD_SUFFIX = "+head"  # e.g. int8+head: the output head quantized too (quantize_head)
 
 
 def default_copy_bytes(device) -> int:
@@ -78,18 +83,28 @@ def step_read_bytes(model) -> int:
     return total
 
 
+class CopyProbe:
+    """A device-to-device copy of n_bytes, its buffers made once, so that the bandwidth can be
+    measured again beside each timing (bytes moved per second, counting read + write)."""
+
+    def __init__(self, device, n_bytes: int):
+        self.source = torch.empty(n_bytes, dtype=torch.uint8, device=device).fill_(1)
+        self.target = torch.empty_like(self.source)
+        self.target.copy_(self.source)
+        self.clock = common.Clock(torch.device(device))
+
+    def bandwidth(self, repeats: int = 10) -> float:
+        times = []
+        for _ in range(repeats):
+            started = self.clock.now()
+            self.target.copy_(self.source)
+            times.append(self.clock.now() - started)
+        return 2 * self.source.numel() / min(times)
+
+
 def copy_bandwidth(device, n_bytes: int, repeats: int = 10) -> float:
     """Bytes moved per second by a device-to-device copy of n_bytes, counting read + write."""
-    source = torch.empty(n_bytes, dtype=torch.uint8, device=device).fill_(1)
-    target = torch.empty_like(source)
-    target.copy_(source)
-    clock = common.Clock(torch.device(device))
-    times = []
-    for _ in range(repeats):
-        started = clock.now()
-        target.copy_(source)
-        times.append(clock.now() - started)
-    return 2 * n_bytes / min(times)
+    return CopyProbe(device, n_bytes).bandwidth(repeats)
 
 
 def random_prompts(vocab_size: int, batch: int, prompt_len: int, seed: int):
@@ -167,74 +182,72 @@ def run_ours(ctx, args, dtype, batches, prompt_len, gen_len, repeats, bandwidth,
     return records
 
 
-def build_variant(name, args, device, dtype, seed, group_size):
-    """One process's whole model for a VARIANTS name (+head: its output head in int8), its
-    linears on that path."""
-    model = build_blocks(name.removesuffix(HEAD_SUFFIX), args, device, dtype, seed, group_size)
-    if name.endswith(HEAD_SUFFIX):
-        quantize_head(model)
-    return model
-
-
-def build_blocks(name, args, device, dtype, seed, group_size):
+def build_variant(ctx, name, args, dtype, seed, group_size):
+    """One process's whole model for a VARIANTS name, prepared as generation prepares it."""
     scheme = VARIANTS[name][0]
-    model = random_stage(args, 0, 1, device, dtype, seed, scheme, group_size)
-    if scheme is None:
-        return apply_fused_projections(model)
-    if name in ("int8_exact", "int8_weight_only"):
-        use_dynamic_int8(model, False)
+    model = random_stage(args, 0, 1, ctx.device, dtype, seed, scheme, group_size)
+    exact = name.endswith("_exact") or name in ("int8_weight_only", "int4_kernel")
+    ours = name in ("none", "none_unfused", "int8", "int4") or exact
+    prepare_stage(ctx, model, None, Preparation(fuse_projections=name != "none_unfused",
+                                                dynamic_int8=ours and not exact))
+    if name == "none_int8_head":
+        quantize_head(model)
+    if name in ("none_int8_head", "int8_float_head", "int4_float_head"):
+        use_dynamic_int8(model)
     if name == "int8_weight_only":
         for layer in model.modules():
             if isinstance(layer, QuantizedLinear):
                 layer.use_kernel = True
-    elif name == "int4_int8_copy":
-        use_dynamic_int8(model)
     elif name == "int4_kernel" and not use_int4_kernels(model):
         raise BadInput(f"--quantize int4_kernel: this torch has no int4 kernel for group size "
-                       f"{group_size} on {device}")
+                       f"{group_size} on {ctx.device}")
     return model
 
 
-def run_variants(ctx, args, dtype, names, batches, prompt_len, gen_len, repeats, bandwidth,
+def cache_read_bytes(args, dtype, batch: int, prompt_len: int, gen_len: int) -> int:
+    """The keys and values a decode step reads, on average over the gen_len steps: every layer's
+    (batch, positions so far, kv heads, head_dim) twice."""
+    per_position = 2 * args.n_layers * args.n_kv_heads * args.head_dim * dtype.itemsize
+    return batch * per_position * (prompt_len + gen_len // 2)
+
+
+def run_variants(ctx, args, dtype, names, batches, prompt_len, gen_len, repeats, probe,
                  seed, group_size):
     """Every variant built once and timed in alternation (alternating_rounds); per variant the
-    median and range of the rounds' decode tokens/s, and the median over rounds of its ratio to
-    the first variant's in the same round (paired: a round's load slows both)."""
-    models = {name: build_variant(name, args, ctx.device, dtype, seed, group_size)
-              for name in names}
+    median and range of the rounds' decode tokens/s, of their share of the bandwidth limit
+    (each round's copy bandwidth, measured beside its timing), and of the paired ratio to the
+    first variant's tokens/s in the same round (a round's load slows both)."""
+    models = {name: build_variant(ctx, name, args, dtype, seed, group_size) for name in names}
     stages = {name: Stage(model, ctx) for name, model in models.items()}
     records = []
     for batch in batches:
         prompts = random_prompts(args.vocab_size, batch, prompt_len, seed)
-        rounds = alternating_rounds(stages, prompts, common.Clock(ctx.device), gen_len, repeats)
+        rounds = alternating_rounds(stages, prompts, common.Clock(ctx.device), gen_len, repeats,
+                                    probe)
         for name in names:
-            ratios = [common.ratio(mine, first)
-                      for mine, first in zip(rounds[name], rounds[names[0]])]
-            ratios = [ratio for ratio in ratios if ratio is not None]
-            done = [tokens_per_s for tokens_per_s in rounds[name] if tokens_per_s is not None]
-            median = statistics.median(done) if done else None
-            read = step_read_bytes(models[name]) + batch * args.dim * dtype.itemsize
+            read = step_read_bytes(models[name]) + batch * args.dim * dtype.itemsize + \
+                cache_read_bytes(args, dtype, batch, prompt_len, gen_len)
+            speeds = [speed for speed, _ in rounds[name]]
+            shares = [common.ratio(speed, batch * bandwidth / read)
+                      for speed, bandwidth in rounds[name]]
             records.append({
                 "bench": "decode_variants", "variant": name, "batch": batch,
-                "path": VARIANTS[name.removesuffix(HEAD_SUFFIX)][1], "gen_len": gen_len,
-                "prompt_len": prompt_len, "rounds": len(done),
-                "decode_tokens_per_s_median": median,
-                "decode_tokens_per_s_min": min(done, default=None),
-                "decode_tokens_per_s_max": max(done, default=None),
-                "vs_first": statistics.median(ratios) if ratios else None,
-                "vs_first_min": min(ratios, default=None),
-                "vs_first_max": max(ratios, default=None),
+                "path": VARIANTS[name][1], "gen_len": gen_len, "prompt_len": prompt_len,
+                "rounds": len([v for v in speeds if v is not None]),
+                **spread(speeds, "decode_tokens_per_s"),
+                **paired_ratios(speeds, [speed for speed, _ in rounds[names[0]]], "vs_first"),
+                **spread(shares, "bandwidth_share"),
+                **spread([bandwidth / 1e9 for _, bandwidth in rounds[name]], "copy_gb_s"),
                 "step_read_gb": read / 1e9, "model_gb": parameter_bytes(models[name]) / 1e9,
-                "bandwidth_limit_tokens_per_s": batch * bandwidth / read,
-                "copy_bandwidth_gb_s": bandwidth / 1e9, "group_size": group_size,
+                "copy_mib": probe.source.numel() / 2**20, "group_size": group_size,
                 "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads()})
     return records
 
 
-def alternating_rounds(stages, prompts, clock, gen_len: int, repeats: int) -> dict:
-    """{name: decode tokens/s of each round (None where noise left no figure)}: a round times
-    every stage in turn, gen_len tokens then the prefill alone, so a busy machine slows them
-    alike."""
+def alternating_rounds(stages, prompts, clock, gen_len: int, repeats: int, probe) -> dict:
+    """{name: [(decode tokens/s, copy bandwidth) of each round]}: a round times every stage in
+    turn, gen_len tokens then the prefill alone (tokens/s from the difference; None where
+    noise left no figure), each beside a copy's bandwidth, so a busy machine slows them alike."""
     def seconds(stage, n_new):
         started = clock.now()
         generate(stage, prompts, n_new, temperature=0.0, stop_ids=())
@@ -244,9 +257,10 @@ def alternating_rounds(stages, prompts, clock, gen_len: int, repeats: int) -> di
     rounds = {name: [] for name in stages}
     for _ in range(repeats):
         for name, stage in stages.items():
+            bandwidth = probe.bandwidth(3)
             decode_s = seconds(stage, gen_len) - seconds(stage, 1)
-            # None: timing noise made the prefill alone the slower; no figure this round
-            rounds[name].append(len(prompts) * (gen_len - 1) / decode_s if decode_s > 0 else None)
+            speed = len(prompts) * (gen_len - 1) / decode_s if decode_s > 0 else None
+            rounds[name].append((speed, max(bandwidth, probe.bandwidth(3))))
     return rounds
 
 
@@ -269,15 +283,17 @@ def run_hf(args, dtype, device, batches, prompt_len, gen_len, repeats, bandwidth
     return records
 
 
-def main_variants(ctx, args, dtype, batches, quantize, group_size, env, **run_args):
+def main_variants(ctx, args, dtype, batches, quantize, group_size, env, copy_bytes, **run_args):
     names = [str(name) for name in common.as_list(quantize)]
-    unknown = [name for name in names if name.removesuffix(HEAD_SUFFIX) not in VARIANTS]
+    unknown = [name for name in names if name not in VARIANTS]
     if unknown or ctx.world_size > 1:
-        raise BadInput(f"--quantize {quantize!r} must list names of {', '.join(VARIANTS)} (each "
-                       f"may end in {HEAD_SUFFIX}), run in one process (no --n_stages)")
+        raise BadInput(f"--quantize {quantize!r} must list names of {', '.join(VARIANTS)}, run "
+                       "in one process (no --n_stages)")
     if group_size is None:
         group_size = largest_group_size(args.dim, args.hidden_dim)  # as split_model.py picks it
-    records = run_variants(ctx, args, dtype, names, batches, group_size=group_size, **run_args)
+    probe = CopyProbe(ctx.device, copy_bytes)
+    records = run_variants(ctx, args, dtype, names, batches, probe=probe, group_size=group_size,
+                           **run_args)
     for record in records:
         common.emit({**record, **env})
     ctx.close()
@@ -317,12 +333,11 @@ def main(shape: str = "tiny", n_stages: int = None, batch=(1, 8), prompt_len: in
         raise BadInput(f"torchrun started {ctx.world_size} processes but --n_stages is {n_stages}")
     dtype = pick_dtype(dtype, ctx.device)
     copy_bytes = copy_mib * 2**20 if copy_mib else default_copy_bytes(ctx.device)
-    bandwidth = ctx.broadcast_object(copy_bandwidth(ctx.device, copy_bytes) if ctx.rank == 0 else None)
     env = {"shape": shape_name(shape), **common.environment(ctx.device)}
     if quantize is not None:
-        return main_variants(ctx, args, dtype, batches, quantize, group_size, env,
-                             prompt_len=prompt_len, gen_len=gen_len, repeats=repeats,
-                             bandwidth=bandwidth, seed=seed)
+        return main_variants(ctx, args, dtype, batches, quantize, group_size, env, copy_bytes,
+                             prompt_len=prompt_len, gen_len=gen_len, repeats=repeats, seed=seed)
+    bandwidth = ctx.broadcast_object(copy_bandwidth(ctx.device, copy_bytes) if ctx.rank == 0 else None)
     run_args = dict(prompt_len=prompt_len, gen_len=gen_len, repeats=repeats, bandwidth=bandwidth,
                     seed=seed, cuda_graph=cuda_graph, compile=compile)
     records = run_ours(ctx, args, dtype, batches, **run_args)

@@ -70,6 +70,10 @@ DECODING = (
     Option("cuda_graph", bool, False, "decode with a static KV cache, each step replayed as a "
            "CUDA graph on a GPU (on a CPU the same static path runs uncaptured); the same ids as "
            "without it"),
+    Option("exact_quantized", bool, False, "with int8/int4 weights on a CPU, multiply exactly "
+           "(each layer dequantized per call, a float output head: training's numbers) instead "
+           "of in int8 with the inputs quantized per row, int4 through an int8 copy of its "
+           "weights and an int8 output head (faster, about 1% off: docs/quantization.md)"),
 )
 
 

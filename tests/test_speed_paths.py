@@ -17,6 +17,7 @@ from llama.training.data import MicroBatch
 from llama.parallel.distributed import DistContext
 from llama.errors import BadInput
 from llama.model.fused import apply_fused_projections
+from llama.model.quant import use_dynamic_int8
 from llama.serving.generation import generate
 from llama.prepare import compiling, offload
 from llama.prepare.offload import apply_recompute
@@ -88,6 +89,31 @@ def test_fused_projections_give_the_same_logits_and_the_same_state_dict(stories,
     assert not again.layers["0"].attention.wqkv.weight.any()
     again.load_state_dict(expected, strict=True)
     torch.testing.assert_close(again(tokens), plain(tokens), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_fused_quantized_projections_give_the_same_logits_and_state_dict(stories, prompts,
+                                                                         scheme):
+    """Quantized q/k/v and w1/w3 join too, on the exact path and on generation's int8 path
+    (each output row is computed as its part computed it), and save and load as before."""
+    plain = load_model(stories / "stories260K.bin", quantize=scheme)
+    fused = apply_fused_projections(load_model(stories / "stories260K.bin", quantize=scheme))
+    wqkv = fused.layers["0"].attention.wqkv
+    assert wqkv.scheme == scheme and wqkv.out_features == 64 + 2 * 32  # 4 of 8 kv heads
+    tokens = torch.tensor([prompts[1]])
+    with torch.no_grad():
+        exact = plain(tokens)
+        torch.testing.assert_close(fused(tokens), exact, rtol=1e-5, atol=1e-5)
+        use_dynamic_int8(plain), use_dynamic_int8(fused)
+        assert fused.layers["0"].feed_forward.w13.use_dynamic_int8
+        torch.testing.assert_close(fused(tokens), plain(tokens), rtol=1e-5, atol=1e-5)
+    saved, expected = fused.state_dict(), plain.state_dict()
+    assert list(saved) == list(expected)
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
+    again = apply_fused_projections(load_model(stories / "stories260K.bin", quantize=scheme))
+    again.load_state_dict(expected, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(again(tokens), exact, rtol=1e-5, atol=1e-5)
 
 
 # ---- training: --compile and selective recomputation ----

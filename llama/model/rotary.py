@@ -103,6 +103,5 @@ def apply_rotary(x, turns):
     """
     B, T, H, D = x.shape
     pairs = torch.view_as_complex(x.float().reshape(B, T, H, D // 2, 2))
-    # (T, D/2) -> (1, T, 1, D/2); one table per row (B|1, T, D/2) -> (B|1, T, 1, D/2)
-    turns = turns[:, :, None, :] if turns.dim() == 3 else turns[None, :, None, :]
-    return torch.view_as_real(pairs * turns).flatten(3).type_as(x)
+    # (T, D/2) or one table per row (B|1, T, D/2): the same turn for every head
+    return torch.view_as_real(pairs * turns.unsqueeze(-2)).flatten(3).type_as(x)

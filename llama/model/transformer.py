@@ -271,6 +271,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(first, last)})
         self.norm = RMSNorm(args.dim, args.norm_eps) if head else None
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False) if head else None
+        self.turns = None  # rotary_tables from position 0, made on first use (not saved)
 
     @property
     def has_embeddings(self) -> bool:
@@ -287,13 +288,28 @@ class Transformer(nn.Module):
     def run_layers(self, h, start_pos=0):
         """Pass hidden states (B, T, dim) at positions start_pos.. through this stage's blocks.
 
-        start_pos: an int, or a one-element device tensor for the static KV cache (fixed shapes).
+        start_pos: an int, or a device tensor of one start per row (or one for all), for rows at
+        different positions and for the static KV cache (fixed shapes).
         """
-        turns = rotary_tables(self.args.head_dim, self.args.rope_theta, start_pos, h.shape[1],
-                                 h.device, self.args.rope_scaling)
+        turns = self.rotary_turns(start_pos, h.shape[1], h.device)
         for block in self.layers.values():
             h = block(h, turns, start_pos)
         return h
+
+    def rotary_turns(self, start_pos, length: int, device):
+        """The rotary turns of positions start_pos.., cut from one table made once (rotary_tables
+        from 0: the same numbers), rather than made again at every step. A device start_pos
+        reads it by index, with no host value: the table then spans max_seq_len."""
+        end = self.args.max_seq_len if torch.is_tensor(start_pos) else start_pos + length
+        if self.turns is None or self.turns.device != torch.device(device) or \
+                len(self.turns) < end:
+            # room to grow: a decode step asks for one position more each time
+            size = max(end, min(self.args.max_seq_len, 2 * end))
+            self.turns = rotary_tables(self.args.head_dim, self.args.rope_theta, 0, size, device,
+                                       self.args.rope_scaling)
+        if torch.is_tensor(start_pos):
+            return self.turns[start_pos[:, None] + torch.arange(length, device=device)]
+        return self.turns[start_pos:end]
 
     def logits(self, h):
         """Final norm and output projection: (..., dim) -> (..., vocab)."""

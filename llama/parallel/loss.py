@@ -2,7 +2,7 @@
 have a target, with its memory-for-speed trade as a choice.
 
     loss_sum(model, h, targets)                      # logits recomputed in backward (least memory)
-    loss_sum(model, h, targets, keep_logits=True)    # logits kept for backward (no second head pass)
+    loss_sum(model, h, targets, keep_logits=True)    # logits kept: no second pass of the head
 
 Only the target positions go through the head, a chunk of rows at a time. Each chunk's
 gradient is written into its own logits in place (softmax minus the target's one-hot), so

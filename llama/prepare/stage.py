@@ -22,7 +22,7 @@ from llama.errors import BadInput
 from llama.formats.checkpoint import find_tokenizer, is_split_dir, load_model, read_split
 from llama.model.dtypes import dtype_named
 from llama.model.fused import apply_fused_projections
-from llama.model.quant import QuantizedLinear, use_dynamic_int8
+from llama.model.quant import QuantizedLinear, quantize_head, use_dynamic_int8
 from llama.model.tokenizer import Tokenizer
 from llama.options import MODEL, pick
 from llama.parallel.distributed import init_distributed
@@ -69,9 +69,11 @@ class Preparation:
     stream_weights: keep the block weights in pinned CPU memory, each brought in as it runs
         (needs "full")
     compile: False, True (inductor) or a backend's name
-    dynamic_int8: generation only: int8 layers multiply on the CPU with dynamically quantized
-        inputs (llama/model/int8_matmul.py: measured 1.46x fp32 decode, about 1% from the exact
-        product); training keeps the exact product
+    dynamic_int8: generation only, on a CPU, for a stage with int8/int4 block linears: they
+        multiply in int8 with their inputs quantized per row (llama/model/int8_matmul.py; int4
+        through an int8 copy of its weights, +1 byte a parameter) and the output head is int8
+        too, about 1% from the exact products (docs/quantization.md; speed in
+        docs/PERFORMANCE.md). Training keeps the exact products; --exact_quantized turns this off
     """
     fuse_projections: bool = False
     dynamic_int8: bool = False
@@ -109,7 +111,7 @@ def prepare_stage(ctx, model, tokenizer, prep: Preparation):
     if prep.fuse_projections:
         apply_fused_projections(model)
     if prep.dynamic_int8:
-        use_dynamic_int8(model, int4_copy=False)
+        use_int8_products(ctx, model)
     tuning = prep.method(ctx, model, tokenizer) if prep.method is not None else None
     if prep.recompute:
         apply_recompute(model, offload_activations=prep.offload_activations, mode=prep.recompute)
@@ -117,6 +119,22 @@ def prepare_stage(ctx, model, tokenizer, prep: Preparation):
         apply_weight_streaming(model, ctx.device)
     compile_blocks(model, prep.compile)
     return tuning
+
+
+def use_int8_products(ctx, model):
+    """Preparation.dynamic_int8 on a quantized stage on a CPU (elsewhere: nothing); one line
+    says what it costs and how to turn it off."""
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    if not quantized or ctx.device.type != "cpu":
+        return
+    quantize_head(model)
+    use_dynamic_int8(model)  # the head too
+    copies = sum(m.int8_codes.numel() + 4 * m.int8_scales.numel() for m in quantized
+                 if m.int8_codes is not None)
+    copies = sum(ctx.gather_objects(copies) or [0])
+    int4 = f"; int4 layers through an int8 copy (+{copies / 2**30:.2f} GiB)" if copies else ""
+    ctx.log(f"quantized weights on the CPU: int8 products with inputs quantized per row and an "
+            f"int8 output head{int4}; --exact_quantized True runs the exact products instead")
 
 
 def compile_blocks(model, compile):
