@@ -33,7 +33,7 @@ def main(prompts: tuple[str, ...] = DEFAULT_PROMPTS, **options):
         for prompt_ids, out in zip(ids, outputs):
             ctx.log(tokenizer.decode(prompt_ids + out) + "\n" + "-" * 40)
 
-    run_on_stage(options, work, Preparation(fuse_projections=True,
+    run_on_stage(options, work, Preparation(fuse_projections=True, cpu_linears="packed",
                                             dynamic_int8=not options["exact_quantized"]))
 
 

@@ -48,7 +48,7 @@ def main(prompt: str, prompts: tuple[str, ...] = DEFAULT_PROMPTS, template: str 
                 ctx.log(f"[base model]  {decode_continuation(tokenizer, ids[i], base[i])}")
             ctx.log("-" * 40)
 
-    run_on_stage(options, work, Preparation(fuse_projections=True,
+    run_on_stage(options, work, Preparation(fuse_projections=True, cpu_linears="packed",
                                                  dynamic_int8=not options["exact_quantized"],
                                                  method=method))
 

@@ -90,7 +90,8 @@ def main(prompts: str = "", host: str = "127.0.0.1", port: int = 8000, api_key: 
                    heartbeat_s=min(2.0, options["timeout_s"] / 4), on_listen=listening,
                    log=log_line, access=access)
 
-    run_on_stage(options, work, Preparation(dynamic_int8=not options["exact_quantized"]))
+    run_on_stage(options, work, Preparation(dynamic_int8=not options["exact_quantized"],
+                                            cpu_linears="packed"))
 
 
 def check_limits(limits: Limits, port: int):

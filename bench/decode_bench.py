@@ -14,6 +14,7 @@ line per batch size (or variant), then a short table.
 """
 import gc
 import sys
+import time
 
 import torch
 
@@ -34,16 +35,20 @@ TABLE = ["impl", "mode", "n_stages", "batch", "decode_tokens_per_s", "bandwidth_
 VARIANT_TABLE = ["variant", "batch", "decode_tokens_per_s_median", "decode_tokens_per_s_min",
                  "decode_tokens_per_s_max", "vs_first_median", "vs_first_min", "vs_first_max",
                  "bandwidth_share_median", "bandwidth_share_min", "bandwidth_share_max",
-                 "step_read_gb", "model_gb"]
+                 "vs_first_cpu_median", "bandwidth_share_cpu_median", "step_read_gb", "model_gb"]
 # --quantize names: the block linears' scheme, then what their forward (and the head) run on a
 # CPU (llama/model/quant.py). "none" is the float model; the names without a suffix are what
 # example.py, chat.py and serve.py run (prepare_stage with their Preparation).
 VARIANTS = {
     "none": (None, "float, q/k/v and w1/w3 fused (example.py's)"),
-    "none_unfused": (None, "float, unfused projections (chat.py's and serve.py's)"),
+    "none_unfused": (None, "float, unfused projections"),
+    "none_f_linear": (None, "float, fused, torch's default product (F.linear), not oneDNN's"),
+    "none_onednn_plain": (None, "float, fused, oneDNN's product on the plain weights"),
     "none_int8_head": (None, "float blocks, an int8 head (quantize_head)"),
     "int8": ("int8", "int8 products, int8 head (generation's default)"),
     "int4": ("int4", "int8 products on an int8 copy, int8 head (generation's default)"),
+    "int8_unfused": ("int8", "as int8, unfused projections"),
+    "int4_unfused": ("int4", "as int4, unfused projections"),
     "int8_float_head": ("int8", "int8 products, the float head"),
     "int4_float_head": ("int4", "int8 products on an int8 copy, the float head"),
     "int8_exact": ("int8", "--exact_quantized: dequantize each layer per call, float head"),
@@ -163,7 +168,8 @@ def run_ours(ctx, args, dtype, batches, prompt_len, gen_len, repeats, bandwidth,
     model_bytes = sum(ctx.gather_objects(parameter_bytes(model)) or [0])
     model_bytes = ctx.broadcast_object(model_bytes)
     read_bytes = ctx.broadcast_object(sum(ctx.gather_objects(step_read_bytes(model)) or [0]))
-    prepare_stage(ctx, model, None, Preparation(fuse_projections=True, compile=compile))
+    prepare_stage(ctx, model, None, Preparation(fuse_projections=True, compile=compile,
+                                                cpu_linears="packed"))  # as example.py
     stage = Stage(model, ctx, cuda_graph=cuda_graph)
     records = []
     for batch in batches:
@@ -187,9 +193,11 @@ def build_variant(ctx, name, args, dtype, seed, group_size):
     scheme = VARIANTS[name][0]
     model = random_stage(args, 0, 1, ctx.device, dtype, seed, scheme, group_size)
     exact = name.endswith("_exact") or name in ("int8_weight_only", "int4_kernel")
-    ours = name in ("none", "none_unfused", "int8", "int4") or exact
-    prepare_stage(ctx, model, None, Preparation(fuse_projections=name != "none_unfused",
-                                                dynamic_int8=ours and not exact))
+    ours = name in ("none", "none_unfused", "int8", "int4", "int8_unfused", "int4_unfused") or exact
+    linears = {"none_f_linear": None, "none_onednn_plain": "onednn"}.get(name, "packed")
+    prepare_stage(ctx, model, None, Preparation(fuse_projections=not name.endswith("_unfused"),
+                                                dynamic_int8=ours and not exact,
+                                                cpu_linears=linears))
     if name == "none_int8_head":
         quantize_head(model)
     if name in ("none_int8_head", "int8_float_head", "int4_float_head"):
@@ -227,17 +235,22 @@ def run_variants(ctx, args, dtype, names, batches, prompt_len, gen_len, repeats,
         for name in names:
             read = step_read_bytes(models[name]) + batch * args.dim * dtype.itemsize + \
                 cache_read_bytes(args, dtype, batch, prompt_len, gen_len)
-            speeds = [speed for speed, _ in rounds[name]]
-            shares = [common.ratio(speed, batch * bandwidth / read)
-                      for speed, bandwidth in rounds[name]]
+            speeds = [speed for speed, _, _ in rounds[name]]
+            cpu_speeds = [speed for _, speed, _ in rounds[name]]
+            limits = [batch * bandwidth / read for _, _, bandwidth in rounds[name]]
             records.append({
                 "bench": "decode_variants", "variant": name, "batch": batch,
                 "path": VARIANTS[name][1], "gen_len": gen_len, "prompt_len": prompt_len,
                 "rounds": len([v for v in speeds if v is not None]),
                 **spread(speeds, "decode_tokens_per_s"),
-                **paired_ratios(speeds, [speed for speed, _ in rounds[names[0]]], "vs_first"),
-                **spread(shares, "bandwidth_share"),
-                **spread([bandwidth / 1e9 for _, bandwidth in rounds[name]], "copy_gb_s"),
+                **paired_ratios(speeds, [speed for speed, _, _ in rounds[names[0]]], "vs_first"),
+                **paired_ratios(speeds, limits, "bandwidth_share"),
+                **spread(cpu_speeds, "decode_tokens_per_cpu_s"),
+                **paired_ratios(cpu_speeds, [speed for _, speed, _ in rounds[names[0]]],
+                                "vs_first_cpu"),
+                **paired_ratios(cpu_speeds, limits, "bandwidth_share_cpu"),
+                **spread([bandwidth / 1e9 for _, _, bandwidth in rounds[name]], "copy_gb_s"),
+                "tokens_per_s_by_round": speeds, "tokens_per_cpu_s_by_round": cpu_speeds,
                 "step_read_gb": read / 1e9, "model_gb": parameter_bytes(models[name]) / 1e9,
                 "copy_mib": probe.source.numel() / 2**20, "group_size": group_size,
                 "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads()})
@@ -245,22 +258,26 @@ def run_variants(ctx, args, dtype, names, batches, prompt_len, gen_len, repeats,
 
 
 def alternating_rounds(stages, prompts, clock, gen_len: int, repeats: int, probe) -> dict:
-    """{name: [(decode tokens/s, copy bandwidth) of each round]}: a round times every stage in
-    turn, gen_len tokens then the prefill alone (tokens/s from the difference; None where
-    noise left no figure), each beside a copy's bandwidth, so a busy machine slows them alike."""
+    """{name: [(decode tokens/s, decode tokens per CPU-second, copy bandwidth) of each round]}:
+    a round times every stage in turn, gen_len tokens then the prefill alone (the figures from
+    the difference; None where noise left none), each beside a copy's bandwidth, so a busy
+    machine slows them alike. The CPU time leaves out the moments the process waited for a core
+    (this process's threads only)."""
     def seconds(stage, n_new):
-        started = clock.now()
+        started, cpu_started = clock.now(), time.process_time()
         generate(stage, prompts, n_new, temperature=0.0, stop_ids=())
-        return clock.now() - started
+        return clock.now() - started, time.process_time() - cpu_started
     for stage in stages.values():  # warm-up: kernels, allocator, caches
         seconds(stage, gen_len)
     rounds = {name: [] for name in stages}
+    tokens = len(prompts) * (gen_len - 1)
     for _ in range(repeats):
         for name, stage in stages.items():
             bandwidth = probe.bandwidth(3)
-            decode_s = seconds(stage, gen_len) - seconds(stage, 1)
-            speed = len(prompts) * (gen_len - 1) / decode_s if decode_s > 0 else None
-            rounds[name].append((speed, max(bandwidth, probe.bandwidth(3))))
+            (wall, cpu), (prefill_wall, prefill_cpu) = seconds(stage, gen_len), seconds(stage, 1)
+            rounds[name].append((tokens / (wall - prefill_wall) if wall > prefill_wall else None,
+                                 tokens / (cpu - prefill_cpu) if cpu > prefill_cpu else None,
+                                 max(bandwidth, probe.bandwidth(3))))
     return rounds
 
 

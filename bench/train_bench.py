@@ -37,13 +37,14 @@ from llama.parallel.trace import Tracer, bubble_fraction, ideal_bubble_fraction,
 from llama.training.config import parse_offload
 
 TABLE = ["impl", "n_stages", "schedule", "global_batch", "micro_batch", "recompute", "mode",
-         "compile", "offload", "keep_logits",
+         "compile", "offload", "keep_logits", "cpu_linears",
          "tokens_per_s", "step_time_s", "peak_mem_gib", "bubble_measured", "bubble_ideal"]
-RATIO_TABLE = ["global_batch", "micro_batch", "recompute", "keep_logits", "rounds",
+RATIO_TABLE = ["global_batch", "micro_batch", "recompute", "keep_logits", "cpu_linears", "rounds",
                "tokens_per_s_ratio_median", "tokens_per_s_ratio_min", "tokens_per_s_ratio_max",
                "fastest_step_ratio_median", "tokens_per_cpu_s_ratio_median",
                "ours_peak_gib_median", "other_peak_gib_median"]
-CONFIG_KEYS = ("global_batch", "micro_batch", "schedule", "recompute", "loss_logits")
+CONFIG_KEYS = ("global_batch", "micro_batch", "schedule", "recompute", "loss_logits",
+               "cpu_linears")
 
 
 def synthetic_batches(vocab_size: int, global_batch: int, micro_batch: int, seq_len: int,
@@ -68,12 +69,13 @@ def synthetic_batches(vocab_size: int, global_batch: int, micro_batch: int, seq_
     return ours, theirs
 
 
-def configurations(global_batch, micro_batch, schedule, recompute, loss_logits="recompute"):
+def configurations(global_batch, micro_batch, schedule, recompute, loss_logits="recompute",
+                   cpu_linears="onednn"):
     """Every combination of the (possibly several) values given; checked before any work."""
     configs = []
-    for gb, mb, sched, rc, logits in itertools.product(
+    for gb, mb, sched, rc, logits, linears in itertools.product(
             *(common.as_list(v) for v in (global_batch, micro_batch, schedule, recompute,
-                                          loss_logits))):
+                                          loss_logits, cpu_linears))):
         if isinstance(gb, bool) or not isinstance(gb, int) or gb < 1 or \
                 isinstance(mb, bool) or not isinstance(mb, int) or mb < 1 or gb % mb:
             raise BadInput(f"--micro_batch {mb!r} must be a positive integer that divides "
@@ -84,8 +86,10 @@ def configurations(global_batch, micro_batch, schedule, recompute, loss_logits="
             raise BadInput(f"--recompute {rc!r} must be True or False")
         if logits not in LOSS_LOGITS:
             raise BadInput(f"--loss_logits {logits!r} must be one of {', '.join(LOSS_LOGITS)}")
+        if linears not in ("onednn", "none"):
+            raise BadInput(f"--cpu_linears {linears!r} must be onednn or none")
         configs.append({"global_batch": gb, "micro_batch": mb, "schedule": sched,
-                        "recompute": rc, "loss_logits": logits})
+                        "recompute": rc, "loss_logits": logits, "cpu_linears": linears})
     return configs
 
 
@@ -118,7 +122,7 @@ class PipelineRun:
         prepare_stage(ctx, model, None, Preparation(
             fuse_projections=fused, recompute=recompute_mode if recomputes else None,
             offload_activations="activations" in offload, stream_weights="weights" in offload,
-            compile=compile))
+            compile=compile, cpu_linears=None if cfg["cpu_linears"] == "none" else "onednn"))
         self.prompt = None
         if ctx.is_first:
             weight = init_prompt_weight("random", n_virtual_tokens, model.tok_embeddings.weight,
@@ -264,7 +268,7 @@ def main(shape: str = "tiny", n_stages: int = None, schedule="1f1b", global_batc
          compare_hf: bool = False, rounds: int = 1, impl: str = "ours",
          compare_single_stage: bool = False, trace_dir: str = None,
          recompute_mode: str = "full", compile=False, fused: bool = False, quantize: str = None,
-         group_size: int = None, memory_cap_gib: float = None,
+         group_size: int = None, memory_cap_gib: float = None, cpu_linears="onednn",
          device: str = None, seed: int = 0, timeout_s: float = 1800.0, **options):
     """Tokens/s (text tokens: global_batch x seq_len per step; the virtual tokens ride along),
     step time, every stage's peak memory and the traced bubble, per configuration.
@@ -286,6 +290,8 @@ def main(shape: str = "tiny", n_stages: int = None, schedule="1f1b", global_batc
     (llama/model/quant.py; group_size for int4, default as split_model.py picks it: 128 for 7B). memory_cap_gib: each process may allocate
     at most this much GPU memory (torch.cuda.set_per_process_memory_fraction), so one large GPU
     shows whether a stage fits a small card; a stage that hits it stops the run, named.
+    cpu_linears: on a CPU, the frozen linears' products by oneDNN (onednn, as training runs
+    them: llama/model/cpu_linear.py) or by torch's default (none); one value or both.
     """
     given = {name: value for name, value in locals().items() if name != "options"}
     given.update(options)
@@ -311,7 +317,7 @@ def main(shape: str = "tiny", n_stages: int = None, schedule="1f1b", global_batc
         raise BadInput("--recompute_mode selective keeps activations on the device: it cannot go "
                        "with --offload activations or weights")
     configs = configurations(global_batch, micro_batch, schedule, recompute,
-                             options["loss_logits"])
+                             options["loss_logits"], cpu_linears)
     if offload_set & {"activations", "weights"}:  # both work through recomputation
         configs = [c for c in configs if c["recompute"]] or [{**c, "recompute": True} for c in configs]
     if compare_hf and not common.started_by_torchrun():

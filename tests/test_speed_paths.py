@@ -16,6 +16,7 @@ from llama.prepare.compiling import apply_compile, compiler_missing
 from llama.training.data import MicroBatch
 from llama.parallel.distributed import DistContext
 from llama.errors import BadInput
+from llama.model import cpu_linear
 from llama.model.fused import apply_fused_projections
 from llama.model.quant import use_dynamic_int8
 from llama.serving.generation import generate
@@ -114,6 +115,56 @@ def test_fused_quantized_projections_give_the_same_logits_and_state_dict(stories
     again.load_state_dict(expected, strict=True)
     with torch.no_grad():
         torch.testing.assert_close(again(tokens), exact, rtol=1e-5, atol=1e-5)
+
+
+# ---- the CPU's linears through oneDNN ----
+
+def test_onednn_linears_give_the_same_logits_gradient_and_state_dict(stories, plain_gradient,
+                                                                     prompts):
+    if not cpu_linear.onednn_available():
+        pytest.skip("this torch has no oneDNN linear")
+    plain = load_model(stories / "stories260K.bin")
+    model = load_model(stories / "stories260K.bin")
+    # every linear, small as stories260K's are (the default leaves layers under 512 x 512 alone)
+    assert cpu_linear.apply_cpu_linears(model, min_weights=0) == 7 * len(model.layers) + 1
+    tokens = torch.tensor([prompts[1]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), plain(tokens), rtol=1e-5, atol=1e-5)
+    saved, expected = model.state_dict(), plain.state_dict()
+    assert list(saved) == list(expected) and all(torch.equal(saved[k], expected[k])
+                                                 for k in expected)
+    def onednn(stage_model):
+        cpu_linear.apply_cpu_linears(stage_model, min_weights=0)
+        return stage_model
+    loss, grad = prompt_gradient(stories, onednn)
+    assert loss == pytest.approx(plain_gradient[0], rel=1e-5)
+    torch.testing.assert_close(grad, plain_gradient[1], rtol=1e-5, atol=1e-6)
+
+
+def test_packed_linears_for_generation_and_what_stays_as_it_was(stories, prompts, monkeypatch):
+    if not cpu_linear.onednn_available():
+        pytest.skip("this torch has no oneDNN linear")
+    plain = load_model(stories / "stories260K.bin")
+    model = apply_fused_projections(load_model(stories / "stories260K.bin"))
+    trainable = model.layers["0"].attention.wo.requires_grad_(True)
+    model.output.weight = model.tok_embeddings.weight  # the same values, now one tensor
+    assert cpu_linear.apply_cpu_linears(model, packed=True) == 0  # stories260K's are too small
+    cpu_linear.apply_cpu_linears(model, packed=True, min_weights=0)
+    assert type(trainable) is torch.nn.Linear  # a trained linear keeps autograd's own product
+    wqkv = model.layers["0"].attention.wqkv
+    assert wqkv.weight is None and wqkv.packed_weight.is_mkldnn
+    assert model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr(), \
+        "the head that is the embedding table too stays plain"
+    tokens = torch.tensor([prompts[1]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), plain(tokens), rtol=1e-5, atol=1e-5)
+    # A refusal of the private op sends that layer back to F.linear, for good.
+    head = model.output
+    monkeypatch.setattr(cpu_linear, "onednn_linear", lambda *a: (_ for _ in ()).throw(
+        RuntimeError("no")))
+    with torch.no_grad():
+        torch.testing.assert_close(head(torch.ones(1, 64)), plain.output(torch.ones(1, 64)))
+    assert head.use_onednn is False
 
 
 # ---- training: --compile and selective recomputation ----

@@ -7,11 +7,13 @@ tokenizer, then prepare the stage for the run.
 prepare_stage applies the run's transforms in one declared order, after refusing combinations
 that cannot work together:
 
-    fuse projections -> tuning method -> recompute (and offload) -> compile
+    fuse projections -> int8 products -> tuning method -> recompute (and offload) -> CPU linears
+    -> compile
 
 The order matters: a method attaches to the plain blocks (through the projection the attention
-uses, fused or not); recompute wraps the blocks the method changed; compile sees the final
-blocks, wrappers included. run_on_stage is the start-up path of every script that loads a model.
+uses, fused or not); recompute wraps the blocks the method changed; the CPU linears change the
+products of the modules in place, after every other change; compile sees the final blocks,
+wrappers included. run_on_stage is the start-up path of every script that loads a model.
 """
 from dataclasses import dataclass, replace
 from typing import Callable, Optional, Union
@@ -20,6 +22,7 @@ import torch
 
 from llama.errors import BadInput
 from llama.formats.checkpoint import find_tokenizer, is_split_dir, load_model, read_split
+from llama.model.cpu_linear import apply_cpu_linears
 from llama.model.dtypes import dtype_named
 from llama.model.fused import apply_fused_projections
 from llama.model.quant import QuantizedLinear, quantize_head, use_dynamic_int8
@@ -29,6 +32,9 @@ from llama.parallel.distributed import init_distributed
 from llama.parallel.faults import PeerLost, report_and_exit
 from llama.prepare.compiling import apply_compile, compiler_missing
 from llama.prepare.offload import RECOMPUTE_MODES, apply_recompute, apply_weight_streaming
+
+
+CPU_LINEARS = (None, "onednn", "packed")  # Preparation.cpu_linears
 
 
 def pick_dtype(name, device: torch.device):
@@ -69,6 +75,10 @@ class Preparation:
     stream_weights: keep the block weights in pinned CPU memory, each brought in as it runs
         (needs "full")
     compile: False, True (inductor) or a backend's name
+    cpu_linears: on a CPU, the frozen float linears' products: "onednn" (oneDNN's, measured
+        faster than torch's default here: llama/model/cpu_linear.py), "packed" (generation:
+        their weights in oneDNN's blocked layout, faster still at one row) or None (F.linear);
+        not with compile, which makes its own kernels
     dynamic_int8: generation only, on a CPU, for a stage with int8/int4 block linears: they
         multiply in int8 with their inputs quantized per row (llama/model/int8_matmul.py; int4
         through an int8 copy of its weights, +1 byte a parameter) and the output head is int8
@@ -82,6 +92,7 @@ class Preparation:
     offload_activations: bool = False
     stream_weights: bool = False
     compile: Union[bool, str] = False
+    cpu_linears: Optional[str] = "onednn"
 
 
 def check_transforms(prep: Preparation):
@@ -89,6 +100,12 @@ def check_transforms(prep: Preparation):
     if prep.recompute not in (None, *RECOMPUTE_MODES):
         raise BadInput(f"--recompute_mode {prep.recompute!r} must be one of "
                        f"{', '.join(RECOMPUTE_MODES)}")
+    if prep.cpu_linears not in CPU_LINEARS:
+        raise BadInput(f"cpu_linears {prep.cpu_linears!r} must be one of "
+                       f"{', '.join(map(str, CPU_LINEARS))}")
+    if prep.cpu_linears == "packed" and prep.recompute:
+        raise BadInput("packed CPU linears have no backward (generation only): they cannot go "
+                       "with --recompute")
     moved = [name for name, on in (("activations", prep.offload_activations),
                                    ("weights", prep.stream_weights)) if on]
     if moved and prep.recompute != "full":
@@ -117,6 +134,8 @@ def prepare_stage(ctx, model, tokenizer, prep: Preparation):
         apply_recompute(model, offload_activations=prep.offload_activations, mode=prep.recompute)
     if prep.stream_weights:
         apply_weight_streaming(model, ctx.device)
+    if prep.cpu_linears and ctx.device.type == "cpu" and not prep.compile:
+        apply_cpu_linears(model, packed=prep.cpu_linears == "packed")
     compile_blocks(model, prep.compile)
     return tuning
 
