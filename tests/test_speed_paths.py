@@ -263,8 +263,7 @@ def test_kept_and_recomputed_logits_give_the_same_loss_and_gradient(stories, mon
     """In chunks of 5 target positions (of 28), each choice gives F.cross_entropy's loss and
     prompt gradient, and the two choices each other's, to 1e-5."""
     expected_loss, expected = prompt_gradient(stories, lambda model: model, reference_loss)
-    monkeypatch.setattr(loss, "LOSS_CHUNK_BYTES", 5 * 4 * 512)
-    assert loss.loss_chunk_rows(512) == 5
+    monkeypatch.setattr(loss, "LOSS_CHUNK_TOKENS", 5)
     got_loss, got = prompt_gradient(stories, lambda model: model,
                                     functools.partial(loss_sum, keep_logits=keep_logits))
     other_loss, other = prompt_gradient(stories, lambda model: model,
@@ -320,7 +319,7 @@ def test_auto_keeps_the_logits_only_when_the_estimate_fits_the_free_memory(model
     assert keep and line.startswith("loss: the head's logits are kept for backward (auto: ")
     keep, line = choose("auto", 2**20)
     assert not keep and line.startswith("loss: the head's logits are recomputed in backward, "
-                                        "15625 target positions at a time (auto: ")
+                                        "1024 target positions at a time (auto: ")
     assert "over 80% of the 0.00 GiB free" in line
     assert not choose("auto", None)[0] and choose("keep", 2**20)[0]
     assert not choose("recompute", 2**40)[0]

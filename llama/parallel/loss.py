@@ -15,15 +15,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 LOSS_LOGITS = ("auto", "keep", "recompute")  # the --loss_logits choices (auto: by memory)
-# One chunk's float32 logits stay under glibc's largest mmap threshold (32 MiB), so the chunks
-# of a step reuse heap memory instead of faulting in fresh pages every time (measured on a CPU:
-# docs/PERFORMANCE.md, "Training against transformers + PEFT").
-LOSS_CHUNK_BYTES = 32 * 10**6
-
-
-def loss_chunk_rows(vocab_size: int) -> int:
-    """Target positions a chunk holds: its float32 logits fit LOSS_CHUNK_BYTES."""
-    return max(1, LOSS_CHUNK_BYTES // (4 * vocab_size))
+LOSS_CHUNK_TOKENS = 1024  # target positions whose logits one chunk makes at once
 
 
 class _CrossEntropySum(torch.autograd.Function):
@@ -65,7 +57,7 @@ def loss_sum(stage_model, h, targets, keep_logits: bool = False):
     """Summed cross-entropy over the positions that have a target (-100 marks the others).
 
     targets stays on the CPU, so finding those positions never waits for the GPU. Only they go
-    through the output head, loss_chunk_rows at a time. keep_logits: in training, keep every
+    through the output head, LOSS_CHUNK_TOKENS at a time. keep_logits: in training, keep every
     chunk's logits for backward (faster); else recompute each in backward (a chunk's logits
     are the most held at once). Without autograd both run the same chunks and keep nothing.
     """
@@ -73,7 +65,7 @@ def loss_sum(stage_model, h, targets, keep_logits: bool = False):
     positions = (flat_targets != -100).nonzero().squeeze(1)
     picked = h.reshape(-1, h.shape[-1]).index_select(0, positions.to(h.device))  # (N, dim)
     picked_targets = flat_targets[positions].to(h.device)
-    rows = loss_chunk_rows(stage_model.args.vocab_size)
+    rows = LOSS_CHUNK_TOKENS
     recompute = torch.is_grad_enabled() and not keep_logits
     total = h.new_zeros((), dtype=torch.float32)
     for h_chunk, t_chunk in zip(picked.split(rows), picked_targets.split(rows)):

@@ -15,7 +15,7 @@ from llama.errors import BadInput
 from llama.model.transformer import ModelArgs
 from llama.model.partition import GIB, linear_parameters, stage_weight_bytes
 from llama.model.quant import QuantizedLinear
-from llama.parallel.loss import LOSS_LOGITS, loss_chunk_rows
+from llama.parallel.loss import LOSS_CHUNK_TOKENS, LOSS_LOGITS
 from llama.tuning.lora import TARGETS, linear_shape
 
 # A LoRA's float32 parameter, its gradient, ScaledAdamW's float32 master, the master's gradient
@@ -60,14 +60,13 @@ def lora_saved_bytes_per_token(args: ModelArgs, dtype_bytes: int, r: int, target
 def loss_bytes(args: ModelArgs, dtype_bytes: int, targets: int, in_flight: int,
                keep_logits: bool) -> int:
     """The loss's peak on the last stage (llama/parallel/loss.py): every target's hidden state
-    (saved to run the head again), one chunk's logits with their float32 work (logsumexp's, and
-    a float32 copy below float32), and with keep_logits the logits of every target of every
-    micro-batch in flight, kept from forward to backward."""
-    chunk = min(targets, loss_chunk_rows(args.vocab_size))
-    float_work = 4 + (4 if dtype_bytes < 4 else 0)
+    (saved to run the head again), one chunk's logits with their float32 work (counted as the
+    dtype logits and three float32 copies: an upper bound, the chunk writes its gradient into
+    its logits), and with keep_logits the logits of every target of every micro-batch in
+    flight, kept from forward to backward."""
+    chunk = min(targets, LOSS_CHUNK_TOKENS)
     kept = in_flight * targets * args.vocab_size * dtype_bytes if keep_logits else 0
-    return targets * dtype_bytes * args.dim + chunk * args.vocab_size * (dtype_bytes + float_work) \
-        + kept
+    return targets * dtype_bytes * args.dim + chunk * args.vocab_size * (dtype_bytes + 12) + kept
 
 
 def dequantized_layer_bytes(args: ModelArgs, dtype_bytes: int, quantization) -> int:
@@ -162,7 +161,6 @@ def choose_loss_logits(requested: str, model, device, global_batch: int, micro_b
                           global_batch, micro_batch, seq_len, hidden_virtual, dtype_bytes,
                           schedule, 1.0, quantization, lora, keep_logits=True)[0]
     needed = (row[f"peak_{mode}_gib"] - row["weights_gib"]) * GIB
-    rows = loss_chunk_rows(model.args.vocab_size)
     free = free_memory_bytes(device) if requested == "auto" else None
     keep = requested == "keep" or (free is not None and needed <= KEEP_LOGITS_SHARE * free)
     if requested != "auto":
@@ -176,6 +174,6 @@ def choose_loss_logits(requested: str, model, device, global_batch: int, micro_b
     if keep:
         what, other = "kept for backward", "--loss_logits recompute needs less memory"
     else:
-        what = f"recomputed in backward, {rows} target positions at a time"
+        what = f"recomputed in backward, {LOSS_CHUNK_TOKENS} target positions at a time"
         other = "--loss_logits keep is faster"
     return keep, f"loss: the head's logits are {what} ({why}; {other})"
