@@ -82,7 +82,10 @@ def _matrix_products():
     names = ("mm", "bmm", "addmm", "_scaled_dot_product_flash_attention",
              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
              "_scaled_dot_product_flash_attention_for_cpu")
-    return {getattr(aten, name).default for name in names if hasattr(aten, name)}
+    ops = {getattr(aten, name).default for name in names if hasattr(aten, name)}
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):  # llama/model/cpu_linear.py's product
+        ops.add(torch.ops.mkldnn._linear_pointwise.default)
+    return ops
 
 
 def _keep_matrix_products(ctx, op, *args, **kwargs):
