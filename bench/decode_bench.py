@@ -195,11 +195,11 @@ def build_variant(ctx, name, args, dtype, seed, group_size):
     exact = name.endswith("_exact") or name in ("int8_weight_only", "int4_kernel")
     ours = name in ("none", "none_unfused", "int8", "int4", "int8_unfused", "int4_unfused") or exact
     linears = {"none_f_linear": None, "none_onednn_plain": "onednn"}.get(name, "packed")
+    if name == "none_int8_head":
+        quantize_head(model)  # before its float matrix is packed
     prepare_stage(ctx, model, None, Preparation(fuse_projections=not name.endswith("_unfused"),
                                                 dynamic_int8=ours and not exact,
                                                 cpu_linears=linears))
-    if name == "none_int8_head":
-        quantize_head(model)
     if name in ("none_int8_head", "int8_float_head", "int4_float_head"):
         use_dynamic_int8(model)
     if name == "int8_weight_only":

@@ -325,10 +325,11 @@ def quantize_head(model) -> bool:
     path), its float matrix dropped unless it is the embedding table too. At dim 512 and vocab
     32000 the float head is a third of the bytes a decode step reads (docs/PERFORMANCE.md). The
     logits carry the dynamic path's ~1% error (docs/quantization.md). Not for training, nor for saving: the head's file
-    keys change, and strict loading refuses them. Returns whether the stage had a head."""
+    keys change, and strict loading refuses them. Returns whether the head is int8 now (not a
+    head already packed for oneDNN, llama/model/cpu_linear.py)."""
     head = model.output
-    if head is None or isinstance(head, QuantizedLinear):
-        return head is not None
+    if head is None or isinstance(head, QuantizedLinear) or head.weight is None:
+        return head is not None and head.weight is not None  # None: packed for oneDNN already
     weight = head.weight.detach()
     layer = QuantizedLinear(head.in_features, head.out_features, "int8", None, weight.dtype,
                             weight.device, bias=head.bias is not None)
