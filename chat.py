@@ -49,7 +49,8 @@ def main(prompt: str = None, template: str = None, **options):
                  Sampling(options["temperature"], options["top_p"], options["seed"]),
                  heartbeat_s=min(2.0, options["timeout_s"] / 4), banner=banner)
 
-    run_on_stage(options, work, Preparation(method=method, cpu_linears="packed",
+    run_on_stage(options, work, Preparation(method=method, fuse_projections=True,
+                                             cpu_linears="packed",
                                              dynamic_int8=not options["exact_quantized"]))
 
 if __name__ == "__main__":

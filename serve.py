@@ -91,7 +91,7 @@ def main(prompts: str = "", host: str = "127.0.0.1", port: int = 8000, api_key: 
                    log=log_line, access=access)
 
     run_on_stage(options, work, Preparation(dynamic_int8=not options["exact_quantized"],
-                                            cpu_linears="packed"))
+                                            fuse_projections=True, cpu_linears="packed"))
 
 
 def check_limits(limits: Limits, port: int):

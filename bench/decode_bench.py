@@ -7,10 +7,10 @@
 
 --cuda_graph: the product's static-cache decode (llama/model/static_decode.py), each step a CUDA graph
 on a GPU; on a CPU the same static path uncaptured ("mode": "static"). --compile: torch.compile
-of each block (True for inductor, or a backend's name). The projections are fused, as in
-example.py (a quantized stage's stay unfused). --quantize: one or several of VARIANTS, built once
-each and timed in alternation (one process), each round beside a copy's bandwidth. One JSON
-line per batch size (or variant), then a short table.
+of each block (True for inductor, or a backend's name). Prepared as example.py prepares it:
+fused projections (quantized ones too), oneDNN's packed products on a CPU. --quantize: one or
+several of VARIANTS, built once each and timed in alternation (one process), each round beside
+a copy's bandwidth. One JSON line per batch size (or variant), then a short table.
 """
 import gc
 import sys
