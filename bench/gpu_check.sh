@@ -15,8 +15,8 @@
 # The parts run in order of value, each under its own time limit, and none starts once the whole
 # run is past its deadline (BUDGET_S, 450 s by default): a part left out says so in the summary.
 # Estimated on one H200 from the 7B shape's FLOPs and bytes: training 2 x ~40 s (model build,
-# ours then transformers + PEFT), memory caps 4 x ~35 s, decode 3 x ~30 s, pipeline ~45 s, GPU
-# tests ~20 s: ~6.5 min. The CPU rehearsal (--tiny) runs the same commands in about 2 minutes.
+# ours then transformers + PEFT), memory caps 5 x ~35 s (one of them QLoRA), decode 3 x ~30 s,
+# pipeline ~45 s, GPU tests ~20 s: ~7 min. The CPU rehearsal (--tiny) runs the same commands in about 2 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -93,6 +93,10 @@ part int4_2x4gib 90 "${TRAIN[@]}" --n_stages 2 --micro_batch 2 "${MEM[@]}" --qua
   --memory_cap_gib 4
 part int8_4x4gib 100 "${TRAIN[@]}" --n_stages 4 --micro_batch 2 "${MEM[@]}" --quantize int8 \
   --memory_cap_gib 4
+# QLoRA: LoRA r 8 on q,v over an int4 base, 2 stages of 4 GiB (the planner's estimate for this
+# configuration, python -m llama.tools.plan --model 7B --gpus 4,4 --method lora: 2.93, 3.23 GiB).
+part lora_int4_2x4gib 90 "${TRAIN[@]}" --n_stages 2 --micro_batch 2 "${MEM[@]}" --quantize int4 \
+  --method lora --lora_r 8 --lora_targets q,v --memory_cap_gib 4
 # 3. Decode, batch 1: the CUDA graph against transformers' generate, eager, and over 2 stages.
 part decode_graph 90 "${DECODE_BENCH[@]}" --batch 1 --cuda_graph --compare_hf
 part decode_eager 60 "${DECODE_BENCH[@]}" --batch 1

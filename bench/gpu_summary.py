@@ -121,6 +121,8 @@ def summary_lines(folder) -> list:
             ("memory: 2 stages, 10 GiB cap", stage_peaks(results, "memory_2x10gib", 9.0)),
             ("memory: int4, 2 x 4 GiB", stage_peaks(results, "int4_2x4gib")),
             ("memory: int8, 4 x 4 GiB", stage_peaks(results, "int8_4x4gib")),
+            # a 4 GiB card less the planner's 0.5 GiB reserve
+            ("memory: LoRA r8 int4, 2 x 4 GiB", stage_peaks(results, "lora_int4_2x4gib", 3.5)),
             *decode_targets(results),
             ("pipeline overhead", pipeline_target(results)),
             ("GPU tests", gpu_tests(results, folder))]

@@ -1,8 +1,10 @@
-"""Training throughput and per-stage peak memory of soft-prompt tuning through the real pipeline.
+"""Training throughput and per-stage peak memory of soft-prompt (or LoRA) tuning through the real
+pipeline.
 
     python -m bench.train_bench --shape 7B --n_stages 4 --global_batch 32 --micro_batch 2 --recompute
     python -m bench.train_bench --shape tiny --steps 2        # CPU check that it still runs
     python -m bench.train_bench --shape 7B --recompute --recompute_mode selective --compile --fused
+    python -m bench.train_bench --shape 7B --n_stages 2 --quantize int4 --method lora --lora_r 8
 
 With --n_stages n > 1 it starts itself as n processes (torch.distributed.run, this machine);
 under torchrun it runs as started. One JSON line per configuration, then a short table.
@@ -24,6 +26,8 @@ from llama.prepare.offload import RECOMPUTE_MODES, optimizer_device
 from llama.parallel.pipeline import SCHEDULES, Stage
 from llama.training.precision import LossScaler, ScaledAdamW, agree, finish_step
 from llama.model.quant import check_scheme, largest_group_size
+from llama.tuning.lora import apply_lora, lora_settings
+from llama.tuning.methods import apply_prompt
 from llama.tuning.prompt import SoftPrompt, init_prompt_weight
 from llama.prepare.stage import Preparation, pick_dtype, prepare_stage
 from llama.parallel.trace import Tracer, bubble_fraction, ideal_bubble_fraction, write_chrome_trace
@@ -89,34 +93,48 @@ def cap_memory(device, cap_gib):
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total), device)
 
 
+def tuning_maker(method, n_virtual_tokens, lora_r, lora_targets, seed):
+    """The method transform prepare_stage applies (before recompute, as ft_main's): a random
+    soft prompt on the first stage, or LoRA pairs (alpha 2r) on every stage's layers."""
+    def make(ctx, model, tokenizer):
+        if method == "lora":
+            return apply_lora(model, lora_settings(lora_r, 2 * lora_r, 0.0, lora_targets), seed)
+        prompt = None
+        if ctx.is_first:
+            weight = init_prompt_weight("random", n_virtual_tokens, model.tok_embeddings.weight,
+                                        seed=seed)
+            prompt = SoftPrompt(weight).to(ctx.device)
+        return apply_prompt(prompt, n_virtual_tokens)
+    return make
+
+
 class PipelineRun:
-    """This rank's stage with random weights, its soft prompt and optimizer, as train.py sets them up."""
+    """This rank's stage with random weights, its tuning and optimizer, as train.py sets them up."""
 
     def __init__(self, ctx, args, dtype, n_virtual_tokens, recompute, offload, seed,
                  recompute_mode="full", compile=False, fused=False, quantize=None,
-                 group_size=None):
+                 group_size=None, method="prompt", lora_r=8, lora_targets="q,v"):
         self.ctx = ctx
         common.reset_peak_memory(ctx.device)
         model = random_stage(args, ctx.rank, ctx.world_size, ctx.device, dtype, seed, quantize,
                              group_size)
         self.weight_bytes = parameter_bytes(model)
         recomputes = recompute or offload & {"activations", "weights"}
-        prepare_stage(ctx, model, None, Preparation(
-            fuse_projections=fused, recompute=recompute_mode if recomputes else None,
+        tuning = prepare_stage(ctx, model, None, Preparation(
+            fuse_projections=fused,
+            method=tuning_maker(method, n_virtual_tokens, lora_r, lora_targets, seed),
+            recompute=recompute_mode if recomputes else None,
             offload_activations="activations" in offload, stream_weights="weights" in offload,
             compile=compile))
-        self.prompt = None
-        if ctx.is_first:
-            weight = init_prompt_weight("random", n_virtual_tokens, model.tok_embeddings.weight,
-                                        seed=seed)
-            self.prompt = SoftPrompt(weight).to(ctx.device)
         sync = torch.cuda.synchronize if ctx.device.type == "cuda" else None
         self.tracer = Tracer(ctx.rank, enabled=False, synchronize=sync)
-        self.stage = Stage(model, ctx, self.prompt, n_virtual_tokens, self.tracer)
+        self.stage = Stage(model, ctx, tracer=self.tracer, tuning=tuning)
         self.scaler = LossScaler(enabled=dtype == torch.float16)
-        self.optimizer = ScaledAdamW(self.prompt.weight, 1e-3, 0.0, (0.9, 0.999),
-                                     optimizer_device(self.prompt.weight, "optimizer" in offload)) \
-            if self.prompt is not None else None
+        first = next(iter(tuning.trainable.values()), None)
+        self.optimizer = ScaledAdamW(tuning.trainable, 1e-3, 0.0, (0.9, 0.999),
+                                     optimizer_device(first, "optimizer" in offload)) \
+            if first is not None else None
+        self.trainable_floats = sum(t.numel() for t in tuning.trainable.values())
         self.skipped = 0
         common.reset_peak_memory(ctx.device)  # the peak from here on includes the resident weights
 
@@ -136,10 +154,11 @@ class PipelineRun:
 
 
 def run_ours(ctx, args, dtype, cfg, n_virtual_tokens, offload, steps, warmup_steps, seq_len,
-             target_fraction, seed, trace_dir, speed):
-    """One configuration on every rank; the record (complete on rank 0). speed: recompute_mode,
-    compile and fused, the same for every configuration."""
-    run = PipelineRun(ctx, args, dtype, n_virtual_tokens, cfg["recompute"], offload, seed, **speed)
+             target_fraction, seed, trace_dir, variant):
+    """One configuration on every rank; the record (complete on rank 0). variant: recompute_mode,
+    compile, fused, quantization and the tuning method, the same for every configuration."""
+    run = PipelineRun(ctx, args, dtype, n_virtual_tokens, cfg["recompute"], offload, seed,
+                      **variant)
     batches, _ = synthetic_batches(args.vocab_size, cfg["global_batch"], cfg["micro_batch"],
                                    seq_len, target_fraction, seed)
     clock = common.Clock(ctx.device)
@@ -158,6 +177,7 @@ def run_ours(ctx, args, dtype, cfg, n_virtual_tokens, offload, steps, warmup_ste
     peaks = ctx.gather_objects(round(common.peak_memory_gib(ctx.device), 3))
     reserved = ctx.gather_objects(common.peak_reserved_gib(ctx.device))
     weights = ctx.gather_objects(run.weight_bytes)
+    trainable = ctx.gather_objects(run.trainable_floats)
     skipped = run.skipped
     del run
     gc.collect()
@@ -171,9 +191,10 @@ def run_ours(ctx, args, dtype, cfg, n_virtual_tokens, offload, steps, warmup_ste
                            {"n_micro_batches": n_micro, "schedule": cfg["schedule"]})
     tokens = cfg["global_batch"] * seq_len
     return {"bench": "train", "impl": "ours", "name": name, "n_stages": ctx.world_size,
-            "backend": ctx.backend, **cfg, **speed,
-            "mode": speed["recompute_mode"] if cfg["recompute"] else None, "n_micro": n_micro, "seq_len": seq_len,
-            "n_virtual_tokens": n_virtual_tokens, "dtype": str(dtype).replace("torch.", ""),
+            "backend": ctx.backend, **cfg, **variant,
+            "mode": variant["recompute_mode"] if cfg["recompute"] else None, "n_micro": n_micro, "seq_len": seq_len,
+            "n_virtual_tokens": n_virtual_tokens if variant["method"] == "prompt" else 0,
+            "trainable_floats": trainable, "dtype": str(dtype).replace("torch.", ""),
             "offload": sorted(offload), "steps": steps, "warmup_steps": warmup_steps,
             "step_time_s": step_time, "tokens_per_s": tokens / step_time,
             "peak_mem_gib": peaks, "peak_mem_kind": common.peak_memory_kind(ctx.device),
@@ -185,11 +206,13 @@ def run_ours(ctx, args, dtype, cfg, n_virtual_tokens, offload, steps, warmup_ste
 
 
 def run_hf(args, dtype, device, cfg, n_virtual_tokens, steps, warmup_steps, seq_len,
-           target_fraction, seed, speed=None):
+           target_fraction, seed, variant):
     """The same configuration through transformers + peft in this process (one device)."""
     from bench import hf
     common.reset_peak_memory(device)
-    run = hf.PromptTuningRun(args, n_virtual_tokens, device, dtype, cfg["recompute"])
+    config = hf.peft_config(variant["method"], n_virtual_tokens, variant["lora_r"],
+                            lora_settings(targets=variant["lora_targets"]).targets)
+    run = hf.PeftRun(args, config, device, dtype, cfg["recompute"])
     common.reset_peak_memory(device)
     _, batches = synthetic_batches(args.vocab_size, cfg["global_batch"], cfg["micro_batch"],
                                    seq_len, target_fraction, seed)
@@ -205,9 +228,11 @@ def run_hf(args, dtype, device, cfg, n_virtual_tokens, steps, warmup_steps, seq_
     del run
     gc.collect()
     return {"bench": "train", "impl": "hf_peft", "n_stages": 1, **cfg,
+            "method": variant["method"], "lora_r": variant["lora_r"],
+            "lora_targets": variant["lora_targets"],
             "n_micro": cfg["global_batch"] // cfg["micro_batch"], "seq_len": seq_len,
-            "n_virtual_tokens": n_virtual_tokens, "dtype": str(dtype).replace("torch.", ""),
-            "steps": steps, "warmup_steps": warmup_steps, "step_time_s": step_time,
+            "n_virtual_tokens": n_virtual_tokens if variant["method"] == "prompt" else 0,
+            "dtype": str(dtype).replace("torch.", ""), "steps": steps, "warmup_steps": warmup_steps, "step_time_s": step_time,
             "tokens_per_s": cfg["global_batch"] * seq_len / step_time, "peak_mem_gib": [peak],
             "peak_mem_kind": common.peak_memory_kind(device), "peak_reserved_gib": [reserved],
             "loss": loss, **hf.versions()}
@@ -236,7 +261,8 @@ def main(shape: str = "tiny", n_stages: int = None, schedule="1f1b", global_batc
          offload=None, steps: int = 5, warmup_steps: int = 2, target_fraction: float = 1.0,
          compare_hf: bool = False, compare_single_stage: bool = False, trace_dir: str = None,
          recompute_mode: str = "full", compile=False, fused: bool = False, quantize: str = None,
-         group_size: int = None, memory_cap_gib: float = None,
+         group_size: int = None, memory_cap_gib: float = None, method: str = "prompt",
+         lora_r: int = 8, lora_targets: str = "q,v",
          device: str = None, seed: int = 0, timeout_s: float = 1800.0):
     """Tokens/s (text tokens: global_batch x seq_len per step; the virtual tokens ride along),
     step time, every stage's peak memory and the traced bubble, per configuration.
@@ -253,7 +279,13 @@ def main(shape: str = "tiny", n_stages: int = None, schedule="1f1b", global_batc
     (llama/model/quant.py; group_size for int4, default as split_model.py picks it: 128 for 7B). memory_cap_gib: each process may allocate
     at most this much GPU memory (torch.cuda.set_per_process_memory_fraction), so one large GPU
     shows whether a stage fits a small card; a stage that hits it stops the run, named.
+    method: prompt (a random --n_virtual_tokens soft prompt) or lora (rank --lora_r updates, alpha
+    2r, of --lora_targets, as ft_main.py takes them: QLoRA with --quantize); --compare_hf then
+    runs PEFT's PROMPT_TUNING or LORA of the same size.
     """
+    if method not in ("prompt", "lora"):
+        raise BadInput(f"--method {method!r} must be prompt or lora")
+    lora_targets = ",".join(lora_settings(lora_r, 2 * lora_r, 0.0, lora_targets).targets)
     if recompute_mode not in RECOMPUTE_MODES:
         raise BadInput(f"--recompute_mode {recompute_mode!r} must be one of {', '.join(RECOMPUTE_MODES)}")
     if not isinstance(fused, bool):
@@ -288,8 +320,9 @@ def main(shape: str = "tiny", n_stages: int = None, schedule="1f1b", global_batc
         check_scheme(quantize, group_size)
     run_args = dict(n_virtual_tokens=n_virtual_tokens, steps=steps, warmup_steps=warmup_steps,
                     seq_len=seq_len, target_fraction=target_fraction, seed=seed,
-                    speed={"recompute_mode": recompute_mode, "compile": compile, "fused": fused,
-                           "quantize": quantize, "group_size": group_size})
+                    variant={"recompute_mode": recompute_mode, "compile": compile, "fused": fused,
+                             "quantize": quantize, "group_size": group_size, "method": method,
+                             "lora_r": lora_r, "lora_targets": lora_targets})
     env = common.environment(ctx.device)
     records = []
     for cfg in configs:

@@ -172,3 +172,21 @@ def test_serve_bench_goes_through_the_projects_command_line(model_bin):
     assert [(r["concurrency"], r["max_batch"], r["batching"], r["requests"]) for r in lines] == \
         [(2, 2, "continuous", 2), (2, 2, "static", 2), (2, 1, "continuous", 2)]
     assert "requests/s" in table_after_json(done.stdout)[0]
+
+
+def test_train_bench_trains_lora_pairs_on_each_stage_of_an_int4_base(monkeypatch):
+    """--method lora (gpu_check.sh's QLoRA memory part, rehearsed on the tiny shape): each stage
+    trains the LoRA pairs of its own layers, every one of them, and nothing else."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from bench.shapes import model_args
+    from llama.tuning.lora import expected_lora_shapes
+    lines, _ = run_bench("train_bench", *TINY, "--n_stages", "2", "--seq_len", "12",
+                         "--global_batch", "4", "--micro_batch", "2", "--recompute", "True",
+                         "--steps", "1", "--warmup_steps", "1", "--quantize", "int4",
+                         "--method", "lora", "--lora_r", "4", "--lora_targets", "q,v,down")
+    (record,) = [r for r in lines if r.get("bench") == "train"]
+    assert record["method"] == "lora" and record["quantize"] == "int4" and record["loss"] > 0
+    shapes = expected_lora_shapes(model_args("tiny"), 4, ("q", "v", "down"))
+    per_layer = sum(a * b for a, b in shapes.values()) // model_args("tiny").n_layers
+    assert record["trainable_floats"] == [2 * per_layer, 2 * per_layer]  # 4 layers, 2 a stage
+    assert record["n_virtual_tokens"] == 0
