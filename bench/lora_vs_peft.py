@@ -44,7 +44,8 @@ from llama.tuning.peft import HF_TARGETS, export_peft
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO.parent / "shared" / "assets"
 MODEL_BIN = ASSETS / "stories260K" / "stories260K.bin"
-# How each dataset is trained, as the README's Alpaca run and quickstart.sh's demo train it.
+# How each dataset is trained, as the README's Alpaca run and quickstart.sh's demo train it
+# (main adds "model": the checkpoint every run reads).
 DATASETS = {
     "alpaca": {"data": ASSETS / "alpaca" / "alpaca_data_1k.json", "template": "alpaca",
                "max_seq_len": 512, "eval_fraction": 0.05},
@@ -78,17 +79,17 @@ def stories_file(work: Path) -> Path:
     return path
 
 
-def hf_folder(work: Path) -> Path:
-    """stories260K in Hugging Face's layout, written by the project's converter."""
-    folder = work / "stories260K_hf"
+def hf_folder(model, work: Path) -> Path:
+    """The model in Hugging Face's layout, written by the project's converter."""
+    folder = work / f"{Path(model).stem}_hf"
     if not (folder / "config.json").is_file():
-        convert.main(str(MODEL_BIN), str(folder), to="hf", overwrite=True)
+        convert.main(str(model), str(folder), to="hf", overwrite=True)
     return folder
 
 
 def run_ours(dataset: dict, targets: str, seed: int, settings: Settings, out: Path) -> dict:
     """ft_main's run, as the command line runs it; tuning.json's description of it."""
-    ft_main.main(ckpt_dir=str(MODEL_BIN), data=str(dataset["data"]), out=str(out),
+    ft_main.main(ckpt_dir=str(dataset["model"]), data=str(dataset["data"]), out=str(out),
                  method="lora", lora_r=settings.r, lora_alpha=settings.alpha,
                  lora_targets=targets, template=dataset["template"],
                  max_seq_len=dataset["max_seq_len"], eval_fraction=dataset["eval_fraction"],
@@ -104,7 +105,7 @@ def run_ours(dataset: dict, targets: str, seed: int, settings: Settings, out: Pa
 def same_batches(dataset: dict, seed: int, settings: Settings, end_target: str):
     """(training batches per step, held-out micro-batches) as ft_main's build_data makes them:
     the same records, template, loss mask, split and order."""
-    tokenizer = Tokenizer(find_tokenizer(MODEL_BIN))
+    tokenizer = Tokenizer(find_tokenizer(dataset["model"]))
     examples = load_dataset(dataset["data"], tokenizer, dataset["template"],
                             dataset["max_seq_len"], cache_dir="none", log=lambda line: None,
                             end_target=end_target)
@@ -116,7 +117,7 @@ def same_batches(dataset: dict, seed: int, settings: Settings, end_target: str):
 
 
 def our_model(dataset: dict):
-    return load_model(MODEL_BIN, max_seq_len=dataset["max_seq_len"])
+    return load_model(dataset["model"], max_seq_len=dataset["max_seq_len"])
 
 
 def our_held_out_loss(dataset: dict, held_out, folder=None) -> float:
@@ -218,8 +219,9 @@ def max_relative(ours: list, theirs: list) -> float:
     return max(abs(a - b) / abs(a) for a, b in zip(ours, theirs))
 
 
-def compare_one(name, dataset, hf_dir, targets, seed, settings, work) -> list:
-    """Our run, then PEFT from the same start and from its own: their records."""
+def compare_one(name, dataset, hf_dir, targets, seed, settings, work,
+                starts=("same", "own")) -> list:
+    """Our run, then PEFT from the same start and/or from its own: their records."""
     folder = work / name / targets.replace(",", "") / f"seed{seed}"
     ours = run_ours(dataset, targets, seed, settings, folder / "ours")
     steps, held_out = same_batches(dataset, seed, settings, ours["eos_target"])
@@ -233,7 +235,7 @@ def compare_one(name, dataset, hf_dir, targets, seed, settings, work) -> list:
     ours_by_hf = scored_by_hf(hf_dir, folder / "ours" / "peft", held_out)
     initial_adapter(dataset, targets, seed, settings, folder / "start")
     records = []
-    for start in ("same", "own"):
+    for start in starts:
         model = peft_model(hf_dir, targets, seed, settings,
                            folder / "start" if start == "same" else None)
         started = time.perf_counter()
@@ -300,10 +302,10 @@ def main(work: str = "ckpts/lora_vs_peft", datasets: str = "alpaca,stories",
                         lr_schedule, weight_decay, max_grad_norm)
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    hf_dir = hf_folder(work)
+    hf_dir = hf_folder(MODEL_BIN, work)
     records = []
     for name in names:
-        dataset = dict(DATASETS[name])
+        dataset = {**DATASETS[name], "model": MODEL_BIN}
         dataset["data"] = dataset["data"] or stories_file(work)
         for target_set in str(targets).split():
             for seed in seed_list:
