@@ -16,7 +16,8 @@
 # run is past its deadline (BUDGET_S, 450 s by default): a part left out says so in the summary.
 # Estimated on one H200 from the 7B shape's FLOPs and bytes: training 2 x ~40 s (model build,
 # ours then transformers + PEFT), memory caps 5 x ~35 s (one of them QLoRA), decode 3 x ~30 s,
-# pipeline ~45 s, GPU tests ~20 s: ~7 min. The CPU rehearsal (--tiny) runs the same commands in about 2 minutes.
+# pipeline ~45 s, GPU tests ~20 s: ~7 min. The CPU rehearsal (--tiny) runs the same commands
+# in about 2 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
