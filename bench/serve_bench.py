@@ -99,10 +99,10 @@ def percentile(values: list, q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (at - low)
 
 
-def spread(values: list) -> str:
-    """median [min-max]"""
-    middle = percentile(values, 50)
-    return f"{middle:.4g} [{min(values):.4g}-{max(values):.4g}]"
+def spread(values: list, decimals: int = None) -> str:
+    """median [min-max], to 4 significant digits or to the decimals given"""
+    form = f".{decimals}f" if decimals is not None else ".4g"
+    return (f"{percentile(values, 50):{form}} [{min(values):{form}}-{max(values):{form}}]")
 
 
 def print_table(runs: list):
@@ -115,14 +115,14 @@ def print_table(runs: list):
             cells = " | ".join(spread([r[f] for r in mine]) for f in fields)
             rows = percentile([r["mean_rows"] for r in mine], 50)
             print(f"| {concurrency} | {mode} | {cells} | {rows:.3g} |")
-    print("\ncontinuous / static, the median of the ratios of runs side by side (the issue's "
-          "target at 16 clients: requests/s >= 1, TTFT p99 <= 0.33)\n")
+    print("\ncontinuous / static in runs side by side, median [min-max] (the issue's target at "
+          "16 clients: requests/s >= 1, TTFT p99 <= 0.33)\n")
     for concurrency in dict.fromkeys(r["concurrency"] for r in runs):
         pairs = list(zip(*([r for r in runs if (r["concurrency"], r["batching"]) ==
                             (concurrency, mode)] for mode in MODES)))
-        rate = percentile([c["requests_per_s"] / s["requests_per_s"] for c, s in pairs], 50)
-        ttft = percentile([c["ttft_p99_ms"] / s["ttft_p99_ms"] for c, s in pairs], 50)
-        print(f"{concurrency} clients: requests/s {rate:.2f}, TTFT p99 {ttft:.2f}")
+        rate = spread([c["requests_per_s"] / s["requests_per_s"] for c, s in pairs], 2)
+        ttft = spread([c["ttft_p99_ms"] / s["ttft_p99_ms"] for c, s in pairs], 2)
+        print(f"{concurrency} clients: requests/s {rate}, TTFT p99 {ttft}")
 
 
 def main(ckpt_dir: str, concurrency=(1, 4, 16, 64), requests_per_client: int = 8,
