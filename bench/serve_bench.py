@@ -6,8 +6,9 @@ to first token at several numbers of concurrent streaming clients that arrive st
 This process runs the real server (Service, Server, Engine on 127.0.0.1, a free port; its
 generation loop and HTTP threads, as serve.py does); the clients run in another process
 (bench/serve_clients.py), so they never wait for this interpreter. The two modes alternate run
-by run (repeats), so a machine that gets busier slows both alike. One JSON line per run, then a
-table of medians with min-max.
+by run (repeats), so a machine that gets busier slows both alike; tokens per second of this
+process's CPU time (what the serving cost, less moved by other work than wall time) beside them.
+One JSON line per run, then a table of medians with min-max.
 """
 import json
 import random
@@ -55,6 +56,7 @@ def measure(model, tokenizer, tunings, clients: list, max_batch: int, mode: str)
     server = Server(service, "127.0.0.1", 0)
     engine = Engine(Stage(model, DistContext()), tunings, max_rows=max_batch)
     runner = threading.Thread(target=server.run, args=(engine, 0.2))
+    cpu_before = time.process_time()  # this process only serves meanwhile: the server's CPU time
     runner.start()
     try:
         done = subprocess.run([sys.executable, "-m", "bench.serve_clients"], cwd=REPO,
@@ -64,6 +66,7 @@ def measure(model, tokenizer, tunings, clients: list, max_batch: int, mode: str)
         server.stop()
         runner.join()
         engine.close()
+    server_cpu_s = time.process_time() - cpu_before
     if done.returncode != 0:
         raise SystemExit(f"serve_bench: the clients failed:\n{done.stderr}")
     requests = json.loads(done.stdout)["requests"]
@@ -71,10 +74,11 @@ def measure(model, tokenizer, tunings, clients: list, max_batch: int, mode: str)
     if failed:
         raise SystemExit(f"serve_bench: {len(failed)} of {len(requests)} requests failed: "
                          f"{failed[0]}")
-    return summary(requests, service, len(clients), max_batch, mode)
+    return summary(requests, service, len(clients), max_batch, mode, server_cpu_s)
 
 
-def summary(requests: list, service, concurrency: int, max_batch: int, mode: str) -> dict:
+def summary(requests: list, service, concurrency: int, max_batch: int, mode: str,
+            server_cpu_s: float) -> dict:
     elapsed = max(r["end"] for r in requests) - min(r["sent"] for r in requests)
     ttft = [r["first"] - r["sent"] for r in requests if r["first"] is not None]
     tokens = sum(r["tokens"] for r in requests)
@@ -85,6 +89,8 @@ def summary(requests: list, service, concurrency: int, max_batch: int, mode: str
             "tokens_per_s": round(tokens / elapsed, 1),
             "ttft_p50_ms": round(percentile(ttft, 50) * 1000, 1),
             "ttft_p99_ms": round(percentile(ttft, 99) * 1000, 1),
+            "server_cpu_s": round(server_cpu_s, 3),
+            "tokens_per_cpu_s": round(tokens / server_cpu_s, 1),
             "decode_steps": metrics.steps,
             "mean_rows": round(metrics.row_steps / max(metrics.steps, 1), 2),
             "largest_batch": service.stats["largest_batch"]}
@@ -106,9 +112,10 @@ def spread(values: list, decimals: int = None) -> str:
 
 
 def print_table(runs: list):
-    fields = ("requests_per_s", "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms")
+    fields = ("requests_per_s", "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "tokens_per_cpu_s")
     print("\nmedian [min-max] over the repeats\n\n| clients | batching | requests/s | tokens/s | "
-          "TTFT p50 ms | TTFT p99 ms | mean rows |\n| --- | --- | --- | --- | --- | --- | --- |")
+          "TTFT p50 ms | TTFT p99 ms | tokens per server CPU s | mean rows |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- |")
     for concurrency in dict.fromkeys(r["concurrency"] for r in runs):
         for mode in MODES:
             mine = [r for r in runs if (r["concurrency"], r["batching"]) == (concurrency, mode)]
@@ -120,9 +127,10 @@ def print_table(runs: list):
     for concurrency in dict.fromkeys(r["concurrency"] for r in runs):
         pairs = list(zip(*([r for r in runs if (r["concurrency"], r["batching"]) ==
                             (concurrency, mode)] for mode in MODES)))
-        rate = spread([c["requests_per_s"] / s["requests_per_s"] for c, s in pairs], 2)
-        ttft = spread([c["ttft_p99_ms"] / s["ttft_p99_ms"] for c, s in pairs], 2)
-        print(f"{concurrency} clients: requests/s {rate}, TTFT p99 {ttft}")
+        rate, ttft, cpu = (spread([c[f] / s[f] for c, s in pairs], 2) for f in
+                           ("requests_per_s", "ttft_p99_ms", "tokens_per_cpu_s"))
+        print(f"{concurrency} clients: requests/s {rate}, TTFT p99 {ttft}, tokens per server "
+              f"CPU s {cpu}")
 
 
 def main(ckpt_dir: str, concurrency=(1, 4, 16, 64), requests_per_client: int = 8,
