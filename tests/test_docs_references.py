@@ -4,12 +4,14 @@ A reference is `path.py` (a file), `path.py:name` or `path.py::name` (a function
 `Class.method`, or module-level constant defined in that file, found by parsing it: a comment or
 an import that mentions the name does not count), or a dotted `llama.module.name` whose first
 part after `llama.` is a package or module here (`llama.cpp` and GGUF's `llama.block_count`
-keys are other projects' names). A page that
+keys are other projects' names), or a test named alone (`test_truncated_stage_file`; a `*` in it
+stands for the rest of several names). A page that
 names a function the code no longer has fails here, naming the page, the line and the reference.
 Files of other projects that pages cite (PEFT's, transformers', llama.cpp's) are listed in
 NOT_OURS. Run: python -m pytest -q tests/test_docs_references.py
 """
 import ast
+import fnmatch
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -23,6 +25,8 @@ PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 FILE_REFERENCE = re.compile(
     r"(?<![\w/.-])((?:[\w-]+/)*[\w-]+\.py)(?:::?([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*))?")
 MODULE_REFERENCE = re.compile(r"(?<![\w/.-])llama(?:\.[A-Za-z_]\w*)+")
+# a test named on its own (`test_truncated_stage_file`, `test_stage_file_with_*`)
+TEST_NAME = re.compile(r"(?<![\w/.*-])test_[\w*]+(?!\.py|[\w*])")
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 # Other projects' files and names, cited as where a format or a rule comes from.
 NOT_OURS = {"peft/tuners/lora/layer.py", "utils/save_and_load.py", "config.py",
@@ -91,6 +95,14 @@ def module_resolves(root: Path, dotted: str) -> bool:
     return False
 
 
+@lru_cache(maxsize=None)
+def functions_in_tests(root: Path) -> frozenset:
+    """Every function defined in tests/*.py (test functions, methods of test classes)."""
+    return frozenset(node.name for path in (root / "tests").glob("*.py")
+                     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)))
+
+
 def names_our_module(root: Path, dotted: str) -> bool:
     """`llama.formats...` is ours; `llama.cpp` and GGUF's keys (`llama.block_count`) are not."""
     part = root / "llama" / dotted.split(".")[1]
@@ -118,6 +130,10 @@ def references(page: Path, root: Path = REPO):
                 continue
             problem = None if module_resolves(root, dotted) else "no such module or name"
             yield number, dotted, problem
+        for match in TEST_NAME.finditer(line):
+            pattern = match.group(0)  # a * stands for the rest of several tests' names
+            found = any(fnmatch.fnmatchcase(name, pattern) for name in functions_in_tests(root))
+            yield number, pattern, None if found else "no test of that name in tests/"
         for match in LINK.finditer(line):
             target = match.group(1)
             if "://" in target or target.startswith("mailto:"):
@@ -139,6 +155,8 @@ def test_the_checker_sees_a_name_only_in_code_not_in_a_comment(tmp_path):
     the module lacks and a link to no file are reported."""
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "__init__.py").write_text("")
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_x.py").write_text("def test_stage_file_with_a_bad_key():\n    pass\n")
     mod = tmp_path / "llama" / "mod.py"
     mod.write_text("from os import path as imported\n"
                    "# def only_in_a_comment(): ...\n"
@@ -152,6 +170,8 @@ def test_the_checker_sees_a_name_only_in_code_not_in_a_comment(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("See `llama/mod.py:loss_sum`, `llama/mod.py:gone`, `mod.py::Stage.train_step`,"
                     "\n`llama/other.py`, `llama.cpp`, `llama.block_count`, `llama.mod.LIMIT`,\n"
-                    "`python -m llama.mod`, `llama.mod.gone` and [a page](missing.md).\n")
+                    "`python -m llama.mod`, `llama.mod.gone`, `test_stage_file_with_*`, `test_gone`\n"
+                    "and [a page](missing.md).\n")
     problems = [ref for _, ref, problem in references(page, tmp_path) if problem]
-    assert problems == ["llama/mod.py:gone", "llama/other.py", "llama.mod.gone", "missing.md"]
+    assert problems == ["llama/mod.py:gone", "llama/other.py", "llama.mod.gone", "test_gone",
+                        "missing.md"]
