@@ -175,3 +175,45 @@ def test_the_checker_sees_a_name_only_in_code_not_in_a_comment(tmp_path):
     problems = [ref for _, ref, problem in references(page, tmp_path) if problem]
     assert problems == ["llama/mod.py:gone", "llama/other.py", "llama.mod.gone", "test_gone",
                         "missing.md"]
+
+
+def questions_page_sections():
+    text = (REPO / "docs" / "questions.md").read_text(encoding="utf-8")
+    return [section for section in text.split("\n## ")[1:]]
+
+
+def test_each_question_is_answered_with_one_file_to_read():
+    """docs/questions.md: every question has one **Read:** line, whose first reference is a file
+    of the repository, and the list at the top links every question."""
+    sections = questions_page_sections()
+    assert len(sections) >= 8
+    top = (REPO / "docs" / "questions.md").read_text(encoding="utf-8").split("\n## ")[0]
+    for section in sections:
+        question = section.splitlines()[0]
+        reads = [line for line in section.splitlines() if line.startswith("**Read:**")]
+        assert len(reads) == 1, f"{question}: {len(reads)} **Read:** lines"
+        first = FILE_REFERENCE.search(reads[0])
+        assert first and (REPO / first.group(1)).is_file(), f"{question}: {reads[0]}"
+        assert f"[{question}]" in top, f"{question} is missing from the list at the top"
+
+
+def test_the_loss_example_on_the_questions_page_is_loss_sum_without_smoothing():
+    """The page's example loss, run as written: with smoothing 0 it is loss_sum's value, and
+    it is a sum over the target positions only."""
+    import torch
+    from llama.model.transformer import ModelArgs, Transformer
+    from llama.parallel.pipeline import loss_sum
+    section = next(s for s in questions_page_sections() if s.startswith("Where does the loss"))
+    code = section.split("```python\n")[1].split("```")[0]
+    namespace = {}
+    exec(code, namespace)
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=40))
+    h, targets = torch.randn(2, 7, 16), torch.randint(0, 40, (2, 7))
+    targets[:, :3] = -100
+    example = namespace["smoothed_cross_entropy"]
+    torch.testing.assert_close(example(model, h, targets, smoothing=0.0),
+                               loss_sum(model, h, targets))
+    smoothed = example(model, h, targets)
+    targets[:, :3] = 5  # more target positions: a larger sum
+    assert example(model, h, targets) > smoothed
