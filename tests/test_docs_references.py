@@ -156,7 +156,8 @@ def test_the_checker_sees_a_name_only_in_code_not_in_a_comment(tmp_path):
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "__init__.py").write_text("")
     (tmp_path / "tests").mkdir()
-    (tmp_path / "tests" / "test_x.py").write_text("def test_stage_file_with_a_bad_key():\n    pass\n")
+    (tmp_path / "tests" / "test_x.py").write_text(
+        "def test_stage_file_with_a_bad_key():\n    pass\n")
     mod = tmp_path / "llama" / "mod.py"
     mod.write_text("from os import path as imported\n"
                    "# def only_in_a_comment(): ...\n"
@@ -170,8 +171,8 @@ def test_the_checker_sees_a_name_only_in_code_not_in_a_comment(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("See `llama/mod.py:loss_sum`, `llama/mod.py:gone`, `mod.py::Stage.train_step`,"
                     "\n`llama/other.py`, `llama.cpp`, `llama.block_count`, `llama.mod.LIMIT`,\n"
-                    "`python -m llama.mod`, `llama.mod.gone`, `test_stage_file_with_*`, `test_gone`\n"
-                    "and [a page](missing.md).\n")
+                    "`python -m llama.mod`, `llama.mod.gone`, `test_stage_file_with_*`,\n"
+                    "`test_gone` and [a page](missing.md).\n")
     problems = [ref for _, ref, problem in references(page, tmp_path) if problem]
     assert problems == ["llama/mod.py:gone", "llama/other.py", "llama.mod.gone", "test_gone",
                         "missing.md"]
