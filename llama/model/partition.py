@@ -3,7 +3,10 @@
 Stages get contiguous layer ranges whose costs are as even as possible: the first stage also pays
 for the token embeddings and the last for the final norm and output head.
 """
+import math
 from functools import lru_cache
+
+from llama.errors import BadInput
 
 from llama.model.transformer import ModelArgs
 
@@ -121,3 +124,28 @@ def stage_weight_bytes(args: ModelArgs, stage, float_bytes: int, quantization=No
     _, embeddings, head = parameter_costs(args)
     return ((last - first) * layer_weight_bytes(args, float_bytes, quantization)
             + (has_embeddings * embeddings + has_head * head) * float_bytes)
+
+
+def check_stage_memory(stage_memory, n_stages: int) -> list:
+    sizes = list(stage_memory) if isinstance(stage_memory, (list, tuple)) else [stage_memory]
+    example = f"e.g. --stage_memory {','.join(['4'] * n_stages)}"
+    if len(sizes) != n_stages:
+        raise BadInput(f"--stage_memory {sizes} must give one size in GiB per stage "
+                       f"({n_stages} stages): {example}")
+    wrong = [g for g in sizes if isinstance(g, bool) or not isinstance(g, (int, float))
+             or not 0 < g < math.inf]
+    if wrong:
+        raise BadInput(f"--stage_memory {sizes}: every size must be a positive number of GiB, "
+                       f"not {wrong[0]!r}: {example}")
+    return sizes
+
+
+def check_weights_fit(args, plan, stage_memory, float_bytes: int, quantization):
+    """--stage_memory: each card must hold at least its stage's weights (the activations come
+    on top: python -m llama.tools.plan tells whether training fits)."""
+    weights = [stage_weight_bytes(args, stage, float_bytes, quantization) for stage in plan]
+    if any(w > g * GIB for w, g in zip(weights, stage_memory)):
+        by_stage = ", ".join(f"{w / GIB:.3g}" for w in weights)
+        raise BadInput(f"--stage_memory {list(stage_memory)} GiB is too small for this model: "
+                       f"its weights alone need {sum(weights) / GIB:.3g} GiB ({by_stage} by stage); "
+                       "give bigger cards, more stages or --quantize int8/int4")

@@ -225,16 +225,17 @@ class Engine:
     # ---- transport ----
 
     def receive(self, shape):
-        return self.ctx.recv(shape, self.stage.dtype, self.ctx.rank - 1)
+        return self.ctx.recv(shape, self.stage.dtype, self.ctx.prev_rank)
 
     def pick_and_share(self, out, rows: list) -> list:
-        """The last stage picks one id per row from its logits; every rank gets them. The
-        others pass h on first."""
+        """The last stage picks one id per row from its logits (its TP rank 0: the logits are
+        the same on each); every rank gets them. The others pass h on first."""
         if not self.stage.is_last:
-            self.ctx.send(out, self.ctx.rank + 1)
+            self.ctx.send(out, self.ctx.next_rank)
         self.ctx.flush_sends()
         chosen = torch.zeros(len(rows), dtype=torch.long)
-        if self.stage.is_last:
+        picker = self.ctx.rank_of(self.ctx.n_stages - 1, tp_rank=0)
+        if self.ctx.rank == picker:
             chosen = pick_ids(out, [r.sampling for r in rows], [r.generator for r in rows])
-        chosen = self.ctx.broadcast_tensor(chosen.to(self.ctx.device), src=self.ctx.world_size - 1)
+        chosen = self.ctx.broadcast_tensor(chosen.to(self.ctx.device), src=picker)
         return chosen.cpu().tolist()

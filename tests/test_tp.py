@@ -1,0 +1,178 @@
+"""Tensor parallelism (llama/model/tensor_shards.py, llama/parallel/tensor_parallel.py): TP 2, TP 4
+and a grid of 2 stages x TP 2 on real gloo ranks compute what one process computes (logits,
+greedy ids, every method's gradient, int8 weights too); a Meta 2-shard checkpoint loads as TP 2
+ranks; a shard read from files equals the loaded stage cut in memory; bad grids are refused.
+stories260K has 8 heads and 4 kv heads, so TP 2 and TP 4 split real grouped-query attention.
+Run: python3 -m pytest -q tests/test_tp.py
+"""
+import os
+
+import pytest
+import torch
+
+import example
+from launch import check_all_ok, launch
+from llama.errors import BadInput
+from llama.formats.checkpoint import load_model, open_source
+from llama.formats.layouts import save_meta
+from llama.formats.tp_files import tp_fetch
+from llama.model.tensor_shards import check_tp, shard_stage
+from llama.parallel.distributed import DistContext, check_grid
+from llama.parallel.pipeline import Stage
+from llama.serving.generation import generate
+from llama.tuning.methods import apply_prompt
+from llama.tuning.prompt import SoftPrompt, init_prompt_weight
+from llama.tuning.sharding import tuning_shard_dim
+from test_methods import with_tuning
+from workers.prompt_grad import make_micro_batches
+
+PROMPTS = [[1, 20, 30, 40], [1, 7, 8]]  # tests/workers/tp_worker.py's
+WORKER = os.path.join("tests", "workers", "tp_worker.py")
+
+
+@pytest.fixture(scope="module")
+def meta_two_shards(source, tmp_path_factory):
+    """stories260K in Meta's layout as 2 model-parallel shards (column-parallel tensors cut on
+    dim 0, row-parallel on dim 1, the embeddings on dim 1, as Meta's 13B files are)."""
+    folder = tmp_path_factory.mktemp("meta") / "stories260K_mp2"
+    save_meta({name: source.load(name) for name in source.names()}, source.args, folder, 2)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(3, 512, (2, 9), generator=torch.Generator().manual_seed(5))
+
+
+def method_on(model, method: str):
+    """The tuning tests/workers/method_grad.py's build_tuning gives the ranks (same seeds)."""
+    if method != "prompt":
+        return with_tuning(model, method)
+    weight = init_prompt_weight("random", 4, model.tok_embeddings.weight, seed=1)
+    return apply_prompt(SoftPrompt(weight), 4)
+
+
+def one_process(model_bin, tokens, quantize, methods):
+    """(logits, greedy ids, {method: {key: gradient}}) of the whole model in this process."""
+    model = load_model(model_bin, quantize=quantize)
+    with torch.no_grad():
+        logits = model(tokens)
+    ids = generate(Stage(model, DistContext()), PROMPTS, max_gen_len=12) if not quantize else None
+    grads = {}
+    for method in methods:
+        model = load_model(model_bin, quantize=quantize)
+        tuning = method_on(model, method)
+        Stage(model, DistContext(), tuning=tuning).train_step(
+            make_micro_batches(model.args.vocab_size, 4, 2), "1f1b")
+        grads[method] = {key: t.grad for key, t in tuning.trainable.items()}
+    return logits, ids, grads
+
+
+def relative_error(found, expected) -> float:
+    return float((found - expected).norm() / expected.norm())
+
+
+def assert_same_logits(by_rank, expected, what):
+    found = [logits for logits in by_rank if logits is not None]  # the last stage's ranks
+    assert found and all(torch.equal(f, found[0]) for f in found), what
+    assert relative_error(found[0], expected) <= 1e-5, what
+
+
+def assert_replicated_grads_agree(parts, tp: int, what):
+    """A tensor whole on every TP rank of a stage (the soft prompt, a LoRA's uncut half, an
+    adapter's prompt and gate) has the same gradient on each of them."""
+    checked = 0
+    for first in range(0, len(parts), tp):
+        for key, grad in parts[first].items():
+            if tuning_shard_dim(key, grad) is None:
+                for other in parts[first + 1:first + tp]:
+                    assert torch.equal(other[key], grad), f"{what}: {key}"
+                checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("n_procs, tp", [(2, 2), (4, 4), (4, 2)], ids=["tp2", "tp4", "2x2"])
+def test_grid_computes_what_one_process_computes(model_bin, meta_two_shards, tokens, n_procs, tp,
+                                                 tmp_path):
+    out = tmp_path / "grid.pt"
+    argv = [WORKER, "--ckpt", str(model_bin), "--out", str(out), "--tp", str(tp)]
+    if n_procs == tp:  # the Meta shards as TP 2 ranks (TP 4 cuts each of them again)
+        argv += ["--meta", str(meta_two_shards)]
+    check_all_ok(launch(argv, n_procs, timeout_s=240))
+    results = torch.load(out, weights_only=True)
+    for quantize in (None, "int8"):
+        found = results[quantize or "float"]
+        what = f"{n_procs} ranks, tp {tp}, {quantize or 'float'}"
+        logits, ids, grads = one_process(model_bin, tokens, quantize, found["grads"])
+        assert_same_logits(found["logits"], logits, what)
+        if ids is not None:
+            assert found["ids"] == ids, what
+        replicated = 0
+        for method, expected in grads.items():
+            assert sorted(found["grads"][method]) == sorted(expected), (what, method)
+            for key, grad in expected.items():
+                error = relative_error(found["grads"][method][key], grad)
+                assert error <= 1e-5, f"{what}, {method}, {key}: {error:.2e}"
+            replicated += assert_replicated_grads_agree(found["parts"][method], tp,
+                                                        f"{what}, {method}")
+        assert replicated > 0
+    if n_procs == tp:
+        merged = load_model(meta_two_shards)
+        with torch.no_grad():
+            assert_same_logits(results["meta_logits"], merged(tokens), "Meta 2 shards as TP")
+
+
+# ---- shards from files == the loaded stage cut in memory ----
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_a_shard_loaded_from_any_source_equals_the_loaded_stage_cut(model_bin, meta_two_shards,
+                                                                     quantize):
+    for tp_rank in range(2):
+        cut = shard_stage(load_model(model_bin, quantize=quantize), tp_rank, 2).state_dict()
+        for ckpt in (model_bin, meta_two_shards):
+            loaded = load_model(ckpt, quantize=quantize, tp_rank=tp_rank, tp_size=2).state_dict()
+            assert sorted(loaded) == sorted(cut)
+            for name, tensor in cut.items():
+                assert torch.equal(loaded[name], tensor), (ckpt, quantize, tp_rank, name)
+
+
+def test_meta_shards_load_as_tp_ranks_without_merging(meta_two_shards):
+    source = open_source(meta_two_shards)
+    fetch = tp_fetch(source, source.load, 1, 2, quantizing=False)
+    for name in ("layers.0.attention.wq.weight", "layers.3.feed_forward.w2.weight"):
+        assert fetch(name) is source.shards[1][name]  # shard 1's own tensor, as it lies
+    whole = source.load("tok_embeddings.weight")  # replicated: joined from both shards
+    assert torch.equal(fetch("tok_embeddings.weight"), whole) and whole.shape == (512, 64)
+
+
+# ---- refusals ----
+
+def test_tp_that_does_not_divide_the_heads_is_refused_naming_the_valid_sizes(source):
+    for bad in (3, 8):
+        with pytest.raises(BadInput, match=rf"--tp {bad} does not divide .* 4 kv heads.*use "
+                                           r"--tp 1 or 2 or 4$"):
+            check_tp(source.args, bad)
+    with pytest.raises(BadInput, match="positive integer"):
+        check_tp(source.args, 0)
+
+
+def test_a_world_that_is_not_stages_times_tp_is_refused_naming_both():
+    with pytest.raises(BadInput, match=r"started 3 processes, .* --tp 2"):
+        check_grid(3, 2)
+    with pytest.raises(BadInput, match=r"6 processes = 3 stages x --tp 2, .* split into 2 "
+                                       r"stages: use --nproc_per_node 4"):
+        check_grid(6, 2, expected_stages=2)
+    assert check_grid(4, 2, expected_stages=2) == 2 and check_grid(4, 2) == 2
+
+
+def test_one_process_asked_for_tp_is_refused_in_one_line(model_bin):
+    with pytest.raises(BadInput, match=r"--tp 2 needs 2 processes per stage, but this is one "
+                                       r"process: start it with torchrun --nproc_per_node 2"):
+        example.main(str(model_bin), tp=2, device="cpu")
+
+
+def test_int4_groups_that_straddle_a_tp_shard_are_refused(model_bin):
+    # 172 FFN rows / 2 ranks = 86 inputs of w2 a rank: groups of 4 would straddle the cut
+    with pytest.raises(BadInput, match=r"--group_size 4 does not divide the width 86 of a TP "
+                                       r"rank's share \(--tp 2\)"):
+        load_model(model_bin, quantize="int4", group_size=4, tp_rank=0, tp_size=2)
