@@ -5,15 +5,19 @@ ranks; a shard read from files equals the loaded stage cut in memory; bad grids 
 stories260K has 8 heads and 4 kv heads, so TP 2 and TP 4 split real grouped-query attention.
 Run: python3 -m pytest -q tests/test_tp.py
 """
+import json
 import os
 
 import pytest
 import torch
 
 import example
+import ft_main
+import split_model
 from launch import check_all_ok, launch
 from llama.errors import BadInput
-from llama.formats.checkpoint import load_model, open_source
+from llama.formats.checkpoint import load_model, open_source, read_split
+from llama.formats.files import sha256_of
 from llama.formats.layouts import save_meta
 from llama.formats.tp_files import tp_fetch
 from llama.model.tensor_shards import check_tp, shard_stage
@@ -22,8 +26,10 @@ from llama.parallel.pipeline import Stage
 from llama.serving.generation import generate
 from llama.tuning.methods import apply_prompt
 from llama.tuning.prompt import SoftPrompt, init_prompt_weight
+from llama.training import train
 from llama.tuning.sharding import tuning_shard_dim
-from test_methods import with_tuning
+from test_lora_train import lora_args
+from test_methods import as_cli, metrics, with_tuning
 from workers.prompt_grad import make_micro_batches
 
 PROMPTS = [[1, 20, 30, 40], [1, 7, 8]]  # tests/workers/tp_worker.py's
@@ -36,6 +42,14 @@ def meta_two_shards(source, tmp_path_factory):
     dim 0, row-parallel on dim 1, the embeddings on dim 1, as Meta's 13B files are)."""
     folder = tmp_path_factory.mktemp("meta") / "stories260K_mp2"
     save_meta({name: source.load(name) for name in source.names()}, source.args, folder, 2)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def split_pp2_tp2(model_bin, tmp_path_factory):
+    """split_model.py --n_stages 2 --tp 2: four files, one per (stage, TP rank)."""
+    folder = tmp_path_factory.mktemp("split") / "pp2_tp2"
+    split_model.main(str(model_bin), 2, out_dir=str(folder), tp=2)
     return folder
 
 
@@ -92,10 +106,11 @@ def assert_replicated_grads_agree(parts, tp: int, what):
 
 
 @pytest.mark.parametrize("n_procs, tp", [(2, 2), (4, 4), (4, 2)], ids=["tp2", "tp4", "2x2"])
-def test_grid_computes_what_one_process_computes(model_bin, meta_two_shards, tokens, n_procs, tp,
-                                                 tmp_path):
+def test_grid_computes_what_one_process_computes(model_bin, meta_two_shards, split_pp2_tp2, tokens,
+                                                 n_procs, tp, tmp_path):
     out = tmp_path / "grid.pt"
-    argv = [WORKER, "--ckpt", str(model_bin), "--out", str(out), "--tp", str(tp)]
+    ckpt = split_pp2_tp2 if n_procs != tp else model_bin  # the grid reads its own 4 files
+    argv = [WORKER, "--ckpt", str(ckpt), "--out", str(out), "--tp", str(tp)]
     if n_procs == tp:  # the Meta shards as TP 2 ranks (TP 4 cuts each of them again)
         argv += ["--meta", str(meta_two_shards)]
     check_all_ok(launch(argv, n_procs, timeout_s=240))
@@ -134,6 +149,62 @@ def test_a_shard_loaded_from_any_source_equals_the_loaded_stage_cut(model_bin, m
             assert sorted(loaded) == sorted(cut)
             for name, tensor in cut.items():
                 assert torch.equal(loaded[name], tensor), (ckpt, quantize, tp_rank, name)
+
+
+def test_tp_split_writes_a_file_per_stage_and_rank_each_a_quarter_of_the_blocks(
+        model_bin, split_pp2_tp2):
+    args, manifest = read_split(split_pp2_tp2)
+    assert manifest["format"] == 3 and manifest["tp"] == 2 and manifest["n_stages"] == 2
+    on_disk = sorted(p.name for p in split_pp2_tp2.glob("stage.*.pth"))
+    assert on_disk == ["stage.00.tp0.pth", "stage.00.tp1.pth", "stage.01.tp0.pth",
+                       "stage.01.tp1.pth"]
+    whole = load_model(model_bin).state_dict()
+    for index, stage in enumerate(manifest["stages"]):
+        assert [f["file"] for f in stage["files"]] == on_disk[2 * index:2 * index + 2]
+        assert stage["bytes"] == sum(f["bytes"] for f in stage["files"])
+        first, end = stage["layers"]
+        in_blocks = sum(t.numel() for name, t in whole.items() if name.startswith("layers.")
+                        and first <= int(name.split(".")[1]) < end and t.dim() == 2)
+        for tp_rank, entry in enumerate(stage["files"]):
+            assert sha256_of(split_pp2_tp2 / entry["file"]) == entry["sha256"]
+            held = torch.load(split_pp2_tp2 / entry["file"], weights_only=True)
+            assert sum(t.numel() for name, t in held.items() if name.startswith("layers.")
+                       and t.dim() == 2) * 2 == in_blocks  # half the stage's block weights
+            loaded = load_model(split_pp2_tp2, index, 2, tp_rank=tp_rank, tp_size=2)
+            cut = load_model(model_bin, index, 2, tp_rank=tp_rank, tp_size=2)
+            assert all(torch.equal(t, cut.state_dict()[n]) for n, t in loaded.state_dict().items())
+    # one process runs the TP split too: its shards joined
+    joined = load_model(split_pp2_tp2).state_dict()
+    assert sorted(joined) == sorted(whole) and all(torch.equal(joined[n], t)
+                                                   for n, t in whole.items())
+
+
+def test_a_changed_tp_shard_file_is_refused_by_its_sha256(split_pp2_tp2, tmp_path):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in split_pp2_tp2.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    tensors = torch.load(copy / "stage.01.tp1.pth", weights_only=True)
+    tensors["norm.weight"] = tensors["norm.weight"] * 2
+    torch.save(tensors, copy / "stage.01.tp1.pth")
+    with pytest.raises(BadInput, match=r"stage.01.tp1.pth does not match the sha256 in "
+                                       r"split.json"):
+        load_model(copy, 1, 2, tp_rank=1, tp_size=2)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_quantized_tp_split_holds_the_cut_of_the_quantized_model(model_bin, tmp_path, scheme):
+    """Quantized whole, then cut: an int8 row's scale spans both shards of a row-parallel
+    layer, an int4 group stays inside one."""
+    folder = tmp_path / f"tp2_{scheme}"
+    split_model.main(str(model_bin), 1, out_dir=str(folder), tp=2, quantize=scheme)
+    group_size = read_split(folder)[1]["quantization"].get("group_size")
+    for tp_rank in range(2):
+        cut = shard_stage(load_model(model_bin, quantize=scheme, group_size=group_size),
+                          tp_rank, 2).state_dict()
+        loaded = load_model(folder, tp_rank=tp_rank, tp_size=2).state_dict()
+        assert sorted(loaded) == sorted(cut)
+        assert all(torch.equal(loaded[name], t) for name, t in cut.items()), (scheme, tp_rank)
 
 
 def test_meta_shards_load_as_tp_ranks_without_merging(meta_two_shards):
@@ -176,3 +247,47 @@ def test_int4_groups_that_straddle_a_tp_shard_are_refused(model_bin):
     with pytest.raises(BadInput, match=r"--group_size 4 does not divide the width 86 of a TP "
                                        r"rank's share \(--tp 2\)"):
         load_model(model_bin, quantize="int4", group_size=4, tp_rank=0, tp_size=2)
+
+
+# ---- training: a run resumed on another grid ends as one process ends ----
+
+@pytest.fixture(scope="module")
+def alpaca_small(assets, tmp_path_factory):
+    records = json.loads((assets / "alpaca" / "alpaca_data_1k.json").read_text())[:60]
+    path = tmp_path_factory.mktemp("alpaca") / "alpaca_60.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_lora_stopped_in_one_process_resumed_on_tp2_ends_as_one_process(
+        model_bin, alpaca_small, tmp_path, monkeypatch):
+    """Steps 1-2 in one process, 3-4 on TP 2 (the checkpoint's whole tensors cut on load, the
+    global norm counting a replicated tensor once, the parts joined on save): the files equal
+    an uninterrupted one-process run's."""
+    single, split_run = tmp_path / "single", tmp_path / "resumed"
+    ft_main.main(**lora_args(model_bin, alpaca_small, single))
+    real_step = train.run_train_step
+
+    def stop_at_step_3(stage, batches, cfg, scale, ctx):
+        if stage.step + 1 == 3:
+            raise KeyboardInterrupt
+        return real_step(stage, batches, cfg, scale, ctx)
+    monkeypatch.setattr(train, "run_train_step", stop_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        ft_main.main(**lora_args(model_bin, alpaca_small, split_run))
+    monkeypatch.undo()
+    check_all_ok(launch(["ft_main.py", *as_cli(lora_args(model_bin, alpaca_small, split_run)),
+                         "--tp", "2", "--resume", "True"], 2, timeout_s=240))
+    for s, r in zip(metrics(single)[-2:], metrics(split_run)[-2:]):
+        assert r["step"] == s["step"] and r["loss"] == pytest.approx(s["loss"], rel=1e-5)
+        assert r["grad_norm"] == pytest.approx(s["grad_norm"], rel=1e-5)  # counted once
+        assert r["grad_norm"] > 0.05  # the clip by that norm shaped the step
+    for name in ("tuning.pt", "checkpoint.pt"):
+        expected = torch.load(single / name, weights_only=True)
+        found = torch.load(split_run / name, weights_only=True)
+        expected, found = (d["trainable"] if name == "checkpoint.pt" else d
+                           for d in (expected, found))
+        assert sorted(found) == sorted(expected) and len(found) == 70
+        for key, tensor in expected.items():  # per tensor: AdamW magnifies the rounding of a
+            # gradient near zero into an element's step, not the tensor's
+            assert relative_error(found[key], tensor) <= 1e-5, (name, key)

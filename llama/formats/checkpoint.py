@@ -210,7 +210,8 @@ def write_split(source: TensorSource, out_dir, n_stages: int, dtype: str = "auto
             entry, stored_dtype = write_stage_file(source, tmp_dir, index, stage, target_dtype,
                                                    quantization, tp)
             stages.append(entry)
-            log(f"stage {index}: {describe_stage(*stage)}: {entry['bytes'] / 2**20:.1f} MiB")
+            log(f"stage {index}: {describe_stage(*stage)}: {entry['bytes'] / 2**20:.1f} MiB"
+                + (f" in {tp} TP files" if tp > 1 else ""))
         manifest = {"format": TP_SPLIT_FORMAT if tp > 1 else
                     QUANTIZED_SPLIT_FORMAT if quantization else SPLIT_FORMAT,
                     **({"tp": tp} if tp > 1 else {}), "n_stages": n_stages, "n_layers": source.args.n_layers,
