@@ -20,10 +20,12 @@ from llama.formats.checkpoint import load_model, open_source, read_split
 from llama.formats.files import sha256_of
 from llama.formats.layouts import save_meta
 from llama.formats.tp_files import tp_fetch
+from llama.model.partition import stage_weight_bytes
 from llama.model.tensor_shards import check_tp, shard_stage
 from llama.parallel.distributed import DistContext, check_grid
 from llama.parallel.pipeline import Stage
 from llama.serving.generation import generate
+from llama.tools import plan
 from llama.tuning.methods import apply_prompt
 from llama.tuning.prompt import SoftPrompt, init_prompt_weight
 from llama.training import train
@@ -291,3 +293,32 @@ def test_lora_stopped_in_one_process_resumed_on_tp2_ends_as_one_process(
         for key, tensor in expected.items():  # per tensor: AdamW magnifies the rounding of a
             # gradient near zero into an element's step, not the tensor's
             assert relative_error(found[key], tensor) <= 1e-5, (name, key)
+
+
+# ---- the planner ----
+
+@pytest.mark.parametrize("scheme, group_size", [(None, None), ("int8", None), ("int4", 2)])
+def test_planner_weights_per_tp_rank_are_what_a_shard_holds(model_bin, scheme, group_size):
+    quantization = {"scheme": scheme, "group_size": group_size} if scheme else None
+    for tp_rank in range(2):
+        model = load_model(model_bin, quantize=scheme, group_size=group_size, tp_rank=tp_rank,
+                           tp_size=2)
+        held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        assert held == stage_weight_bytes(model.args, ((0, 5), True, True), 4, quantization, 2)
+
+
+def test_planner_prints_per_card_peaks_and_the_all_reduce_bytes_of_a_grid(capsys):
+    fits = plan.main("7B", gpus=(4, 4), global_batch=32, seq_len=512, tp=2, top=3)
+    out = capsys.readouterr().out
+    # 7B: 16 layers a stage, 2 all-reduces of 4096 fp16 values a layer, half of each sent by
+    # each of 2 ranks (ring), forward and backward
+    assert "2 stages x TP 2" in out and "512.0 KiB sent per token of a training step" in out
+    alone = plan.configurations(plan.model_args_for("7B"), [4.0, 4.0], 32, 512, 32, "float16",
+                                "1f1b", 0.5)
+    halved = {(c["quantization"], c["micro_batch"], c["mode"]): c for c in fits}
+    for config in alone:
+        key = (config["quantization"], config["micro_batch"], config["mode"])
+        if key in halved:  # each TP card holds less than the stage's one card would
+            assert max(halved[key]["peaks"]) < max(config["peaks"])
+    with pytest.raises(BadInput, match=r"--tp 3 does not divide"):
+        plan.main("7B", gpus=(4, 4), tp=3)
