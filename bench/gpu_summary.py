@@ -93,6 +93,17 @@ def decode_targets(results):
     return lines
 
 
+def grid_latency(results):
+    """No target: what a token costs in each layout (2 ranks on one GPU talk over gloo)."""
+    found = {layout: results.find("grid_decode", bench="grid_decode", layout=layout)
+             for layout in ("one process", "2 stages (PP 2)", "TP 2")}
+    if not all(found.values()):
+        return results.missing("grid_decode")
+    said = ", ".join(f"{layout} {record['ms_per_token_median']:.2f}"
+                     for layout, record in found.items())
+    return f"INFO  ms per token: {said} (backend {found['TP 2'].get('backend')})"
+
+
 def pipeline_target(results):
     ratio = results.find("pipeline_4stages", bench="train_ratio")
     if ratio is None:
@@ -122,6 +133,7 @@ def summary_lines(folder) -> list:
             ("memory: int4, 2 x 4 GiB", stage_peaks(results, "int4_2x4gib")),
             ("memory: int8, 4 x 4 GiB", stage_peaks(results, "int8_4x4gib")),
             *decode_targets(results),
+            ("decode: 1 process / PP 2 / TP 2", grid_latency(results)),
             ("pipeline overhead", pipeline_target(results)),
             ("GPU tests", gpu_tests(results, folder))]
     device = next((r for r in results.records if r.get("device_name")), {})

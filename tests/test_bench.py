@@ -172,3 +172,14 @@ def test_serve_bench_goes_through_the_projects_command_line(model_bin):
     assert [(r["concurrency"], r["max_batch"], r["batching"], r["requests"]) for r in lines] == \
         [(2, 2, "continuous", 2), (2, 2, "static", 2), (2, 1, "continuous", 2)]
     assert "requests/s" in table_after_json(done.stdout)[0]
+
+
+def test_grid_bench_times_one_process_pp2_and_tp2_side_by_side():
+    lines, done = run_bench("grid_bench", *TINY, "--prompt_len", "4", "--gen_len", "4",
+                            "--repeats", "1", timeout=240)
+    assert [r["layout"] for r in lines] == ["one process", "2 stages (PP 2)", "TP 2"]
+    for record in lines:
+        has_fields(record, ["ms_per_token_median", "ms_per_token_min", "ms_per_token_max",
+                            "vs_one_process", "backend", *ENVIRONMENT])
+        assert record["ms_per_token_median"] > 0 and record["backend"] == "gloo"
+    assert "ms_per_token_median" in table_after_json(done.stdout)[0]
