@@ -24,8 +24,10 @@ from llama.model.partition import stage_weight_bytes
 from llama.model.tensor_shards import check_tp, shard_stage
 from llama.parallel.distributed import DistContext, check_grid
 from llama.parallel.pipeline import Stage
+from llama.parallel.trace import write_chrome_trace
 from llama.serving.generation import generate
 from llama.tools import plan
+from llama.tools.plot import schedule_svg
 from llama.tuning.methods import apply_prompt
 from llama.tuning.prompt import SoftPrompt, init_prompt_weight
 from llama.training import train
@@ -322,3 +324,25 @@ def test_planner_prints_per_card_peaks_and_the_all_reduce_bytes_of_a_grid(capsys
             assert max(halved[key]["peaks"]) < max(config["peaks"])
     with pytest.raises(BadInput, match=r"--tp 3 does not divide"):
         plan.main("7B", gpus=(4, 4), tp=3)
+
+
+# ---- the trace of a grid ----
+
+def test_a_grid_trace_draws_a_row_per_rank_with_its_all_reduces(tmp_path):
+    """Rows named by stage and TP rank, the all-reduces in the lane below, the ideal bubble of
+    the stages (not of the ranks)."""
+    def span(name, category, ts, dur, micro_batch=None):
+        args = {"step": 0, **({"micro_batch": micro_batch} if micro_batch is not None else {})}
+        return {"name": name, "cat": category, "ph": "X", "ts": ts, "dur": dur, "args": args}
+    ranks = [[span("F0", "forward", 100 * stage, 80, 0), span("all-reduce", "all_reduce",
+                                                              100 * stage + 30, 10),
+              span("B0", "backward", 300 - 100 * stage, 80, 0)]
+             for stage in (0, 0, 1, 1)]
+    path = tmp_path / "trace.json"
+    write_chrome_trace(str(path), ranks, {"n_stages": 2, "tp": 2, "n_micro_batches": 1,
+                                          "schedule": "1f1b"})
+    svg = schedule_svg(json.loads(path.read_text()))
+    for label in ("stage 0 TP 0", "stage 0 TP 1", "stage 1 TP 0", "stage 1 TP 1",
+                  "TP all-reduce", "p=2 stages, m=1 micro-batches"):
+        assert label in svg, label
+    assert svg.count('class="span all_reduce"') == 4

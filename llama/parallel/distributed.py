@@ -8,6 +8,7 @@ RANK. The device comes from LOCAL_RANK, so a multi-node launch works unchanged. 
 sharing a GPU, which NCCL refuses), with tensors staged through CPU memory. Every wait has a
 timeout; what a failure means is worked out in llama/parallel/faults.py.
 """
+import contextlib
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -30,6 +31,9 @@ class DistContext:
     pending_sends: list = field(default_factory=list)
     tp_size: int = 1  # tensor-parallel ranks per stage
     tp_group: object = None  # this stage's process group (None with tp 1)
+    # (name, category) -> a context manager timing a TP all-reduce in the run's trace (the
+    # Stage's span, set by the training loop); None: not traced
+    span: object = None
 
     @property
     def distributed(self) -> bool:
@@ -152,7 +156,8 @@ class DistContext:
         if self.tp_size == 1:
             return tensor
         wire = tensor.contiguous().to(self.wire_device)
-        self._collective(lambda: dist.all_reduce(wire, group=self.tp_group))
+        with self.span("all-reduce", "all_reduce") if self.span else contextlib.nullcontext():
+            self._collective(lambda: dist.all_reduce(wire, group=self.tp_group))
         return wire if wire.device == tensor.device else wire.to(tensor.device)
 
     def barrier(self):

@@ -17,11 +17,12 @@ from llama.tools.svg import (CHAR_WIDTH, HATCH, document, element, legend, line,
 STYLES = {"forward": ("forward", "#4c78a8"), "backward": ("backward", "#f58518"),
           "optimizer": ("optimizer step", "#54a24b"), "eval": ("eval", "#b279a2"),
           "recv_wait": ("waiting for a peer (lane below)", "url(#hatch)"),
-          "send": ("send", "#444444")}
+          "send": ("send", "#444444"),
+          "all_reduce": ("TP all-reduce (lane below)", "#e45756")}
 OTHER = ("other", "#bbbbbb")
 # The trainer records a wait inside the forward or backward it holds up; on the same lane it would
 # cover that box, so waits get a thin lane of their own beneath each stage's compute lane.
-WAITS = ("recv_wait", "send")
+WAITS = ("recv_wait", "send", "all_reduce")
 BOX, WAIT_LANE, ROW = 28, 8, 48  # px: compute lane, wait lane (2 px below it), one stage's row
 TIME_WIDTH = 900  # px of the time axis
 MIN_OPTIMIZER_WIDTH = 6.0  # px: a step of a few microseconds stays visible beside 900 px of step
@@ -31,9 +32,9 @@ TRAIN_COLOUR, EVAL_COLOUR = "#4c78a8", "#e45756"
 # The schedule timeline
 
 
-def bubble_caption(per_stage: list, m: int) -> str:
+def bubble_caption(per_stage: list, m: int, tp: int = 1) -> str:
     caption = f"measured bubble {bubble_fraction(per_stage):.1%}"
-    p = len(per_stage)
+    p = len(per_stage) // tp  # a row per rank: tp rows a stage
     if m:
         caption += (f"   ·   ideal (p−1)/(m+p−1) = {p - 1}/{m + p - 1} = "
                     f"{ideal_bubble_fraction(p, m):.1%} for p={p} stages, m={m} micro-batches")
@@ -80,7 +81,9 @@ def schedule_svg(trace: dict, title: str = None, step: int = None) -> str:
     stage, the time axis, a legend, and the measured and the ideal bubble."""
     metadata = trace.get("metadata") or {}
     spans, step = select_step([event for event in trace["traceEvents"] if is_span(event)], step)
+    tp = int(metadata.get("tp") or 1)  # a row per rank: a stage's TP ranks are its rows
     n_stages = int(metadata.get("n_stages") or 1 + max(span.get("pid", 0) for span in spans))
+    n_stages *= tp if metadata.get("n_stages") else 1
     per_stage = events_by_stage(spans, n_stages)
     spans = [span for events in per_stage for span in events]
     if not spans:
@@ -90,7 +93,7 @@ def schedule_svg(trace: dict, title: str = None, step: int = None) -> str:
         name = metadata.get("schedule")
         title = f"{name} pipeline schedule" if name else "pipeline schedule"
         title += "" if step is None else f", step {step}"
-    labels = stage_labels(trace, n_stages)
+    labels = stage_labels(trace, n_stages, tp)
     left, axis_y = 24 + CHAR_WIDTH * max(map(len, labels)), 40 + ROW * n_stages
     origin = min(span["ts"] for span in spans)
     # The axis ends where the step ends, not at the next round tick, to keep the boxes wide.
@@ -118,7 +121,7 @@ def schedule_svg(trace: dict, title: str = None, step: int = None) -> str:
     entries = [style for category, style in STYLES.items() if category in present]
     shapes += legend(entries + [OTHER] * bool(present - set(STYLES)), left, axis_y + 62)
     m = int(metadata.get("n_micro_batches") or count_micro_batches(per_stage))
-    shapes.append(text(left, axis_y + 88, bubble_caption(per_stage, m), class_="caption"))
+    shapes.append(text(left, axis_y + 88, bubble_caption(per_stage, m, tp), class_="caption"))
     # Room on the right for a minimum-width box that starts at the very end of the step.
     return document(left + TIME_WIDTH + MIN_OPTIMIZER_WIDTH + 24, axis_y + 100, shapes)
 

@@ -173,6 +173,7 @@ def set_up(cfg, ctx, model, tokenizer, tuning, held) -> Run:
     sync = torch.cuda.synchronize if ctx.device.type == "cuda" else None
     tracer = Tracer(ctx.rank, enabled=bool(cfg.trace), synchronize=sync)
     stage = Stage(model, ctx, tracer=tracer, tuning=tuning)
+    ctx.span = stage.span  # the TP all-reduces in the trace, under the step they belong to
     max_len = model.args.max_seq_len - tuning.n_virtual
     end_target = cfg.eos_target if cfg.eos_target != "auto" else model_stop_token(
         cfg.data, tokenizer, cfg.template, cfg.train_on_prompt, max_len, cfg.micro_batch_size,
