@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llama.errors import BadInput
 from llama.model.static_decode import StepGraphs
 from llama.serving.sampling import Sampling, pick_ids
 
@@ -49,6 +50,10 @@ class Engine:
         self.model.setup_kv_cache(max_rows, self.length)
         self.caches = [block.attention.cache for block in self.model.layers.values()]
         graphs = stage.cuda_graph if cuda_graph is None else cuda_graph
+        if graphs and self.ctx.tp_size > 1 and self.ctx.device.type == "cuda":
+            # a captured step would have to hold the TP all-reduces, which are not captured here
+            raise BadInput(f"--cuda_graph cannot capture the all-reduces of --tp "
+                           f"{self.ctx.tp_size}: leave out one of the two")
         self.graphs = StepGraphs(self.decode_compute, self.ctx.device) if graphs else None
         # A gate per tuning that acts in every step (adapter, LoRA): 1 on its rows, 0 elsewhere
         self.gates = {name: torch.zeros(max_rows, device=self.ctx.device)

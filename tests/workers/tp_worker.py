@@ -18,6 +18,7 @@ from llama.formats.checkpoint import load_model
 from llama.parallel.distributed import init_distributed
 from llama.parallel.pipeline import Stage
 from llama.parallel.tensor_parallel import apply_tensor_parallel
+from llama.prepare.offload import apply_recompute
 from llama.serving.generation import generate
 from llama.tuning.sharding import join_grid
 from method_grad import build_tuning
@@ -43,15 +44,19 @@ def logits_of(ctx, model, tokens):
 
 
 def gradients(ctx, ckpt, method: str, quantize):
+    """method+recompute: the blocks recomputed in backward (their all-reduces run again)."""
+    method, recompute = method.removesuffix("+recompute"), method.endswith("+recompute")
     model = stage_of(ctx, ckpt, quantize)
     tuning = build_tuning(model, ctx, method, 4, recompute=False)
+    if recompute:
+        apply_recompute(model, offload_activations=True)
     batches = make_micro_batches(model.args.vocab_size, 4, 2)
     Stage(model, ctx, tuning=tuning).train_step(batches, "1f1b")
     parts = ctx.gather_objects({k: t.grad.clone() for k, t in tuning.trainable.items()})
     return (join_grid(parts, ctx.tp_size), parts) if ctx.rank == 0 else (None, None)
 
 
-def main(ckpt, out, tp: int = 2, methods="prompt,prefix,adapter,lora",
+def main(ckpt, out, tp: int = 2, methods="prompt,prefix,adapter,lora,lora+recompute",
          int8_methods="prompt,lora", meta=None):
     ctx = init_distributed(device="cpu", timeout_s=60, tp=tp)
     tokens = torch.randint(3, 512, (2, 9), generator=torch.Generator().manual_seed(5))
