@@ -34,13 +34,15 @@ python3 -c "import numpy, sentencepiece, torch" || {
 }
 
 if [ "$TINY" = 1 ]; then
-  SHAPE=(--shape tiny --device cpu)
+  ON_DEVICE=(--device cpu)
+  SHAPE=(--shape tiny "${ON_DEVICE[@]}")
   SEQ=(--seq_len 64 --n_virtual_tokens 8)
   DECODE=(--prompt_len 8 --gen_len 16 --repeats 1 --copy_mib 16)
   GRID=(--prompt_len 8 --gen_len 16 --repeats 1)
   STEPS=(--steps 1 --warmup_steps 1)
 else
-  SHAPE=(--shape 7B --dtype float16)
+  ON_DEVICE=(--dtype float16)
+  SHAPE=(--shape 7B "${ON_DEVICE[@]}")
   SEQ=(--seq_len 512 --n_virtual_tokens 32)
   DECODE=(--prompt_len 32 --gen_len 128 --repeats 2)
   GRID=(--prompt_len 32 --gen_len 64 --repeats 2)
@@ -111,7 +113,19 @@ part pipeline_4stages 120 "${TRAIN[@]}" --n_stages 4 --global_batch 32 --micro_b
 trace=$(ls "$OUT_DIR"/traces/train_4st_*.json 2>/dev/null | head -1)
 [ -n "$trace" ] && python3 -m llama.tools.plot schedule "$trace" \
   --out "$OUT_DIR/schedule_4stages_1f1b_gpu.svg" > "$OUT_DIR/plot.log" 2>&1
-# 5. The tests that need CUDA (skipped on a CPU).
+# 5. The model families (docs/model_families.md) on CUDA: GQA with llama3 rope scaling, q/k/v
+# biases, a sliding window; decode with the graph, and a training step with biases.
+if [ "$TINY" = 1 ]; then
+  LLAMA3=tiny-llama3 QWEN2=tiny-qwen2 MISTRAL=tiny-mistral
+else
+  LLAMA3=Llama-3.2-1B QWEN2=Qwen2.5-1.5B MISTRAL=Mistral-7B
+fi
+FAMILY_DECODE=(python3 -m bench.decode_bench "${ON_DEVICE[@]}" "${DECODE[@]}" --batch 1 --cuda_graph)
+part family_llama3_decode 60 "${FAMILY_DECODE[@]}" --shape "$LLAMA3"
+part family_mistral_decode 60 "${FAMILY_DECODE[@]}" --shape "$MISTRAL"
+part family_qwen2_train 60 python3 -m bench.train_bench --shape "$QWEN2" "${ON_DEVICE[@]}" "${SEQ[@]}" \
+  --global_batch 8 --micro_batch 8 "${STEPS[@]}"
+# 6. The tests that need CUDA (skipped on a CPU).
 part gpu_tests 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
 
 python3 -m bench.gpu_summary "$OUT_DIR" | tee "$OUT_DIR/summary.txt"

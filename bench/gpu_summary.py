@@ -104,6 +104,27 @@ def grid_latency(results):
     return f"INFO  ms per token: {said} (backend {found['TP 2'].get('backend')})"
 
 
+def family_runs(results):
+    """The families have no speed target of their own: each part must finish on CUDA."""
+    lines = []
+    for part in ("family_llama3_decode", "family_mistral_decode"):
+        record = results.find(part, bench="decode", impl="ours")
+        if record is None or results.status(part) != "ok":
+            lines.append((part, results.missing(part)))
+            continue
+        share = record.get("bandwidth_share") or 0.0
+        lines.append((part, f"{verdict(True)}  finished: {record.get('shape')}, mode "
+                            f"{record.get('mode')}, {record['decode_tokens_per_s']:.1f} tokens/s, "
+                            f"{share:.0%} of the bandwidth limit"))
+    record = results.find("family_qwen2_train", bench="train", impl="ours")
+    if record is None or "error" in record or results.status("family_qwen2_train") != "ok":
+        lines.append(("family_qwen2_train", results.missing("family_qwen2_train")))
+    else:
+        lines.append(("family_qwen2_train", f"{verdict(True)}  finished: {record.get('shape')}, "
+                                            f"{record.get('tokens_per_s', 0):.0f} tokens/s"))
+    return lines
+
+
 def pipeline_target(results):
     ratio = results.find("pipeline_4stages", bench="train_ratio")
     if ratio is None:
@@ -135,6 +156,7 @@ def summary_lines(folder) -> list:
             *decode_targets(results),
             ("decode: 1 process / PP 2 / TP 2", grid_latency(results)),
             ("pipeline overhead", pipeline_target(results)),
+            *family_runs(results),
             ("GPU tests", gpu_tests(results, folder))]
     device = next((r for r in results.records if r.get("device_name")), {})
     head = (f"GPU check, {device.get('date', '?')}, {device.get('device_name', '?')}, torch "

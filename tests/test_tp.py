@@ -343,6 +343,6 @@ def test_a_grid_trace_draws_a_row_per_rank_with_its_all_reduces(tmp_path):
                                           "schedule": "1f1b"})
     svg = schedule_svg(json.loads(path.read_text()))
     for label in ("stage 0 TP 0", "stage 0 TP 1", "stage 1 TP 0", "stage 1 TP 1",
-                  "TP all-reduce", "p=2 stages, m=1 micro-batches"):
+                  "TP all-reduce", "ideal for 2 stages of equal cost and m=1 micro-batches"):
         assert label in svg, label
     assert svg.count('class="span all_reduce"') == 4

@@ -125,20 +125,27 @@ def busy_time(events: list) -> float:
     return covered(COMPUTE_CATEGORIES + ("recv_wait",)) - covered(("recv_wait",))
 
 
-def bubble_fraction(events_per_stage: list) -> float:
-    """Measured idle share: 1 - busy / wall per stage, averaged over the stages.
+def idle_shares(events_per_stage: list) -> list:
+    """Each stage's idle share of the step: 1 - its busy time / the wall time.
 
     The wall time runs from the first start to the last end over all stages' events, so
-    waits, sends and the optimizer step all count as idle.
+    waits, sends and the optimizer step all count as idle. Time a stage's process was not
+    running inside a forward or backward (another process had the CPU) counts as busy: the
+    clock cannot tell it from computing.
     """
     spans = [event for events in events_per_stage for event in events]
     if not spans:
-        raise ValueError("bubble_fraction needs at least one event")
+        raise ValueError("idle_shares needs at least one event")
     wall = (max(span["ts"] + span["dur"] for span in spans)
             - min(span["ts"] for span in spans))
     if wall <= 0:
-        return 0.0
-    idle = [1.0 - busy_time(events) / wall for events in events_per_stage]
+        return [0.0] * len(events_per_stage)
+    return [1.0 - busy_time(events) / wall for events in events_per_stage]
+
+
+def bubble_fraction(events_per_stage: list) -> float:
+    """Measured idle share: idle_shares averaged over the stages."""
+    idle = idle_shares(events_per_stage)
     return sum(idle) / len(idle)
 
 
