@@ -224,8 +224,9 @@ def check_grid(world_size: int, tp: int, expected_stages=None) -> int:
                        f"of stages of --tp {tp} ranks: start stages x {tp} processes")
     if world_size == 1 or expected_stages is None or world_size // tp == expected_stages:
         return world_size // tp
-    raise BadInput(f"torchrun started {world_size} processes = {world_size // tp} stages x --tp "
-                   f"{tp}, but the checkpoint is split into {expected_stages} stages: use "
+    grid = f" = {world_size // tp} stages x --tp {tp}," if tp > 1 else ""
+    raise BadInput(f"torchrun started {world_size} processes{grid} but the checkpoint is split "
+                   f"into {expected_stages} stages: use "
                    f"--nproc_per_node {expected_stages * tp} (in all) or split again with "
                    f"--n_stages {world_size // tp}")
 
