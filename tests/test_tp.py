@@ -77,9 +77,9 @@ def one_process(model_bin, tokens, quantize, methods):
         logits = model(tokens)
     ids = generate(Stage(model, DistContext()), PROMPTS, max_gen_len=12) if not quantize else None
     grads = {}
-    for method in methods:  # "lora+recompute" must give "lora"'s gradient
+    for method in methods:  # "lora+recompute", "lora+fused" must give "lora"'s gradient
         model = load_model(model_bin, quantize=quantize)
-        tuning = method_on(model, method.removesuffix("+recompute"))
+        tuning = method_on(model, method.split("+")[0])
         Stage(model, DistContext(), tuning=tuning).train_step(
             make_micro_batches(model.args.vocab_size, 4, 2), "1f1b")
         grads[method] = {key: t.grad for key, t in tuning.trainable.items()}

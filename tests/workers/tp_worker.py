@@ -15,6 +15,7 @@ import torch
 
 from llama.cli import run_cli
 from llama.formats.checkpoint import load_model
+from llama.model.fused import apply_fused_projections
 from llama.parallel.distributed import init_distributed
 from llama.parallel.pipeline import Stage
 from llama.parallel.tensor_parallel import apply_tensor_parallel
@@ -44,11 +45,14 @@ def logits_of(ctx, model, tokens):
 
 
 def gradients(ctx, ckpt, method: str, quantize):
-    """method+recompute: the blocks recomputed in backward (their all-reduces run again)."""
-    method, recompute = method.removesuffix("+recompute"), method.endswith("+recompute")
+    """method+recompute: the blocks recomputed in backward (their all-reduces run again);
+    method+fused: the shard's projections fused first (wqkv, w13 of its own heads and rows)."""
+    name, *variants = method.split("+")
     model = stage_of(ctx, ckpt, quantize)
-    tuning = build_tuning(model, ctx, method, 4, recompute=False)
-    if recompute:
+    if "fused" in variants:
+        apply_fused_projections(model)
+    tuning = build_tuning(model, ctx, name, 4, recompute=False)
+    if "recompute" in variants:
         apply_recompute(model, offload_activations=True)
     batches = make_micro_batches(model.args.vocab_size, 4, 2)
     Stage(model, ctx, tuning=tuning).train_step(batches, "1f1b")
@@ -56,7 +60,7 @@ def gradients(ctx, ckpt, method: str, quantize):
     return (join_grid(parts, ctx.tp_size), parts) if ctx.rank == 0 else (None, None)
 
 
-def main(ckpt, out, tp: int = 2, methods="prompt,prefix,adapter,lora,lora+recompute",
+def main(ckpt, out, tp: int = 2, methods="prompt,prefix,adapter,lora,lora+recompute,lora+fused",
          int8_methods="prompt,lora", meta=None):
     ctx = init_distributed(device="cpu", timeout_s=60, tp=tp)
     tokens = torch.randint(3, 512, (2, 9), generator=torch.Generator().manual_seed(5))
