@@ -159,19 +159,25 @@ def test_train_bench_quantized_stages_hold_fewer_weight_bytes():
 
 def test_serve_bench_goes_through_the_projects_command_line(model_bin):
     """One CLI path (llama.cli.run_cli): --help from the docstring, a misspelt flag refused
-    before any work, then a short run of both ways of serving."""
+    before any work, then a short run of both ways of serving, their clients in another
+    process, every request answered and timed."""
     _, done = run_bench("serve_bench", "--help")
-    assert done.stdout.startswith("Requests/s and tokens/s of serve.py's server") and not done.stderr
-    assert "--concurrency" in done.stdout and "--requests_per_client INT (default 4)" in done.stdout
+    assert done.stdout.startswith("Continuous against static batching in serve.py's server") \
+        and not done.stderr
+    assert "--concurrency" in done.stdout and "--requests_per_client INT (default 8)" in done.stdout
     _, done = run_bench("serve_bench", "--ckpt_dir", str(model_bin), "--concurency", "2",
                         expect_rc=2)
     assert done.stderr == ("error: unknown flag --concurency (did you mean --concurrency?); "
                            "python -m bench.serve_bench --help lists the flags\n")
     lines, done = run_bench("serve_bench", "--ckpt_dir", str(model_bin), "--concurrency", "2",
-                            "--requests_per_client", "1", "--max_tokens", "4")
-    assert [(r["concurrency"], r["max_batch"], r["batching"], r["requests"]) for r in lines] == \
-        [(2, 2, "continuous", 2), (2, 2, "static", 2), (2, 1, "continuous", 2)]
-    assert "requests/s" in table_after_json(done.stdout)[0]
+                            "--requests_per_client", "2", "--max_tokens", "4", "--repeats", "1")
+    machine, *runs = lines
+    assert machine["machine"].startswith("CPU") and machine["date"]
+    assert [(r["concurrency"], r["batching"], r["requests"]) for r in runs] == \
+        [(2, "continuous", 4), (2, "static", 4)]
+    assert runs[0]["tokens"] == runs[1]["tokens"] > 0  # greedy: the same replies either way
+    assert all(0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"] for r in runs)
+    assert "TTFT p99 ms" in table_after_json(done.stdout)[1]
 
 
 def test_grid_bench_times_one_process_pp2_and_tp2_side_by_side():

@@ -50,12 +50,13 @@ def test_static_decode_mode_gives_the_same_ids_and_captures_per_batch_and_adapte
     assert any(gated == () for _, gated in keys), keys
 
 
-def test_two_stages_generate_what_one_process_generates(model_bin, single, tmp_path):
-    split_model.main(str(model_bin), 2, out_dir=str(tmp_path / "pp2"))
+@pytest.mark.parametrize("n_stages", [2, 4])
+def test_stages_generate_what_one_process_generates(model_bin, single, tmp_path, n_stages):
+    split_model.main(str(model_bin), n_stages, out_dir=str(tmp_path / "split"))
     out = tmp_path / "ids.json"
-    argv = [os.path.join("tests", "workers", "engine_worker.py"), "--ckpt", str(tmp_path / "pp2"),
+    argv = [os.path.join("tests", "workers", "engine_worker.py"), "--ckpt", str(tmp_path / "split"),
             "--out", str(out)]
-    check_all_ok(launch(argv, 2, timeout_s=180))
+    check_all_ok(launch(argv, n_stages, timeout_s=300))
     assert json.loads(out.read_text()) == single
 
 

@@ -438,13 +438,37 @@ def test_a_client_leaving_mid_stream_disturbs_no_one(server):
 
 
 def test_openai_client(server):
+    """The official client (skipped when absent) against the standard library's view of the
+    same requests: completions, chat, streams, the usage chunk, the models and an error."""
     openai = pytest.importorskip("openai")
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused",
+                           max_retries=0, timeout=60)
+    assert sorted(m.id for m in client.models.list()) == sorted(server.service.models())
     answer = client.completions.create(model="short", prompt=TEXTS[0], max_tokens=12, temperature=0)
     assert answer.choices[0].text == complete(server.port, "short", TEXTS[0], 12)
-    chunks = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "Hi"}],
-                                            max_tokens=8, temperature=0, stream=True)
-    assert "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert answer.usage.completion_tokens >= 1 and answer.choices[0].finish_reason in ("stop", "length")
+    chat = {"model": "prefix", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8,
+            "temperature": 0}
+    whole = client.chat.completions.create(**chat)
+    expected = call(server.port, "POST", "/v1/chat/completions", chat)[1]
+    assert whole.choices[0].message.content == expected["choices"][0]["message"]["content"]
+    assert whole.usage.total_tokens == expected["usage"]["total_tokens"]
+    chunks = list(client.chat.completions.create(**chat, stream=True,
+                                                 stream_options={"include_usage": True}))
+    *pieces, last = chunks
+    assert "".join(c.choices[0].delta.content or "" for c in pieces) == \
+        whole.choices[0].message.content
+    assert pieces[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert last.choices == [] and last.usage.completion_tokens == whole.usage.completion_tokens
+    streamed = client.completions.create(model="lora", prompt=TEXTS[1], max_tokens=10,
+                                         temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == complete(server.port, "lora", TEXTS[1], 10)
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.completions.create(model="nope", prompt="a")
+    assert unknown.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(**{**chat, "max_tokens": 10 ** 6})
+    assert refused.value.body["param"] == "max_tokens"
 
 
 def test_the_static_decode_mode_serves_the_same_answers(server, model_bin, tokenizer,
