@@ -84,7 +84,8 @@ def main(prompts: str = "", host: str = "127.0.0.1", port: int = 8000, api_key: 
             key = "an API key is required" if api_key else \
                 "no API key: anyone who can reach the port can use it"
             print(f"serving {', '.join(server.service.models())} on http://{server.host}:"
-                  f"{server.port} ({ctx.world_size} stage{'s' if ctx.world_size > 1 else ''}, "
+                  f"{server.port} ({ctx.n_stages} stage{'s' if ctx.n_stages > 1 else ''}"
+                  f"{f' x TP {ctx.tp_size}' if ctx.tp_size > 1 else ''}, "
                   f"batches of up to {max_batch}; {key}; Ctrl+C stops)", flush=True)
 
         run_server(engine, service, host, port,

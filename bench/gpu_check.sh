@@ -39,12 +39,14 @@ if [ "$TINY" = 1 ]; then
   SHAPE=(--shape tiny "${ON_DEVICE[@]}")
   SEQ=(--seq_len 64 --n_virtual_tokens 8)
   DECODE=(--prompt_len 8 --gen_len 16 --repeats 1 --copy_mib 16)
+  GRID=(--prompt_len 8 --gen_len 16 --repeats 1)
   STEPS=(--steps 1 --warmup_steps 1)
 else
   ON_DEVICE=(--dtype float16)
   SHAPE=(--shape 7B "${ON_DEVICE[@]}")
   SEQ=(--seq_len 512 --n_virtual_tokens 32)
   DECODE=(--prompt_len 32 --gen_len 128 --repeats 2)
+  GRID=(--prompt_len 32 --gen_len 64 --repeats 2)
   STEPS=(--steps 3 --warmup_steps 2)
 fi
 TRAIN=(python3 -m bench.train_bench "${SHAPE[@]}" "${SEQ[@]}")
@@ -105,6 +107,10 @@ part decode_graph 90 "${DECODE_BENCH[@]}" --batch 1 --cuda_graph --compare_hf
 part decode_eager 60 "${DECODE_BENCH[@]}" --batch 1
 part decode_graph_2stages 90 "${DECODE_BENCH[@]}" --batch 1 --n_stages 2 --cuda_graph \
   --compare_single_stage
+# 3b. Per-token decode latency, one process vs 2 stages vs 2 TP ranks (bench/grid_bench.py). With
+# one GPU both ranks share it, so they talk over gloo through the CPU: functional, and the cost
+# of a TP all-reduce without NVLink, not TP's gain on two cards.
+part grid_decode 120 python3 -m bench.grid_bench "${SHAPE[@]}" "${GRID[@]}"
 # 4. Pipeline overhead: 4 stages sharing the GPU, 16 micro-batches, 1F1B, against one process.
 part pipeline_4stages 120 "${TRAIN[@]}" --n_stages 4 --global_batch 32 --micro_batch 2 \
   --schedule 1f1b --recompute True --steps 2 --warmup_steps 1 --compare_single_stage \

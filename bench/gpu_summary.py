@@ -93,6 +93,17 @@ def decode_targets(results):
     return lines
 
 
+def grid_latency(results):
+    """No target: what a token costs in each layout (2 ranks on one GPU talk over gloo)."""
+    found = {layout: results.find("grid_decode", bench="grid_decode", layout=layout)
+             for layout in ("one process", "2 stages (PP 2)", "TP 2")}
+    if not all(found.values()):
+        return results.missing("grid_decode")
+    said = ", ".join(f"{layout} {record['ms_per_token_median']:.2f}"
+                     for layout, record in found.items())
+    return f"INFO  ms per token: {said} (backend {found['TP 2'].get('backend')})"
+
+
 def family_runs(results):
     """The families have no speed target of their own: each part must finish on CUDA."""
     lines = []
@@ -145,6 +156,7 @@ def summary_lines(folder) -> list:
             # a 4 GiB card less the planner's 0.5 GiB reserve
             ("memory: LoRA r8 int4, 2 x 4 GiB", stage_peaks(results, "lora_int4_2x4gib", 3.5)),
             *decode_targets(results),
+            ("decode: 1 process / PP 2 / TP 2", grid_latency(results)),
             ("pipeline overhead", pipeline_target(results)),
             *family_runs(results),
             ("GPU tests", gpu_tests(results, folder))]

@@ -196,3 +196,14 @@ def test_train_bench_trains_lora_pairs_on_each_stage_of_an_int4_base(monkeypatch
     per_layer = sum(a * b for a, b in shapes.values()) // model_args("tiny").n_layers
     assert record["trainable_floats"] == [2 * per_layer, 2 * per_layer]  # 4 layers, 2 a stage
     assert record["n_virtual_tokens"] == 0
+
+
+def test_grid_bench_times_one_process_pp2_and_tp2_side_by_side():
+    lines, done = run_bench("grid_bench", *TINY, "--prompt_len", "4", "--gen_len", "4",
+                            "--repeats", "1", timeout=240)
+    assert [r["layout"] for r in lines] == ["one process", "2 stages (PP 2)", "TP 2"]
+    for record in lines:
+        has_fields(record, ["ms_per_token_median", "ms_per_token_min", "ms_per_token_max",
+                            "vs_one_process", "backend", *ENVIRONMENT])
+        assert record["ms_per_token_median"] > 0 and record["backend"] == "gloo"
+    assert "ms_per_token_median" in table_after_json(done.stdout)[0]

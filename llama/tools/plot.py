@@ -18,11 +18,12 @@ STYLES = {"forward": ("forward of micro-batch n", "#4c78a8"),
           "backward": ("backward of micro-batch n", "#f58518"),
           "optimizer": ("optimizer step", "#54a24b"), "eval": ("eval of micro-batch n", "#b279a2"),
           "recv_wait": ("waiting for a peer (lane below)", "url(#hatch)"),
-          "send": ("send", "#444444")}
+          "send": ("send", "#444444"),
+          "all_reduce": ("TP all-reduce", "#e45756")}
 OTHER = ("other", "#bbbbbb")
 # The trainer records a wait inside the forward or backward it holds up; on the same lane it would
 # cover that box, so waits get a thin lane of their own beneath each stage's compute lane.
-WAITS = ("recv_wait", "send")
+WAITS = ("recv_wait", "send", "all_reduce")
 # px: numbers too wide for their box (label lane, above), compute lane, wait lane (2 px below
 # it), one stage's row
 LABEL_LANE, BOX, WAIT_LANE, ROW = 12, 28, 8, 60
@@ -35,17 +36,19 @@ SCHEDULE_NAMES = {"1f1b": "1F1B", "gpipe": "GPipe"}
 # The schedule timeline
 
 
-def bubble_caption(per_stage: list, m: int, schedule: str = None) -> list:
+def bubble_caption(per_stage: list, m: int, schedule: str = None, tp: int = 1) -> list:
     """The caption's lines: the measured bubble and each stage's idle share; the bubble of
-    stages of equal cost; the bubble these stages' own mean times would leave."""
+    stages of equal cost; the bubble these stages' own mean times would leave. per_stage: a row
+    per rank, tp rows a stage (its TP ranks)."""
     idle = idle_shares(per_stage)
-    p = len(per_stage)
-    lines = [f"measured bubble {sum(idle) / p:.1%}: the idle share of the step, averaged over "
-             f"the stages ({', '.join(f'{share:.1%}' for share in idle)})"]
+    p = len(per_stage) // tp
+    rows = "the stages" if tp == 1 else "the ranks"
+    lines = [f"measured bubble {sum(idle) / len(idle):.1%}: the idle share of the step, averaged "
+             f"over {rows} ({', '.join(f'{share:.1%}' for share in idle)})"]
     if m:
         lines.append(f"ideal for {p} stages of equal cost and m={m} micro-batches: "
                      f"(p−1)/(m+p−1) = {p - 1}/{m + p - 1} = {ideal_bubble_fraction(p, m):.1%}")
-    modelled = modelled_bubble_fraction(per_stage, schedule, m)
+    modelled = modelled_bubble_fraction(per_stage[::tp], schedule, m)  # TP rank 0 of each
     if modelled is not None:
         lines.append(f"ideal for these stages' own costs (each stage's mean forward and "
                      f"backward as measured, transfers free): {modelled:.1%}")
@@ -108,11 +111,12 @@ def lane_labels(pending: list, top: float) -> list:
     return shapes
 
 
-def schedule_title(metadata: dict, n_stages: int, m: int, step) -> str:
+def schedule_title(metadata: dict, n_stages: int, m: int, step, tp: int = 1) -> str:
     """What the picture shows: the schedule, its size, and which step of the run."""
     name = metadata.get("schedule")
     kind = f"{SCHEDULE_NAMES.get(name, name)} pipeline schedule" if name else "pipeline schedule"
-    size = f"{n_stages} stages × {m} micro-batches" if m else f"{n_stages} stages"
+    stages = f"{n_stages} stages" + (f" (TP {tp} each)" if tp > 1 else "")
+    size = f"{stages} × {m} micro-batches" if m else stages
     when = "as traced" if step is None else f"training step {step} as traced"
     return f"{kind}: {size}, {when}"
 
@@ -134,16 +138,18 @@ def schedule_svg(trace: dict, title: str = None, step: int = None) -> str:
     stage, the time axis, a legend, and the measured and the ideal bubbles."""
     metadata = trace.get("metadata") or {}
     spans, step = select_step([event for event in trace["traceEvents"] if is_span(event)], step)
-    n_stages = int(metadata.get("n_stages") or 1 + max(span.get("pid", 0) for span in spans))
-    per_stage = events_by_stage(spans, n_stages)
+    tp = int(metadata.get("tp") or 1)  # a row per rank: a stage's TP ranks are its rows
+    n_stages = int(metadata.get("n_stages") or
+                   (1 + max(span.get("pid", 0) for span in spans)) // tp)
+    per_stage = events_by_stage(spans, n_stages * tp)
     spans = [span for events in per_stage for span in events]
     if not spans:
-        raise BadInput(f"no spans belong to stages 0..{n_stages - 1} (metadata n_stages): "
+        raise BadInput(f"no spans belong to ranks 0..{n_stages * tp - 1} (metadata n_stages): "
                        "pass a trace whose metadata matches its events")
     m = int(metadata.get("n_micro_batches") or count_micro_batches(per_stage))
-    title = schedule_title(metadata, n_stages, m, step) if title is None else title
-    labels = stage_labels(trace, n_stages)
-    left, axis_y = 24 + CHAR_WIDTH * max(map(len, labels)), 40 + ROW * n_stages
+    title = schedule_title(metadata, n_stages, m, step, tp) if title is None else title
+    labels = stage_labels(trace, n_stages * tp, tp)
+    left, axis_y = 24 + CHAR_WIDTH * max(map(len, labels)), 40 + ROW * n_stages * tp
     origin = min(span["ts"] for span in spans)
     # The axis ends where the step ends, not at the next round tick, to keep the boxes wide.
     length_ms = max(max(span["ts"] + span.get("dur", 0) for span in spans) - origin, 1.0) / 1000
@@ -168,7 +174,7 @@ def schedule_svg(trace: dict, title: str = None, step: int = None) -> str:
     present = {span.get("cat") for span in spans}
     entries = [style for category, style in STYLES.items() if category in present]
     shapes += legend(entries + [OTHER] * bool(present - set(STYLES)), left, axis_y + 62)
-    caption = bubble_caption(per_stage, m, metadata.get("schedule"))
+    caption = bubble_caption(per_stage, m, metadata.get("schedule"), tp)
     shapes += [text(left, axis_y + 88 + 18 * row, words, class_="caption")
                for row, words in enumerate(caption)]
     # Room on the right for a minimum-width box that starts at the very end of the step.

@@ -55,12 +55,12 @@ def select_step(spans: list, step=None):
     return [span for span in spans if step_of(span) == step], step
 
 
-def stage_labels(trace: dict, n_stages: int) -> list:
-    """The trace's own process names where it has them, else "stage s"."""
+def stage_labels(trace: dict, n_stages: int, tp: int = 1) -> list:
+    """The trace's own process names where it has them, else "stage s" (with its TP rank)."""
     names = {event.get("pid"): (event.get("args") or {}).get("name")
              for event in trace["traceEvents"] if isinstance(event, dict)
              and event.get("ph") == "M" and event.get("name") == "process_name"}
-    return [names.get(stage) or stage_name(stage) for stage in range(n_stages)]
+    return [names.get(stage) or stage_name(stage, tp) for stage in range(n_stages)]
 
 
 def count_micro_batches(per_stage: list) -> int:

@@ -71,6 +71,7 @@ class RunConfig:
     compile: bool
     quantize: Optional[str]
     group_size: Optional[int]
+    tp: Optional[int]  # tensor-parallel ranks per stage (None: the split's own, else 1)
     # bookkeeping
     log_every: int
     eval_every: int
