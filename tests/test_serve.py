@@ -632,6 +632,36 @@ def wait_for_port(log_path, process, timeout_s=90):
     raise AssertionError("the server did not start listening")
 
 
+def start_ranks(argv, n_ranks, tmp_path):
+    """n_ranks processes of argv as torchrun would start them; rank r writes r.out and r.err."""
+    port = free_port()
+    logs = [(open(tmp_path / f"{r}.out", "w"), open(tmp_path / f"{r}.err", "w")) for r in range(n_ranks)]
+    return [subprocess.Popen(argv, cwd=REPO, env=rank_env(r, n_ranks, port), stdout=logs[r][0],
+                             stderr=logs[r][1]) for r in range(n_ranks)]
+
+
+def test_a_tp2_server_answers_every_method_as_one_process(server, model_bin, prompt_folders,
+                                                         method_folders, tmp_path):
+    """Tunings trained in one process, served with every layer split over 2 TP ranks (prefixes,
+    adapters and LoRAs cut by heads as they load), give the one-process server's answers."""
+    served = f"long={prompt_folders['long']},prefix={method_folders['prefix']}," \
+             f"adapter={method_folders['adapter']},lora={method_folders['lora']}"
+    argv = [sys.executable, "serve.py", "--ckpt_dir", str(model_bin), "--tp", "2", "--port", "0",
+            "--base_name", "base", "--prompts", served, "--timeout_s", "60"]
+    ranks = start_ranks(argv, 2, tmp_path)
+    try:
+        listening = wait_for_port(tmp_path / "0.out", ranks[0])
+        for name in ("base", "long", "prefix", "adapter", "lora"):
+            assert complete(listening, name, TEXTS[1]) == complete(server.port, name, TEXTS[1])
+        ranks[0].send_signal(signal.SIGTERM)
+        assert ranks[0].wait(timeout=120) == 0, (tmp_path / "0.err").read_text()
+    finally:
+        for process in ranks:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
 def test_two_rank_server_end_to_end_and_a_lost_stage(server, model_bin, prompt_folders,
                                                      method_folders, tmp_path):
     """Every method through serve.py on two stages (each keeps its own layers' tensors) answers
@@ -641,10 +671,7 @@ def test_two_rank_server_end_to_end_and_a_lost_stage(server, model_bin, prompt_f
              f"adapter={method_folders['adapter']},lora={method_folders['lora']}"
     argv = [sys.executable, "serve.py", "--ckpt_dir", str(tmp_path / "pp2"), "--port", "0",
             "--base_name", "base", "--prompts", served, "--timeout_s", "20"]
-    port = free_port()
-    logs = [(open(tmp_path / f"{r}.out", "w"), open(tmp_path / f"{r}.err", "w")) for r in range(2)]
-    ranks = [subprocess.Popen(argv, cwd=REPO, env=rank_env(r, 2, port), stdout=logs[r][0],
-                              stderr=logs[r][1]) for r in range(2)]
+    ranks = start_ranks(argv, 2, tmp_path)
     try:
         listening = wait_for_port(tmp_path / "0.out", ranks[0])
         for name in ("base", "long", "prefix", "adapter", "lora"):
