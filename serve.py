@@ -26,7 +26,7 @@ from llama.serving.http import (Access, Limits, Served, Service, parse_served_pr
 def main(prompts: str = "", host: str = "127.0.0.1", port: int = 8000, api_key: str = None,
          max_batch: int = 8, max_wait_ms: float = 10.0, max_tokens: int = 256,
          max_prompt_tokens: int = 0, max_body_bytes: int = 1 << 20, base_name: str = None,
-         log: bool = False, idle_timeout_s: float = 30.0, max_connections: int = 64,
+         access_log: bool = False, idle_timeout_s: float = 30.0, max_connections: int = 64,
          allow_origins: str = "", allow_hosts: str = "", **options):
     """Serve the model and tunings over HTTP: /v1/completions, /v1/chat/completions, /v1/models.
 
@@ -48,8 +48,9 @@ def main(prompts: str = "", host: str = "127.0.0.1", port: int = 8000, api_key: 
     max_body_bytes: the largest request body
     base_name: the model name of the base model, without a soft prompt (default: the
         checkpoint's folder name)
-    log: print one access line per HTTP request on stderr (time, model, prompt and completion
-        tokens, time to first token, total time, status)
+    access_log: print one access line per HTTP request on stderr (time, model, prompt and
+        completion tokens, time to first token, total time, status). Not --log: torchrun would
+        take that for its own --log_dir
     idle_timeout_s: seconds a connection may stay silent (between requests, or mid-request)
         before it is closed
     max_connections: the most connections open at once; more are answered 503 and closed
@@ -69,7 +70,7 @@ def main(prompts: str = "", host: str = "127.0.0.1", port: int = 8000, api_key: 
     check_limits(limits, port)
     api_key = required_api_key(api_key)
     access = Access(host, names(allow_origins), tuple(n.lower() for n in names(allow_hosts)))
-    log_line = (lambda line: print(line, file=sys.stderr, flush=True)) if log else None
+    log_line = (lambda line: print(line, file=sys.stderr, flush=True)) if access_log else None
 
     def work(ctx, model, tokenizer, _):
         tunings, served = load_served(ctx, model, named)
@@ -83,7 +84,8 @@ def main(prompts: str = "", host: str = "127.0.0.1", port: int = 8000, api_key: 
             key = "an API key is required" if api_key else \
                 "no API key: anyone who can reach the port can use it"
             print(f"serving {', '.join(server.service.models())} on http://{server.host}:"
-                  f"{server.port} ({ctx.world_size} stage{'s' if ctx.world_size > 1 else ''}, "
+                  f"{server.port} ({ctx.n_stages} stage{'s' if ctx.n_stages > 1 else ''}"
+                  f"{f' x TP {ctx.tp_size}' if ctx.tp_size > 1 else ''}, "
                   f"batches of up to {max_batch}; {key}; Ctrl+C stops)", flush=True)
 
         run_server(engine, service, host, port,

@@ -1,7 +1,8 @@
-"""Split a LLaMA checkpoint into one file per pipeline stage, optionally quantized.
+"""Split a LLaMA checkpoint into one file per pipeline stage (and tensor-parallel rank), optionally quantized.
 
     python split_model.py --ckpt_dir ckpts/7B --n_stages 4        # writes ckpts/7B_pp4/
     python split_model.py --ckpt_dir ckpts/7B --n_stages 2 --stage_memory 4,8 --quantize int4
+    python split_model.py --ckpt_dir ckpts/7B --n_stages 2 --tp 2  # ckpts/7B_pp2_tp2/, 4 files
 Reads the Meta, llama2.c or Hugging Face layout; see llama/formats/checkpoint.py for the output format.
 """
 import time
@@ -16,14 +17,15 @@ from llama.errors import BadInput
 def main(ckpt_dir: str, n_stages: int, out_dir: str = None, dtype: str = "auto",
          tokenizer_path: str = None, overwrite: bool = False, quantize: str = None,
          group_size: int = None, stage_memory: Sequence[float] = None,
-         layers: Sequence[int] = None):
+         layers: Sequence[int] = None, tp: int = 1):
     """Split a LLaMA checkpoint into one file per pipeline stage, for torchrun or one process.
 
-    Writes <out_dir> with params.json, split.json and stage.NN.pth (each stage's weights only).
+    Writes <out_dir> with params.json, split.json and stage.NN.pth (each stage's weights only;
+    with --tp N, stage.NN.tpR.pth: TP rank R's shard of stage NN).
 
     ckpt_dir: the checkpoint: a Meta folder, a llama2.c .bin or a Hugging Face folder
     n_stages: how many pipeline stages (processes) to split into, from 1 to the model's layers
-    out_dir: the folder to write (default: <ckpt_dir>_pp<n_stages>[_int8|_int4])
+    out_dir: the folder to write (default: <ckpt_dir>_pp<n_stages>[_tp<tp>][_int8|_int4])
     dtype: auto keeps the checkpoint's own precision; float16, bfloat16 or float32 converts
     tokenizer_path: the tokenizer.model to copy beside the stages (default: found beside the
         checkpoint)
@@ -34,6 +36,9 @@ def main(ckpt_dir: str, n_stages: int, out_dir: str = None, dtype: str = "auto",
         every width)
     stage_memory: GiB of each stage's card, e.g. 4,4,8: layers are shared in proportion
     layers: the number of layers of each stage, e.g. 12,10,10 (instead of a balanced split)
+    tp: tensor-parallel ranks per stage: each stage's block linears cut into tp files (heads and
+        FFN rows; embeddings, norms and head whole in each), run with torchrun --nproc_per_node
+        n_stages x tp (docs/tensor_parallel.md)
     """
     if is_split_dir(ckpt_dir):
         stored = read_split(ckpt_dir)[1].get("quantization")
@@ -42,7 +47,8 @@ def main(ckpt_dir: str, n_stages: int, out_dir: str = None, dtype: str = "auto",
                        "it was split from")
     source = open_source(ckpt_dir)
     if out_dir is None:
-        out_dir = f"{str(ckpt_dir).rstrip('/')}_pp{n_stages}" + (f"_{quantize}" if quantize else "")
+        out_dir = f"{str(ckpt_dir).rstrip('/')}_pp{n_stages}" + (f"_tp{tp}" if tp != 1 else "") + \
+            (f"_{quantize}" if quantize else "")
     try:
         tokenizer_path = tokenizer_path or find_tokenizer(ckpt_dir)
     except BadInput:
@@ -54,10 +60,12 @@ def main(ckpt_dir: str, n_stages: int, out_dir: str = None, dtype: str = "auto",
 
     manifest = write_split(source, out_dir, n_stages, dtype, tokenizer_path, overwrite,
                            log=log_with_time, reads=[ckpt_dir], quantize=quantize,
-                           group_size=group_size, stage_memory=stage_memory, layer_counts=layers)
+                           group_size=group_size, stage_memory=stage_memory, layer_counts=layers,
+                           tp=tp)
     total = sum(stage["bytes"] for stage in manifest["stages"])
     scheme = manifest.get("quantization", {}).get("scheme")
-    print(f"wrote {Path(out_dir)}: {n_stages} stages, {total / 2**20:.1f} MiB in all "
+    grid = f"{n_stages} stages" + (f" x TP {tp} ({n_stages * tp} files)" if tp != 1 else "")
+    print(f"wrote {Path(out_dir)}: {grid}, {total / 2**20:.1f} MiB in all "
           f"({manifest['dtype']}{', block linears ' + scheme if scheme else ''}) in "
           f"{time.monotonic() - started:.1f} s")
 

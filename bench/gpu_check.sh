@@ -15,8 +15,9 @@
 # The parts run in order of value, each under its own time limit, and none starts once the whole
 # run is past its deadline (BUDGET_S, 450 s by default): a part left out says so in the summary.
 # Estimated on one H200 from the 7B shape's FLOPs and bytes: training 2 x ~40 s (model build,
-# ours then transformers + PEFT), memory caps 4 x ~35 s, decode 3 x ~30 s, pipeline ~45 s, GPU
-# tests ~20 s: ~6.5 min. The CPU rehearsal (--tiny) runs the same commands in about 2 minutes.
+# ours then transformers + PEFT), memory caps 5 x ~35 s (one of them QLoRA), decode 3 x ~30 s,
+# pipeline ~45 s, GPU tests ~20 s: ~7 min. The CPU rehearsal (--tiny) runs the same commands
+# in about 2 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,14 +35,18 @@ python3 -c "import numpy, sentencepiece, torch" || {
 }
 
 if [ "$TINY" = 1 ]; then
-  SHAPE=(--shape tiny --device cpu)
+  ON_DEVICE=(--device cpu)
+  SHAPE=(--shape tiny "${ON_DEVICE[@]}")
   SEQ=(--seq_len 64 --n_virtual_tokens 8)
   DECODE=(--prompt_len 8 --gen_len 16 --repeats 1 --copy_mib 16)
+  GRID=(--prompt_len 8 --gen_len 16 --repeats 1)
   STEPS=(--steps 1 --warmup_steps 1)
 else
-  SHAPE=(--shape 7B --dtype float16)
+  ON_DEVICE=(--dtype float16)
+  SHAPE=(--shape 7B "${ON_DEVICE[@]}")
   SEQ=(--seq_len 512 --n_virtual_tokens 32)
   DECODE=(--prompt_len 32 --gen_len 128 --repeats 2)
+  GRID=(--prompt_len 32 --gen_len 64 --repeats 2)
   STEPS=(--steps 3 --warmup_steps 2)
 fi
 TRAIN=(python3 -m bench.train_bench "${SHAPE[@]}" "${SEQ[@]}")
@@ -93,11 +98,19 @@ part int4_2x4gib 90 "${TRAIN[@]}" --n_stages 2 --micro_batch 2 "${MEM[@]}" --qua
   --memory_cap_gib 4
 part int8_4x4gib 100 "${TRAIN[@]}" --n_stages 4 --micro_batch 2 "${MEM[@]}" --quantize int8 \
   --memory_cap_gib 4
+# QLoRA: LoRA r 8 on q,v over an int4 base, 2 stages of 4 GiB (the planner's estimate for this
+# configuration, python -m llama.tools.plan --model 7B --gpus 4,4 --method lora: 2.93, 3.23 GiB).
+part lora_int4_2x4gib 90 "${TRAIN[@]}" --n_stages 2 --micro_batch 2 "${MEM[@]}" --quantize int4 \
+  --method lora --lora_r 8 --lora_targets q,v --memory_cap_gib 4
 # 3. Decode, batch 1: the CUDA graph against transformers' generate, eager, and over 2 stages.
 part decode_graph 90 "${DECODE_BENCH[@]}" --batch 1 --cuda_graph --compare_hf
 part decode_eager 60 "${DECODE_BENCH[@]}" --batch 1
 part decode_graph_2stages 90 "${DECODE_BENCH[@]}" --batch 1 --n_stages 2 --cuda_graph \
   --compare_single_stage
+# 3b. Per-token decode latency, one process vs 2 stages vs 2 TP ranks (bench/grid_bench.py). With
+# one GPU both ranks share it, so they talk over gloo through the CPU: functional, and the cost
+# of a TP all-reduce without NVLink, not TP's gain on two cards.
+part grid_decode 120 python3 -m bench.grid_bench "${SHAPE[@]}" "${GRID[@]}"
 # 4. Pipeline overhead: 4 stages sharing the GPU, 16 micro-batches, 1F1B, against one process.
 part pipeline_4stages 120 "${TRAIN[@]}" --n_stages 4 --global_batch 32 --micro_batch 2 \
   --schedule 1f1b --recompute True --steps 2 --warmup_steps 1 --compare_single_stage \
@@ -105,7 +118,19 @@ part pipeline_4stages 120 "${TRAIN[@]}" --n_stages 4 --global_batch 32 --micro_b
 trace=$(ls "$OUT_DIR"/traces/train_4st_*.json 2>/dev/null | head -1)
 [ -n "$trace" ] && python3 -m llama.tools.plot schedule "$trace" \
   --out "$OUT_DIR/schedule_4stages_1f1b_gpu.svg" > "$OUT_DIR/plot.log" 2>&1
-# 5. The tests that need CUDA (skipped on a CPU).
+# 5. The model families (docs/model_families.md) on CUDA: GQA with llama3 rope scaling, q/k/v
+# biases, a sliding window; decode with the graph, and a training step with biases.
+if [ "$TINY" = 1 ]; then
+  LLAMA3=tiny-llama3 QWEN2=tiny-qwen2 MISTRAL=tiny-mistral
+else
+  LLAMA3=Llama-3.2-1B QWEN2=Qwen2.5-1.5B MISTRAL=Mistral-7B
+fi
+FAMILY_DECODE=(python3 -m bench.decode_bench "${ON_DEVICE[@]}" "${DECODE[@]}" --batch 1 --cuda_graph)
+part family_llama3_decode 60 "${FAMILY_DECODE[@]}" --shape "$LLAMA3"
+part family_mistral_decode 60 "${FAMILY_DECODE[@]}" --shape "$MISTRAL"
+part family_qwen2_train 60 python3 -m bench.train_bench --shape "$QWEN2" "${ON_DEVICE[@]}" "${SEQ[@]}" \
+  --global_batch 8 --micro_batch 8 "${STEPS[@]}"
+# 6. The tests that need CUDA (skipped on a CPU).
 part gpu_tests 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
 
 python3 -m bench.gpu_summary "$OUT_DIR" | tee "$OUT_DIR/summary.txt"

@@ -93,6 +93,38 @@ def decode_targets(results):
     return lines
 
 
+def grid_latency(results):
+    """No target: what a token costs in each layout (2 ranks on one GPU talk over gloo)."""
+    found = {layout: results.find("grid_decode", bench="grid_decode", layout=layout)
+             for layout in ("one process", "2 stages (PP 2)", "TP 2")}
+    if not all(found.values()):
+        return results.missing("grid_decode")
+    said = ", ".join(f"{layout} {record['ms_per_token_median']:.2f}"
+                     for layout, record in found.items())
+    return f"INFO  ms per token: {said} (backend {found['TP 2'].get('backend')})"
+
+
+def family_runs(results):
+    """The families have no speed target of their own: each part must finish on CUDA."""
+    lines = []
+    for part in ("family_llama3_decode", "family_mistral_decode"):
+        record = results.find(part, bench="decode", impl="ours")
+        if record is None or results.status(part) != "ok":
+            lines.append((part, results.missing(part)))
+            continue
+        share = record.get("bandwidth_share") or 0.0
+        lines.append((part, f"{verdict(True)}  finished: {record.get('shape')}, mode "
+                            f"{record.get('mode')}, {record['decode_tokens_per_s']:.1f} tokens/s, "
+                            f"{share:.0%} of the bandwidth limit"))
+    record = results.find("family_qwen2_train", bench="train", impl="ours")
+    if record is None or "error" in record or results.status("family_qwen2_train") != "ok":
+        lines.append(("family_qwen2_train", results.missing("family_qwen2_train")))
+    else:
+        lines.append(("family_qwen2_train", f"{verdict(True)}  finished: {record.get('shape')}, "
+                                            f"{record.get('tokens_per_s', 0):.0f} tokens/s"))
+    return lines
+
+
 def pipeline_target(results):
     ratio = results.find("pipeline_4stages", bench="train_ratio")
     if ratio is None:
@@ -121,8 +153,12 @@ def summary_lines(folder) -> list:
             ("memory: 2 stages, 10 GiB cap", stage_peaks(results, "memory_2x10gib", 9.0)),
             ("memory: int4, 2 x 4 GiB", stage_peaks(results, "int4_2x4gib")),
             ("memory: int8, 4 x 4 GiB", stage_peaks(results, "int8_4x4gib")),
+            # a 4 GiB card less the planner's 0.5 GiB reserve
+            ("memory: LoRA r8 int4, 2 x 4 GiB", stage_peaks(results, "lora_int4_2x4gib", 3.5)),
             *decode_targets(results),
+            ("decode: 1 process / PP 2 / TP 2", grid_latency(results)),
             ("pipeline overhead", pipeline_target(results)),
+            *family_runs(results),
             ("GPU tests", gpu_tests(results, folder))]
     device = next((r for r in results.records if r.get("device_name")), {})
     head = (f"GPU check, {device.get('date', '?')}, {device.get('device_name', '?')}, torch "

@@ -7,10 +7,11 @@ divided by the accumulation steps, unscale, clip to 1.0, AdamW, zero_grad.
 """
 import torch
 import transformers
-from peft import PromptTuningConfig, TaskType, get_peft_model
+from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llama.model.transformer import ModelArgs
+from llama.tuning.peft import HF_TARGETS
 
 
 def versions() -> dict:
@@ -36,10 +37,19 @@ def random_llama(args: ModelArgs, device, dtype, use_cache: bool):
     return model.requires_grad_(False)
 
 
-class PromptTuningRun:
-    """PEFT prompt tuning of a random LlamaForCausalLM, stepped as Trainer would step it."""
+def peft_config(method: str, n_virtual_tokens: int, lora_r: int, lora_targets):
+    """PEFT's config of the method train_bench runs: a soft prompt, or LoRA (alpha 2r, no
+    dropout) on the projections named by their short names."""
+    if method == "lora":
+        return LoraConfig(task_type=TaskType.CAUSAL_LM, r=lora_r, lora_alpha=2 * lora_r,
+                          lora_dropout=0.0, target_modules=[HF_TARGETS[t] for t in lora_targets])
+    return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=n_virtual_tokens)
 
-    def __init__(self, args: ModelArgs, n_virtual_tokens: int, device, dtype, recompute: bool):
+
+class PeftRun:
+    """A PEFT method (peft_config) on a random LlamaForCausalLM, stepped as Trainer would step it."""
+
+    def __init__(self, args: ModelArgs, config, device, dtype, recompute: bool):
         model = random_llama(args, device, dtype, use_cache=False)
         if recompute:  # per-layer recomputation; renamed in transformers 5
             kwargs = {"use_reentrant": False}
@@ -47,7 +57,6 @@ class PromptTuningRun:
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=n_virtual_tokens)
         self.model = get_peft_model(model, config).train()
         self.device, self.dtype = torch.device(device), dtype
         self.params = [p for p in self.model.parameters() if p.requires_grad]

@@ -12,7 +12,7 @@ from llama.formats.checkpoint import stage_plan
 from llama.errors import BadInput
 from llama.formats.layouts import model_args_from_dict
 from llama.formats.tensor_files import read_json
-from llama.model.named_shapes import NAMED_SHAPES
+from llama.model.named_shapes import LLAMA3_ROPE_SCALING_32, NAMED_SHAPES
 from llama.model.transformer import ModelArgs, Transformer
 from llama.model.quant import apply_quantization
 
@@ -25,6 +25,15 @@ SHAPES = {
     "small": {"dim": 512, "n_layers": 8, "n_heads": 8, "vocab_size": 32000, "multiple_of": 256},
     **NAMED_SHAPES,
 }
+# Tiny shapes with each family's features (GQA 4:1 and llama3 rope scaling; q/k/v biases; a
+# sliding window shorter than the benchmark's sequence), for rehearsing the GPU check's family
+# parts on a CPU.
+SHAPES.update({
+    "tiny-llama3": {**SHAPES["tiny"], "n_kv_heads": 2, "rope_theta": 500000.0,
+                    "rope_scaling": {**LLAMA3_ROPE_SCALING_32, "original_max_position_embeddings": 32}},
+    "tiny-qwen2": {**SHAPES["tiny"], "n_kv_heads": 2, "qkv_bias": True},
+    "tiny-mistral": {**SHAPES["tiny"], "sliding_window": 16},
+})
 
 # Every matrix ~ N(0, 0.02): Hugging Face's initializer_range for LLaMA, the order of a trained
 # model's weights. nn.Embedding's default N(0, 1) would make the soft prompt (initialised at the

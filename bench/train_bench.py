@@ -1,8 +1,10 @@
-"""Training throughput and per-stage peak memory of soft-prompt tuning through the real pipeline.
+"""Training throughput and per-stage peak memory of soft-prompt (or LoRA) tuning through the real
+pipeline.
 
     python -m bench.train_bench --shape 7B --n_stages 4 --global_batch 32 --micro_batch 2 --recompute
     python -m bench.train_bench --shape tiny --steps 2        # CPU check that it still runs
     python -m bench.train_bench --shape 7B --recompute --recompute_mode selective --compile --fused
+    python -m bench.train_bench --shape 7B --n_stages 2 --quantize int4 --method lora --lora_r 8
 
 With --n_stages n > 1 it starts itself as n processes (torch.distributed.run, this machine);
 under torchrun it runs as started. One JSON line per configuration, then a short table.
@@ -31,6 +33,8 @@ from llama.parallel.pipeline import SCHEDULES, Stage
 from llama.training.memory import choose_loss_logits
 from llama.training.precision import LossScaler, ScaledAdamW, agree, finish_step
 from llama.model.quant import check_scheme, largest_group_size
+from llama.tuning.lora import apply_lora, lora_settings
+from llama.tuning.methods import apply_prompt
 from llama.tuning.prompt import SoftPrompt, init_prompt_weight
 from llama.prepare.stage import Preparation, pick_dtype, prepare_stage
 from llama.parallel.trace import Tracer, bubble_fraction, ideal_bubble_fraction, write_chrome_trace
@@ -106,12 +110,27 @@ def cap_memory(device, cap_gib):
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total), device)
 
 
+def tuning_maker(method, n_virtual_tokens, lora_r, lora_targets, seed):
+    """The method transform prepare_stage applies (before recompute, as ft_main's): a random
+    soft prompt on the first stage, or LoRA pairs (alpha 2r) on every stage's layers."""
+    def make(ctx, model, tokenizer):
+        if method == "lora":
+            return apply_lora(model, lora_settings(lora_r, 2 * lora_r, 0.0, lora_targets), seed)
+        prompt = None
+        if ctx.is_first:
+            weight = init_prompt_weight("random", n_virtual_tokens, model.tok_embeddings.weight,
+                                        seed=seed)
+            prompt = SoftPrompt(weight).to(ctx.device)
+        return apply_prompt(prompt, n_virtual_tokens)
+    return make
+
+
 class PipelineRun:
-    """This rank's stage with random weights, its soft prompt and optimizer, as train.py sets them up."""
+    """This rank's stage with random weights, its tuning and optimizer, as train.py sets them up."""
 
     def __init__(self, ctx, args, dtype, n_virtual_tokens, cfg, offload, seed, seq_len,
                  recompute_mode="full", compile=False, fused=False, quantize=None,
-                 group_size=None):
+                 group_size=None, method="prompt", lora_r=8, lora_targets="q,v"):
         self.ctx = ctx
         recompute = cfg["recompute"]
         common.reset_peak_memory(ctx.device)
@@ -119,15 +138,12 @@ class PipelineRun:
                              group_size)
         self.weight_bytes = parameter_bytes(model)
         recomputes = recompute or offload & {"activations", "weights"}
-        prepare_stage(ctx, model, None, Preparation(
-            fuse_projections=fused, recompute=recompute_mode if recomputes else None,
+        tuning = prepare_stage(ctx, model, None, Preparation(
+            fuse_projections=fused,
+            method=tuning_maker(method, n_virtual_tokens, lora_r, lora_targets, seed),
+            recompute=recompute_mode if recomputes else None,
             offload_activations="activations" in offload, stream_weights="weights" in offload,
             compile=compile, cpu_linears=None if cfg["cpu_linears"] == "none" else "onednn"))
-        self.prompt = None
-        if ctx.is_first:
-            weight = init_prompt_weight("random", n_virtual_tokens, model.tok_embeddings.weight,
-                                        seed=seed)
-            self.prompt = SoftPrompt(weight).to(ctx.device)
         sync = torch.cuda.synchronize if ctx.device.type == "cuda" else None
         self.tracer = Tracer(ctx.rank, enabled=False, synchronize=sync)
         keep, self.loss_line = False, None
@@ -136,15 +152,18 @@ class PipelineRun:
                 "recompute" if recomputes else "plain"
             keep, self.loss_line = choose_loss_logits(
                 cfg["loss_logits"], model, ctx.device, cfg["global_batch"], cfg["micro_batch"],
-                seq_len, n_virtual_tokens, cfg["schedule"], mode)
+                seq_len, tuning.hidden_virtual, cfg["schedule"], mode,
+                lora_settings(lora_r, 2 * lora_r, 0.0, lora_targets) if method == "lora" else None)
         self.keep_logits, self.loss_line = ctx.broadcast_object((keep, self.loss_line),
                                                                 src=ctx.world_size - 1)
-        self.stage = Stage(model, ctx, self.prompt, n_virtual_tokens, self.tracer,
+        self.stage = Stage(model, ctx, tracer=self.tracer, tuning=tuning,
                            loss_fn=functools.partial(loss_sum, keep_logits=keep))
         self.scaler = LossScaler(enabled=dtype == torch.float16)
-        self.optimizer = ScaledAdamW(self.prompt.weight, 1e-3, 0.0, (0.9, 0.999),
-                                     optimizer_device(self.prompt.weight, "optimizer" in offload)) \
-            if self.prompt is not None else None
+        first = next(iter(tuning.trainable.values()), None)
+        self.optimizer = ScaledAdamW(tuning.trainable, 1e-3, 0.0, (0.9, 0.999),
+                                     optimizer_device(first, "optimizer" in offload)) \
+            if first is not None else None
+        self.trainable_floats = sum(t.numel() for t in tuning.trainable.values())
         self.skipped = 0
         common.reset_peak_memory(ctx.device)  # the peak from here on includes the resident weights
 
@@ -164,11 +183,11 @@ class PipelineRun:
 
 
 def run_ours(ctx, args, dtype, cfg, n_virtual_tokens, offload, steps, warmup_steps, seq_len,
-             target_fraction, seed, trace_dir, speed):
-    """One configuration on every rank; the record (complete on rank 0). speed: recompute_mode,
-    compile and fused, the same for every configuration."""
+             target_fraction, seed, trace_dir, variant):
+    """One configuration on every rank; the record (complete on rank 0). variant: recompute_mode,
+    compile, fused, quantization and the tuning method, the same for every configuration."""
     rss_at_start = common.resident_gib()
-    run = PipelineRun(ctx, args, dtype, n_virtual_tokens, cfg, offload, seed, seq_len, **speed)
+    run = PipelineRun(ctx, args, dtype, n_virtual_tokens, cfg, offload, seed, seq_len, **variant)
     batches, _ = synthetic_batches(args.vocab_size, cfg["global_batch"], cfg["micro_batch"],
                                    seq_len, target_fraction, seed)
     for _ in range(warmup_steps):
@@ -186,6 +205,7 @@ def run_ours(ctx, args, dtype, cfg, n_virtual_tokens, offload, steps, warmup_ste
     peaks = ctx.gather_objects(round(common.peak_memory_gib(ctx.device), 3))
     reserved = ctx.gather_objects(common.peak_reserved_gib(ctx.device))
     weights = ctx.gather_objects(run.weight_bytes)
+    trainable = ctx.gather_objects(run.trainable_floats)
     skipped, keep_logits, loss_line = run.skipped, run.keep_logits, run.loss_line
     del run
     gc.collect()
@@ -199,9 +219,11 @@ def run_ours(ctx, args, dtype, cfg, n_virtual_tokens, offload, steps, warmup_ste
                            {"n_micro_batches": n_micro, "schedule": cfg["schedule"]})
     tokens = cfg["global_batch"] * seq_len
     return {"bench": "train", "impl": "ours", "name": name, "n_stages": ctx.world_size,
-            "backend": ctx.backend, **cfg, **speed,
-            "mode": speed["recompute_mode"] if cfg["recompute"] else None, "n_micro": n_micro, "seq_len": seq_len,
-            "n_virtual_tokens": n_virtual_tokens, "dtype": str(dtype).replace("torch.", ""),
+            "backend": ctx.backend, **cfg, **variant,
+            "mode": variant["recompute_mode"] if cfg["recompute"] else None, "n_micro": n_micro,
+            "seq_len": seq_len,
+            "n_virtual_tokens": n_virtual_tokens if variant["method"] == "prompt" else 0,
+            "trainable_floats": trainable, "dtype": str(dtype).replace("torch.", ""),
             "offload": sorted(offload), "steps": steps, "warmup_steps": warmup_steps,
             **timer.record(tokens), "keep_logits": keep_logits, "loss_line": loss_line,
             "peak_mem_gib": peaks, "peak_mem_kind": common.peak_memory_kind(ctx.device),
@@ -214,12 +236,14 @@ def run_ours(ctx, args, dtype, cfg, n_virtual_tokens, offload, steps, warmup_ste
 
 
 def run_hf(args, dtype, device, cfg, n_virtual_tokens, steps, warmup_steps, seq_len,
-           target_fraction, seed, speed=None):
+           target_fraction, seed, variant):
     """The same configuration through transformers + peft in this process (one device)."""
     from bench import hf
     rss_at_start = common.resident_gib()
     common.reset_peak_memory(device)
-    run = hf.PromptTuningRun(args, n_virtual_tokens, device, dtype, cfg["recompute"])
+    config = hf.peft_config(variant["method"], n_virtual_tokens, variant["lora_r"],
+                            lora_settings(targets=variant["lora_targets"]).targets)
+    run = hf.PeftRun(args, config, device, dtype, cfg["recompute"])
     common.reset_peak_memory(device)
     _, batches = synthetic_batches(args.vocab_size, cfg["global_batch"], cfg["micro_batch"],
                                    seq_len, target_fraction, seed)
@@ -234,8 +258,11 @@ def run_hf(args, dtype, device, cfg, n_virtual_tokens, steps, warmup_steps, seq_
     del run
     gc.collect()
     return {"bench": "train", "impl": "hf_peft", "n_stages": 1, **cfg,
+            "method": variant["method"], "lora_r": variant["lora_r"],
+            "lora_targets": variant["lora_targets"],
             "n_micro": cfg["global_batch"] // cfg["micro_batch"], "seq_len": seq_len,
-            "n_virtual_tokens": n_virtual_tokens, "dtype": str(dtype).replace("torch.", ""),
+            "n_virtual_tokens": n_virtual_tokens if variant["method"] == "prompt" else 0,
+            "dtype": str(dtype).replace("torch.", ""),
             "steps": steps, "warmup_steps": warmup_steps,
             **timer.record(cfg["global_batch"] * seq_len), "peak_mem_gib": [peak],
             "peak_mem_kind": common.peak_memory_kind(device), "peak_reserved_gib": [reserved],
@@ -268,7 +295,8 @@ def main(shape: str = "tiny", n_stages: int = None, schedule="1f1b", global_batc
          compare_hf: bool = False, rounds: int = 1, impl: str = "ours",
          compare_single_stage: bool = False, trace_dir: str = None,
          recompute_mode: str = "full", compile=False, fused: bool = False, quantize: str = None,
-         group_size: int = None, memory_cap_gib: float = None, cpu_linears="onednn",
+         group_size: int = None, memory_cap_gib: float = None, method: str = "prompt",
+         lora_r: int = 8, lora_targets: str = "q,v", cpu_linears="onednn",
          device: str = None, seed: int = 0, timeout_s: float = 1800.0, **options):
     """Tokens/s (text tokens: global_batch x seq_len per step; the virtual tokens ride along),
     step time, every stage's peak memory and the traced bubble, per configuration.
@@ -290,9 +318,15 @@ def main(shape: str = "tiny", n_stages: int = None, schedule="1f1b", global_batc
     (llama/model/quant.py; group_size for int4, default as split_model.py picks it: 128 for 7B). memory_cap_gib: each process may allocate
     at most this much GPU memory (torch.cuda.set_per_process_memory_fraction), so one large GPU
     shows whether a stage fits a small card; a stage that hits it stops the run, named.
+    method: prompt (a random --n_virtual_tokens soft prompt) or lora (rank --lora_r updates, alpha
+    2r, of --lora_targets, as ft_main.py takes them: QLoRA with --quantize); --compare_hf then
+    runs PEFT's PROMPT_TUNING or LORA of the same size.
     cpu_linears: on a CPU, the frozen linears' products by oneDNN (onednn, as training runs
     them: llama/model/cpu_linear.py) or by torch's default (none); one value or both.
     """
+    if method not in ("prompt", "lora"):
+        raise BadInput(f"--method {method!r} must be prompt or lora")
+    lora_targets = ",".join(lora_settings(lora_r, 2 * lora_r, 0.0, lora_targets).targets)
     given = {name: value for name, value in locals().items() if name != "options"}
     given.update(options)
     if impl not in ("ours", "hf_peft"):
@@ -346,8 +380,10 @@ def run_configurations(given: dict, configs: list, offload: frozenset):
         check_scheme(quantize, group_size)
     run_args = {name: given[name] for name in ("n_virtual_tokens", "steps", "warmup_steps",
                                                "seq_len", "target_fraction", "seed")}
-    run_args["speed"] = {"recompute_mode": given["recompute_mode"], "compile": given["compile"],
-                         "fused": given["fused"], "quantize": quantize, "group_size": group_size}
+    run_args["variant"] = {"recompute_mode": given["recompute_mode"], "compile": given["compile"],
+                           "fused": given["fused"], "quantize": quantize, "group_size": group_size,
+                           "method": given["method"], "lora_r": given["lora_r"],
+                           "lora_targets": given["lora_targets"]}
     env = {"shape": shape_name(shape), **common.environment(ctx.device)}
     if given["impl"] == "hf_peft":
         records = run_hf_configurations(args, dtype, ctx.device, configs, env, run_args)

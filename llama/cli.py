@@ -271,9 +271,16 @@ def run_cli(main):
         status = 0
     except SystemExit as stop:
         status = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-    except BaseException as error:  # a bug or Ctrl+C: show it, leave with the status Python gives
+    except KeyboardInterrupt:  # Ctrl+C reaches every rank of the job: one line each, not a trace
+        line = f"rank {os.environ.get('RANK', '?')}: stopped by Ctrl+C"
+        print(line, file=sys.stderr, flush=True)
+        faults = sys.modules.get("llama.parallel.faults")
+        if faults is not None:  # so a neighbour that sees it leave does not call it silent
+            faults.note_own_error(line)
+        status = 130
+    except BaseException:  # a bug: show it, leave with the status Python gives
         traceback.print_exc()
-        status = 130 if isinstance(error, KeyboardInterrupt) else 1
+        status = 1
     leave_without_teardown(status)
 
 

@@ -44,6 +44,9 @@ MODEL = (
            "while loading (a split made with split_model.py --quantize is already quantized)"),
     Option("group_size", int, None, "inputs per int4 scale (default: the largest power of two "
            "up to 128 dividing every width)"),
+    Option("tp", int, None, "tensor-parallel ranks per pipeline stage: torchrun starts stages x "
+           "tp processes, each stage's layers cut across its tp ranks (default: a split "
+           "folder's own when the process count fits it, else 1; docs/tensor_parallel.md)"),
     Option("compile", bool, False, "torch.compile each transformer block (slow to start; needs "
            "a C++ compiler)"),
     Option("timeout_s", float, 300.0, "seconds to wait for another stage before giving up on it"),

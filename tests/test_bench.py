@@ -162,16 +162,51 @@ def test_train_bench_quantized_stages_hold_fewer_weight_bytes():
 
 def test_serve_bench_goes_through_the_projects_command_line(model_bin):
     """One CLI path (llama.cli.run_cli): --help from the docstring, a misspelt flag refused
-    before any work, then a short run of both ways of serving."""
+    before any work, then a short run of both ways of serving, their clients in another
+    process, every request answered and timed."""
     _, done = run_bench("serve_bench", "--help")
-    assert done.stdout.startswith("Requests/s and tokens/s of serve.py's server") and not done.stderr
-    assert "--concurrency" in done.stdout and "--requests_per_client INT (default 4)" in done.stdout
+    assert done.stdout.startswith("Continuous against static batching in serve.py's server") \
+        and not done.stderr
+    assert "--concurrency" in done.stdout and "--requests_per_client INT (default 8)" in done.stdout
     _, done = run_bench("serve_bench", "--ckpt_dir", str(model_bin), "--concurency", "2",
                         expect_rc=2)
     assert done.stderr == ("error: unknown flag --concurency (did you mean --concurrency?); "
                            "python -m bench.serve_bench --help lists the flags\n")
     lines, done = run_bench("serve_bench", "--ckpt_dir", str(model_bin), "--concurrency", "2",
-                            "--requests_per_client", "1", "--max_tokens", "4")
-    assert [(r["concurrency"], r["max_batch"], r["batching"], r["requests"]) for r in lines] == \
-        [(2, 2, "continuous", 2), (2, 2, "static", 2), (2, 1, "continuous", 2)]
-    assert "requests/s" in table_after_json(done.stdout)[0]
+                            "--requests_per_client", "2", "--max_tokens", "4", "--repeats", "1")
+    machine, *runs = lines
+    assert machine["machine"].startswith("CPU") and machine["date"]
+    assert [(r["concurrency"], r["batching"], r["requests"]) for r in runs] == \
+        [(2, "continuous", 4), (2, "static", 4)]
+    assert runs[0]["tokens"] == runs[1]["tokens"] > 0  # greedy: the same replies either way
+    assert all(0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"] for r in runs)
+    assert "TTFT p99 ms" in table_after_json(done.stdout)[1]
+
+
+def test_train_bench_trains_lora_pairs_on_each_stage_of_an_int4_base(monkeypatch):
+    """--method lora (gpu_check.sh's QLoRA memory part, rehearsed on the tiny shape): each stage
+    trains the LoRA pairs of its own layers, every one of them, and nothing else."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from bench.shapes import model_args
+    from llama.tuning.lora import expected_lora_shapes
+    lines, _ = run_bench("train_bench", *TINY, "--n_stages", "2", "--seq_len", "12",
+                         "--global_batch", "4", "--micro_batch", "2", "--recompute", "True",
+                         "--steps", "1", "--warmup_steps", "1", "--quantize", "int4",
+                         "--method", "lora", "--lora_r", "4", "--lora_targets", "q,v,down")
+    (record,) = [r for r in lines if r.get("bench") == "train"]
+    assert record["method"] == "lora" and record["quantize"] == "int4" and record["loss"] > 0
+    shapes = expected_lora_shapes(model_args("tiny"), 4, ("q", "v", "down"))
+    per_layer = sum(a * b for a, b in shapes.values()) // model_args("tiny").n_layers
+    assert record["trainable_floats"] == [2 * per_layer, 2 * per_layer]  # 4 layers, 2 a stage
+    assert record["n_virtual_tokens"] == 0
+
+
+def test_grid_bench_times_one_process_pp2_and_tp2_side_by_side():
+    lines, done = run_bench("grid_bench", *TINY, "--prompt_len", "4", "--gen_len", "4",
+                            "--repeats", "1", timeout=240)
+    assert [r["layout"] for r in lines] == ["one process", "2 stages (PP 2)", "TP 2"]
+    for record in lines:
+        has_fields(record, ["ms_per_token_median", "ms_per_token_min", "ms_per_token_max",
+                            "vs_one_process", "backend", *ENVIRONMENT])
+        assert record["ms_per_token_median"] > 0 and record["backend"] == "gloo"
+    assert "ms_per_token_median" in table_after_json(done.stdout)[0]

@@ -582,3 +582,18 @@ def test_a_skipped_record_note_names_the_flag_as_typed(tmp_path):
     notes = []
     load_records(path, strict=False, log=notes.append)
     assert notes and notes[0].endswith("; pass --strict to refuse the file instead"), notes
+
+
+def test_no_flag_of_a_torchrun_script_is_taken_by_torchrun():
+    """torchrun's parser reads every --flag of the command line, the script's too, and takes a
+    flag that begins one of its own options (serve.py's old --log: 'ambiguous option ...
+    --log_dir'; a single match would be taken silently)."""
+    import chat
+    import serve
+    from torch.distributed.run import get_args_parser
+    theirs = [s for action in get_args_parser()._actions for s in action.option_strings
+              if s.startswith("--") and s != "--help"]
+    for script in (example, example_ft, ft_main, chat, serve):
+        for name in inspect.signature(script.main).parameters:
+            for flag in (f"--{name}", f"--{name.replace('_', '-')}"):
+                assert not [s for s in theirs if s.startswith(flag)], (script.__name__, flag)

@@ -1,6 +1,7 @@
-"""The one generation engine: rows of every tuning (none, soft prompt, prefix, adapter, LoRA)
-share a batch, join at different steps and each generates what it generates alone, greedy and sampled;
-on one process and on two stages; the static (CUDA-graph) decode mode gives the same ids.
+"""The one generation engine: rows of every tuning (none, soft prompt, prefix, adapter, two
+different LoRAs) share a batch, join at different steps and each generates what it generates
+alone, greedy and sampled; on one process and on two stages; the static (CUDA-graph) decode
+mode gives the same ids.
 Run: python3 -m pytest -q tests/test_engine.py
 """
 import json
@@ -16,7 +17,7 @@ from llama.parallel.distributed import DistContext
 from llama.parallel.pipeline import Stage
 from llama.serving.engine import Engine
 from llama.serving.scheduler import Batcher, Request
-from workers.engine_worker import ROWS, mixed_and_alone, run_rows, tunings
+from workers.engine_worker import ROWS, mixed_and_alone, run_alone, run_rows, tunings
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +34,9 @@ def test_a_mixed_batch_with_rows_joining_late_equals_each_row_alone(single):
 def test_tunings_change_what_a_row_says(model_bin):
     model = load_model(model_bin)
     stage, named = Stage(model, DistContext()), tunings(model, DistContext())
-    names = (None, "prompt", "prefix", "adapter", "lora")
+    names = (None, "prompt", "prefix", "adapter", "lora", "lora2")
     rows = [(name, [1, 300, 400], 0.0, 0) for name in names]
-    outs, _ = run_rows(stage, named, rows, max_rows=5)
+    outs, _ = run_rows(stage, named, rows, max_rows=6)
     assert len({tuple(o) for o in outs}) == len(names), outs
 
 
@@ -50,12 +51,26 @@ def test_static_decode_mode_gives_the_same_ids_and_captures_per_batch_and_adapte
     assert any(gated == () for _, gated in keys), keys
 
 
-def test_two_stages_generate_what_one_process_generates(model_bin, single, tmp_path):
-    split_model.main(str(model_bin), 2, out_dir=str(tmp_path / "pp2"))
+def test_rows_of_two_loras_in_one_batch_each_generate_what_they_generate_alone(model_bin):
+    """Two different LoRAs (ranks 4 and 2, both on q) and the plain model in one batch, in
+    prefill and in every decode step: each row its own A and B, none another's."""
+    model = load_model(model_bin)
+    stage, named = Stage(model, DistContext()), tunings(model, DistContext())
+    rows = [("lora", [1, 300, 400], 0.0, 0), ("lora2", [1, 300, 400], 0.0, 0),
+            (None, [1, 300, 400], 0.0, 0), ("lora2", [1, 403], 0.8, 2)]
+    outs, engine = run_rows(stage, named, rows, max_rows=4, cuda_graph=True)
+    assert any(set(gated) == {"lora", "lora2"} for _, gated in engine.graphs.steps)
+    assert outs == [run_alone(stage, named, row, seed=i) for i, row in enumerate(rows)]
+    assert len({tuple(out) for out in outs[:3]}) == 3, "the same ids: each LoRA changes them"
+
+
+@pytest.mark.parametrize("n_stages", [2, 4])
+def test_stages_generate_what_one_process_generates(model_bin, single, tmp_path, n_stages):
+    split_model.main(str(model_bin), n_stages, out_dir=str(tmp_path / "split"))
     out = tmp_path / "ids.json"
-    argv = [os.path.join("tests", "workers", "engine_worker.py"), "--ckpt", str(tmp_path / "pp2"),
+    argv = [os.path.join("tests", "workers", "engine_worker.py"), "--ckpt", str(tmp_path / "split"),
             "--out", str(out)]
-    check_all_ok(launch(argv, 2, timeout_s=180))
+    check_all_ok(launch(argv, n_stages, timeout_s=300))
     assert json.loads(out.read_text()) == single
 
 

@@ -357,6 +357,7 @@ def test_quantized_split_read_by_an_older_reader(splits, tmp_path, monkeypatch):
     """A reader from before quantization knew format 1 only: it must refuse format 2 at once."""
     import llama.formats.checkpoint as checkpoint
     monkeypatch.setattr(checkpoint, "QUANTIZED_SPLIT_FORMAT", 1)
+    monkeypatch.setattr(checkpoint, "TP_SPLIT_FORMAT", 1)  # it came later still
     with pytest.raises(BadInput, match=r"split.json is format 2, newer than this reader \(up to "
                                        r"1\): update the project or split the model again"):
         load_model(splits["int8"])

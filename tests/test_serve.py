@@ -438,13 +438,37 @@ def test_a_client_leaving_mid_stream_disturbs_no_one(server):
 
 
 def test_openai_client(server):
+    """The official client (skipped when absent) against the standard library's view of the
+    same requests: completions, chat, streams, the usage chunk, the models and an error."""
     openai = pytest.importorskip("openai")
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused",
+                           max_retries=0, timeout=60)
+    assert sorted(m.id for m in client.models.list()) == sorted(server.service.models())
     answer = client.completions.create(model="short", prompt=TEXTS[0], max_tokens=12, temperature=0)
     assert answer.choices[0].text == complete(server.port, "short", TEXTS[0], 12)
-    chunks = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "Hi"}],
-                                            max_tokens=8, temperature=0, stream=True)
-    assert "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert answer.usage.completion_tokens >= 1 and answer.choices[0].finish_reason in ("stop", "length")
+    chat = {"model": "prefix", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8,
+            "temperature": 0}
+    whole = client.chat.completions.create(**chat)
+    expected = call(server.port, "POST", "/v1/chat/completions", chat)[1]
+    assert whole.choices[0].message.content == expected["choices"][0]["message"]["content"]
+    assert whole.usage.total_tokens == expected["usage"]["total_tokens"]
+    chunks = list(client.chat.completions.create(**chat, stream=True,
+                                                 stream_options={"include_usage": True}))
+    *pieces, last = chunks
+    assert "".join(c.choices[0].delta.content or "" for c in pieces) == \
+        whole.choices[0].message.content
+    assert pieces[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert last.choices == [] and last.usage.completion_tokens == whole.usage.completion_tokens
+    streamed = client.completions.create(model="lora", prompt=TEXTS[1], max_tokens=10,
+                                         temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == complete(server.port, "lora", TEXTS[1], 10)
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.completions.create(model="nope", prompt="a")
+    assert unknown.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(**{**chat, "max_tokens": 10 ** 6})
+    assert refused.value.body["param"] == "max_tokens"
 
 
 def test_the_static_decode_mode_serves_the_same_answers(server, model_bin, tokenizer,
@@ -608,6 +632,36 @@ def wait_for_port(log_path, process, timeout_s=90):
     raise AssertionError("the server did not start listening")
 
 
+def start_ranks(argv, n_ranks, tmp_path):
+    """n_ranks processes of argv as torchrun would start them; rank r writes r.out and r.err."""
+    port = free_port()
+    logs = [(open(tmp_path / f"{r}.out", "w"), open(tmp_path / f"{r}.err", "w")) for r in range(n_ranks)]
+    return [subprocess.Popen(argv, cwd=REPO, env=rank_env(r, n_ranks, port), stdout=logs[r][0],
+                             stderr=logs[r][1]) for r in range(n_ranks)]
+
+
+def test_a_tp2_server_answers_every_method_as_one_process(server, model_bin, prompt_folders,
+                                                         method_folders, tmp_path):
+    """Tunings trained in one process, served with every layer split over 2 TP ranks (prefixes,
+    adapters and LoRAs cut by heads as they load), give the one-process server's answers."""
+    served = f"long={prompt_folders['long']},prefix={method_folders['prefix']}," \
+             f"adapter={method_folders['adapter']},lora={method_folders['lora']}"
+    argv = [sys.executable, "serve.py", "--ckpt_dir", str(model_bin), "--tp", "2", "--port", "0",
+            "--base_name", "base", "--prompts", served, "--timeout_s", "60"]
+    ranks = start_ranks(argv, 2, tmp_path)
+    try:
+        listening = wait_for_port(tmp_path / "0.out", ranks[0])
+        for name in ("base", "long", "prefix", "adapter", "lora"):
+            assert complete(listening, name, TEXTS[1]) == complete(server.port, name, TEXTS[1])
+        ranks[0].send_signal(signal.SIGTERM)
+        assert ranks[0].wait(timeout=120) == 0, (tmp_path / "0.err").read_text()
+    finally:
+        for process in ranks:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
 def test_two_rank_server_end_to_end_and_a_lost_stage(server, model_bin, prompt_folders,
                                                      method_folders, tmp_path):
     """Every method through serve.py on two stages (each keeps its own layers' tensors) answers
@@ -617,10 +671,7 @@ def test_two_rank_server_end_to_end_and_a_lost_stage(server, model_bin, prompt_f
              f"adapter={method_folders['adapter']},lora={method_folders['lora']}"
     argv = [sys.executable, "serve.py", "--ckpt_dir", str(tmp_path / "pp2"), "--port", "0",
             "--base_name", "base", "--prompts", served, "--timeout_s", "20"]
-    port = free_port()
-    logs = [(open(tmp_path / f"{r}.out", "w"), open(tmp_path / f"{r}.err", "w")) for r in range(2)]
-    ranks = [subprocess.Popen(argv, cwd=REPO, env=rank_env(r, 2, port), stdout=logs[r][0],
-                              stderr=logs[r][1]) for r in range(2)]
+    ranks = start_ranks(argv, 2, tmp_path)
     try:
         listening = wait_for_port(tmp_path / "0.out", ranks[0])
         for name in ("base", "long", "prefix", "adapter", "lora"):

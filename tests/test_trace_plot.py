@@ -139,9 +139,10 @@ def test_schedule_svg_has_a_row_per_stage_and_a_caption(tmp_path):
     rects = [node.get("class") for node in root.iter(f"{SVG}rect")]
     assert rects.count("span forward") == 4 and rects.count("span backward") == 4
     assert rects.count("span recv_wait") == 2 and rects.count("span optimizer") == 1
-    caption = next(node.text for node in root.iter(f"{SVG}text")
-                   if node.get("class") == "caption")
-    assert "measured bubble 40.0%" in caption and "1/3 = 33.3%" in caption
+    caption = [node.text for node in root.iter(f"{SVG}text") if node.get("class") == "caption"]
+    assert caption[0].startswith("measured bubble 40.0%")
+    assert "(40.0%, 40.0%)" in caption[0]  # each stage's idle share
+    assert "1/3 = 33.3%" in caption[1]
     assert "p<2 & m=2" in [node.text for node in root.iter(f"{SVG}text")]
 
 
@@ -162,7 +163,8 @@ def test_schedule_draws_the_last_complete_step_by_default(tmp_path):
 def test_micro_batches_are_inferred_without_metadata(tmp_path):
     path = written_trace(tmp_path, metadata={"schedule": "gpipe"})
     svg = plot.schedule_svg(plot_inputs.load_trace(str(path)))
-    assert "m=2 micro-batches" in svg and "gpipe pipeline schedule, step 0" in svg
+    assert "m=2 micro-batches" in svg
+    assert "GPipe pipeline schedule: 2 stages × 2 micro-batches, training step 0 as traced" in svg
 
 
 def write_metrics(tmp_path, lines):
@@ -184,7 +186,8 @@ def test_loss_svg_draws_train_and_eval_series(tmp_path):
     assert len(polylines["train-loss"].get("points").split()) == 20
     assert len(polylines["eval-loss"].get("points").split()) == 2
     texts = [node.text for node in root.iter(f"{SVG}text")]
-    assert {"step", "loss (nats/token)", "train loss", "eval loss", "stories260K"} <= set(texts)
+    assert {"step", "loss (nats/token)", "training loss", "held-out loss",
+            "stories260K"} <= set(texts)
 
 
 def test_metrics_without_losses_or_lines_are_refused(tmp_path):
@@ -333,3 +336,116 @@ def test_loss_plot_adds_the_held_out_losses_of_prompt_json(tmp_path):
     assert len(markers) == 2
     texts = [node.text for node in root.iter(f"{SVG}text")]
     assert "2.200" in texts
+
+
+# ---- readable as an image: every box numbered, every colour keyed, titles that say what is drawn
+
+def texts_of(root, class_=None):
+    return [node for node in root.iter(f"{SVG}text")
+            if class_ is None or (node.get("class") or "").split()[:1] == [class_]]
+
+
+def narrow_trace(tmp_path):
+    """1F1B on 2 stages where stage 1's forwards take 0.5 us of a 200 us step: boxes far too
+    narrow for their numbers, two of them side by side."""
+    stage0 = [span(0, "F0", "forward", 0, 40, micro_batch=0, step=0),
+              span(0, "F1", "forward", 40, 80, micro_batch=1, step=0),
+              span(0, "B0", "backward", 80, 140, micro_batch=0, step=0),
+              span(0, "B1", "backward", 140, 200, micro_batch=1, step=0)]
+    stage1 = [span(1, "F0", "forward", 40, 40.5, micro_batch=0, step=0),
+              span(1, "B0", "backward", 40.5, 41, micro_batch=0, step=0),
+              span(1, "F1", "forward", 80, 80.5, micro_batch=1, step=0),
+              span(1, "B1", "backward", 80.5, 81, micro_batch=1, step=0)]
+    path = tmp_path / "trace.json"
+    write_chrome_trace(str(path), [stage0, stage1], {"n_micro_batches": 2, "schedule": "1f1b"})
+    return path
+
+
+def test_every_compute_box_is_numbered_in_it_or_in_the_lane_above(tmp_path):
+    """A number is text in the picture, not a tooltip: inside the box when it fits, else in
+    the label lane just above it, never on top of another such number."""
+    root = parse_svg(plot.schedule_svg(plot_inputs.load_trace(str(narrow_trace(tmp_path)))))
+    inside = texts_of(root, "micro-batch")
+    above = [node for node in inside if "above" in node.get("class")]
+    assert sorted(node.text for node in inside) == ["0", "0", "0", "0", "1", "1", "1", "1"]
+    assert len(above) == 4  # stage 1's four boxes
+    narrow = sorted((rect_box(node) for category in ("forward", "backward")
+                     for node in span_rects(root, category) if float(node.get("width")) < 5),
+                    key=lambda box: box[0])
+    assert len(narrow) == 4
+    centres = sorted(float(node.get("x")) for node in above)
+    for (x0, y0, x1, _), node in zip(narrow, sorted(above, key=lambda n: float(n.get("x")))):
+        assert float(node.get("y")) < y0  # above its box
+        assert abs(float(node.get("x")) - (x0 + x1) / 2) < 20  # and beside it
+    widths = [plot.SMALL_CHAR_WIDTH * len(node.text) for node in above]
+    spans_x = sorted((c - w / 2, c + w / 2) for c, w in zip(centres, widths))
+    assert all(a[1] < b[0] for a, b in zip(spans_x, spans_x[1:]))  # no two overlap
+
+
+def test_the_title_legend_and_caption_say_what_is_drawn(tmp_path):
+    root = parse_svg(plot.schedule_svg(plot_inputs.load_trace(str(narrow_trace(tmp_path)))))
+    (title,) = texts_of(root, "title")
+    assert title.text == ("1F1B pipeline schedule: 2 stages × 2 micro-batches, training step 0 "
+                          "as traced")
+    keys = [node.text for node in texts_of(root, "legend")]
+    assert keys == ["forward of micro-batch n", "backward of micro-batch n"]
+    caption = [node.text for node in texts_of(root, "caption")]
+    assert len(caption) == 3 and caption[2].startswith("ideal for these stages' own costs")
+
+
+def test_the_modelled_bubble_is_the_formula_for_equal_stages_and_above_it_for_unequal_ones():
+    """The caption's third line: the schedule run with each stage's mean forward and backward
+    and free transfers. Equal stages give (p-1)/(m+p-1); here stage 1 costs half of stage 0,
+    so stage 1 waits for stage 0 and the bubble grows."""
+    equal = gpipe_two_stages()
+    assert plot_inputs.modelled_bubble_fraction(equal, "gpipe", 2) == pytest.approx(1 / 3)
+    assert plot_inputs.modelled_bubble_fraction(equal, "1f1b", 2) == pytest.approx(1 / 3)
+    # the optimizer step is idle time at the end, as in the measurement
+    with_step = gpipe_two_stages(optimizer=True)
+    assert plot_inputs.modelled_bubble_fraction(with_step, "gpipe", 2) == pytest.approx(0.4)
+    half = [equal[0], [event if event["cat"] == "recv_wait" else dict(event, dur=event["dur"] / 2)
+                       for event in equal[1]]]
+    # stage 0: F0 0-10, F1 10-20; stage 1: F0 10-15, F1 20-25, B0 25-35, B1 35-45; stage 0:
+    # B0 35-55, B1 55-75. Busy 60 and 30 of 75 us.
+    modelled = plot_inputs.modelled_bubble_fraction(half, "gpipe", 2)
+    assert modelled == pytest.approx(((1 - 60 / 75) + (1 - 30 / 75)) / 2) and modelled > 1 / 3
+    assert plot_inputs.modelled_bubble_fraction(half, None, 2) is None
+
+
+def test_waits_inside_a_span_are_not_counted_in_its_mean_time():
+    stage0, _ = gpipe_two_stages()
+    nested = stage0 + [span(0, "recv dL/dh", "recv_wait", 50, 60, micro_batch=1, step=0)]
+    assert plot_inputs.mean_compute_times(nested) == pytest.approx((10, 15))
+
+
+def untuned_run(tmp_path):
+    metrics = write_metrics(tmp_path, [json.dumps({"step": s, "loss": 3.0 - 0.1 * s})
+                                       for s in range(1, 9)])
+    (tmp_path / "tuning.json").write_text(json.dumps(
+        {"steps": 8, "losses": {"eval_loss_no_prompt": 3.4, "eval_loss_init": 3.1,
+                                "eval_loss": 2.2, "train_loss": 2.3}}))
+    out = tmp_path / "loss.svg"
+    plot.losses(str(metrics), str(out))
+    return parse_svg(out.read_text())
+
+
+def test_the_loss_chart_draws_the_untuned_baseline_with_its_value_and_key(tmp_path):
+    """The held-out loss without the tuning, which the pages compare the trained one against,
+    is on the chart: a dashed line across at its value, the value written, a legend key."""
+    root = untuned_run(tmp_path)
+    (baseline,) = [node for node in root.iter(f"{SVG}line") if node.get("class") == "untuned-loss"]
+    assert baseline.get("stroke-dasharray") and baseline.get("y1") == baseline.get("y2")
+    markers = eval_markers(root)  # step 0 (3.1) and step 8 (2.2): the baseline lies above both
+    assert float(baseline.get("y1")) < min(float(node.get("cy")) for node in markers)
+    assert [node.text for node in texts_of(root, "untuned-value")] == ["3.400"]
+    assert [node.text for node in texts_of(root, "legend")] == [
+        "training loss", "held-out loss", "held-out loss of the untuned model"]
+    assert [node.text for node in texts_of(root, "title")] == ["training loss and held-out loss"]
+
+
+def test_the_loss_chart_title_names_only_what_is_drawn(tmp_path):
+    train_only = [{"step": s, "loss": 2.0} for s in range(1, 4)]
+    held_out_only = [{"step": s, "eval_loss": 2.0} for s in range(1, 4)]
+    for records, title in ((train_only, "training loss"), (held_out_only, "held-out loss")):
+        root = parse_svg(plot.losses_svg(records))
+        assert [node.text for node in texts_of(root, "title")] == [title]

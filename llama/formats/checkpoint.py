@@ -5,7 +5,6 @@ A stage file is a plain state dict with the model's own key names, holding only 
 tensors; split.json records which layers each file holds and its sha256.
 """
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -18,8 +17,12 @@ from llama.formats.files import (atomic_torch_save, atomic_write_text, check_out
 from llama.formats.hf import HFSource
 from llama.formats.layouts import Llama2cSource, MetaSource, TensorSource, model_args_from_dict
 from llama.formats.tensor_files import read_json, safe_torch_load
+from llama.formats.tp_files import (TP_SPLIT_FORMAT, check_tp_manifest, stage_files,
+                                    stage_shard_tensors, tp_fetch, write_tp_shards)
 from llama.model.transformer import ModelArgs, Transformer, args_to_params, params_digest
-from llama.model.partition import balanced_ranges, describe_stage, ranges_from_counts
+from llama.model.partition import (balanced_ranges, check_stage_memory, check_weights_fit,
+                                   describe_stage, ranges_from_counts)
+from llama.model.tensor_shards import check_tp, shard_stage
 from llama.model.dtypes import dtype_named
 from llama.model.hf_tokenizer import (TOKENIZER_JSON_NAMES, derived_generation_config,
                                       is_hf_tokenizer, tokenizer_files_to_copy)
@@ -72,32 +75,6 @@ def stage_plan(args: ModelArgs, n_stages: int, capacities=None, layer_counts=Non
     else:
         ranges = balanced_ranges(args, n_stages)
     return [(r, i == 0, i == n_stages - 1) for i, r in enumerate(ranges)]
-
-
-def check_stage_memory(stage_memory, n_stages: int) -> list:
-    sizes = list(stage_memory) if isinstance(stage_memory, (list, tuple)) else [stage_memory]
-    example = f"e.g. --stage_memory {','.join(['4'] * n_stages)}"
-    if len(sizes) != n_stages:
-        raise BadInput(f"--stage_memory {sizes} must give one size in GiB per stage "
-                       f"({n_stages} stages): {example}")
-    wrong = [g for g in sizes if isinstance(g, bool) or not isinstance(g, (int, float))
-             or not 0 < g < math.inf]
-    if wrong:
-        raise BadInput(f"--stage_memory {sizes}: every size must be a positive number of GiB, "
-                       f"not {wrong[0]!r}: {example}")
-    return sizes
-
-
-def check_weights_fit(args, plan, stage_memory, float_bytes: int, quantization):
-    """--stage_memory: each card must hold at least its stage's weights (the activations come
-    on top: python -m llama.tools.plan tells whether training fits)."""
-    from llama.model.partition import GIB, stage_weight_bytes
-    weights = [stage_weight_bytes(args, stage, float_bytes, quantization) for stage in plan]
-    if any(w > g * GIB for w, g in zip(weights, stage_memory)):
-        by_stage = ", ".join(f"{w / GIB:.3g}" for w in weights)
-        raise BadInput(f"--stage_memory {list(stage_memory)} GiB is too small for this model: "
-                       f"its weights alone need {sum(weights) / GIB:.3g} GiB ({by_stage} by stage); "
-                       "give bigger cards, more stages or --quantize int8/int4")
 
 
 # ---- opening checkpoints ----
@@ -165,14 +142,16 @@ def safe_child(folder: Path, name, what: str) -> Path:
 
 
 # What a split folder holds: only these are ever replaced by --overwrite.
-SPLIT_FILE_NAMES = r"params\.json|split\.json|tokenizer\.model|stage\.\d+\.pth|" + \
+SPLIT_FILE_NAMES = r"params\.json|split\.json|tokenizer\.model|stage\.\d+(\.tp\d+)?\.pth|" + \
     TOKENIZER_JSON_NAMES
 
 
 def write_stage_file(source: TensorSource, folder: Path, index: int, stage, target_dtype,
-                     quantization):
-    """Write stage.NN.pth of one (layer_range, embeddings, head) into folder: (its split.json
-    entry, the dtype of its float tensors). Quantized stages store the block linears packed."""
+                     quantization, tp: int = 1):
+    """Write stage.NN.pth of one (layer_range, embeddings, head) into folder (with tp > 1: one
+    stage.NN.tpR.pth per TP rank, llama/formats/tp_files.py): (its split.json entry, the dtype of
+    its float tensors). Quantized stages store the block linears packed (quantized whole, then
+    cut)."""
     layer_range, embeddings, head = stage
 
     def load_float(name):
@@ -189,31 +168,35 @@ def write_stage_file(source: TensorSource, folder: Path, index: int, stage, targ
     # the dtype of the float tensors (a norm's weight), not of the packed codes
     stored_dtype = str(tensors[names[-1]].dtype if not quantization else next(
         t.dtype for t in tensors.values() if t.is_floating_point())).replace("torch.", "")
+    entry = {"layers": list(layer_range), "embeddings": embeddings, "head": head}
+    if tp > 1:
+        entry["files"] = write_tp_shards(tensors, folder, index, tp)
+        return {**entry, "bytes": sum(f["bytes"] for f in entry["files"])}, stored_dtype
     file_name = f"stage.{index:02d}.pth"
     atomic_torch_save(tensors, folder / file_name)
-    entry = {"file": file_name, "layers": list(layer_range), "embeddings": embeddings,
-             "head": head, "bytes": (folder / file_name).stat().st_size,
-             "sha256": sha256_of(folder / file_name)}
-    return entry, stored_dtype
+    return {"file": file_name, **entry, "bytes": (folder / file_name).stat().st_size,
+            "sha256": sha256_of(folder / file_name)}, stored_dtype
 
 
 def write_split(source: TensorSource, out_dir, n_stages: int, dtype: str = "auto",
                 tokenizer_path=None, overwrite: bool = False, log=print, reads=(),
-                quantize=None, group_size=None, stage_memory=None, layer_counts=None):
+                quantize=None, group_size=None, stage_memory=None, layer_counts=None, tp: int = 1):
     """Write out_dir/{params.json, split.json, stage.NN.pth, tokenizer.model}, atomically as a folder.
 
     One stage's tensors are in memory at a time, each cloned so a file never carries the bytes
     of a bigger tensor it was a view of. An existing out_dir is replaced only when it is a split
     (with overwrite) and holds none of `reads` (the checkpoint's path) nor the tokenizer.
     quantize ("int8"/"int4") stores the block linears packed (llama/model/quant.py); stage_memory
-    (GiB per card) or layer_counts (layers per stage) size the stages to unequal cards.
+    (GiB per card) or layer_counts (layers per stage) size the stages to unequal cards. tp:
+    each stage as that many tensor-parallel shard files (llama/formats/tp_files.py).
     """
     out_dir = Path(out_dir)
     clean_stale_folders_beside(out_dir)
     check_output_folder(out_dir, "--out_dir", "a split folder that split_model.py wrote",
                         "split.json", SPLIT_FILE_NAMES, [*reads, tokenizer_path], overwrite)
     target_dtype = None if dtype == "auto" else dtype_named(dtype)
-    quantization = quantization_entry(source.args, quantize, group_size)
+    check_tp(source.args, tp)
+    quantization = quantization_entry(source.args, quantize, group_size, tp)
     plan = stage_plan(source.args, n_stages, stage_memory, layer_counts)
     if stage_memory is not None:
         float_bytes = target_dtype.itemsize if target_dtype else \
@@ -225,11 +208,13 @@ def write_split(source: TensorSource, out_dir, n_stages: int, dtype: str = "auto
         stages, stored_dtype = [], None
         for index, stage in enumerate(plan):
             entry, stored_dtype = write_stage_file(source, tmp_dir, index, stage, target_dtype,
-                                                   quantization)
+                                                   quantization, tp)
             stages.append(entry)
-            log(f"stage {index}: {describe_stage(*stage)}: {entry['bytes'] / 2**20:.1f} MiB")
-        manifest = {"format": QUANTIZED_SPLIT_FORMAT if quantization else SPLIT_FORMAT,
-                    "n_stages": n_stages, "n_layers": source.args.n_layers,
+            log(f"stage {index}: {describe_stage(*stage)}: {entry['bytes'] / 2**20:.1f} MiB"
+                + (f" in {tp} TP files" if tp > 1 else ""))
+        manifest = {"format": TP_SPLIT_FORMAT if tp > 1 else
+                    QUANTIZED_SPLIT_FORMAT if quantization else SPLIT_FORMAT,
+                    **({"tp": tp} if tp > 1 else {}), "n_stages": n_stages, "n_layers": source.args.n_layers,
                     "stages": stages, "source": source.description, "dtype": stored_dtype,
                     "params_digest": params_digest(source.args)}
         if quantization:
@@ -253,15 +238,17 @@ def read_split(split_dir, **overrides):
     manifest = read_json(split_dir / "split.json")
     written = model_args_from_dict(read_json(split_dir / "params.json"), str(split_dir / "params.json"))
     stages = manifest.get("stages") if isinstance(manifest, dict) else None
+    known = (SPLIT_FORMAT, QUANTIZED_SPLIT_FORMAT, TP_SPLIT_FORMAT)
     if isinstance(manifest, dict) and isinstance(manifest.get("format"), int) and \
-            manifest["format"] > QUANTIZED_SPLIT_FORMAT:
+            manifest["format"] > max(known):
         raise BadInput(f"{split_dir / 'split.json'} is format {manifest['format']}, newer than "
-                       f"this reader (up to {QUANTIZED_SPLIT_FORMAT}): update the project or "
+                       f"this reader (up to {max(known)}): update the project or "
                        "split the model again with this one")
-    if manifest.get("format") not in (SPLIT_FORMAT, QUANTIZED_SPLIT_FORMAT) or \
+    if manifest.get("format") not in known or \
             not isinstance(stages, list) or not stages:
         raise BadInput(f"{split_dir / 'split.json'} is not a format-{SPLIT_FORMAT} split manifest; "
                        "split the model again with split_model.py")
+    check_tp_manifest(split_dir, manifest)
     check_manifest_quantization(split_dir, manifest, written)
     if manifest.get("n_layers") != written.n_layers or \
             manifest.get("params_digest") != params_digest(written):
@@ -275,7 +262,8 @@ def read_split(split_dir, **overrides):
                 and layers[0] < layers[1] <= args.n_layers):
             raise BadInput(f"{split_dir / 'split.json'}: stage {i} has layers {layers!r}, which do "
                            "not continue the previous stage; split the model again")
-        safe_child(split_dir, stage.get("file"), f"stage {i} file")
+        for entry in stage_files(split_dir, manifest, i):
+            safe_child(split_dir, entry.get("file"), f"stage {i} file")
         expected_start = layers[1]
     if expected_start != args.n_layers:
         raise BadInput(f"{split_dir / 'split.json'}: stages cover layers 0..{expected_start - 1} "
@@ -286,22 +274,24 @@ def read_split(split_dir, **overrides):
 def check_manifest_quantization(split_dir, manifest, args):
     """A quantized split must say format 2 and a scheme and group size this reader knows."""
     quantization = manifest.get("quantization")
-    if quantization is None and manifest["format"] == SPLIT_FORMAT:
+    if quantization is None and manifest["format"] != QUANTIZED_SPLIT_FORMAT:
         return
     scheme = quantization.get("scheme") if isinstance(quantization, dict) else None
-    if manifest["format"] != QUANTIZED_SPLIT_FORMAT or scheme not in SCHEMES:
+    if manifest["format"] == SPLIT_FORMAT or scheme not in SCHEMES:
         raise BadInput(f"{split_dir / 'split.json'} records quantization {quantization!r}, which "
                        f"this reader does not know (it reads {' and '.join(SCHEMES)} in format "
                        f"{QUANTIZED_SPLIT_FORMAT}): update the project or split the model again")
     try:
-        check_quantizable(args, quantization)
+        check_quantizable(args, quantization, manifest.get("tp", 1))
     except BadInput as error:
         raise BadInput(f"{split_dir / 'split.json'}: {error}") from None
 
 
-def load_stage_tensors(split_dir, manifest, index: int, verify: bool = True) -> dict:
+def load_stage_tensors(split_dir, manifest, index: int, verify: bool = True,
+                       tp_rank: int = 0) -> dict:
+    """The tensors of stage index's file (of its TP rank tp_rank's file in a TP split)."""
     split_dir = Path(split_dir)
-    entry = manifest["stages"][index]
+    entry = stage_files(split_dir, manifest, index)[tp_rank]
     path = safe_child(split_dir, entry["file"], f"stage {index} file")
     if not path.is_file():
         raise BadInput(f"stage file {path} is missing: split the model again")
@@ -316,9 +306,10 @@ def load_stage_tensors(split_dir, manifest, index: int, verify: bool = True) -> 
 
 # ---- the runtime's view: the model of one stage ----
 
-def _split_stage_source(ckpt_dir, stage: int, n_stages: int, overrides: dict, verify: bool):
+def _split_stage_source(ckpt_dir, stage: int, n_stages: int, overrides: dict, verify: bool,
+                        tp_rank: int, tp_size: int):
     """(args, stage plan, tensors by name) from a split directory: the split's own stages, or
-    every stage file when one process runs them all."""
+    every stage file when one process runs them all; TP rank tp_rank's shards of them."""
     args, manifest = read_split(ckpt_dir, **overrides)
     split_stages = manifest["stages"]
     if n_stages == 1 and len(split_stages) > 1:
@@ -332,25 +323,42 @@ def _split_stage_source(ckpt_dir, stage: int, n_stages: int, overrides: dict, ve
                        f"{len(split_stages)} processes or split again with --n_stages {n_stages}")
     tensors = {}
     for i in files:
-        tensors.update(load_stage_tensors(ckpt_dir, manifest, i, verify))
+        tensors.update(stage_shard_tensors(
+            lambda r, i=i: load_stage_tensors(ckpt_dir, manifest, i, verify, r),
+            manifest.get("tp", 1), tp_rank, tp_size))
     return args, plan, tensors, manifest.get("quantization")
 
 
+def stage_skeleton(args, plan, quantization, tp_rank: int = 0, tp_size: int = 1):
+    """The stage on the meta device, quantized and cut to its TP shard as asked: its state dict
+    names and shapes are what a load must supply."""
+    with torch.device("meta"):
+        model = Transformer(args, *plan)
+        if quantization:
+            model = apply_quantization(model, **quantization_args(quantization))
+        return shard_stage(model, tp_rank, tp_size) if tp_size > 1 else model
+
+
 def load_model(ckpt_dir, stage: int = 0, n_stages: int = 1, device="cpu", dtype=torch.float32,
-               max_seq_len=None, verify: bool = True, quantize=None, group_size=None):
+               max_seq_len=None, verify: bool = True, quantize=None, group_size=None,
+               tp_rank: int = 0, tp_size: int = 1):
     """The Transformer for `stage` of `n_stages`, weights loaded strictly, frozen, on device.
 
     From a split directory the stages are the split's own (n_stages must match); from any other
     checkpoint the layers are balanced on the fly and only this stage's tensors are read.
     A quantized split loads its packed weights as they are; quantize ("int8"/"int4") quantizes
-    a float checkpoint's block linears while loading, one layer at a time.
+    a float checkpoint's block linears while loading, one layer at a time. tp_size > 1: TP rank
+    tp_rank's shard of the stage (llama/model/tensor_shards.py), read from its own file where
+    the split or Meta's shards have one, else cut from the whole tensors (quantized first).
     """
     overrides = {"max_seq_len": max_seq_len} if max_seq_len else {}
-    split = is_split_dir(ckpt_dir)
+    split, source = is_split_dir(ckpt_dir), None
     stored_quantization = None
+    whole_first = quantize is not None and tp_size > 1  # quantize whole tensors, then cut
     if split:
-        args, plan, tensors, stored_quantization = _split_stage_source(ckpt_dir, stage, n_stages,
-                                                                       overrides, verify)
+        args, plan, tensors, stored_quantization = _split_stage_source(
+            ckpt_dir, stage, n_stages, overrides, verify,
+            *((0, 1) if whole_first else (tp_rank, tp_size)))
         fetch, available = tensors.__getitem__, set(tensors)
     else:
         source = open_source(ckpt_dir, **overrides)
@@ -360,14 +368,14 @@ def load_model(ckpt_dir, stage: int = 0, n_stages: int = 1, device="cpu", dtype=
     if stored_quantization and quantize is not None:
         raise BadInput(f"{ckpt_dir} is already quantized ({stored_quantization['scheme']}): drop "
                        "--quantize, or give the float checkpoint")
-    quantization = stored_quantization or quantization_entry(args, quantize, group_size)
-    with torch.device("meta"):
-        model = Transformer(args, *plan)
-        if quantization:
-            model = apply_quantization(model, **quantization_args(quantization))
+    check_tp(args, tp_size)
+    quantization = stored_quantization or quantization_entry(args, quantize, group_size, tp_size)
+    model = stage_skeleton(args, plan, quantization, tp_rank, tp_size)
     if quantization and not stored_quantization:
         fetch = quantizing_fetch(fetch, model, **quantization_args(quantization))
         available |= set(model.state_dict())
+    if not split or whole_first:
+        fetch = tp_fetch(source, fetch, tp_rank, tp_size, quantizing=whole_first)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     missing = [name for name in expected if name not in available]
     if missing:

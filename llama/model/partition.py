@@ -3,7 +3,10 @@
 Stages get contiguous layer ranges whose costs are as even as possible: the first stage also pays
 for the token embeddings and the last for the final norm and output head.
 """
+import math
 from functools import lru_cache
+
+from llama.errors import BadInput
 
 from llama.model.transformer import ModelArgs
 
@@ -91,20 +94,24 @@ def describe_stage(layer_range, embeddings: bool, head: bool) -> str:
 GIB = 2**30
 
 
-def linear_parameters(args: ModelArgs):
-    """[(out, in)] of one block's seven linears."""
+def linear_parameters(args: ModelArgs, tp: int = 1):
+    """[(out, in)] of one block's seven linears (wq, wk, wv, wo, w1, w2, w3), as one of tp
+    tensor-parallel ranks holds them: column-parallel ones a tp-th of the rows, wo and w2 a
+    tp-th of the columns (llama/model/tensor_shards.py)."""
     kv_dim = args.n_kv_heads * args.head_dim
-    return [(args.dim, args.dim), (kv_dim, args.dim), (kv_dim, args.dim), (args.dim, args.dim),
-            (args.hidden_dim, args.dim), (args.dim, args.hidden_dim), (args.hidden_dim, args.dim)]
+    return [(args.dim // tp, args.dim), (kv_dim // tp, args.dim), (kv_dim // tp, args.dim),
+            (args.dim, args.dim // tp), (args.hidden_dim // tp, args.dim),
+            (args.dim, args.hidden_dim // tp), (args.hidden_dim // tp, args.dim)]
 
 
-def layer_weight_bytes(args: ModelArgs, float_bytes: int, quantization=None) -> float:
-    """Bytes of one block: its linears at 1 (int8) or 1/2 (int4) byte a weight plus their
-    scales (and zeros) in the float dtype, or all float; the two norms always float."""
+def layer_weight_bytes(args: ModelArgs, float_bytes: int, quantization=None, tp: int = 1) -> float:
+    """Bytes of one block (a TP rank's share of it): its linears at 1 (int8) or 1/2 (int4)
+    byte a weight plus their scales (and zeros) in the float dtype, or all float; the two norms
+    always float (and whole on every TP rank)."""
     norms = 2 * args.dim * float_bytes
     scheme = (quantization or {}).get("scheme")
     total = 0
-    for out_features, in_features in linear_parameters(args):
+    for out_features, in_features in linear_parameters(args, tp):
         if scheme == "int8":
             total += out_features * in_features + out_features * float_bytes
         elif scheme == "int4":
@@ -115,9 +122,36 @@ def layer_weight_bytes(args: ModelArgs, float_bytes: int, quantization=None) -> 
     return total + norms
 
 
-def stage_weight_bytes(args: ModelArgs, stage, float_bytes: int, quantization=None) -> float:
-    """Bytes of one stage's weights; stage = (layer_range, has_embeddings, has_head)."""
+def stage_weight_bytes(args: ModelArgs, stage, float_bytes: int, quantization=None,
+                       tp: int = 1) -> float:
+    """Bytes of one stage's weights (on each of its tp ranks: the embeddings and the head are
+    whole on every one); stage = (layer_range, has_embeddings, has_head)."""
     (first, last), has_embeddings, has_head = stage
     _, embeddings, head = parameter_costs(args)
-    return ((last - first) * layer_weight_bytes(args, float_bytes, quantization)
+    return ((last - first) * layer_weight_bytes(args, float_bytes, quantization, tp)
             + (has_embeddings * embeddings + has_head * head) * float_bytes)
+
+
+def check_stage_memory(stage_memory, n_stages: int) -> list:
+    sizes = list(stage_memory) if isinstance(stage_memory, (list, tuple)) else [stage_memory]
+    example = f"e.g. --stage_memory {','.join(['4'] * n_stages)}"
+    if len(sizes) != n_stages:
+        raise BadInput(f"--stage_memory {sizes} must give one size in GiB per stage "
+                       f"({n_stages} stages): {example}")
+    wrong = [g for g in sizes if isinstance(g, bool) or not isinstance(g, (int, float))
+             or not 0 < g < math.inf]
+    if wrong:
+        raise BadInput(f"--stage_memory {sizes}: every size must be a positive number of GiB, "
+                       f"not {wrong[0]!r}: {example}")
+    return sizes
+
+
+def check_weights_fit(args, plan, stage_memory, float_bytes: int, quantization):
+    """--stage_memory: each card must hold at least its stage's weights (the activations come
+    on top: python -m llama.tools.plan tells whether training fits)."""
+    weights = [stage_weight_bytes(args, stage, float_bytes, quantization) for stage in plan]
+    if any(w > g * GIB for w, g in zip(weights, stage_memory)):
+        by_stage = ", ".join(f"{w / GIB:.3g}" for w in weights)
+        raise BadInput(f"--stage_memory {list(stage_memory)} GiB is too small for this model: "
+                       f"its weights alone need {sum(weights) / GIB:.3g} GiB ({by_stage} by stage); "
+                       "give bigger cards, more stages or --quantize int8/int4")

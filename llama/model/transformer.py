@@ -272,6 +272,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps) if head else None
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False) if head else None
         self.turns = None  # rotary_tables from position 0, made on first use (not saved)
+        # (rank, count): which tensor-parallel shard of every block this holds (all: (0, 1));
+        # llama/model/tensor_shards.py cuts the blocks and sets it
+        self.tp_shard = (0, 1)
 
     @property
     def has_embeddings(self) -> bool:
@@ -324,8 +327,8 @@ class Transformer(nn.Module):
     def setup_kv_cache(self, batch_size: int, max_seq_len: int):
         # the activations' dtype: a norm's gain is float even when the linears hold packed codes
         weight = next(iter(self.layers.values())).attention_norm.weight
-        for block in self.layers.values():
-            block.attention.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads,
+        for block in self.layers.values():  # the kv heads this (TP shard of the) block holds
+            block.attention.cache = KVCache(batch_size, max_seq_len, block.attention.n_kv_heads,
                                             self.args.head_dim, weight.dtype, weight.device)
 
     def keep_cache_rows(self, rows):

@@ -1,10 +1,14 @@
 """One place for distributed setup: torchrun's environment -> a small context with the transport.
 
-The stage of a rank is its global RANK, its device comes from LOCAL_RANK, so a multi-node launch
-works unchanged. nccl when every local rank has its own GPU; gloo otherwise (CPU only, or ranks
+The ranks form a grid of pipeline stages x tensor-parallel (TP) ranks: global RANK r is TP rank
+r % tp of stage r // tp, so the TP ranks of a stage are neighbours (one node, where their
+all-reduces are cheapest). Activations pass between the matching TP ranks of neighbouring
+stages; each stage has its own process group for its all-reduces. With tp 1 the stage is the
+RANK. The device comes from LOCAL_RANK, so a multi-node launch works unchanged. nccl when every local rank has its own GPU; gloo otherwise (CPU only, or ranks
 sharing a GPU, which NCCL refuses), with tensors staged through CPU memory. Every wait has a
 timeout; what a failure means is worked out in llama/parallel/faults.py.
 """
+import contextlib
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -25,18 +29,48 @@ class DistContext:
     timeout_s: float = 300.0
     store: dist.Store = None  # the job's store, where llama/parallel/faults.py reports a lost peer
     pending_sends: list = field(default_factory=list)
+    tp_size: int = 1  # tensor-parallel ranks per stage
+    tp_group: object = None  # this stage's process group (None with tp 1)
+    # (name, category) -> a context manager timing a TP all-reduce in the run's trace (the
+    # Stage's span, set by the training loop); None: not traced
+    span: object = None
 
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
 
     @property
+    def stage(self) -> int:
+        return self.rank // self.tp_size
+
+    @property
+    def n_stages(self) -> int:
+        return self.world_size // self.tp_size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp_size
+
+    @property
     def is_first(self) -> bool:
-        return self.rank == 0
+        return self.stage == 0
 
     @property
     def is_last(self) -> bool:
-        return self.rank == self.world_size - 1
+        return self.stage == self.n_stages - 1
+
+    def rank_of(self, stage: int, tp_rank: int = None) -> int:
+        """The global rank of `stage`'s TP rank (this rank's own TP rank by default)."""
+        return stage * self.tp_size + (self.tp_rank if tp_rank is None else tp_rank)
+
+    @property
+    def prev_rank(self) -> int:
+        """Where this rank's activations come from: the same TP rank of the stage before."""
+        return self.rank_of(self.stage - 1)
+
+    @property
+    def next_rank(self) -> int:
+        return self.rank_of(self.stage + 1)
 
     def log(self, *parts):
         """Print on rank 0 only (the others stay quiet rather than being silenced)."""
@@ -117,6 +151,15 @@ class DistContext:
         self._collective(lambda: dist.gather_object(obj, out, dst=0))
         return out
 
+    def tp_all_reduce(self, tensor):
+        """tensor summed over this stage's TP ranks, in place where the wire is its device."""
+        if self.tp_size == 1:
+            return tensor
+        wire = tensor.contiguous().to(self.wire_device)
+        with self.span("all-reduce", "all_reduce") if self.span else contextlib.nullcontext():
+            self._collective(lambda: dist.all_reduce(wire, group=self.tp_group))
+        return wire if wire.device == tensor.device else wire.to(tensor.device)
+
     def barrier(self):
         if self.distributed:
             self._collective(dist.barrier)
@@ -168,17 +211,36 @@ def job_store(rank: int, world_size: int, timeout: timedelta) -> dist.TCPStore:
                          multi_tenant=True, use_libuv=os.environ.get("USE_LIBUV", "1") == "1")
 
 
-def init_distributed(device=None, timeout_s: float = 300.0, expected_world_size=None) -> DistContext:
-    """Read torchrun's environment, pick device and backend, join the process group."""
+def check_grid(world_size: int, tp: int, expected_stages=None) -> int:
+    """The number of stages of world_size ranks at tp TP ranks each; a grid that cannot be is
+    refused in one line naming both numbers."""
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise BadInput(f"--tp {tp!r} must be a positive integer (tensor-parallel ranks per stage)")
+    if world_size == 1 and tp > 1:
+        raise BadInput(f"--tp {tp} needs {tp} processes per stage, but this is one process: "
+                       f"start it with torchrun --nproc_per_node {tp} (or more stages' worth)")
+    if world_size % tp:
+        raise BadInput(f"torchrun started {world_size} processes, which is not a whole number "
+                       f"of stages of --tp {tp} ranks: start stages x {tp} processes")
+    if world_size == 1 or expected_stages is None or world_size // tp == expected_stages:
+        return world_size // tp
+    grid = f" = {world_size // tp} stages x --tp {tp}," if tp > 1 else ""
+    raise BadInput(f"torchrun started {world_size} processes{grid} but the checkpoint is split "
+                   f"into {expected_stages} stages: use "
+                   f"--nproc_per_node {expected_stages * tp} (in all) or split again with "
+                   f"--n_stages {world_size // tp}")
+
+
+def init_distributed(device=None, timeout_s: float = 300.0, expected_stages=None,
+                     tp: int = 1) -> DistContext:
+    """Read torchrun's environment, pick device and backend, join the process group and make
+    each stage's TP group (world size = stages x tp)."""
     if not timeout_s or timeout_s <= 0:
         shown = format(timeout_s, "g") if isinstance(timeout_s, (int, float)) else repr(timeout_s)
         raise BadInput(f"--timeout_s={shown} must be a positive number of seconds")
     world_size = env_int("WORLD_SIZE", 1)
     rank, local_rank = env_int("RANK", 0), env_int("LOCAL_RANK", 0)
-    if expected_world_size is not None and world_size not in (1, expected_world_size):
-        raise BadInput(f"torchrun started {world_size} processes but the checkpoint is split into "
-                       f"{expected_world_size} stages: use --nproc_per_node {expected_world_size} "
-                       f"(in all) or split again with --n_stages {world_size}")
+    check_grid(world_size, tp, expected_stages)
     device = pick_device(device, local_rank)
     if world_size == 1:
         return DistContext(device=device, timeout_s=timeout_s)
@@ -192,4 +254,10 @@ def init_distributed(device=None, timeout_s: float = 300.0, expected_world_size=
     # the same prefix env:// gives the group's keys, apart from anything else in the store
     dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=rank,
                             world_size=world_size, timeout=timeout)
-    return DistContext(rank, world_size, device, backend, timeout_s, store)
+    tp_group = None
+    # every rank makes every stage's group, in the same order (new_group is collective)
+    for stage in range(world_size // tp if tp > 1 else 0):
+        group = dist.new_group(list(range(stage * tp, (stage + 1) * tp)), timeout=timeout)
+        tp_group = group if stage == rank // tp else tp_group
+    return DistContext(rank, world_size, device, backend, timeout_s, store, tp_size=tp,
+                       tp_group=tp_group)

@@ -29,9 +29,15 @@ def short_cause(error) -> str:
     return line.split(". ")[0]
 
 
-def stopped_with_its_own_error(rank: int) -> str:
-    return (f"stage {rank} stopped with an error of its own (its error line comes first); this "
-            "stage stops with it")
+def stage_named(ctx, rank: int) -> str:
+    """'2' for rank 2 of a pipeline alone; '1 (rank 2)' in a grid of stages x TP ranks."""
+    tp = getattr(ctx, "tp_size", 1)
+    return str(rank) if tp == 1 else f"{rank // tp} (rank {rank})"
+
+
+def stopped_with_its_own_error(ctx, rank: int) -> str:
+    return (f"stage {stage_named(ctx, rank)} stopped with an error of its own (its error line "
+            "comes first); this stage stops with it")
 
 
 # ---- the two ways a rank loses the others ----
@@ -39,13 +45,13 @@ def stopped_with_its_own_error(rank: int) -> str:
 def peer_lost(ctx, error, peer: int, doing: str) -> PeerLost:
     """The error for a failed send to / receive from `peer` (doing: "sending to", ...)."""
     lost, failed = report_down(ctx, peer)
-    where = f"rank {ctx.rank} (stage {ctx.rank}) failed {doing} stage {peer}"
+    where = f"rank {ctx.rank} (stage {ctx.stage}) failed {doing} stage {stage_named(ctx, peer)}"
     if lost in failed:
-        return PeerLost(f"{where}: {stopped_with_its_own_error(lost)}")
-    blame = f"Stage {peer} has probably died or stalled"
+        return PeerLost(f"{where}: {stopped_with_its_own_error(ctx, lost)}")
+    blame = f"Stage {stage_named(ctx, peer)} has probably died or stalled"
     if lost != peer:  # the peer gave up first, because it had lost another stage
-        blame = (f"Stage {peer} stopped because it lost stage {lost}, which has probably died "
-                 "or stalled")
+        blame = (f"Stage {stage_named(ctx, peer)} stopped because it lost stage "
+                 f"{stage_named(ctx, lost)}, which has probably died or stalled")
     return PeerLost(f"{where}: {short_cause(error)}. {blame} longer than --timeout_s="
                     f"{ctx.timeout_s:g}; see its log")
 
@@ -54,14 +60,14 @@ def collective_failed(ctx, error) -> PeerLost:
     """The error for a failed collective: it cannot say whom it lost, so it asks the store."""
     silent, failed = report_down(ctx, None)
     if failed:
-        return PeerLost(f"rank {ctx.rank} (stage {ctx.rank}) stopped: "
-                        f"{stopped_with_its_own_error(failed[0])}")
+        return PeerLost(f"rank {ctx.rank} (stage {ctx.stage}) stopped: "
+                        f"{stopped_with_its_own_error(ctx, failed[0])}")
     named = ""
     if silent:
-        stages = ", ".join(str(r) for r in silent)
+        stages = ", ".join(stage_named(ctx, r) for r in silent)
         named = (f": stage{'s' if len(silent) > 1 else ''} {stages}, which did not report an "
                  "error of its own")
-    return PeerLost(f"rank {ctx.rank} (stage {ctx.rank}): a collective with the other stages "
+    return PeerLost(f"rank {ctx.rank} (stage {ctx.stage}): a collective with the other stages "
                     f"failed ({short_cause(error)}); another stage has probably died or stalled"
                     f"{named}; see its log")
 

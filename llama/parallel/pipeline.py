@@ -1,6 +1,7 @@
 """Pipeline parallelism by hand: one rank per stage, activations forward, their gradients back.
 
-A Stage is one rank's model plus its neighbours. `train_step` runs a GPipe or 1F1B schedule of
+A Stage is one rank's model plus its neighbours (with tensor parallelism, the same TP rank of the
+stages before and after it: llama/parallel/distributed.py). `train_step` runs a GPipe or 1F1B schedule of
 micro-batches through it (generation runs on it in llama/serving/engine.py); with one stage (one
 process) the same code is plain gradient accumulation, which is why the pipeline's gradient can
 be checked against it exactly.
@@ -11,6 +12,7 @@ import torch
 
 from llama.errors import BadInput
 from llama.parallel.loss import loss_sum
+from llama.parallel.tensor_parallel import sum_partial_grads
 from llama.tuning.methods import Tuning, apply_prompt
 
 SCHEDULES = ("gpipe", "1f1b")
@@ -99,12 +101,12 @@ class Stage:
             return self.tuning.prepend(h) if with_prompt else h
         length = T + self.hidden_virtual(with_prompt)
         with self.span("recv h", "recv_wait"):
-            return self.ctx.recv((B, length, self.model.args.dim), self.dtype, self.ctx.rank - 1)
+            return self.ctx.recv((B, length, self.model.args.dim), self.dtype, self.ctx.prev_rank)
 
     def hidden_out(self, h):
         """Pass h on to the next stage (all but the last); the last stage keeps it."""
         if not self.is_last:
-            self.ctx.send(h, self.ctx.rank + 1)
+            self.ctx.send(h, self.ctx.next_rank)
 
     # ---- training ----
 
@@ -132,10 +134,10 @@ class Stage:
                 out.backward()
             else:
                 with self.span("recv dL/dh", "recv_wait"):
-                    grad = self.ctx.recv(out.shape, self.dtype, self.ctx.rank + 1)
+                    grad = self.ctx.recv(out.shape, self.dtype, self.ctx.next_rank)
                 out.backward(grad)
             if not self.is_first:
-                self.ctx.send(h_in.grad, self.ctx.rank - 1)
+                self.ctx.send(h_in.grad, self.ctx.prev_rank)
 
     def train_step(self, micro_batches, schedule: str, loss_scale: float = 1.0):
         """Forward and backward every micro-batch; returns the summed loss (last stage) or None.
@@ -147,7 +149,7 @@ class Stage:
         n_targets = sum(int(b.n_targets) for b in micro_batches)
         weight = loss_scale / max(n_targets, 1)
         total = torch.zeros((), dtype=torch.float64, device=self.device)  # read once, at the end
-        for kind, i in schedule_actions(schedule, self.ctx.rank, self.ctx.world_size,
+        for kind, i in schedule_actions(schedule, self.ctx.stage, self.ctx.n_stages,
                                          len(micro_batches)):
             if kind == "F":
                 summed = self.forward_micro_batch(i, micro_batches[i], weight)
@@ -156,6 +158,7 @@ class Stage:
             else:
                 self.backward_micro_batch(i)
         self.ctx.flush_sends()
+        sum_partial_grads(self.ctx, self.tuning.trainable)
         return (float(total), n_targets) if self.is_last else (None, n_targets)
 
     @torch.no_grad()

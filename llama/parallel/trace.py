@@ -1,7 +1,7 @@
 """Record when each pipeline stage computed, waited and sent, and save it as one Chrome trace.
 
 Every rank keeps a Tracer; rank 0 gathers `tracer.events` from all ranks and calls
-write_chrome_trace. Open the file in ui.perfetto.dev or chrome://tracing, or draw it with
+write_chrome_trace (one row per rank: with tensor parallelism, a stage's TP ranks are its rows). Open the file in ui.perfetto.dev or chrome://tracing, or draw it with
 `python -m llama.tools.plot schedule trace.json --out schedule.svg`.
 """
 import contextlib
@@ -53,13 +53,15 @@ class Tracer:
         return time.time_ns() / 1000
 
 
-def stage_name(stage: int) -> str:
-    return f"stage {stage}"
+def stage_name(stage: int, tp: int = 1) -> str:
+    """The row of rank `stage` (its stage, and its TP rank where there are several)."""
+    return f"stage {stage}" if tp == 1 else f"stage {stage // tp} TP {stage % tp}"
 
 
 def _stage_name_events(n_stages: int, metadata: dict) -> list:
+    tp = int(metadata.get("tp") or 1)
     named = [{"name": "process_name", "ph": "M", "pid": stage, "tid": 0,
-              "args": {"name": stage_name(stage)}} for stage in range(n_stages)]
+              "args": {"name": stage_name(stage, tp)}} for stage in range(n_stages)]
     ordered = [{"name": "process_sort_index", "ph": "M", "pid": stage, "tid": 0,
                 "args": {"sort_index": stage}} for stage in range(n_stages)]
     return named + ordered
@@ -76,10 +78,10 @@ def _shifted_spans(events_per_stage: list) -> list:
 
 
 def write_chrome_trace(path: str, events_per_stage: list, metadata: dict):
-    """Write events_per_stage[s] (stage s's Tracer.events) as one trace file, atomically.
+    """Write events_per_stage[s] (rank s's Tracer.events) as one trace file, atomically.
 
-    metadata (e.g. n_stages, n_micro_batches, schedule) is stored as the trace's
-    "metadata"; n_stages defaults to the number of stages given.
+    metadata (e.g. n_stages, tp, n_micro_batches, schedule) is stored as the trace's
+    "metadata"; n_stages defaults to the number of ranks given (tp ranks a stage: 1).
     """
     trace = {"traceEvents": _stage_name_events(len(events_per_stage), metadata)
              + _shifted_spans(events_per_stage),
@@ -123,20 +125,27 @@ def busy_time(events: list) -> float:
     return covered(COMPUTE_CATEGORIES + ("recv_wait",)) - covered(("recv_wait",))
 
 
-def bubble_fraction(events_per_stage: list) -> float:
-    """Measured idle share: 1 - busy / wall per stage, averaged over the stages.
+def idle_shares(events_per_stage: list) -> list:
+    """Each stage's idle share of the step: 1 - its busy time / the wall time.
 
     The wall time runs from the first start to the last end over all stages' events, so
-    waits, sends and the optimizer step all count as idle.
+    waits, sends and the optimizer step all count as idle. Time a stage's process was not
+    running inside a forward or backward (another process had the CPU) counts as busy: the
+    clock cannot tell it from computing.
     """
     spans = [event for events in events_per_stage for event in events]
     if not spans:
-        raise ValueError("bubble_fraction needs at least one event")
+        raise ValueError("idle_shares needs at least one event")
     wall = (max(span["ts"] + span["dur"] for span in spans)
             - min(span["ts"] for span in spans))
     if wall <= 0:
-        return 0.0
-    idle = [1.0 - busy_time(events) / wall for events in events_per_stage]
+        return [0.0] * len(events_per_stage)
+    return [1.0 - busy_time(events) / wall for events in events_per_stage]
+
+
+def bubble_fraction(events_per_stage: list) -> float:
+    """Measured idle share: idle_shares averaged over the stages."""
+    idle = idle_shares(events_per_stage)
     return sum(idle) / len(idle)
 
 

@@ -28,8 +28,9 @@ from llama.model.fused import apply_fused_projections
 from llama.model.quant import QuantizedLinear, quantize_head, use_dynamic_int8
 from llama.model.tokenizer import Tokenizer
 from llama.options import MODEL, pick
-from llama.parallel.distributed import init_distributed
+from llama.parallel.distributed import env_int, init_distributed
 from llama.parallel.faults import PeerLost, report_and_exit
+from llama.parallel.tensor_parallel import apply_tensor_parallel
 from llama.prepare.compiling import apply_compile, compiler_missing
 from llama.prepare.offload import RECOMPUTE_MODES, apply_recompute, apply_weight_streaming
 
@@ -45,18 +46,25 @@ def pick_dtype(name, device: torch.device):
 
 
 def start_stage(ckpt_dir, tokenizer_path=None, device=None, dtype=None, max_seq_len=None,
-                timeout_s: float = 300.0, quantize=None, group_size=None):
+                timeout_s: float = 300.0, quantize=None, group_size=None, tp=None):
     """(ctx, model of this rank's stage, tokenizer) for a split directory or any checkpoint.
 
     quantize: int8 or int4 frozen block linears made while a float checkpoint loads, one layer
-    at a time (llama/model/quant.py), so the float model is never whole in memory."""
+    at a time (llama/model/quant.py), so the float model is never whole in memory. tp: tensor-
+    parallel ranks per stage (None: a split's own when torchrun started its stages x tp
+    processes, else 1); the rank's stage is cut to its TP shard and hooked to its TP group."""
     if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 2):
         raise BadInput(f"--max_seq_len={max_seq_len!r} must be an integer of at least 2")
-    expected = len(read_split(ckpt_dir)[1]["stages"]) if is_split_dir(ckpt_dir) else None
-    ctx = init_distributed(device, timeout_s, expected_world_size=expected)
-    model = load_model(ckpt_dir, ctx.rank, ctx.world_size, ctx.device,
+    manifest = read_split(ckpt_dir)[1] if is_split_dir(ckpt_dir) else None
+    expected = len(manifest["stages"]) if manifest else None
+    if tp is None:
+        split_tp = manifest.get("tp", 1) if manifest else 1
+        tp = split_tp if manifest and env_int("WORLD_SIZE", 1) == expected * split_tp else 1
+    ctx = init_distributed(device, timeout_s, expected_stages=expected, tp=tp)
+    model = load_model(ckpt_dir, ctx.stage, ctx.n_stages, ctx.device,
                        pick_dtype(dtype, ctx.device), max_seq_len, quantize=quantize,
-                       group_size=group_size)
+                       group_size=group_size, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size)
+    apply_tensor_parallel(model, ctx)
     tokenizer = Tokenizer(tokenizer_path or find_tokenizer(ckpt_dir))
     tokenizer.check_matches(model.args.vocab_size)
     return ctx, model, tokenizer

@@ -196,7 +196,7 @@ def run_chat(stage, tokenizer, template: str, max_gen_len: int, sampling: Sampli
     until it quits. use_tuning: with the Stage's tuning (prompt, prefix or adapter)."""
     engine = Engine(stage, max_rows=1)
     try:
-        if not stage.ctx.is_first:
+        if stage.ctx.rank != 0:  # rank 0 decides the steps
             engine.follow()
             return None
         tuning = STAGE_TUNING if use_tuning else None

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llama.errors import BadInput
 from llama.model.static_decode import StepGraphs
 from llama.serving.sampling import Sampling, pick_ids
 
@@ -49,6 +50,10 @@ class Engine:
         self.model.setup_kv_cache(max_rows, self.length)
         self.caches = [block.attention.cache for block in self.model.layers.values()]
         graphs = stage.cuda_graph if cuda_graph is None else cuda_graph
+        if graphs and self.ctx.tp_size > 1 and self.ctx.device.type == "cuda":
+            # a captured step would have to hold the TP all-reduces, which are not captured here
+            raise BadInput(f"--cuda_graph cannot capture the all-reduces of --tp "
+                           f"{self.ctx.tp_size}: leave out one of the two")
         self.graphs = StepGraphs(self.decode_compute, self.ctx.device) if graphs else None
         # A gate per tuning that acts in every step (adapter, LoRA): 1 on its rows, 0 elsewhere
         self.gates = {name: torch.zeros(max_rows, device=self.ctx.device)
@@ -234,16 +239,17 @@ class Engine:
     # ---- transport ----
 
     def receive(self, shape):
-        return self.ctx.recv(shape, self.stage.dtype, self.ctx.rank - 1)
+        return self.ctx.recv(shape, self.stage.dtype, self.ctx.prev_rank)
 
     def pick_and_share(self, out, rows: list) -> list:
-        """The last stage picks one id per row from its logits; every rank gets them. The
-        others pass h on first."""
+        """The last stage picks one id per row from its logits (its TP rank 0: the logits are
+        the same on each); every rank gets them. The others pass h on first."""
         if not self.stage.is_last:
-            self.ctx.send(out, self.ctx.rank + 1)
+            self.ctx.send(out, self.ctx.next_rank)
         self.ctx.flush_sends()
         chosen = torch.zeros(len(rows), dtype=torch.long)
-        if self.stage.is_last:
+        picker = self.ctx.rank_of(self.ctx.n_stages - 1, tp_rank=0)
+        if self.ctx.rank == picker:
             chosen = pick_ids(out, [r.sampling for r in rows], [r.generator for r in rows])
-        chosen = self.ctx.broadcast_tensor(chosen.to(self.ctx.device), src=self.ctx.world_size - 1)
+        chosen = self.ctx.broadcast_tensor(chosen.to(self.ctx.device), src=picker)
         return chosen.cpu().tolist()

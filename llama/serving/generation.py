@@ -31,7 +31,7 @@ def generate(stage, prompts, max_gen_len: int, temperature: float = 0.0, top_p: 
     check_sampling(temperature, top_p)
     engine = Engine(stage, max_rows=len(prompts), length=n_virtual + longest + max_gen_len)
     try:
-        if not stage.ctx.is_first:
+        if stage.ctx.rank != 0:  # rank 0 decides the steps
             engine.follow()
             return stage.ctx.broadcast_object(None)
         tuning = STAGE_TUNING if use_prompt else None

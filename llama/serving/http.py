@@ -128,7 +128,7 @@ def run_server(engine, service_factory, host: str, port: int, heartbeat_s: float
                on_listen=print, log=None, access: Access = None):
     """Rank 0 serves until SIGINT or SIGTERM (the replies in flight then end with an error);
     the other ranks follow it and all return together."""
-    if not engine.ctx.is_first:
+    if engine.ctx.rank != 0:
         engine.follow()
         return
     server = Server(service_factory(), host, port, log, access)

@@ -61,7 +61,8 @@ def split_rows(split_dir, n_stages, dtype):
                        f"{', '.join(BYTES)}: split the model again")
     rows = computed_rows(args, plan, BYTES[stored])
     for row, stage in zip(rows, stages):
-        row.update(bytes=stage["bytes"], file=stage["file"])
+        row.update(bytes=stage["bytes"], file=stage.get("file") or ", ".join(  # a TP split's
+            f["file"] for f in stage["files"]))
     return args, stored, rows
 
 

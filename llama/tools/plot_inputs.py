@@ -6,7 +6,8 @@ from collections import Counter
 from pathlib import Path
 
 from llama.errors import BadInput
-from llama.parallel.trace import stage_name
+from llama.parallel.pipeline import SCHEDULES, schedule_actions
+from llama.parallel.trace import busy_time, stage_name
 
 
 def load_trace(path: str) -> dict:
@@ -54,12 +55,12 @@ def select_step(spans: list, step=None):
     return [span for span in spans if step_of(span) == step], step
 
 
-def stage_labels(trace: dict, n_stages: int) -> list:
-    """The trace's own process names where it has them, else "stage s"."""
+def stage_labels(trace: dict, n_stages: int, tp: int = 1) -> list:
+    """The trace's own process names where it has them, else "stage s" (with its TP rank)."""
     names = {event.get("pid"): (event.get("args") or {}).get("name")
              for event in trace["traceEvents"] if isinstance(event, dict)
              and event.get("ph") == "M" and event.get("name") == "process_name"}
-    return [names.get(stage) or stage_name(stage) for stage in range(n_stages)]
+    return [names.get(stage) or stage_name(stage, tp) for stage in range(n_stages)]
 
 
 def count_micro_batches(per_stage: list) -> int:
@@ -69,6 +70,53 @@ def count_micro_batches(per_stage: list) -> int:
                      for events in per_stage if any(s.get("cat") == "forward" for s in events)), [])
     numbers = {(span.get("args") or {}).get("micro_batch") for span in forwards}
     return len(forwards) if None in numbers else len(numbers)
+
+
+def mean_compute_times(events: list):
+    """(mean forward, mean backward) time of one stage's spans, each without the waits for a
+    peer that the trainer times inside it; None when the stage has no forward or backward."""
+    waits = [event for event in events if event.get("cat") == "recv_wait"]
+    means = []
+    for category in ("forward", "backward"):
+        times = [busy_time([span] + waits) for span in events if span.get("cat") == category]
+        if not times:
+            return None
+        means.append(sum(times) / len(times))
+    return tuple(means)
+
+
+def modelled_bubble_fraction(per_stage: list, schedule: str, n_micro: int):
+    """The idle share the schedule leaves when each stage's every forward and backward takes
+    that stage's measured mean time and a tensor arrives the moment it is sent: the bubble these
+    stages' own costs make, unequal as they are; (p-1)/(m+p-1) is that of equal stages. The
+    optimizer step is idle time at the end, as in the measurement. None without the schedule's
+    name or a stage's forwards and backwards."""
+    costs = [mean_compute_times(events) for events in per_stage]
+    if schedule not in SCHEDULES or not n_micro or None in costs:
+        return None
+    n_stages = len(per_stage)
+    todo = [schedule_actions(schedule, stage, n_stages, n_micro) for stage in range(n_stages)]
+    ends, free = {}, [0.0] * n_stages  # (kind, stage, micro-batch) -> end; when a stage is free
+    while any(todo):
+        left = sum(map(len, todo))
+        for stage in range(n_stages):
+            while todo[stage]:
+                kind, i = todo[stage][0]
+                # A forward waits for the stage before it, a backward for the stage after it.
+                peer = stage - 1 if kind == "F" else stage + 1
+                need = (kind, peer, i) if 0 <= peer < n_stages else None
+                if need is not None and need not in ends:
+                    break
+                start = max(free[stage], ends.get(need, 0.0))
+                free[stage] = ends[kind, stage, i] = start + costs[stage][kind == "B"]
+                todo[stage].pop(0)
+        if sum(map(len, todo)) == left:  # both schedules always progress; a guard, not a path
+            raise ValueError(f"the {schedule} schedule is stuck at {todo}")
+    optimizer = max((span.get("dur", 0) for events in per_stage for span in events
+                     if span.get("cat") == "optimizer"), default=0.0)
+    wall = max(free) + optimizer
+    idle = [1.0 - n_micro * sum(cost) / wall for cost in costs]
+    return sum(idle) / n_stages
 
 
 def read_metrics(path: str) -> list:
@@ -111,8 +159,9 @@ def loss_points(records: list, key: str) -> list:
 def held_out_from_tuning_json(metrics_path: str, records: list) -> list:
     """Eval records for the held-out losses that only the run's tuning.json (prompt.json from
     earlier versions) holds: before training (step 0) and after the last step (which
-    --eval_every need not divide). Only from a file that finished at the metrics' last step,
-    so one left by another run is not drawn into this one's chart."""
+    --eval_every need not divide), and a record {"eval_loss_untuned": …}, the model's held-out
+    loss without the tuning. Only from a file that finished at the metrics' last step, so one
+    left by another run is not drawn into this one's chart."""
     folder = Path(metrics_path).parent
     path = next((folder / name for name in ("tuning.json", "prompt.json")
                  if (folder / name).is_file()), None)
@@ -129,6 +178,8 @@ def held_out_from_tuning_json(metrics_path: str, records: list) -> list:
         return []
     evaluated = {step for step, _ in loss_points(records, "eval_loss")}
     found = [(0, losses.get("eval_loss_init")), (info["steps"], losses.get("eval_loss"))]
+    untuned = losses.get("eval_loss_no_prompt")
     return [{"step": step, "eval_loss": value} for step, value in found
-            if is_number(value) and step not in evaluated]
+            if is_number(value) and step not in evaluated] + \
+        [{"eval_loss_untuned": untuned}] * is_number(untuned)
 

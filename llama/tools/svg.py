@@ -3,6 +3,7 @@ import math
 from xml.sax.saxutils import escape, quoteattr
 
 CHAR_WIDTH = 7  # px of one 12px sans-serif character, for fitting text into boxes
+SMALL_CHAR_WIDTH = 6  # px of one 10px character
 HATCH = ('<defs><pattern id="hatch" width="6" height="6" patternUnits="userSpaceOnUse" '
          'patternTransform="rotate(45)"><rect width="6" height="6" fill="#dddddd"/>'
          '<line x1="0" y1="0" x2="0" y2="6" stroke="#888888" stroke-width="2"/></pattern></defs>')
@@ -47,11 +48,14 @@ def document(width: float, height: float, shapes: list) -> str:
 
 
 def legend(entries: list, x: float, y: float) -> list:
-    """A colour square and its label for each (label, fill), left to right from (x, y)."""
+    """For each (label, fill) a colour square and its label, for (label, colour, "dashed") a
+    dashed line's stretch, left to right from (x, y)."""
     shapes = []
-    for label, fill in entries:
-        shapes += [rect(x, y - 10, 12, 12, fill, stroke="#666666", stroke_width=0.5),
-                   text(x + 17, y, label)]
+    for label, fill, *kind in entries:
+        key = line(x, y - 4, x + 12, y - 4, stroke=fill, stroke_width=1.5,
+                   stroke_dasharray="4 2") if kind == ["dashed"] else \
+            rect(x, y - 10, 12, 12, fill, stroke="#666666", stroke_width=0.5)
+        shapes += [key, text(x + 17, y, label, class_="legend")]
         x += 35 + CHAR_WIDTH * len(label)
     return shapes
 

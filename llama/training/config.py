@@ -73,6 +73,7 @@ class RunConfig:
     loss_logits: str
     quantize: Optional[str]
     group_size: Optional[int]
+    tp: Optional[int]  # tensor-parallel ranks per stage (None: the split's own, else 1)
     # bookkeeping
     log_every: int
     eval_every: int

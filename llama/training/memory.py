@@ -15,6 +15,7 @@ from llama.errors import BadInput
 from llama.model.transformer import ModelArgs
 from llama.model.partition import GIB, linear_parameters, stage_weight_bytes
 from llama.model.quant import QuantizedLinear
+from llama.model.tensor_shards import COLUMN_PARALLEL
 from llama.parallel.loss import LOSS_CHUNK_TOKENS, LOSS_LOGITS
 from llama.tuning.lora import TARGETS, linear_shape
 
@@ -22,8 +23,9 @@ from llama.tuning.lora import TARGETS, linear_shape
 # and AdamW's two moments (the parameter's gradient is freed when the master's is made).
 LORA_STATE_BYTES_PER_PARAMETER = 4 * 5
 
-def saved_bytes_per_token(args: ModelArgs, dtype_bytes: int) -> int:
-    """Bytes autograd keeps per token per block when only the block's input needs a gradient.
+def saved_bytes_per_token(args: ModelArgs, dtype_bytes: int, tp: int = 1) -> int:
+    """Bytes autograd keeps per token per block when only the block's input needs a gradient
+    (on one of tp tensor-parallel ranks: attention and SwiGLU keep only its heads and rows).
 
     Frozen weights mean no linear layer keeps its input (a quantized linear keeps nothing
     either: llama/model/quant.py). What stays: each RMSNorm's fp32 input and its 1/rms (two norms);
@@ -32,17 +34,25 @@ def saved_bytes_per_token(args: ModelArgs, dtype_bytes: int) -> int:
     """
     kv_dim = args.n_kv_heads * args.head_dim
     norms = 2 * (4 * args.dim + 4)
-    attention = dtype_bytes * (2 * args.dim + 2 * kv_dim) + 4 * args.n_heads
-    feed_forward = 3 * dtype_bytes * args.hidden_dim
+    attention = (dtype_bytes * (2 * args.dim + 2 * kv_dim) + 4 * args.n_heads) // tp
+    feed_forward = 3 * dtype_bytes * args.hidden_dim // tp
     return norms + attention + feed_forward
 
 
-def lora_parameters(args: ModelArgs, n_layers: int, r: int, targets) -> int:
-    """A and B of every targeted projection of n_layers layers: r * (in + out) each."""
-    return n_layers * sum(r * sum(linear_shape(args, TARGETS[t])) for t in targets)
+def lora_parameters(args: ModelArgs, n_layers: int, r: int, targets, tp: int = 1) -> int:
+    """A and B of every targeted projection of n_layers layers: r * (in + out) each (on one of
+    tp ranks: B's rows of a column-parallel projection cut, A's columns of a row-parallel one)."""
+    total = 0
+    for target in targets:
+        out_features, in_features = linear_shape(args, TARGETS[target])
+        column = TARGETS[target].split(".")[-1] in COLUMN_PARALLEL
+        total += r * (in_features + out_features // tp if column else
+                      in_features // tp + out_features)
+    return n_layers * total
 
 
-def lora_saved_bytes_per_token(args: ModelArgs, dtype_bytes: int, r: int, targets) -> int:
+def lora_saved_bytes_per_token(args: ModelArgs, dtype_bytes: int, r: int, targets,
+                               tp: int = 1) -> int:
     """What a LoRA adds to saved_bytes_per_token: each targeted projection's input, which its
     A's gradient needs (one normed hidden state serves q, k and v, another gate and up; down's
     input, the SwiGLU product, is kept only for it; wo's input is SDPA's output, kept anyway),
@@ -53,7 +63,7 @@ def lora_saved_bytes_per_token(args: ModelArgs, dtype_bytes: int, r: int, target
     if set(targets) & {"gate", "up"}:
         kept += dtype_bytes * args.dim
     if "down" in targets:
-        kept += dtype_bytes * args.hidden_dim
+        kept += dtype_bytes * args.hidden_dim // tp
     return kept
 
 
@@ -69,38 +79,48 @@ def loss_bytes(args: ModelArgs, dtype_bytes: int, targets: int, in_flight: int,
     return targets * dtype_bytes * args.dim + chunk * args.vocab_size * (dtype_bytes + 12) + kept
 
 
-def dequantized_layer_bytes(args: ModelArgs, dtype_bytes: int, quantization) -> int:
+def dequantized_layer_bytes(args: ModelArgs, dtype_bytes: int, quantization, tp: int = 1) -> int:
     """The transient of a quantized stage without a fused kernel: the widest linear of one
     block dequantized (forward and input-gradient backward both do it one layer at a time)."""
     if not quantization:
         return 0
-    return max(o * i for o, i in linear_parameters(args)) * dtype_bytes
+    return max(o * i for o, i in linear_parameters(args, tp)) * dtype_bytes
+
+
+def all_reduce_bytes_per_token(args: ModelArgs, n_layers: int, dtype_bytes: int, tp: int,
+                               backward: bool) -> float:
+    """Bytes one TP rank sends per token through n_layers blocks: two all-reduces of dim values
+    a block in the forward pass (two more in the backward), a ring all-reduce sending 2(tp-1)/tp
+    of its message. Pipeline stages send dim values per token once per stage boundary."""
+    per_pass = 2 * n_layers * args.dim * dtype_bytes * 2 * (tp - 1) / tp
+    return per_pass * (2 if backward else 1)
 
 
 def stage_estimates(args, plan, global_batch, micro_batch, seq_len, n_virtual_tokens,
                     dtype_bytes, schedule, target_fraction, quantization=None, lora=None,
-                    keep_logits=False):
+                    tp: int = 1, keep_logits=False):
     """One dict per stage of `plan` [(layer_range, has_embeddings, has_head)]: weights, what one
     micro-batch keeps, how many are in flight, and the peak in each activation mode (bytes in
-    *_gib fields divided by GIB). lora: the LoraSettings of a LoRA run (None: a soft prompt's
-    few numbers, not counted). keep_logits: the loss keeps its logits for backward (else it
-    recomputes them, a chunk at a time)."""
+    *_gib fields divided by GIB), on each of the stage's tp tensor-parallel ranks. lora: the
+    LoraSettings of a LoRA run (None: a soft prompt's few numbers, not counted). keep_logits:
+    the loss keeps its logits for backward (else it recomputes them, a chunk at a time)."""
     n_stages = len(plan)
     n_micro = global_batch // micro_batch
     tokens = micro_batch * (seq_len + n_virtual_tokens)  # of one micro-batch
     targets = micro_batch * max(1, round(target_fraction * (seq_len - 1)))
     hidden = tokens * dtype_bytes * args.dim  # one (b, T, dim) activation
-    per_layer = tokens * saved_bytes_per_token(args, dtype_bytes)
+    per_layer = tokens * saved_bytes_per_token(args, dtype_bytes, tp)
     if lora is not None:
-        per_layer += tokens * lora_saved_bytes_per_token(args, dtype_bytes, lora.r, lora.targets)
-    ffn_grads = tokens * 3 * dtype_bytes * args.hidden_dim  # SwiGLU's gradients in backward
-    dequantized = dequantized_layer_bytes(args, dtype_bytes, quantization)
+        per_layer += tokens * lora_saved_bytes_per_token(args, dtype_bytes, lora.r, lora.targets,
+                                                         tp)
+    ffn_grads = tokens * 3 * dtype_bytes * args.hidden_dim // tp  # SwiGLU's gradients
+    dequantized = dequantized_layer_bytes(args, dtype_bytes, quantization, tp)
     rows = []
     for stage, ((first, last), has_embeddings, has_head) in enumerate(plan):
         n_layers = last - first
         weights = stage_weight_bytes(args, ((first, last), has_embeddings, has_head),
-                                     dtype_bytes, quantization)
-        trainable = lora_parameters(args, n_layers, lora.r, lora.targets) if lora else 0
+                                     dtype_bytes, quantization, tp)
+        trainable = lora_parameters(args, n_layers, lora.r, lora.targets, tp) if lora else 0
         state = trainable * LORA_STATE_BYTES_PER_PARAMETER  # held from the first step on
         in_flight = n_micro if schedule == "gpipe" else min(n_stages - stage, n_micro)
         # kept until the micro-batch's backward; + one hidden: the stage's output (or input)
@@ -111,7 +131,9 @@ def stage_estimates(args, plan, global_batch, micro_batch, seq_len, n_virtual_to
         working = {"plain": ffn_grads, "recompute": per_layer + ffn_grads,
                    "offload": per_layer + ffn_grads}
         loss = loss_bytes(args, dtype_bytes, targets, in_flight, keep_logits) if has_head else 0
-        row = {"n_stages": n_stages, "stage": stage,
+        row = {"n_stages": n_stages, "stage": stage, "tp": tp,
+               "all_reduce_bytes_per_token": all_reduce_bytes_per_token(
+                   args, n_layers, dtype_bytes, tp, backward=True),
                "layers": [first, last], "micro_batch": micro_batch, "n_micro": n_micro,
                "in_flight": in_flight, "weights_gib": weights / GIB, "trainable": trainable,
                "trainable_state_gib": state / GIB,

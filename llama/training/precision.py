@@ -66,8 +66,12 @@ class ScaledAdamW:
     update).
     """
 
-    def __init__(self, params, lr: float, weight_decay: float, betas, master_device):
+    def __init__(self, params, lr: float, weight_decay: float, betas, master_device,
+                 norm_keys=None):
         self.params = params if isinstance(params, dict) else {"prompt": params}
+        # the keys whose squares this rank adds to the global norm (None: all): a tensor whole
+        # on every TP rank of a stage is counted by one of them only
+        self.norm_keys = set(self.params if norm_keys is None else norm_keys)
         self.masters = {key: nn.Parameter(p.detach().to(master_device, torch.float32, copy=True))
                         for key, p in self.params.items()}
         self.optimizer = torch.optim.AdamW(list(self.masters.values()), lr=lr,
@@ -101,7 +105,7 @@ class ScaledAdamW:
             grad = (p.grad.detach().to(self.masters[key].device, torch.float32) / loss_scale
                     if p.grad is not None else torch.zeros_like(self.masters[key]))
             self.masters[key].grad = grad
-            squared += float(grad.norm()) ** 2
+            squared += float(grad.norm()) ** 2 if key in self.norm_keys else 0.0
             p.grad = None
         return squared
 

@@ -15,6 +15,7 @@ from llama.errors import BadInput
 from llama.formats.files import atomic_torch_save
 from llama.formats.tensor_files import safe_torch_load
 from llama.training.run_folder import CHECKPOINT_FILE
+from llama.tuning.sharding import shard_grid_state
 
 # The settings a resumed run must share with the run it continues.
 RUN_IDENTITY = ("method", "adapter_layers", "data", "template", "n_virtual_tokens", "global_batch_size", "micro_batch_size",
@@ -121,8 +122,9 @@ def restore(path, ctx, identity, digest, optimizer, scaler, loader):
     try:
         scaler.load_state_dict(shared["scaler"])
         loader.load_state_dict(shared["loader"])
-        if optimizer is not None:
-            optimizer.load_state_dict(shared["optimizer"])
+        if optimizer is not None:  # whole tensors in the file: this TP rank takes its part
+            optimizer.load_state_dict(shard_grid_state(shared["optimizer"],
+                                                       (ctx.tp_rank, ctx.tp_size)))
         if shared["rng_by_rank"] is not None:
             torch.set_rng_state(shared["rng_by_rank"][ctx.rank])
         elif state is not None:

@@ -113,7 +113,7 @@ def write_trace(path, ctx, tracer, schedule: str, n_micro: int):
     """Gather every stage's spans on rank 0 and write them as one Chrome trace; stop tracing."""
     events = ctx.gather_objects(tracer.events)
     if ctx.rank == 0:
-        write_chrome_trace(str(path), events, {"n_stages": ctx.world_size,
+        write_chrome_trace(str(path), events, {"n_stages": ctx.n_stages, "tp": ctx.tp_size,
                                                "n_micro_batches": n_micro, "schedule": schedule})
         ctx.log(f"wrote the schedule trace to {path}")
     tracer.enabled = False

@@ -41,6 +41,7 @@ from llama.training.runlog import RunLog, peak_memory_gib, step_record, write_tr
 from llama.prepare.stage import run_on_stage
 from llama.parallel.trace import Tracer
 from llama.tuning.files import save_tuning
+from llama.tuning.sharding import join_grid, tuning_shard_dim
 
 
 class StopRequest:
@@ -84,6 +85,8 @@ class Run:
         global key to rank 0, which writes the one file."""
         optimizer_states = self.stage.ctx.gather_objects(
             self.optimizer.state_dict() if self.optimizer is not None else {})
+        if self.stage.ctx.rank == 0:  # the TP ranks' parts joined: one file for any grid
+            optimizer_states = [join_grid(optimizer_states, self.stage.ctx.tp_size)]
         # Every rank's: a LoRA's dropout draws from the random state of the rank it runs on.
         rng_states = self.stage.ctx.gather_objects(torch.get_rng_state())
         if self.stage.ctx.rank == 0:
@@ -175,6 +178,7 @@ def set_up(cfg, ctx, model, tokenizer, tuning, held) -> Run:
     max_len = model.args.max_seq_len - tuning.n_virtual
     stage = Stage(model, ctx, tracer=tracer, tuning=tuning,
                   loss_fn=run_loss(cfg, ctx, model, tuning, max_len))
+    ctx.span = stage.span  # the TP all-reduces in the trace, under the step they belong to
     end_target = cfg.eos_target if cfg.eos_target != "auto" else model_stop_token(
         cfg.data, tokenizer, cfg.template, cfg.train_on_prompt, max_len, cfg.micro_batch_size,
         lambda batches: Stage(model, ctx, tuning=tuning).mean_loss(batches, with_prompt=False),
@@ -185,8 +189,11 @@ def set_up(cfg, ctx, model, tokenizer, tuning, held) -> Run:
     optimizer = None
     if tuning.trainable:
         first = next(iter(tuning.trainable.values()))
+        # a tensor whole on every TP rank counts once in the global norm (TP rank 0's)
+        norm_keys = [key for key, t in tuning.trainable.items()
+                     if ctx.tp_rank == 0 or tuning_shard_dim(key, t) is not None]
         optimizer = ScaledAdamW(tuning.trainable, cfg.lr, cfg.weight_decay, (0.9, 0.999),
-                                optimizer_device(first, "optimizer" in cfg.offload))
+                                optimizer_device(first, "optimizer" in cfg.offload), norm_keys)
     scaler = LossScaler(enabled=next(model.parameters()).dtype == torch.float16)
     total_steps = cfg.steps or cfg.epochs * loader.steps_per_epoch
     return Run(stage, tuning, optimizer, scaler, loader, held_out, total_steps, end_target, tracer)
@@ -310,11 +317,12 @@ def finish(cfg, ctx, run: Run, tokenizer, start_step: int, losses: dict):
     if cfg.trace and run.total_steps - start_step < cfg.trace_steps:
         write_trace(cfg.trace, ctx, run.tracer, cfg.schedule,
                     cfg.global_batch_size // cfg.micro_batch_size)
-    # Every stage's tensors under their global keys, gathered to rank 0, which writes the files.
+    # Every stage's tensors under their global keys, gathered to rank 0, which joins the TP
+    # ranks' parts and writes the files: the same files whatever grid trained them.
     tensors = ctx.gather_objects({k: p.detach().cpu().clone() for k, p in run.tuning.trainable.items()})
     if ctx.rank == 0:
         out, args = Path(cfg.out), run.stage.model.args
-        tensors = {k: v for part in tensors for k, v in part.items()}
+        tensors = join_grid(tensors, ctx.tp_size)
         metadata = {"init": cfg.init, "init_text": cfg.init_text if cfg.init == "text" else None,
                     "data": str(cfg.data), "template": cfg.template, "eos_target": run.end_target,
                     "steps": run.total_steps, "ckpt_dir": str(cfg.ckpt_dir),

@@ -23,6 +23,7 @@ from torch import nn
 
 from llama.errors import BadInput
 from llama.model.fused import ATTENTION_PARTS, FEED_FORWARD_PARTS
+from llama.model.tensor_shards import COLUMN_PARALLEL, take_shard
 from llama.tuning.base import Tuning
 
 # The --lora_targets names, in the order a block's tensors are kept, and the Meta module each
@@ -98,6 +99,15 @@ def linear_shape(args, path: str):
             "feed_forward.w1": (args.hidden_dim, args.dim),
             "feed_forward.w2": (args.dim, args.hidden_dim),
             "feed_forward.w3": (args.hidden_dim, args.dim)}[path]
+
+
+def lora_shard_dim(path: str, which: str):
+    """The dimension LoRA's A or B of projection path is cut along across tensor-parallel
+    ranks, or None where it stays whole: B's rows go with a column-parallel projection's output
+    rows (each rank updates its own heads), A's columns with a row-parallel one's input columns
+    (each rank's B(A x) is then a partial sum, completed by the projection's all-reduce)."""
+    column = path.split(".")[-1] in COLUMN_PARALLEL
+    return 0 if column and which == "B" else 1 if not column and which == "A" else None
 
 
 def lora_keys(layer: int, path: str):
@@ -180,9 +190,12 @@ def projection_host(args, block, path: str):
     fused_name, parts = FUSED.get(owner_name, (None, ()))
     fused = getattr(owner, fused_name, None) if fused_name else None
     if fused is not None and name in parts:
-        widths = [linear_shape(args, f"{owner_name}.{part}")[0] for part in parts]
+        # the parts' rows as this module holds them (a tensor-parallel shard's: its own heads,
+        # its share of the FFN); a column-parallel shard of the whole is cut evenly
+        tp_size = args.n_heads // block.attention.n_heads
+        widths = [linear_shape(args, f"{owner_name}.{part}")[0] // tp_size for part in parts]
         return fused, parts.index(name), widths
-    return getattr(owner, name), 0, [linear_shape(args, path)[0]]
+    return getattr(owner, name), 0, [getattr(owner, name).out_features]
 
 
 def apply_lora(model, settings: LoraSettings, seed: int = 0, tensors: dict = None) -> LoraTuning:
@@ -197,7 +210,9 @@ def apply_lora(model, settings: LoraSettings, seed: int = 0, tensors: dict = Non
                 a, b = tensors[key_a], tensors[key_b]
             else:
                 a, b = init_lora(model.args, int(name), target, settings.r, seed)
-            for key, start in ((key_a, a), (key_b, b)):
+            for key, start, which in ((key_a, a, "A"), (key_b, b, "B")):
+                # this TP rank's part, cut as the projection is (llama/tuning/sharding.py)
+                start = take_shard(start, lora_shard_dim(TARGETS[target], which), *model.tp_shard)
                 trainable[key] = nn.Parameter(start.detach().to(device, torch.float32).clone())
     return LoraTuning(model, trainable, settings)
 

@@ -22,6 +22,7 @@ from llama.model.rotary import apply_rotary
 from llama.tuning.base import Tuning
 from llama.tuning.lora import apply_lora, expected_lora_shapes, saved_settings
 from llama.tuning.prompt import SoftPrompt
+from llama.tuning.sharding import own_shard
 
 METHODS = ("prompt", "prefix", "adapter", "lora")
 
@@ -90,6 +91,7 @@ def apply_prefix(model, n_virtual: int, seed: int = 0, tensors: dict = None) -> 
         key = prefix_key(int(name))
         start = tensors[key] if tensors is not None else init_prefix(model.args, int(name),
                                                                      n_virtual, seed)
+        start = own_shard(key, start, model.tp_shard)  # the kv heads this TP rank holds
         prefixes[key] = nn.Parameter(start.detach().to(device, torch.float32).clone())
     return PrefixTuning(model, prefixes)
 
@@ -108,8 +110,12 @@ class AdapterTuning(Tuning):
             prompt_key = f"layers.{name}.adaption_prompt"
             if prompt_key in tensors:
                 self.adapter_len = tensors[prompt_key].shape[0]
+                # First among the attention's hooks: under tensor parallelism the adapter's
+                # output covers this rank's heads only and joins the attention's own before
+                # their one all-reduce (llama/parallel/tensor_parallel.py) sums both.
                 block.attention.register_forward_hook(
-                    self._hook(tensors[prompt_key], tensors[f"layers.{name}.adaption_gate"]))
+                    self._hook(tensors[prompt_key], tensors[f"layers.{name}.adaption_gate"]),
+                    prepend=True)
 
     def _hook(self, prompt, gate):
         def add_adapter_output(attention, inputs, output):

@@ -1,5 +1,6 @@
-"""Worker: rows of every tuning (none, prompt, prefix, adapter, LoRA) joining one engine at
-different steps, and each row alone, through however many stages are running.
+"""Worker: rows of every tuning (none, prompt, prefix, adapter, two LoRAs of other ranks and
+projections) joining one engine at different steps, and each row alone, through however many
+stages are running.
 
 Run as one process or as ranks (tests/launch.py); rank 0 writes {"mixed": [ids per row],
 "alone": [ids per row]} to --out. tests/test_engine.py imports its functions too.
@@ -31,12 +32,15 @@ ROWS = [
     (None, [1, 280], 0.0, 5),
     ("lora", [1, 300, 400], 0.0, 1),
     ("lora", [1, 403, 407], 0.8, 6),
+    ("lora2", [1, 300, 400], 0.0, 1),  # beside the first LoRA's row with the same ids
+    ("lora2", [1, 280], 0.8, 4),
 ]
 MAX_NEW = 10
 
 
 def tunings(model, ctx) -> dict:
-    """A soft prompt, a prefix, an adapter (its gates opened) and a LoRA, on the same model."""
+    """A soft prompt, a prefix, an adapter (its gates opened) and two LoRAs (their B drawn), on
+    the same model; the second's projections overlap the first's on q."""
     std = float(model.tok_embeddings.weight.std()) if ctx.is_first else 0.0
     weight = torch.randn(5, model.args.dim, generator=torch.Generator().manual_seed(7)) * std * 10
     prompt = apply_prompt(SoftPrompt(weight) if ctx.is_first else None, 5)
@@ -45,14 +49,20 @@ def tunings(model, ctx) -> dict:
         for key, tensor in adapter.trainable.items():
             if key.endswith("gate"):
                 tensor.fill_(2.0)
-    lora = apply_lora(model, lora_settings(r=4, alpha=8, targets="q,v,down"), seed=1)
-    with torch.no_grad():  # B starts at zero (the base model): drawn per global key instead
+    return {"prompt": prompt, "prefix": apply_prefix(model, 3, seed=5), "adapter": adapter,
+            "lora": drawn_lora(model, 4, "q,v,down", seed=1),
+            "lora2": drawn_lora(model, 2, "q,k,o,up", seed=2)}
+
+
+def drawn_lora(model, r: int, targets: str, seed: int):
+    """A LoRA whose B is drawn per global key (a fresh one starts at zero: the base model)."""
+    lora = apply_lora(model, lora_settings(r=r, alpha=2 * r, targets=targets), seed=seed)
+    with torch.no_grad():
         for key, tensor in lora.trainable.items():
             if key.endswith("lora_B"):
-                generator = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+                generator = torch.Generator().manual_seed(zlib.crc32(f"{seed} {key}".encode()))
                 tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.5)
-    return {"prompt": prompt, "prefix": apply_prefix(model, 3, seed=5), "adapter": adapter,
-            "lora": lora}
+    return lora
 
 
 def run_rows(stage, named: dict, rows, max_rows: int, cuda_graph: bool = False):
