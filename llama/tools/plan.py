@@ -127,6 +127,28 @@ def check_counts(**counts):
             raise BadInput(f"--{flag}={value!r} must be a positive integer")
 
 
+def check_arguments(gpus, dtype, schedule, global_batch, seq_len, top, n_virtual_tokens,
+                    reserve_gib, method) -> list:
+    """Refuse, in one line each, what main cannot plan with; the card sizes as a list."""
+    sizes = list(gpus) if isinstance(gpus, (list, tuple)) else [gpus]
+    if not sizes or any(isinstance(g, bool) or not isinstance(g, (int, float)) or not g > 0
+                        for g in sizes):
+        raise BadInput(f"--gpus {sizes} must be one size in GiB per card, e.g. --gpus 4,4")
+    if dtype not in DTYPES or schedule not in ("1f1b", "gpipe"):
+        raise BadInput(f"--dtype {dtype!r} must be one of {', '.join(DTYPES)} and --schedule "
+                       f"{schedule!r} 1f1b or gpipe")
+    check_counts(global_batch=global_batch, seq_len=seq_len, top=top)
+    if isinstance(n_virtual_tokens, bool) or not isinstance(n_virtual_tokens, int) or \
+            n_virtual_tokens < 0:
+        raise BadInput(f"--n_virtual_tokens={n_virtual_tokens!r} must be a whole number, 0 or more")
+    if isinstance(reserve_gib, bool) or not isinstance(reserve_gib, (int, float)) or \
+            not 0 <= reserve_gib < math.inf:
+        raise BadInput(f"--reserve_gib={reserve_gib!r} must be a number of GiB, 0 or more")
+    if method not in METHODS:
+        raise BadInput(f"--method {method!r} must be one of {', '.join(METHODS)}")
+    return sizes
+
+
 def main(model: str = "7B", gpus: Sequence[float] = (4.0, 4.0), global_batch: int = 32,
          seq_len: int = 512, n_virtual_tokens: int = 32, dtype: str = "float16",
          schedule: str = "1f1b", reserve_gib: float = 0.5, top: int = 10,
@@ -149,22 +171,8 @@ def main(model: str = "7B", gpus: Sequence[float] = (4.0, 4.0), global_batch: in
     tp: tensor-parallel cards per stage, each the size --gpus gives its stage: the peaks are
         one card's, and the all-reduce bytes a card sends per token are printed
     """
-    sizes = list(gpus) if isinstance(gpus, (list, tuple)) else [gpus]
-    if not sizes or any(isinstance(g, bool) or not isinstance(g, (int, float)) or not g > 0
-                        for g in sizes):
-        raise BadInput(f"--gpus {sizes} must be one size in GiB per card, e.g. --gpus 4,4")
-    if dtype not in DTYPES or schedule not in ("1f1b", "gpipe"):
-        raise BadInput(f"--dtype {dtype!r} must be one of {', '.join(DTYPES)} and --schedule "
-                       f"{schedule!r} 1f1b or gpipe")
-    check_counts(global_batch=global_batch, seq_len=seq_len, top=top)
-    if isinstance(n_virtual_tokens, bool) or not isinstance(n_virtual_tokens, int) or \
-            n_virtual_tokens < 0:
-        raise BadInput(f"--n_virtual_tokens={n_virtual_tokens!r} must be a whole number, 0 or more")
-    if isinstance(reserve_gib, bool) or not isinstance(reserve_gib, (int, float)) or \
-            not 0 <= reserve_gib < math.inf:
-        raise BadInput(f"--reserve_gib={reserve_gib!r} must be a number of GiB, 0 or more")
-    if method not in METHODS:
-        raise BadInput(f"--method {method!r} must be one of {', '.join(METHODS)}")
+    sizes = check_arguments(gpus, dtype, schedule, global_batch, seq_len, top, n_virtual_tokens,
+                            reserve_gib, method)
     lora = lora_settings(r=lora_r, targets=lora_targets) if method == "lora" else None
     n_virtual_tokens = 0 if lora else n_virtual_tokens  # a LoRA takes no positions
     args = model_args_for(model)
