@@ -24,13 +24,12 @@ from llama.model.fused import apply_fused_projections
 from llama.parallel.distributed import DistContext
 from llama.parallel.pipeline import Stage
 from llama.serving.generation import generate
-from llama.training import train
 from llama.tuning.files import load_tuning, save_tuning
 from llama.tuning.lora import apply_lora, lora_settings
 from llama.tuning.methods import apply_saved
 from workers.lora_setup import opened_lora
 from workers.prompt_grad import make_micro_batches
-from test_methods import as_cli, full_batch, metrics, run_args
+from test_methods import as_cli, full_batch, metrics, run_args, stop_before_step_3
 
 TOKENS = torch.tensor([[1, 403, 407, 261, 378, 432, 383, 286]])
 
@@ -154,16 +153,7 @@ def test_lora_resume_ends_bitwise_equal(model_bin, alpaca_small, single_run, tmp
                                         monkeypatch):
     out = tmp_path / "run"
     args = lora_args(model_bin, alpaca_small, out)
-    real_step = train.run_train_step
-
-    def crash_at_step_3(stage, batches, cfg, scale, ctx):
-        if stage.step + 1 == 3:
-            raise KeyboardInterrupt
-        return real_step(stage, batches, cfg, scale, ctx)
-    monkeypatch.setattr(train, "run_train_step", crash_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        ft_main.main(**args)
-    monkeypatch.undo()
+    stop_before_step_3(monkeypatch, args)
     ft_main.main(**args, resume=True)
     resumed = torch.load(out / "tuning.pt", weights_only=True)
     for key, tensor in torch.load(single_run / "tuning.pt", weights_only=True).items():

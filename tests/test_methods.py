@@ -171,20 +171,26 @@ def test_prefix_training_through_two_stages_equals_one_process(single_run, two_s
     assert info["method"] == "prefix" and info["losses"]["eval_loss"] < info["losses"]["eval_loss_init"]
 
 
+def stop_before_step_3(monkeypatch, args):
+    """Run ft_main with args and stop it (as Ctrl+C would) before its third step, after the
+    checkpoint of step 2: what a resume test then continues."""
+    real_step = train.run_train_step
+
+    def stop_at_step_3(stage, batches, cfg, scale, ctx):
+        if stage.step + 1 == 3:
+            raise KeyboardInterrupt
+        return real_step(stage, batches, cfg, scale, ctx)
+    monkeypatch.setattr(train, "run_train_step", stop_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        ft_main.main(**args)
+    monkeypatch.undo()
+
+
 def test_prefix_resume_ends_bitwise_equal(model_bin, alpaca_small, single_run, tmp_path,
                                           monkeypatch):
     out = tmp_path / "run"
     args = run_args(model_bin, alpaca_small, out)
-    real_step = train.run_train_step
-
-    def crash_at_step_3(stage, batches, cfg, scale, ctx):
-        if stage.step + 1 == 3:
-            raise KeyboardInterrupt
-        return real_step(stage, batches, cfg, scale, ctx)
-    monkeypatch.setattr(train, "run_train_step", crash_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        ft_main.main(**args)
-    monkeypatch.undo()
+    stop_before_step_3(monkeypatch, args)
     ft_main.main(**args, resume=True)
     resumed = torch.load(out / "tuning.pt", weights_only=True)
     for key, tensor in torch.load(single_run / "tuning.pt", weights_only=True).items():

@@ -30,10 +30,9 @@ from llama.tools import plan
 from llama.tools.plot import schedule_svg
 from llama.tuning.methods import apply_prompt
 from llama.tuning.prompt import SoftPrompt, init_prompt_weight
-from llama.training import train
 from llama.tuning.sharding import tuning_shard_dim
 from test_lora_train import lora_args
-from test_methods import as_cli, metrics, with_tuning
+from test_methods import as_cli, metrics, stop_before_step_3, with_tuning
 from workers.prompt_grad import make_micro_batches
 
 PROMPTS = [[1, 20, 30, 40], [1, 7, 8]]  # tests/workers/tp_worker.py's
@@ -270,16 +269,7 @@ def test_lora_stopped_in_one_process_resumed_on_tp2_ends_as_one_process(
     an uninterrupted one-process run's."""
     single, split_run = tmp_path / "single", tmp_path / "resumed"
     ft_main.main(**lora_args(model_bin, alpaca_small, single))
-    real_step = train.run_train_step
-
-    def stop_at_step_3(stage, batches, cfg, scale, ctx):
-        if stage.step + 1 == 3:
-            raise KeyboardInterrupt
-        return real_step(stage, batches, cfg, scale, ctx)
-    monkeypatch.setattr(train, "run_train_step", stop_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        ft_main.main(**lora_args(model_bin, alpaca_small, split_run))
-    monkeypatch.undo()
+    stop_before_step_3(monkeypatch, lora_args(model_bin, alpaca_small, split_run))
     check_all_ok(launch(["ft_main.py", *as_cli(lora_args(model_bin, alpaca_small, split_run)),
                          "--tp", "2", "--resume", "True"], 2, timeout_s=240))
     for s, r in zip(metrics(single)[-2:], metrics(split_run)[-2:]):
