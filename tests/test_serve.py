@@ -5,6 +5,7 @@ OpenAI-style errors and the server keeps serving; a client leaving mid-stream; 2
 and a lost stage (503, non-zero exit). Run: python -m pytest -q tests/test_serve.py
 """
 import http.client
+import contextlib
 import json
 import re
 import signal
@@ -632,34 +633,42 @@ def wait_for_port(log_path, process, timeout_s=90):
     raise AssertionError("the server did not start listening")
 
 
-def start_ranks(argv, n_ranks, tmp_path):
-    """n_ranks processes of argv as torchrun would start them; rank r writes r.out and r.err."""
+@contextlib.contextmanager
+def every_method_on_two_ranks(ckpt_dir, extra_flags, prompt_folders, method_folders, tmp_path):
+    """serve.py on 2 ranks (as torchrun starts them; rank r writes r.out and r.err) serving the
+    base model and each method's tuning; yields (port, ranks) once it listens, and ends the ranks
+    that are still running."""
+    served = f"long={prompt_folders['long']},prefix={method_folders['prefix']}," \
+             f"adapter={method_folders['adapter']},lora={method_folders['lora']}"
+    argv = [sys.executable, "serve.py", "--ckpt_dir", str(ckpt_dir), *extra_flags, "--port", "0",
+            "--base_name", "base", "--prompts", served]
     port = free_port()
-    logs = [(open(tmp_path / f"{r}.out", "w"), open(tmp_path / f"{r}.err", "w")) for r in range(n_ranks)]
-    return [subprocess.Popen(argv, cwd=REPO, env=rank_env(r, n_ranks, port), stdout=logs[r][0],
-                             stderr=logs[r][1]) for r in range(n_ranks)]
+    logs = [(open(tmp_path / f"{r}.out", "w"), open(tmp_path / f"{r}.err", "w")) for r in range(2)]
+    ranks = [subprocess.Popen(argv, cwd=REPO, env=rank_env(r, 2, port), stdout=logs[r][0],
+                              stderr=logs[r][1]) for r in range(2)]
+    try:
+        yield wait_for_port(tmp_path / "0.out", ranks[0]), ranks
+    finally:
+        for process in ranks:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def answers_as_one_process(port, server):
+    for name in ("base", "long", "prefix", "adapter", "lora"):
+        assert complete(port, name, TEXTS[1]) == complete(server.port, name, TEXTS[1]), name
 
 
 def test_a_tp2_server_answers_every_method_as_one_process(server, model_bin, prompt_folders,
                                                          method_folders, tmp_path):
     """Tunings trained in one process, served with every layer split over 2 TP ranks (prefixes,
     adapters and LoRAs cut by heads as they load), give the one-process server's answers."""
-    served = f"long={prompt_folders['long']},prefix={method_folders['prefix']}," \
-             f"adapter={method_folders['adapter']},lora={method_folders['lora']}"
-    argv = [sys.executable, "serve.py", "--ckpt_dir", str(model_bin), "--tp", "2", "--port", "0",
-            "--base_name", "base", "--prompts", served, "--timeout_s", "60"]
-    ranks = start_ranks(argv, 2, tmp_path)
-    try:
-        listening = wait_for_port(tmp_path / "0.out", ranks[0])
-        for name in ("base", "long", "prefix", "adapter", "lora"):
-            assert complete(listening, name, TEXTS[1]) == complete(server.port, name, TEXTS[1])
+    with every_method_on_two_ranks(model_bin, ["--tp", "2", "--timeout_s", "60"], prompt_folders,
+                                   method_folders, tmp_path) as (port, ranks):
+        answers_as_one_process(port, server)
         ranks[0].send_signal(signal.SIGTERM)
         assert ranks[0].wait(timeout=120) == 0, (tmp_path / "0.err").read_text()
-    finally:
-        for process in ranks:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
 
 
 def test_two_rank_server_end_to_end_and_a_lost_stage(server, model_bin, prompt_folders,
@@ -667,27 +676,16 @@ def test_two_rank_server_end_to_end_and_a_lost_stage(server, model_bin, prompt_f
     """Every method through serve.py on two stages (each keeps its own layers' tensors) answers
     what the one-process server answers; then a lost stage."""
     split_model.main(str(model_bin), 2, out_dir=str(tmp_path / "pp2"))
-    served = f"long={prompt_folders['long']},prefix={method_folders['prefix']}," \
-             f"adapter={method_folders['adapter']},lora={method_folders['lora']}"
-    argv = [sys.executable, "serve.py", "--ckpt_dir", str(tmp_path / "pp2"), "--port", "0",
-            "--base_name", "base", "--prompts", served, "--timeout_s", "20"]
-    ranks = start_ranks(argv, 2, tmp_path)
-    try:
-        listening = wait_for_port(tmp_path / "0.out", ranks[0])
-        for name in ("base", "long", "prefix", "adapter", "lora"):
-            assert complete(listening, name, TEXTS[1]) == complete(server.port, name, TEXTS[1])
+    with every_method_on_two_ranks(tmp_path / "pp2", ["--timeout_s", "20"], prompt_folders,
+                                   method_folders, tmp_path) as (port, ranks):
+        answers_as_one_process(port, server)
         ranks[1].send_signal(signal.SIGKILL)
         ranks[1].wait()
-        status, answer = call(listening, "POST", "/v1/completions",
+        status, answer = call(port, "POST", "/v1/completions",
                               {"model": "base", "prompt": TEXTS[0], "max_tokens": 8})
         assert status == 503 and answer["error"]["code"] == "stage_lost"
         assert ranks[0].wait(timeout=60) not in (0, None)
         assert "error:" in (tmp_path / "0.err").read_text()
-    finally:
-        for process in ranks:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
 
 
 def test_sigterm_stops_the_server_cleanly(model_bin, tmp_path):
