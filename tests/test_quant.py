@@ -23,8 +23,9 @@ from llama.training.memory import stage_estimates
 from llama.model.partition import stage_layer_ranges
 from llama.parallel.pipeline import Stage
 from llama.tuning.prompt import SoftPrompt, init_prompt_weight
-from llama.model.quant import (QuantizedLinear, quantize_head, quantized_tensors, use_dynamic_int8,
-                              use_int4_kernels)
+from llama.model import int8_matmul
+from llama.model.quant import (QuantizedLinear, pack_int8_products, quantize_head, quantized_tensors,
+                              use_dynamic_int8, use_int4_kernels)
 from llama.model.tokenizer import Tokenizer
 
 
@@ -153,6 +154,53 @@ def test_dynamic_int8_switch_keeps_the_saved_tensors_and_a_refusal_falls_back(mo
     with torch.no_grad():
         torch.testing.assert_close(int8_layer(x), x @ int8_layer.dequantized(torch.float32).t())
     assert not int8_layer.use_dynamic_int8
+
+
+@pytest.mark.parametrize("scheme,group_size", [("int8", None), ("int4", 32)])
+def test_packed_int8_codes_give_the_same_numbers_and_leave_the_file_alone(scheme, group_size):
+    """Generation's oneDNN copy of the int8 codes: the very numbers of torch._int_mm on the plain
+    codes (int32 sums, the scales applied alike), a row alone as in a batch; the plain codes go
+    (int8's own: its file keys with them; int4's copy: its file stays whole)."""
+    if not int8_matmul.onednn_int8_available():
+        pytest.skip("this torch has no oneDNN int8 matmul")
+    torch.manual_seed(3)
+    layer = quantized_layer(torch.randn(192, 256) * 0.02, scheme, group_size)
+    use_dynamic_int8(layer)
+    keys = set(layer.state_dict())
+    x = torch.randn(4, 256)
+    x[2] = 0  # a row of zeros: its scale is clamped, not divided by
+    with torch.no_grad():
+        plain = layer(x)
+        assert pack_int8_products(layer, only_if_faster=False) == 1
+        assert layer.int8_packed.is_mkldnn
+        assert pack_int8_products(layer, only_if_faster=False) == 0, "packed once"
+        packed, alone = layer(x), layer(x[1:2])
+    assert torch.equal(packed, plain) and torch.equal(alone[0], packed[1])
+    if scheme == "int8":
+        assert layer.weight is None and set(layer.state_dict()) == keys - {"weight"}
+        with pytest.raises(RuntimeError, match="packed for generation"):
+            layer(x.clone().requires_grad_())  # the exact path has no codes left
+    else:
+        assert layer.int8_codes is None and set(layer.state_dict()) == keys
+        assert use_dynamic_int8(layer, False) == 0 and layer.int8_packed is None
+
+
+def test_int8_codes_stay_plain_where_onednn_refuses_them_or_is_slower(monkeypatch):
+    if not int8_matmul.onednn_int8_available():
+        pytest.skip("this torch has no oneDNN int8 matmul")
+    layer = quantized_layer(torch.randn(64, 128) * 0.02, "int8")
+    use_dynamic_int8(layer)
+    monkeypatch.setattr(int8_matmul, "much_slower", lambda packed, plain: True)
+    assert pack_int8_products(layer) == 0 and layer.weight.dtype == torch.int8
+    def refuse(*args):
+        raise RuntimeError("could not create a primitive descriptor")
+    monkeypatch.setattr(int8_matmul, "packed_int8_mm", refuse)
+    assert pack_int8_products(layer, only_if_faster=False) == 0
+    assert layer.weight.dtype == torch.int8
+    x = torch.randn(2, 128)
+    with torch.no_grad():
+        expected = int8_matmul.dynamic_int8_matmul(x, layer.weight, layer.scales)
+        assert torch.equal(layer(x), expected)
 
 
 # ---- quantized splits ----

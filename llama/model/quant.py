@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from llama.errors import BadInput
-from llama.model.int8_matmul import dynamic_int8_matmul
+from llama.model.int8_matmul import dynamic_int8_matmul, pack_int8_weight
 
 SCHEMES = ("int8", "int4")
 # The linears inside each block. The embeddings and the output head stay in the stage's float
@@ -158,12 +158,18 @@ class QuantizedLinear(nn.Module):
         self.use_dynamic_int8 = False
         self.register_buffer("int8_codes", None, persistent=False)
         self.register_buffer("int8_scales", None, persistent=False)
+        # Generation only (pack_int8_products): the codes the dynamic path multiplies by, in
+        # oneDNN's blocked layout, in place of the plain ones (int8's own or int4's copy)
+        self.register_buffer("int8_packed", None, persistent=False)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.scheme == "int4" else ""
         return f"{self.in_features}, {self.out_features}, {self.scheme}{group}"
 
     def dequantized(self, dtype):
+        if self.weight is None:
+            raise RuntimeError("this int8 layer's codes were packed for generation "
+                               "(pack_int8_products): it has no exact product left")
         return dequantize(self.scheme, self.weight, self.scales, self.zeros, dtype)
 
     def forward(self, x):
@@ -177,9 +183,12 @@ class QuantizedLinear(nn.Module):
 
     def int8_codes_and_scales(self):
         """The int8 matrix (out, in) and per-row scales the dynamic path multiplies by: int8's
-        own, or int4's copy (None before prepare_int8_copy)."""
+        own, or int4's copy (None before prepare_int8_copy); either in oneDNN's blocked layout
+        once packed."""
         if self.scheme == "int8":
-            return self.weight, self.scales
+            return self.int8_packed if self.int8_packed is not None else self.weight, self.scales
+        if self.int8_packed is not None:
+            return self.int8_packed, self.int8_scales
         return self.int8_codes, self.int8_scales
 
     def dynamic_int8_applies(self, x) -> bool:
@@ -206,6 +215,24 @@ class QuantizedLinear(nn.Module):
             return False
         self.int8_codes, self.int8_scales = quantize_int8(self.dequantized(torch.float32))
         self.use_dynamic_int8 = True
+        return True
+
+    def pack_int8(self, only_if_faster: bool = True) -> bool:
+        """Generation only: the dynamic path's int8 codes in oneDNN's blocked layout
+        (pack_int8_weight: the same numbers, where measured faster), replacing the plain ones. An int8 layer
+        then has no exact product and no codes in its state dict, as a packed float layer
+        (llama/model/cpu_linear.py); int4 keeps its own packed codes. Whether it was done."""
+        codes, scales = self.int8_codes_and_scales()
+        if not self.use_dynamic_int8 or codes is None or codes.is_mkldnn:
+            return False
+        packed = pack_int8_weight(codes, scales, only_if_faster)
+        if packed is None:
+            return False
+        self.int8_packed = packed
+        if self.scheme == "int8":
+            self.weight = None
+        else:
+            self.int8_codes = None
         return True
 
     def matmul(self, x):
@@ -312,12 +339,20 @@ def use_dynamic_int8(model, enabled: bool = True, int4_copy: bool = True) -> int
     for layer in model.modules():
         if isinstance(layer, QuantizedLinear):
             if layer.scheme == "int4" and (int4_copy or not enabled):
-                layer.int8_codes = layer.int8_scales = None
+                layer.int8_codes = layer.int8_scales = layer.int8_packed = None
                 if enabled:
                     layer.prepare_int8_copy()
             layer.use_dynamic_int8 = enabled and layer.int8_codes_and_scales()[0] is not None
             count += layer.use_dynamic_int8
     return count
+
+
+def pack_int8_products(model, only_if_faster: bool = True) -> int:
+    """Generation on a CPU: every layer on the dynamic int8 path multiplies by oneDNN's blocked
+    copy of its codes instead of the plain ones where that measures faster
+    (QuantizedLinear.pack_int8); how many."""
+    return sum(layer.pack_int8(only_if_faster) for layer in model.modules()
+               if isinstance(layer, QuantizedLinear))
 
 
 def quantize_head(model) -> bool:

@@ -25,7 +25,7 @@ from llama.formats.checkpoint import find_tokenizer, is_split_dir, load_model, r
 from llama.model.cpu_linear import apply_cpu_linears
 from llama.model.dtypes import dtype_named
 from llama.model.fused import apply_fused_projections
-from llama.model.quant import QuantizedLinear, quantize_head, use_dynamic_int8
+from llama.model.quant import QuantizedLinear, pack_int8_products, quantize_head, use_dynamic_int8
 from llama.model.tokenizer import Tokenizer
 from llama.options import MODEL, pick
 from llama.parallel.distributed import env_int, init_distributed
@@ -85,8 +85,8 @@ class Preparation:
     compile: False, True (inductor) or a backend's name
     cpu_linears: on a CPU, the frozen float linears' products: "onednn" (oneDNN's, measured
         faster than torch's default here: llama/model/cpu_linear.py), "packed" (generation:
-        their weights in oneDNN's blocked layout, faster still at one row) or None (F.linear);
-        not with compile, which makes its own kernels
+        their weights in oneDNN's blocked layout, faster still at one row; the int8 codes of
+        dynamic_int8 too) or None (F.linear); not with compile, which makes its own kernels
     dynamic_int8: generation only, on a CPU, for a stage with int8/int4 block linears: they
         multiply in int8 with their inputs quantized per row (llama/model/int8_matmul.py; int4
         through an int8 copy of its weights, +1 byte a parameter) and the output head is int8
@@ -144,6 +144,8 @@ def prepare_stage(ctx, model, tokenizer, prep: Preparation):
         apply_weight_streaming(model, ctx.device)
     if prep.cpu_linears and ctx.device.type == "cpu" and not prep.compile:
         apply_cpu_linears(model, packed=prep.cpu_linears == "packed")
+        if prep.cpu_linears == "packed":
+            pack_int8_products(model)  # the dynamic int8 path's codes: the same layout change
     compile_blocks(model, prep.compile)
     return tuning
 
