@@ -24,8 +24,8 @@ from bench.shapes import model_args, parameter_bytes, random_stage, shape_name
 from llama.parallel.distributed import DistContext, init_distributed
 from llama.cli import run_cli
 from llama.errors import BadInput
-from llama.model.quant import (QuantizedLinear, largest_group_size, quantize_head, use_dynamic_int8,
-                              use_int4_kernels)
+from llama.model.quant import (QuantizedLinear, largest_group_size, pack_int8_products,
+                              quantize_head, use_dynamic_int8, use_int4_kernels)
 from llama.serving.generation import generate
 from llama.parallel.pipeline import Stage
 from llama.prepare.stage import Preparation, pick_dtype, prepare_stage
@@ -45,8 +45,10 @@ VARIANTS = {
     "none_f_linear": (None, "float, fused, torch's default product (F.linear), not oneDNN's"),
     "none_onednn_plain": (None, "float, fused, oneDNN's product on the plain weights"),
     "none_int8_head": (None, "float blocks, an int8 head (quantize_head)"),
-    "int8": ("int8", "int8 products, int8 head (generation's default)"),
-    "int4": ("int4", "int8 products on an int8 copy, int8 head (generation's default)"),
+    "int8": ("int8", "int8 products on oneDNN's blocked codes, int8 head (generation's default)"),
+    "int4": ("int4", "int8 products on an int8 copy, blocked, int8 head (generation's default)"),
+    "int8_plain_codes": ("int8", "as int8, torch._int_mm on the plain codes"),
+    "int4_plain_codes": ("int4", "as int4, torch._int_mm on the plain int8 copy"),
     "int8_unfused": ("int8", "as int8, unfused projections"),
     "int4_unfused": ("int4", "as int4, unfused projections"),
     "int8_float_head": ("int8", "int8 products, the float head"),
@@ -78,7 +80,7 @@ def step_read_bytes(model) -> int:
     for layer in model.modules():
         if isinstance(layer, QuantizedLinear):
             total -= size(layer.weight, layer.scales, layer.zeros, layer.int8_codes,
-                          layer.int8_scales)
+                          layer.int8_scales, layer.int8_packed)
             if layer.use_dynamic_int8:
                 total += size(*layer.int8_codes_and_scales())
             elif layer.int4_kernel_weight is not None:
@@ -193,8 +195,12 @@ def build_variant(ctx, name, args, dtype, seed, group_size):
     scheme = VARIANTS[name][0]
     model = random_stage(args, 0, 1, ctx.device, dtype, seed, scheme, group_size)
     exact = name.endswith("_exact") or name in ("int8_weight_only", "int4_kernel")
-    ours = name in ("none", "none_unfused", "int8", "int4", "int8_unfused", "int4_unfused") or exact
-    linears = {"none_f_linear": None, "none_onednn_plain": "onednn"}.get(name, "packed")
+    ours = name in ("none", "none_unfused", "int8", "int4", "int8_unfused", "int4_unfused",
+                    "int8_plain_codes", "int4_plain_codes") or exact
+    # "onednn" leaves the int8 codes plain (only "packed" reorders them); no float linear is
+    # left in the quantized variants to tell the two apart otherwise
+    linears = {"none_f_linear": None, "none_onednn_plain": "onednn", "int8_plain_codes": "onednn",
+               "int4_plain_codes": "onednn"}.get(name, "packed")
     if name == "none_int8_head":
         quantize_head(model)  # before its float matrix is packed
     prepare_stage(ctx, model, None, Preparation(fuse_projections=not name.endswith("_unfused"),
@@ -202,6 +208,7 @@ def build_variant(ctx, name, args, dtype, seed, group_size):
                                                 cpu_linears=linears))
     if name in ("none_int8_head", "int8_float_head", "int4_float_head"):
         use_dynamic_int8(model)
+        pack_int8_products(model)  # as "packed" does for generation's own variants
     if name == "int8_weight_only":
         for layer in model.modules():
             if isinstance(layer, QuantizedLinear):

@@ -7,6 +7,8 @@ Forward under no_grad (decode's case), or with --train forward + backward of the
 with the input tracked (training's case: only the exact paths run there). Every path is built
 once per shape and the repeats alternate between them, so a busy machine slows them alike; one
 JSON line per (shape, rows, path) with the median and range in microseconds, then a table.
+Each path runs one layer again and again: a layer smaller than the CPU's cache is read from the
+cache here, not from memory as in a decode step (bench/decode_bench.py times those).
 """
 import statistics
 import time
@@ -17,8 +19,8 @@ from bench import common
 from llama.cli import run_cli
 from llama.errors import BadInput
 from llama.model.cpu_linear import apply_cpu_linears
-from llama.model.quant import (QuantizedLinear, quantized_tensors, use_dynamic_int8,
-                              use_int4_kernels)
+from llama.model.quant import (QuantizedLinear, pack_int8_products, quantized_tensors,
+                              use_dynamic_int8, use_int4_kernels)
 
 TABLE = ["out_x_in", "rows", "path", "us_median", "us_min", "us_max", "vs_float"]
 # path -> (scheme, what its forward runs)
@@ -26,10 +28,13 @@ PATHS = {
     "float": (None, "nn.Linear: torch's default product (F.linear)"),
     "float_onednn": (None, "CpuLinear: oneDNN's product on the plain weight (training's)"),
     "float_packed": (None, "CpuLinear: oneDNN's product on its blocked weight (generation's)"),
-    "int8_dynamic": ("int8", "int8 products, inputs quantized per row (generation's)"),
+    "int8_packed": ("int8", "int8 products, inputs quantized per row, oneDNN's blocked codes "
+                            "(generation's)"),
+    "int8_dynamic": ("int8", "the same products by torch._int_mm on the plain codes"),
     "int8_dequantize": ("int8", "dequantize the layer per call (the CPU's exact path)"),
     "int8_weight_only": ("int8", "torch._weight_int8pack_mm"),
-    "int4_int8_copy": ("int4", "int8 products on an int8 copy (generation's)"),
+    "int4_packed": ("int4", "int8 products on an int8 copy, oneDNN's blocked (generation's)"),
+    "int4_int8_copy": ("int4", "int8 products on an int8 copy, torch._int_mm"),
     "int4_dequantize": ("int4", "dequantize the layer per call (the CPU's exact path)"),
     "int4_kernel": ("int4", "torch's int4 kernel (use_int4_kernels)"),
 }
@@ -58,8 +63,10 @@ def build_path(name: str, out_features: int, in_features: int, group_size: int):
     state = quantized_tensors("", linear.weight, scheme, group_size)
     layer.load_state_dict({key[1:]: value for key, value in state.items()}, assign=True)
     layer.requires_grad_(False)
-    if name in ("int8_dynamic", "int4_int8_copy"):
+    if name in ("int8_dynamic", "int4_int8_copy", "int8_packed", "int4_packed"):
         use_dynamic_int8(layer)
+        if name.endswith("_packed"):  # packed even where generation would find it much slower
+            pack_int8_products(layer, only_if_faster=False)
     elif name == "int8_weight_only":
         layer.use_kernel = True
     elif name == "int4_kernel" and not use_int4_kernels(layer):
