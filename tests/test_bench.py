@@ -129,6 +129,10 @@ def test_memory_estimate_formula_matches_what_autograd_saves():
                          "peak_recompute_gib", "peak_offload_gib", "in_flight"])
         assert row["kept_offload_gib"] < row["kept_recompute_gib"] < row["kept_plain_gib"]
     assert [r["in_flight"] for r in rows] == [2, 1, 2, 1]  # 1F1B: p - stage
+    # offloaded, a micro-batch keeps on the device what Stage.in_flight holds: the stage's input
+    # and, but on the last stage, its output
+    for first, last in (rows[:2], rows[2:]):
+        assert first["kept_offload_gib"] == pytest.approx(2 * last["kept_offload_gib"])
     check = next(r for r in lines if r["bench"] == "memory_check")
     assert check["measured_bytes_per_token_per_layer"] == check["formula_bytes_per_token_per_layer"]
 

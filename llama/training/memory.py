@@ -126,7 +126,9 @@ def stage_estimates(args, plan, global_batch, micro_batch, seq_len, n_virtual_to
         # kept until the micro-batch's backward; + one hidden: the stage's output (or input)
         kept = {"plain": n_layers * per_layer + hidden,
                 "recompute": (n_layers + 1) * hidden,
-                "offload": hidden}  # the layer inputs wait in pinned CPU memory instead
+                # the block inputs wait in pinned CPU memory instead; the stage's input and (but
+                # on the last stage) its output stay on the device (Stage.in_flight)
+                "offload": hidden * (1 if has_head else 2)}
         # the transient of one micro-batch's backward through one block
         working = {"plain": ffn_grads, "recompute": per_layer + ffn_grads,
                    "offload": per_layer + ffn_grads}
