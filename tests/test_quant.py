@@ -159,8 +159,8 @@ def test_dynamic_int8_switch_keeps_the_saved_tensors_and_a_refusal_falls_back(mo
 @pytest.mark.parametrize("scheme,group_size", [("int8", None), ("int4", 32)])
 def test_packed_int8_codes_give_the_same_numbers_and_leave_the_file_alone(scheme, group_size):
     """Generation's oneDNN copy of the int8 codes: the very numbers of torch._int_mm on the plain
-    codes (int32 sums, the scales applied alike), a row alone as in a batch; the plain codes go
-    (int8's own: its file keys with them; int4's copy: its file stays whole)."""
+    codes (int32 sums, the scales applied alike), a row alone as in a batch; the stored codes go
+    (int8's own, int4's that its int8 copy stands for), so int4 holds no more than int8."""
     if not int8_matmul.onednn_int8_available():
         pytest.skip("this torch has no oneDNN int8 matmul")
     torch.manual_seed(3)
@@ -176,13 +176,10 @@ def test_packed_int8_codes_give_the_same_numbers_and_leave_the_file_alone(scheme
         assert pack_int8_products(layer, only_if_faster=False) == 0, "packed once"
         packed, alone = layer(x), layer(x[1:2])
     assert torch.equal(packed, plain) and torch.equal(alone[0], packed[1])
-    if scheme == "int8":
-        assert layer.weight is None and set(layer.state_dict()) == keys - {"weight"}
-        with pytest.raises(RuntimeError, match="packed for generation"):
-            layer(x.clone().requires_grad_())  # the exact path has no codes left
-    else:
-        assert layer.int8_codes is None and set(layer.state_dict()) == keys
-        assert use_dynamic_int8(layer, False) == 0 and layer.int8_packed is None
+    assert layer.weight is None and layer.int8_codes is None
+    assert set(layer.state_dict()) == keys - {"weight"}, "only the codes the copy stands for go"
+    with pytest.raises(RuntimeError, match="packed for generation"):
+        layer(x.clone().requires_grad_())  # the exact path has no codes left
 
 
 def test_int8_codes_stay_plain_where_onednn_refuses_them_or_is_slower(monkeypatch):

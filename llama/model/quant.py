@@ -168,7 +168,7 @@ class QuantizedLinear(nn.Module):
 
     def dequantized(self, dtype):
         if self.weight is None:
-            raise RuntimeError("this int8 layer's codes were packed for generation "
+            raise RuntimeError("this layer's codes were packed for generation "
                                "(pack_int8_products): it has no exact product left")
         return dequantize(self.scheme, self.weight, self.scales, self.zeros, dtype)
 
@@ -219,20 +219,17 @@ class QuantizedLinear(nn.Module):
 
     def pack_int8(self, only_if_faster: bool = True) -> bool:
         """Generation only: the dynamic path's int8 codes in oneDNN's blocked layout
-        (pack_int8_weight: the same numbers, where measured faster), replacing the plain ones. An int8 layer
-        then has no exact product and no codes in its state dict, as a packed float layer
-        (llama/model/cpu_linear.py); int4 keeps its own packed codes. Whether it was done."""
+        (pack_int8_weight: the same numbers, where not measured much slower), replacing the plain
+        ones. The stored codes go too (int8's own; int4's, which its int8 copy stands for): the
+        layer then has no exact product and no codes in its state dict, as a packed float layer
+        (llama/model/cpu_linear.py), and int4 costs what int8 costs. Whether it was done."""
         codes, scales = self.int8_codes_and_scales()
         if not self.use_dynamic_int8 or codes is None or codes.is_mkldnn:
             return False
         packed = pack_int8_weight(codes, scales, only_if_faster)
         if packed is None:
             return False
-        self.int8_packed = packed
-        if self.scheme == "int8":
-            self.weight = None
-        else:
-            self.int8_codes = None
+        self.int8_packed, self.int8_codes, self.weight = packed, None, None
         return True
 
     def matmul(self, x):

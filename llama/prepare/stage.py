@@ -136,7 +136,7 @@ def prepare_stage(ctx, model, tokenizer, prep: Preparation):
     if prep.fuse_projections:
         apply_fused_projections(model)
     if prep.dynamic_int8:
-        use_int8_products(ctx, model)
+        use_int8_products(ctx, model, packed=prep.cpu_linears == "packed" and not prep.compile)
     tuning = prep.method(ctx, model, tokenizer) if prep.method is not None else None
     if prep.recompute:
         apply_recompute(model, offload_activations=prep.offload_activations, mode=prep.recompute)
@@ -144,24 +144,29 @@ def prepare_stage(ctx, model, tokenizer, prep: Preparation):
         apply_weight_streaming(model, ctx.device)
     if prep.cpu_linears and ctx.device.type == "cpu" and not prep.compile:
         apply_cpu_linears(model, packed=prep.cpu_linears == "packed")
-        if prep.cpu_linears == "packed":
-            pack_int8_products(model)  # the dynamic int8 path's codes: the same layout change
     compile_blocks(model, prep.compile)
     return tuning
 
 
-def use_int8_products(ctx, model):
-    """Preparation.dynamic_int8 on a quantized stage on a CPU (elsewhere: nothing); one line
-    says what it costs and how to turn it off."""
+def use_int8_products(ctx, model, packed: bool):
+    """Preparation.dynamic_int8 on a quantized stage on a CPU (elsewhere: nothing), with the
+    int8 codes in oneDNN's layout when packed (cpu_linears="packed"); one line says what it
+    costs and how to turn it off."""
     quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     if not quantized or ctx.device.type != "cpu":
         return
     quantize_head(model)
     use_dynamic_int8(model)  # the head too
-    copies = sum(m.int8_codes.numel() + 4 * m.int8_scales.numel() for m in quantized
-                 if m.int8_codes is not None)
-    copies = sum(ctx.gather_objects(copies) or [0])
-    int4 = f"; int4 layers through an int8 copy (+{copies / 2**30:.2f} GiB)" if copies else ""
+    int4 = [m for m in quantized if m.scheme == "int4" and m.int8_codes is not None]
+    copy_bytes = sum(m.int8_codes.numel() + 4 * m.int8_scales.numel() for m in int4)
+    if packed:
+        pack_int8_products(model)  # drops the codes the packed copies stand for
+    kept_bytes = sum(m.weight.numel() for m in int4 if m.weight is not None)  # 2 codes a byte
+    gathered = ctx.gather_objects((copy_bytes, kept_bytes)) or [(0, 0)]
+    copy_bytes, kept_bytes = (sum(column) for column in zip(*gathered))
+    kept = f", beside their int4 codes (+{kept_bytes / 2**30:.2f} GiB)" if kept_bytes else ""
+    int4 = f"; int4 layers run on an int8 copy ({copy_bytes / 2**30:.2f} GiB{kept})" \
+        if copy_bytes else ""
     ctx.log(f"quantized weights on the CPU: int8 products with inputs quantized per row and an "
             f"int8 output head{int4}; --exact_quantized True runs the exact products instead")
 
