@@ -194,8 +194,9 @@ class QuantizedLinear(nn.Module):
     def dynamic_int8_applies(self, x) -> bool:
         # The rule, not a timing: measured faster on the CPU only; on a GPU torch's weight-only
         # kernels stay (torch._int_mm wants more than 16 rows there, and it was not measured).
-        return (self.use_dynamic_int8 and x.device.type == "cpu" and x.is_floating_point()
-                and self.int8_codes_and_scales()[0] is not None)
+        # (use_dynamic_int8 is only ever on with int8 codes to multiply by.) Cheap checks: a
+        # decode step asks this 33 times at issue 21's shape.
+        return self.use_dynamic_int8 and x.is_cpu and x.is_floating_point()
 
     def dynamic_int8(self, x):
         """(..., in) -> (..., out) by dynamic_int8_matmul; the exact path where it refuses."""

@@ -164,8 +164,8 @@ def use_int8_products(ctx, model, packed: bool):
     kept_bytes = sum(m.weight.numel() for m in int4 if m.weight is not None)  # 2 codes a byte
     gathered = ctx.gather_objects((copy_bytes, kept_bytes)) or [(0, 0)]
     copy_bytes, kept_bytes = (sum(column) for column in zip(*gathered))
-    kept = f", beside their int4 codes (+{kept_bytes / 2**30:.2f} GiB)" if kept_bytes else ""
-    int4 = f"; int4 layers run on an int8 copy ({copy_bytes / 2**30:.2f} GiB{kept})" \
+    kept = f" beside their int4 codes ({kept_bytes / 2**30:.2f} GiB)" if kept_bytes else ""
+    int4 = f"; int4 layers run on an int8 copy ({copy_bytes / 2**30:.2f} GiB){kept}" \
         if copy_bytes else ""
     ctx.log(f"quantized weights on the CPU: int8 products with inputs quantized per row and an "
             f"int8 output head{int4}; --exact_quantized True runs the exact products instead")
