@@ -26,8 +26,8 @@ from llama.model.tensor_shards import check_tp, shard_stage
 from llama.model.dtypes import dtype_named
 from llama.model.hf_tokenizer import (TOKENIZER_JSON_NAMES, derived_generation_config,
                                       is_hf_tokenizer, tokenizer_files_to_copy)
-from llama.model.quant import (SCHEMES, apply_quantization, check_quantizable, quantization_args,
-                         quantization_entry, quantizing_fetch)
+from llama.model.quant import SCHEMES, apply_quantization, quantizing_fetch
+from llama.model.quant_scheme import check_quantizable, quantization_args, quantization_entry
 
 SPLIT_FORMAT = 1
 # A quantized split says format 2, so that a reader from before quantization refuses it at once

@@ -151,7 +151,8 @@ class QuantizedLinear(nn.Module):
         # Whether a forward on the CPU that autograd does not track runs dynamic_int8_matmul (the
         # input quantized per row): the fastest path measured on a CPU at batch 1
         # (docs/PERFORMANCE.md), ~1% from the exact one (docs/quantization.md). int8 runs it on
-        # its own codes; int4 on an int8 copy (+1 byte a parameter), so only after
+        # its own codes; int4 on an int8 copy (1 byte a parameter; its own codes dropped once
+        # the copy is packed for generation, pack_int8), so only after
         # use_dynamic_int8(model) asks for it.
         # off until generation asks for it (use_dynamic_int8): training and held-out losses keep
         # the exact path, and a recomputed block gives what its first forward gave
@@ -389,45 +390,3 @@ def quantizing_fetch(fetch, model, scheme: str, group_size):
             done[prefix] = quantized_tensors(prefix, fetch(f"{prefix}.weight"), scheme, group_size)
         return done[prefix][name]
     return fetch_quantized
-
-
-# ---- the scheme a run asked for, as split.json records it ----
-
-def quantization_entry(args, quantize, group_size, tp: int = 1):
-    """split.json's "quantization" (None for float weights); int4's group size defaults to the
-    largest power of two up to 128 that divides every block linear's input width (a TP rank's
-    share of it, with tp ranks)."""
-    if quantize is None:
-        if group_size is not None:
-            raise BadInput(f"--group_size {group_size} is for --quantize int4: add it or drop "
-                           "--group_size")
-        return None
-    if quantize not in SCHEMES:
-        raise BadInput(f"--quantize {quantize!r} must be one of {', '.join(SCHEMES)} "
-                       "(or left out for float weights)")
-    if quantize != "int4" and group_size is not None:
-        raise BadInput(f"--group_size {group_size} is for --quantize int4 only ({quantize} keeps "
-                       "one scale per output channel): drop --group_size, or use --quantize int4")
-    entry = {"scheme": quantize, "tensors": "block linears (attention.wq/wk/wv/wo, "
-             "feed_forward.w1/w2/w3); embeddings, norms and output stay float"}
-    if quantize == "int4":
-        entry["group_size"] = largest_group_size(args.dim // tp, args.hidden_dim // tp) \
-            if group_size is None else group_size
-    check_quantizable(args, entry, tp)
-    return entry
-
-
-def check_quantizable(args, quantization, tp: int = 1):
-    """Every block linear's input width must be a whole number of int4 groups; with tp
-    tensor-parallel ranks, so must a rank's share of a row-parallel one (wo, w2)."""
-    if quantization["scheme"] == "int4":
-        share = f"a TP rank's share (--tp {tp}) of " if tp > 1 else ""
-        for width, name in ((args.dim, "layers.*.attention.wq"),
-                            (args.hidden_dim, "layers.*.feed_forward.w2"),
-                            (args.dim // tp, f"{share}layers.*.attention.wo"),
-                            (args.hidden_dim // tp, f"{share}layers.*.feed_forward.w2")):
-            check_group_size(quantization.get("group_size"), width, f"{name}.weight")
-
-
-def quantization_args(quantization) -> dict:
-    return {"scheme": quantization["scheme"], "group_size": quantization.get("group_size")}

@@ -89,7 +89,8 @@ class Preparation:
         dynamic_int8 too) or None (F.linear); not with compile, which makes its own kernels
     dynamic_int8: generation only, on a CPU, for a stage with int8/int4 block linears: they
         multiply in int8 with their inputs quantized per row (llama/model/int8_matmul.py; int4
-        through an int8 copy of its weights, +1 byte a parameter) and the output head is int8
+        through an int8 copy of its weights, 1 byte a parameter, its int4 codes dropped once the
+        copy is packed) and the output head is int8
         too, about 1% from the exact products (docs/quantization.md; speed in
         docs/PERFORMANCE.md). Training keeps the exact products; --exact_quantized turns this off
     """
