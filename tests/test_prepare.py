@@ -4,6 +4,7 @@ any weight is read where it can.
 Run: python3 -m pytest -q tests/test_prepare.py
 """
 import pytest
+import torch
 
 from llama.errors import BadInput
 from llama.formats.checkpoint import load_model
