@@ -66,7 +66,7 @@ def build_path(name: str, out_features: int, in_features: int, group_size: int):
     if name in ("int8_dynamic", "int4_int8_copy", "int8_packed", "int4_packed"):
         use_dynamic_int8(layer)
         if name.endswith("_packed"):  # packed even where generation would find it much slower
-            pack_int8_products(layer, only_if_faster=False)
+            pack_int8_products(layer, check_speed=False)
     elif name == "int8_weight_only":
         layer.use_kernel = True
     elif name == "int4_kernel" and not use_int4_kernels(layer):

@@ -171,9 +171,9 @@ def test_packed_int8_codes_give_the_same_numbers_and_leave_the_file_alone(scheme
     x[2] = 0  # a row of zeros: its scale is clamped, not divided by
     with torch.no_grad():
         plain = layer(x)
-        assert pack_int8_products(layer, only_if_faster=False) == 1
+        assert pack_int8_products(layer, check_speed=False) == 1
         assert layer.int8_packed.is_mkldnn
-        assert pack_int8_products(layer, only_if_faster=False) == 0, "packed once"
+        assert pack_int8_products(layer, check_speed=False) == 0, "packed once"
         packed, alone = layer(x), layer(x[1:2])
     assert torch.equal(packed, plain) and torch.equal(alone[0], packed[1])
     assert layer.weight is None and layer.int8_codes is None
@@ -192,7 +192,7 @@ def test_int8_codes_stay_plain_where_onednn_refuses_them_or_is_slower(monkeypatc
     def refuse(*args):
         raise RuntimeError("could not create a primitive descriptor")
     monkeypatch.setattr(int8_matmul, "packed_int8_mm", refuse)
-    assert pack_int8_products(layer, only_if_faster=False) == 0
+    assert pack_int8_products(layer, check_speed=False) == 0
     assert layer.weight.dtype == torch.int8
     x = torch.randn(2, 128)
     with torch.no_grad():

@@ -23,12 +23,12 @@ def onednn_int8_available() -> bool:
         hasattr(torch.ops.onednn, "qlinear_pointwise")
 
 
-def pack_int8_weight(codes, scales, only_if_faster: bool = True) -> Optional[torch.Tensor]:
+def pack_int8_weight(codes, scales, check_speed: bool = True) -> Optional[torch.Tensor]:
     """oneDNN's blocked copy of int8 codes (out, in) (the same size), or None where this torch
     has no such op, it refuses these codes (a private op: builds differ), or it is much slower
     at one row. Picked by measurement: on this CPU it ran up to 2.3x faster on most layers and
     40-270x slower on some narrow ones (256 inputs, or 64 outputs; docs/PERFORMANCE.md), so
-    one row is run through both products here, checked equal, and timed (only_if_faster=False:
+    one row is run through both products here, checked equal, and timed (check_speed=False:
     not timed)."""
     if not onednn_int8_available() or codes.device.type != "cpu" or codes.dtype != torch.int8:
         return None
@@ -40,7 +40,7 @@ def pack_int8_weight(codes, scales, only_if_faster: bool = True) -> Optional[tor
             return None
     except (RuntimeError, NotImplementedError):
         return None
-    if only_if_faster and much_slower(lambda: dynamic_int8_matmul(row, packed, scales),
+    if check_speed and much_slower(lambda: dynamic_int8_matmul(row, packed, scales),
                                       lambda: dynamic_int8_matmul(row, codes, scales)):
         return None
     return packed

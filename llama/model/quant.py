@@ -219,7 +219,7 @@ class QuantizedLinear(nn.Module):
         self.use_dynamic_int8 = True
         return True
 
-    def pack_int8(self, only_if_faster: bool = True) -> bool:
+    def pack_int8(self, check_speed: bool = True) -> bool:
         """Generation only: the dynamic path's int8 codes in oneDNN's blocked layout
         (pack_int8_weight: the same numbers, where not measured much slower), replacing the plain
         ones. The stored codes go too (int8's own; int4's, which its int8 copy stands for): the
@@ -228,7 +228,7 @@ class QuantizedLinear(nn.Module):
         codes, scales = self.int8_codes_and_scales()
         if not self.use_dynamic_int8 or codes is None or codes.is_mkldnn:
             return False
-        packed = pack_int8_weight(codes, scales, only_if_faster)
+        packed = pack_int8_weight(codes, scales, check_speed)
         if packed is None:
             return False
         self.int8_packed, self.int8_codes, self.weight = packed, None, None
@@ -346,11 +346,11 @@ def use_dynamic_int8(model, enabled: bool = True, int4_copy: bool = True) -> int
     return count
 
 
-def pack_int8_products(model, only_if_faster: bool = True) -> int:
+def pack_int8_products(model, check_speed: bool = True) -> int:
     """Generation on a CPU: every layer on the dynamic int8 path multiplies by oneDNN's blocked
-    copy of its codes instead of the plain ones where that measures faster
-    (QuantizedLinear.pack_int8); how many."""
-    return sum(layer.pack_int8(only_if_faster) for layer in model.modules()
+    copy of its codes instead of the plain ones, unless oneDNN refuses the layer or (with
+    check_speed) is much slower on it (QuantizedLinear.pack_int8); how many."""
+    return sum(layer.pack_int8(check_speed) for layer in model.modules()
                if isinstance(layer, QuantizedLinear))
 
 
