@@ -12,6 +12,12 @@ from llama.parallel.distributed import DistContext
 from llama.prepare.offload import RecomputedBlock
 from llama.prepare.stage import Preparation, check_transforms, prepare_stage
 from llama.tuning.methods import apply_adapter
+from llama.model import int8_matmul
+from llama.model.quant import QuantizedLinear
+from llama.parallel.pipeline import Stage
+from llama.serving.generation import generate
+from llama.tuning.lora import apply_lora, lora_settings
+from test_quant import skip_unless_onednn_int8_is_exact_here
 
 
 @pytest.mark.parametrize("prep, message", [
@@ -53,7 +59,6 @@ def test_generation_multiplies_int8_dynamically_and_training_exactly(model_bin):
     """A recomputed block must give in backward what its first forward gave, and the held-out
     loss what training computes: only generation (Preparation.dynamic_int8) takes the faster,
     inexact int8 product."""
-    from llama.model.quant import QuantizedLinear
     for dynamic in (False, True):
         model = load_model(model_bin, quantize="int8")
         prepare_stage(DistContext(), model, None, Preparation(dynamic_int8=dynamic))
@@ -67,14 +72,7 @@ def test_generations_packed_int8_products_pick_the_ids_of_the_plain_ones(model_b
     """example.py's preparation (cpu_linears="packed") puts the int8 codes in oneDNN's layout
     too, where not much slower (here: always, as told): the same ids, greedy and sampled, as the
     plain codes, with a LoRA on the packed projections."""
-    from llama.model import int8_matmul
-    from llama.model.int8_matmul import onednn_int8_available
-    from llama.model.quant import QuantizedLinear
-    from llama.parallel.pipeline import Stage
-    from llama.serving.generation import generate
-    if not onednn_int8_available():
-        pytest.skip("this torch has no oneDNN int8 matmul")
-    from llama.tuning.lora import apply_lora, lora_settings
+    skip_unless_onednn_int8_is_exact_here()
     prompts = [[1, 403, 407, 261], [1, 67, 10]]
     monkeypatch.setattr(int8_matmul, "much_slower", lambda packed, plain: False)
 

@@ -156,13 +156,21 @@ def test_dynamic_int8_switch_keeps_the_saved_tensors_and_a_refusal_falls_back(mo
     assert not int8_layer.use_dynamic_int8
 
 
+def skip_unless_onednn_int8_is_exact_here():
+    """oneDNN's int8 product is taken only where it gives torch._int_mm's numbers (a CPU without
+    VNNI may sum in int16 and saturate): pack_int8_weight checks that; so do these tests."""
+    codes = torch.randint(-127, 128, (192, 256), dtype=torch.int8,
+                          generator=torch.Generator().manual_seed(0))
+    if int8_matmul.pack_int8_weight(codes, torch.ones(192), check_speed=False) is None:
+        pytest.skip("oneDNN's int8 product is missing or not exact on this CPU")
+
+
 @pytest.mark.parametrize("scheme,group_size", [("int8", None), ("int4", 32)])
 def test_packed_int8_codes_give_the_same_numbers_and_leave_the_file_alone(scheme, group_size):
     """Generation's oneDNN copy of the int8 codes: the very numbers of torch._int_mm on the plain
     codes (int32 sums, the scales applied alike), a row alone as in a batch; the stored codes go
     (int8's own, int4's that its int8 copy stands for), so int4 holds no more than int8."""
-    if not int8_matmul.onednn_int8_available():
-        pytest.skip("this torch has no oneDNN int8 matmul")
+    skip_unless_onednn_int8_is_exact_here()
     torch.manual_seed(3)
     layer = quantized_layer(torch.randn(192, 256) * 0.02, scheme, group_size)
     use_dynamic_int8(layer)
@@ -183,8 +191,7 @@ def test_packed_int8_codes_give_the_same_numbers_and_leave_the_file_alone(scheme
 
 
 def test_int8_codes_stay_plain_where_onednn_refuses_them_or_is_slower(monkeypatch):
-    if not int8_matmul.onednn_int8_available():
-        pytest.skip("this torch has no oneDNN int8 matmul")
+    skip_unless_onednn_int8_is_exact_here()
     layer = quantized_layer(torch.randn(64, 128) * 0.02, "int8")
     use_dynamic_int8(layer)
     monkeypatch.setattr(int8_matmul, "much_slower", lambda packed, plain: True)

@@ -25,7 +25,8 @@ def onednn_int8_available() -> bool:
 
 def pack_int8_weight(codes, scales, check_speed: bool = True) -> Optional[torch.Tensor]:
     """oneDNN's blocked copy of int8 codes (out, in) (the same size), or None where this torch
-    has no such op, it refuses these codes (a private op: builds differ), or it is much slower
+    has no such op, it refuses these codes (a private op: builds differ), its numbers differ
+    from torch._int_mm's (a CPU without VNNI may sum pairs in int16), or it is much slower
     at one row. Picked by measurement: on this CPU it ran up to 2.3x faster on most layers and
     40-270x slower on some narrow ones (256 inputs, or 64 outputs; docs/PERFORMANCE.md), so
     one row is run through both products here, checked equal, and timed (check_speed=False:
