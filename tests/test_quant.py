@@ -188,6 +188,10 @@ def test_packed_int8_codes_give_the_same_numbers_and_leave_the_file_alone(scheme
     assert set(layer.state_dict()) == keys - {"weight"}, "only the codes the copy stands for go"
     with pytest.raises(RuntimeError, match="packed for generation"):
         layer(x.clone().requires_grad_())  # the exact path has no codes left
+    assert use_dynamic_int8(layer) == 1 and use_dynamic_int8(layer, False) == 1, \
+        "a packed layer keeps the one path it has"
+    with torch.no_grad():
+        assert torch.equal(layer(x), plain)
 
 
 def test_int8_codes_stay_plain_where_onednn_refuses_them_or_is_slower(monkeypatch):

@@ -333,10 +333,14 @@ def use_dynamic_int8(model, enabled: bool = True, int4_copy: bool = True) -> int
     """Switch the CPU's dynamic int8 path on or off for every quantized layer: int8 layers run
     it on their own codes; int4 layers get an int8 copy (+1 byte a parameter) when int4_copy,
     and drop it when switched off. Generation turns it on (Preparation.dynamic_int8); training
-    never does. Returns how many layers run it."""
+    never does. A layer packed for generation (pack_int8) keeps it whatever is asked: it has no
+    other path. Returns how many layers run it."""
     count = 0
     for layer in model.modules():
         if isinstance(layer, QuantizedLinear):
+            if layer.weight is None:  # packed for generation: the dynamic path is all it has
+                count += layer.use_dynamic_int8
+                continue
             if layer.scheme == "int4" and (int4_copy or not enabled):
                 layer.int8_codes = layer.int8_scales = layer.int8_packed = None
                 if enabled:
