@@ -1,4 +1,5 @@
 """Shared fixtures: where the real test assets lie (../shared/assets beside the repository)."""
+import json
 import os
 from pathlib import Path
 
@@ -56,6 +57,18 @@ def token_cache_in_a_temporary_folder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def model_bin(assets) -> Path:
     return assets / "stories260K" / "stories260K.bin"
+
+
+@pytest.fixture(scope="session")
+def alpaca_file(assets, tmp_path_factory):
+    """alpaca_file(n): a file of our own (in a new folder each call) holding the first n real
+    Alpaca records: a training run may write beside its data, never beside the assets."""
+    def first_records(n: int) -> Path:
+        records = json.loads((assets / "alpaca" / "alpaca_data_1k.json").read_text())[:n]
+        path = tmp_path_factory.mktemp("alpaca") / f"alpaca_{n}.json"
+        path.write_text(json.dumps(records))
+        return path
+    return first_records
 
 
 @pytest.fixture(scope="session")

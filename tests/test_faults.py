@@ -152,12 +152,9 @@ def quiet(*_):
 # ---- shared material ----
 
 @pytest.fixture(scope="module")
-def data(assets, tmp_path_factory):
+def data(alpaca_file):
     """64 real Alpaca records in a folder of our own (the token cache is written beside it)."""
-    records = json.loads((assets / "alpaca" / "alpaca_data_1k.json").read_text())[:64]
-    path = tmp_path_factory.mktemp("data") / "alpaca_64.json"
-    path.write_text(json.dumps(records))
-    return path
+    return alpaca_file(64)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ bench/lora_vs_peft.py. Skipped where transformers or peft is not installed (the 
 imports them; /work/venv-peft has both).
 Run: /work/venv-peft/bin/python -m pytest -q tests/test_lora_vs_peft.py
 """
-import json
 
 import pytest
 
@@ -23,11 +22,8 @@ TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def alpaca_small(assets, tmp_path_factory):
-    records = json.loads((assets / "alpaca" / "alpaca_data_1k.json").read_text())[:40]
-    path = tmp_path_factory.mktemp("alpaca") / "alpaca_40.json"
-    path.write_text(json.dumps(records))
-    return path
+def alpaca_small(alpaca_file):
+    return alpaca_file(40)
 
 
 def test_lora_here_and_in_peft_from_the_same_start_end_at_the_same_losses(model_bin,

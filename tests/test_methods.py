@@ -35,11 +35,8 @@ METHODS = ("prefix", "adapter")
 
 
 @pytest.fixture(scope="module")
-def alpaca_small(assets, tmp_path_factory):
-    records = json.loads((assets / "alpaca" / "alpaca_data_1k.json").read_text())[:60]
-    path = tmp_path_factory.mktemp("alpaca") / "alpaca_60.json"
-    path.write_text(json.dumps(records))
-    return path
+def alpaca_small(alpaca_file):
+    return alpaca_file(60)
 
 
 def run_args(model_bin, data, out, **overrides):

@@ -255,11 +255,8 @@ def test_int4_groups_that_straddle_a_tp_shard_are_refused(model_bin):
 # ---- training: a run resumed on another grid ends as one process ends ----
 
 @pytest.fixture(scope="module")
-def alpaca_small(assets, tmp_path_factory):
-    records = json.loads((assets / "alpaca" / "alpaca_data_1k.json").read_text())[:60]
-    path = tmp_path_factory.mktemp("alpaca") / "alpaca_60.json"
-    path.write_text(json.dumps(records))
-    return path
+def alpaca_small(alpaca_file):
+    return alpaca_file(60)
 
 
 def test_lora_stopped_in_one_process_resumed_on_tp2_ends_as_one_process(

@@ -41,12 +41,9 @@ def tokenizer(assets):
 
 
 @pytest.fixture(scope="module")
-def alpaca_small(assets, tmp_path_factory):
+def alpaca_small(alpaca_file):
     """The first 120 real Alpaca records, in a file of our own."""
-    records = json.loads((assets / "alpaca" / "alpaca_data_1k.json").read_text())[:120]
-    path = tmp_path_factory.mktemp("alpaca_small") / "alpaca_120.json"
-    path.write_text(json.dumps(records))
-    return path
+    return alpaca_file(120)
 
 
 def run_args(model_bin, data, out, **overrides):
