@@ -5,9 +5,10 @@ docs/PERFORMANCE.md its speed.
 
 Two products give the same numbers (int32 sums are exact; the scales are applied alike):
 torch._int_mm on the plain (out, in) codes, and oneDNN's int8 matmul on its blocked copy of them
-(pack_int8_weight, generation only). The blocked one ran 1.5-2.3x faster on most layers at one
-row and 1.4-3.8x at 16-256 rows on this CPU, but far slower on some narrow ones, so each
-layer's choice is measured (docs/PERFORMANCE.md, bench/linear_bench.py).
+(pack_int8_weight, generation only). On the CPU measured the blocked one ran a 4096 x 4096 layer
+1.6x faster at one row and 1.7x at 16 rows, and a whole decode step's products 1.3x faster, but
+some narrow layers 24-57x slower, so each layer's choice is measured (docs/PERFORMANCE.md,
+bench/linear_bench.py).
 """
 import time
 from typing import Optional
@@ -27,8 +28,8 @@ def pack_int8_weight(codes, scales, check_speed: bool = True) -> Optional[torch.
     """oneDNN's blocked copy of int8 codes (out, in) (the same size), or None where this torch
     has no such op, it refuses these codes (a private op: builds differ), its numbers differ
     from torch._int_mm's (a CPU without VNNI may sum pairs in int16), or it is much slower
-    at one row. Picked by measurement: on this CPU it ran up to 2.3x faster on most layers and
-    40-270x slower on some narrow ones (256 inputs, or 64 outputs; docs/PERFORMANCE.md), so
+    at one row. Picked by measurement: on the CPU measured it was faster on most layers and
+    24-57x slower on some narrow ones (256 inputs, or 64 outputs; docs/PERFORMANCE.md), so
     one row is run through both products here, checked equal, and timed (check_speed=False:
     not timed)."""
     if not onednn_int8_available() or codes.device.type != "cpu" or codes.dtype != torch.int8:
